@@ -1,0 +1,149 @@
+"""Image data for a search: the built-in reference task and ImageFolder trees, held as uint8 tensors.
+
+The driver builds one :class:`DataBundle` per search and puts it into Ray's object store, so trials need no
+dataset access. Images stay uint8 (a quarter of float32's size) and are normalised on the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from autoprune.errors import AutopruneError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The reference task: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), upscaled to RGB.
+REFERENCE_IMAGE_SIZE = 32
+REFERENCE_NUM_CLASSES = 10
+REFERENCE_EVAL_FRACTION = 0.3
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images (uint8, N×C×H×W) and their integer labels (N)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, count: int, *, seed: int) -> "ImageSet":
+        """A class-balanced random subset of `count` images (all of them if count ≥ len)."""
+        if count >= len(self):
+            return self
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=generator)
+        # Round-robin over classes so that a small calibration budget still sees every class.
+        by_class: dict[int, list[int]] = {}
+        for index in order.tolist():
+            by_class.setdefault(int(self.labels[index]), []).append(index)
+        picked: list[int] = []
+        queues = list(by_class.values())
+        while len(picked) < count:
+            for queue in queues:
+                if queue and len(picked) < count:
+                    picked.append(queue.pop())
+        chosen = torch.tensor(sorted(picked), dtype=torch.long)
+        return ImageSet(self.images[chosen], self.labels[chosen])
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """What every trial of a search needs from the data: a training pool and a held-out eval split."""
+
+    train: ImageSet  # healing draws its calibration images from here
+    eval: ImageSet  # held out: healing never sees it; accuracy is measured here
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.eval.images.shape[1:])  # type: ignore[return-value]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images → float32, scaled to [0, 1] and standardised with the bundle's mean and std."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+
+def reference_task(*, seed: int = 0) -> DataBundle:
+    """The built-in task: scikit-learn's digits, upscaled to 32×32 RGB, split 70/30 stratified."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # N×1×8×8 in [0, 1]
+    upscaled = F.interpolate(pixels, size=REFERENCE_IMAGE_SIZE, mode="bilinear", align_corners=False)
+    images = (upscaled.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    train_idx, eval_idx = train_test_split(
+        np.arange(len(labels)), test_size=REFERENCE_EVAL_FRACTION, stratify=labels.numpy(), random_state=seed
+    )
+    train = ImageSet(images[train_idx], labels[train_idx])
+    mean = float(train.images.float().mean() / 255.0)
+    std = float(train.images.float().std() / 255.0)
+    return DataBundle(
+        train=train,
+        eval=ImageSet(images[eval_idx], labels[eval_idx]),
+        num_classes=REFERENCE_NUM_CLASSES,
+        mean=(mean,) * 3,
+        std=(std,) * 3,
+    )
+
+
+def image_folder(
+    *,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    image_size: int,
+    train_images: int,
+    eval_images: int | None,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    seed: int = 0,
+) -> DataBundle:
+    """An ImageFolder train/val pair (one sub-folder per class), resized and centre-cropped to `image_size`.
+
+    Only `train_images` training images (the largest calibration budget the search can ask for) and at most
+    `eval_images` validation images are read, each a class-balanced random subset.
+    """
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose(
+        [
+            transforms.Resize(int(round(image_size / 0.875))),
+            transforms.CenterCrop(image_size),
+            transforms.PILToTensor(),
+        ]
+    )
+    splits = []
+    for role, folder, count in (("train", train_dir, train_images), ("val", val_dir, eval_images)):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise AutopruneError(f"data.{role}_dir: {str(folder)!r} is not a directory; give an ImageFolder tree.")
+        try:
+            dataset = datasets.ImageFolder(str(folder))
+        except (FileNotFoundError, RuntimeError) as error:  # torchvision's "Found no valid file for the classes"
+            raise AutopruneError(
+                f"data.{role}_dir: {str(folder)!r} holds no images in class sub-folders ({error})."
+            ) from None
+        labels = torch.tensor(dataset.targets)
+        index = ImageSet(torch.arange(len(labels)), labels).subset(count or len(labels), seed=seed)
+        images = torch.stack([transform(dataset.loader(dataset.samples[i][0])) for i in index.images.tolist()])
+        splits.append((ImageSet(images, index.labels), dataset.classes))
+    (train, train_classes), (evaluation, val_classes) = splits
+    if train_classes != val_classes:
+        raise AutopruneError(
+            f"data: the train and val folders have different classes ({len(train_classes)} vs {len(val_classes)});"
+            " both must hold the same class sub-folders."
+        )
+    return DataBundle(train=train, eval=evaluation, num_classes=len(train_classes), mean=mean, std=std)

@@ -1,0 +1,66 @@
+"""The dense model's weights, resolved once on the driver: timm pretrained, a local checkpoint, or trained.
+
+With `model.train_steps` (the embedded default), the dense model is trained once on the spec's data and cached
+under the work directory, keyed by everything that determines the result, so later searches start at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from autoprune.data import DataBundle
+from autoprune.models import ModelSource, load_dense
+from autoprune.spec import DataSpec, ModelSpec
+from autoprune.training import cross_entropy, optimise
+
+log = logging.getLogger(__name__)
+
+# Bump when the training recipe below changes, so that stale cached weights are not reused.
+RECIPE_VERSION = 1
+RECIPE = {"lr": 2e-3, "batch_size": 64, "weight_decay": 0.05, "label_smoothing": 0.1}
+
+
+def model_source(model: ModelSpec) -> ModelSource:
+    return ModelSource(model.name, model.num_classes, dict(model.kwargs))
+
+
+def dense_weights(model: ModelSpec, data_spec: DataSpec, data: DataBundle, *, cache_dir: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The dense state dict the search prunes, from whichever source the spec names."""
+    source = model_source(model)
+    if not model.train_steps:
+        return load_dense(source, pretrained=model.pretrained, checkpoint=model.checkpoint).state_dict()
+
+    from safetensors.torch import load_file, save_file
+
+    key = json.dumps(
+        {"model": source.name, "classes": source.num_classes, "kwargs": dict(source.kwargs),
+         "data": data_spec.__dict__, "steps": model.train_steps, "seed": seed, "recipe": RECIPE_VERSION},
+        sort_keys=True, default=str,
+    )
+    path = Path(cache_dir) / f"dense-{source.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+    if path.is_file():
+        log.info("dense weights: cached %s", path)
+        return load_file(str(path))
+    log.info("dense weights: training %s for %d steps once (cached at %s)", source.name, model.train_steps, path)
+    dense = source.create(pretrained=False)
+    torch.manual_seed(seed)
+    optimise(
+        dense,
+        images=data.train,
+        data=data,
+        loss_fn=cross_entropy(RECIPE["label_smoothing"]),
+        steps=model.train_steps,
+        lr=RECIPE["lr"],
+        batch_size=RECIPE["batch_size"],
+        weight_decay=RECIPE["weight_decay"],
+        seed=seed,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.contiguous() for name, tensor in dense.eval().state_dict().items()}
+    save_file(state, str(path))
+    return state

@@ -1,0 +1,66 @@
+"""Healing (recovery) methods, found by name. Each method module registers one `HealMethod` here.
+
+A method gets the pruned model and a `HealRequest` (the calibration images drawn from the training pool, the
+budget, the dense teacher) and optimises the model in place, keeping the pruning masks fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from autoprune.data import DataBundle, ImageSet
+from autoprune.prune.masks import Masks
+from autoprune.registry import Registry
+
+
+@dataclass(frozen=True)
+class HealRequest:
+    """The healing budget and everything a method may use."""
+
+    calibration: ImageSet  # drawn from the training pool; never the eval split
+    data: DataBundle  # for normalisation statistics
+    steps: int
+    lr: float
+    batch_size: int
+    masks: Masks
+    teacher: nn.Module  # the dense model, frozen
+    options: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    device: torch.device | str = "cpu"
+
+
+@dataclass(frozen=True)
+class HealMethod:
+    """A registered healing method and what it needs."""
+
+    name: str
+    apply: Callable[[nn.Module, HealRequest], list[float]]  # returns the loss per step (empty if it trains none)
+    description: str
+    needs_labels: bool = False
+    needs_teacher: bool = False
+    trains: bool = True  # False: steps and lr do not apply, the search does not sample them
+    options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
+
+
+HEAL_METHODS: Registry[HealMethod] = Registry("healing method")
+
+
+def register(method: HealMethod) -> HealMethod:
+    return HEAL_METHODS.register(method)
+
+
+def get(name: str) -> HealMethod:
+    return HEAL_METHODS.get(name)
+
+
+def list_methods() -> tuple[str, ...]:
+    return HEAL_METHODS.names()
+
+
+from autoprune.heal import basic  # noqa: E402,F401  (registration on import)
+
+__all__ = ["HealMethod", "HealRequest", "HEAL_METHODS", "get", "list_methods", "register"]

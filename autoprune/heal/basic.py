@@ -1,0 +1,71 @@
+"""The first healing methods: none, fine-tuning with labels, and logit distillation from the dense model."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from autoprune.heal import HealMethod, HealRequest, register
+from autoprune.training import cross_entropy, optimise
+
+
+def _no_healing(model, request: HealRequest) -> list[float]:
+    return []
+
+
+def _finetune(model, request: HealRequest) -> list[float]:
+    return _optimise(model, request, cross_entropy(request.options["label_smoothing"]))
+
+
+def _distill(model, request: HealRequest) -> list[float]:
+    """α·τ²·KL(teacher ‖ student) + (1−α)·CE with label smoothing (METHODS.md §2d; α=0.5, τ=2, ε=0.1)."""
+    alpha, tau = request.options["alpha"], request.options["temperature"]
+    smoothing = request.options["label_smoothing"]
+    teacher = request.teacher.eval().to(request.device)
+
+    def loss(student, inputs, labels):
+        logits = student(inputs)
+        with torch.no_grad():
+            target = teacher(inputs)
+        kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(target / tau, -1), log_target=True,
+                      reduction="batchmean")
+        return alpha * tau**2 * kl + (1 - alpha) * F.cross_entropy(logits, labels, label_smoothing=smoothing)
+
+    return _optimise(model, request, loss)
+
+
+def _optimise(model, request: HealRequest, loss) -> list[float]:
+    return optimise(
+        model,
+        images=request.calibration,
+        data=request.data,
+        loss_fn=loss,
+        steps=request.steps,
+        lr=request.lr,
+        batch_size=request.batch_size,
+        seed=request.seed,
+        masks=request.masks,
+        device=request.device,
+    )
+
+
+register(HealMethod("none", _no_healing, "No recovery: measure the pruned model as it is.", trains=False))
+register(
+    HealMethod(
+        "finetune",
+        _finetune,
+        "Fine-tune on the labelled calibration images (cross-entropy with label smoothing).",
+        needs_labels=True,
+        options={"label_smoothing": 0.1},
+    )
+)
+register(
+    HealMethod(
+        "distill",
+        _distill,
+        "Distil the dense model's logits: α·τ²·KL + (1−α)·CE with label smoothing.",
+        needs_labels=True,
+        needs_teacher=True,
+        options={"alpha": 0.5, "temperature": 2.0, "label_smoothing": 0.1},
+    )
+)

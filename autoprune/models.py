@@ -1,0 +1,231 @@
+"""timm models: building the dense model, the per-family adapter, and the saved-model format.
+
+Everything that knows about a model family's layout lives here (layer groups, which layers a method may touch,
+attention metadata after removal), so that pruning methods stay family-agnostic.
+
+A saved model is a folder with `weights.safetensors` and `structure.json` (timm name, create kwargs and every
+tensor's shape). Loading rebuilds the timm model, resizes the layers that pruning shrank, and loads the weights:
+no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from autoprune.errors import AutopruneError
+
+SAVED_FORMAT = "autoprune.model/1"
+WEIGHTS_FILE = "weights.safetensors"
+STRUCTURE_FILE = "structure.json"
+
+# Layer groups, by the first pattern a layer's name matches: a ViT block's attention and MLP, a ResNet stage,
+# a ConvNeXt / generic stage. The group is the unit that per-layer sparsity searches over.
+_GROUP_PATTERNS = (
+    re.compile(r"^(blocks\.\d+\.(?:attn|mlp))\."),
+    re.compile(r"^(blocks\.\d+)\."),
+    re.compile(r"^(layer\d+)\."),
+    re.compile(r"^(stages\.\d+)\."),
+)
+# A block: the span inside which structured removal may act without touching the residual stream.
+_BLOCK_PATTERN = re.compile(r"^(blocks\.\d+|layer\d+\.\d+|stages\.\d+\.blocks\.\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to build the dense architecture; the weights travel separately (a state dict in Ray's object store)."""
+
+    name: str  # timm model name
+    num_classes: int
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth…)
+
+    def create(self, *, pretrained: bool = False) -> nn.Module:
+        import timm
+
+        if not timm.is_model(self.name):
+            close = timm.list_models(f"*{self.name.split('_')[0]}*")[:8]
+            hint = f" Similar names: {', '.join(close)}." if close else ""
+            raise AutopruneError(f"model.name: {self.name!r} is not a timm model.{hint}")
+        try:
+            return timm.create_model(self.name, pretrained=pretrained, num_classes=self.num_classes, **self.kwargs)
+        except TypeError as error:
+            raise AutopruneError(f"model.kwargs: timm rejected them for {self.name!r}: {error}") from None
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """A named set of prunable layers (module names, in forward order): one per-layer sparsity dimension."""
+
+    name: str
+    layers: tuple[str, ...]
+
+
+POOLED_GROUP = "all"  # the single group that global sparsity uses: every prunable layer, one threshold
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file: safetensors, or a torch file read with `weights_only=True` (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AutopruneError(f"model.checkpoint: {str(path)!r} does not exist; give a .safetensors or .pt file.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt or foreign files fail in many ways; the user's fix is the same
+        raise AutopruneError(
+            f"model.checkpoint: cannot read {str(path)!r} ({type(error).__name__}: {error});"
+            " it must be a safetensors file or a torch state dict saved with torch.save."
+        ) from None
+    for wrapper in ("state_dict", "model", "model_state_dict"):  # common training-script layouts
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise AutopruneError(f"model.checkpoint: {str(path)!r} holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
+def load_dense(
+    source: ModelSource, *, pretrained: bool = False, checkpoint: str | Path | None = None
+) -> nn.Module:
+    """The dense model: timm's pretrained weights, a local checkpoint file, or random init (then train it)."""
+    model = source.create(pretrained=pretrained)
+    if checkpoint is not None:
+        missing, unexpected = model.load_state_dict(load_weights(checkpoint), strict=False)
+        if missing or unexpected:
+            raise AutopruneError(
+                f"model.checkpoint: {str(checkpoint)!r} does not fit {source.name!r}"
+                f" (missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]})."
+            )
+    return model.eval()
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Linear and Conv2d layers a method may prune: all but the classifier and the image stem."""
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or module is classifier:
+            continue
+        # The stem (patch embedding / first conv) sees raw pixels; pruning it costs much and saves little.
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and not layers:
+            continue
+        layers.append((name, module))
+    return layers
+
+
+def layer_groups(model: nn.Module) -> tuple[LayerGroup, ...]:
+    """The model's prunable layers, grouped by block part (ViT) or stage (CNN), in depth order."""
+    groups: dict[str, list[str]] = {}
+    for name, _ in prunable_layers(model):
+        match = next((m for m in (p.match(name) for p in _GROUP_PATTERNS) if m), None)
+        groups.setdefault(match.group(1) if match else name.split(".")[0], []).append(name)
+    return tuple(LayerGroup(name, tuple(layers)) for name, layers in groups.items())
+
+
+def pooled_group(model: nn.Module) -> LayerGroup:
+    return LayerGroup(POOLED_GROUP, tuple(name for name, _ in prunable_layers(model)))
+
+
+def block_of(layer_name: str) -> str | None:
+    """The residual block a layer belongs to (None outside blocks)."""
+    match = _BLOCK_PATTERN.match(layer_name)
+    return match.group(1) if match else None
+
+
+def is_attention_layer(layer_name: str) -> bool:
+    return ".attn." in layer_name
+
+
+def fix_attention_metadata(model: nn.Module) -> None:
+    """After attention channels are removed, timm's Attention must learn its new widths, or reshape fails."""
+    for module in model.modules():
+        if hasattr(module, "qkv") and hasattr(module, "num_heads") and isinstance(module.qkv, nn.Linear):
+            width = module.qkv.out_features // 3
+            module.head_dim = width // module.num_heads
+            if hasattr(module, "attn_dim"):
+                module.attn_dim = width
+
+
+# ---- saved models ------------------------------------------------------------------------------------------
+
+
+def save_model(model: nn.Module, source: ModelSource, directory: str | Path) -> Path:
+    """Write `weights.safetensors` + `structure.json`; `load_model_dir` rebuilds the same model from them."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    structure = {
+        "format": SAVED_FORMAT,
+        "timm_name": source.name,
+        "num_classes": source.num_classes,
+        "kwargs": dict(source.kwargs),
+        "shapes": {key: list(value.shape) for key, value in state.items()},
+    }
+    (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
+    return directory
+
+
+def load_model_dir(directory: str | Path) -> nn.Module:
+    """Rebuild a saved (possibly physically pruned) model in eval mode, without unpickling anything."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    try:
+        structure = json.loads((directory / STRUCTURE_FILE).read_text())
+    except FileNotFoundError:
+        raise AutopruneError(f"{str(directory)!r} holds no {STRUCTURE_FILE}; it is not an autoprune model.") from None
+    if structure.get("format") != SAVED_FORMAT:
+        raise AutopruneError(f"{str(directory)!r}: unknown saved-model format {structure.get('format')!r}.")
+    source = ModelSource(structure["timm_name"], structure["num_classes"], structure["kwargs"])
+    model = source.create(pretrained=False)
+    _resize_to(model, {key: torch.Size(shape) for key, shape in structure["shapes"].items()})
+    fix_attention_metadata(model)
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+    return model.eval()
+
+
+def _resize_to(model: nn.Module, shapes: Mapping[str, torch.Size]) -> None:
+    """Give every layer the tensor shapes that pruning left it with, updating the attributes forward uses."""
+    for name, module in _modules_with_state(model):
+        prefix = f"{name}." if name else ""
+        for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            shape = shapes.get(prefix + key)
+            if tensor is None or shape is None or tensor.shape == shape:
+                continue
+            empty = torch.empty(shape, dtype=tensor.dtype)
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, key, nn.Parameter(empty, requires_grad=tensor.requires_grad))
+            else:
+                module.register_buffer(key, empty)
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = weight.shape
+        elif isinstance(module, nn.Conv2d):
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            module.out_channels = weight.shape[0]
+            module.groups = weight.shape[0] if depthwise else module.groups
+            module.in_channels = weight.shape[1] * module.groups
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.num_features = weight.shape[0]
+        elif isinstance(module, nn.LayerNorm):
+            module.normalized_shape = tuple(weight.shape)
+
+
+def _modules_with_state(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+            yield name, module

@@ -1,0 +1,61 @@
+"""Pruning methods, found by name. Each method module registers one `PruneMethod` here.
+
+A method gets the model and a `PruneRequest` and either masks weights (returns `Masks`, held fixed while the model
+heals) or removes units physically (modifies the model, returns empty `Masks`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from autoprune.models import LayerGroup
+from autoprune.prune.masks import Masks
+from autoprune.registry import Registry
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """What to prune: the layer groups, each group's target sparsity, and the method's options."""
+
+    groups: tuple[LayerGroup, ...]
+    sparsity: Mapping[str, float]  # group name → fraction of its weights (or units) to remove
+    options: Mapping[str, Any] = field(default_factory=dict)
+    example_inputs: torch.Tensor | None = None  # a batch of inputs, for methods that trace the model
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    """A registered pruning method and what the search space needs to know about it."""
+
+    name: str
+    apply: Callable[[nn.Module, PruneRequest], Masks]
+    description: str
+    uses_sparsity: bool = True  # False when the method fixes its own sparsity (N:M)
+    structured: bool = False  # physically removes units: latency can drop on dense kernels
+    options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
+
+
+PRUNE_METHODS: Registry[PruneMethod] = Registry("pruning method")
+
+
+def register(method: PruneMethod) -> PruneMethod:
+    return PRUNE_METHODS.register(method)
+
+
+def get(name: str) -> PruneMethod:
+    return PRUNE_METHODS.get(name)
+
+
+def list_methods() -> tuple[str, ...]:
+    return PRUNE_METHODS.names()
+
+
+# Registration happens on import of each method module.
+from autoprune.prune import magnitude, nm, none, structured  # noqa: E402,F401
+
+__all__ = ["Masks", "PruneMethod", "PruneRequest", "PRUNE_METHODS", "get", "list_methods", "register"]

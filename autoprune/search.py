@@ -1,0 +1,350 @@
+"""The driver: spec → Ray Tune trials sampled by Optuna → front → MLflow runs, plots and registry.
+
+The driver validates everything and prepares what trials share (data, dense weights) before Ray starts; the
+trials run `run_trial` on their own workers and report; the driver alone writes to MLflow, trial by trial as they
+finish (so the UI fills while the search runs), then the front, the plots and the registered models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from ray.tune import Callback
+
+from autoprune import data as datasets
+from autoprune.dense import dense_weights, model_source
+from autoprune.models import layer_groups
+from autoprune.pareto import hypervolume_2d, non_dominated
+from autoprune.report import plot_html, plot_png, table
+from autoprune.space import SearchSpace
+from autoprune.spec import HealConfig, PruneConfig, SearchSpec, TrialConfig, load_spec
+from autoprune.tracking import Tracker, TrialRecord
+from autoprune.trial import TrialContext, TrialResult, run_trial
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKDIR = "autoprune_runs"
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What a finished search produced, and where to find it."""
+
+    spec: SearchSpec
+    tracking_uri: str
+    parent_run_id: str
+    dense: TrialResult
+    records: list[TrialRecord]
+    front: list[TrialRecord]  # Pareto-optimal, fastest first
+    registered_versions: list[str]
+    wall_seconds: float
+    ui_command: str
+    failed: list[TrialRecord] = field(default_factory=list)
+
+
+def resolve_tracking_uri(flag: str | None, spec_uri: str | None, workdir: Path) -> str:
+    """The CLI flag, else $MLFLOW_TRACKING_URI, else the spec, else an sqlite file in the work directory."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def ui_command(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def load_data(spec: SearchSpec) -> datasets.DataBundle:
+    if spec.data.source == "reference":
+        bundle = datasets.reference_task(seed=spec.search.seed)
+        if spec.data.eval_images:
+            bundle = replace(bundle, eval=bundle.eval.subset(spec.data.eval_images, seed=spec.search.seed))
+        return bundle
+    return datasets.image_folder(
+        train_dir=spec.data.train_dir,
+        val_dir=spec.data.val_dir,
+        image_size=spec.data.image_size,
+        train_images=_largest_calibration_budget(spec),
+        eval_images=spec.data.eval_images,
+        seed=spec.search.seed,
+    )
+
+
+def _largest_calibration_budget(spec: SearchSpec) -> int:
+    dimension = spec.heal.calibration_images
+    values = getattr(dimension, "values", None) or [getattr(dimension, "value", None), getattr(dimension, "high", None)]
+    return int(max(v for v in values if v is not None))
+
+
+def make_sampler(name: str, seed: int):
+    import optuna
+
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }
+    return samplers[name]()
+
+
+def search(
+    spec: SearchSpec | str | Path,
+    *,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    workdir: str | Path = DEFAULT_WORKDIR,
+    trials: int | None = None,
+    echo: Callable[[str], None] | None = print,
+) -> SearchOutcome:
+    """Run a search end to end. Everything is validated before Ray starts; `echo` shows progress (None: quiet)."""
+    started = time.perf_counter()
+    say = echo or (lambda line: None)
+    if not isinstance(spec, SearchSpec):
+        spec = load_spec(spec)
+    if trials is not None:
+        spec = replace(spec, search=replace(spec.search, trials=trials))
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = resolve_tracking_uri(tracking_uri, spec.mlflow.tracking_uri, workdir)
+    tracker = Tracker(tracking_uri, spec.mlflow.experiment, artifact_location=(workdir / "mlartifacts").as_uri())
+
+    say(f"autoprune: {spec.name}: loading data and the dense model {spec.model.name}")
+    bundle = load_data(spec)
+    state = dense_weights(spec.model, spec.data, bundle, cache_dir=workdir / "cache", seed=spec.search.seed)
+    source = model_source(spec.model)
+    probe = source.create()
+    probe.load_state_dict(state)
+    space = SearchSpace(spec, layer_groups(probe))
+    context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms)
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
+    resources = {"cpu": spec.search.cpu, "gpu": spec.search.gpu}
+    say(f"autoprune: measuring the dense model on a trial worker ({resources})")
+    dense = ray.get(
+        ray.remote(num_cpus=spec.search.cpu, num_gpus=spec.search.gpu)(_dense_baseline).remote(context)
+    )
+    say(f"autoprune: dense top-1 {dense.accuracy:.4f}, {dense.latency.median_ms:.3f} ms on {dense.latency.device}")
+
+    parent_id = tracker.start_search(name=spec.name, spec=spec.as_dict(), run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    tracker.log_dense(parent_id, dense)
+    publisher = _TrialPublisher(tracker, parent_id, spec, say)
+    _run_tune(spec, space, context, publisher, storage=workdir / "ray", run_name=parent_id)
+
+    records = publisher.records
+    front = pareto_front(records, spec.cost_metric)
+    rows = [_row(record, on_front=record in front) for record in records]
+    rows.append({**_row(TrialRecord("dense", dense), on_front=False), "prune": "dense"})
+    with tempfile.TemporaryDirectory() as folder:
+        title = f"{spec.name}: {len(records)} trials, {len(front)} on the front"
+        device = dense.latency.device
+        plots = {
+            "png": plot_png(rows, Path(folder) / "pareto.png", title=title, device=device),
+            "html": plot_html(rows, Path(folder) / "pareto.html", title=title, device=device),
+        }
+        feasible = [r.result for r in records if r.result is not None and r.result.feasible]
+        summary = {
+            "trials_finished": len([r for r in records if r.result is not None]),
+            "trials_failed": len([r for r in records if r.result is None]),
+            "front_size": len(front),
+        }
+        if feasible:
+            summary["hypervolume"] = hypervolume_2d(
+                [r.accuracy for r in feasible], [r.latency.median_ms for r in feasible],
+                reference=(0.0, max(r.latency.median_ms for r in feasible) * 1.1),
+            )
+        tracker.finish_search(
+            parent_id, rows=rows, front_run_ids=[publisher.run_ids[r.trial_id] for r in front],
+            artifacts=plots, metrics=summary,
+        )
+    versions = tracker.register(
+        spec.mlflow.registered_model, parent_id, [(publisher.run_ids[r.trial_id], r) for r in front]
+    )
+    outcome = SearchOutcome(
+        spec=spec,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_id,
+        dense=dense,
+        records=records,
+        front=front,
+        registered_versions=[str(v.version) for v in versions],
+        wall_seconds=time.perf_counter() - started,
+        ui_command=ui_command(tracking_uri),
+        failed=[r for r in records if r.result is None],
+    )
+    say(summary_text(outcome))
+    return outcome
+
+
+def pareto_front(records: list[TrialRecord], cost_metric: str = "latency_ms") -> list[TrialRecord]:
+    """The feasible, finished trials that no other one beats on both accuracy and cost; fastest first."""
+    candidates = [r for r in records if r.result is not None and r.result.feasible and r.model_dir]
+    if not candidates:
+        return []
+    points = np.array([[r.result.accuracy, r.result.metrics()[cost_metric]] for r in candidates])
+    mask = non_dominated(points, maximize=[True, False])
+    return sorted((r for r, keep in zip(candidates, mask) if keep), key=lambda r: r.result.metrics()[cost_metric])
+
+
+def summary_text(outcome: SearchOutcome) -> str:
+    front_rows = [_row(record, on_front=True) for record in outcome.front]
+    lines = [
+        "",
+        f"Search {outcome.spec.name!r} finished in {outcome.wall_seconds:.0f} s: {len(outcome.records)} trials,"
+        f" {len(outcome.failed)} failed, {len(outcome.front)} on the Pareto front.",
+        f"Dense model: top-1 {outcome.dense.accuracy:.4f}, {outcome.dense.latency.median_ms:.3f} ms"
+        f" ({outcome.dense.latency.device}, batch {outcome.dense.latency.batch_size}, {outcome.dense.latency.dtype}).",
+        "",
+        table(front_rows) if front_rows else "(no trial finished: nothing on the front)",
+        "",
+        f"Registered as {outcome.spec.mlflow.registered_model!r} versions {', '.join(outcome.registered_versions) or '—'}"
+        f" (aliases: most-accurate, fastest).",
+        f"MLflow UI: {outcome.ui_command}",
+    ]
+    return "\n".join(lines)
+
+
+def _row(record: TrialRecord, *, on_front: bool) -> dict[str, Any]:
+    result = record.result
+    if result is None:
+        return {"trial": record.trial_id, "prune": "failed", "heal": "", "error": record.error, "pareto": False}
+    return {
+        "trial": record.trial_id,
+        "prune": result.config.prune.method,
+        "heal": result.config.heal.method,
+        "sparsity": result.sparsity,
+        "accuracy": result.accuracy,
+        "latency_ms": result.latency.median_ms,
+        "latency_p90_ms": result.latency.p90_ms,
+        "macs": result.macs,
+        "params": result.params,
+        "pareto": on_front,
+        **{key: value for key, value in result.config.flat().items() if key not in ("prune.method", "heal.method")},
+    }
+
+
+# ---- on the workers ----------------------------------------------------------------------------------------
+
+
+def _dense_baseline(context: TrialContext) -> TrialResult:
+    dense = TrialConfig(PruneConfig("none"), HealConfig("none"))
+    return run_trial(dense, replace(context, latency_target_ms=None), threads=_assigned_cpus())
+
+
+def _assigned_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
+def _tune_trial(params: dict, *, context: TrialContext, space: SearchSpace) -> None:
+    from ray import tune
+
+    config = space.to_config(params)
+    with tempfile.TemporaryDirectory() as folder:
+        result = run_trial(config, context, save_dir=folder, threads=_assigned_cpus())
+        tune.report(result.metrics(), checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+# ---- on the driver -----------------------------------------------------------------------------------------
+
+
+def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publisher, *, storage: Path, run_name: str):
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(
+        space=space.define,
+        metric=["accuracy", spec.cost_metric],
+        mode=["max", "min"],
+        sampler=make_sampler(spec.search.sampler, spec.search.seed),
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(_tune_trial, context=context, space=space),
+        {"cpu": spec.search.cpu, "gpu": spec.search.gpu},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=spec.search.trials, max_concurrent_trials=spec.search.concurrency
+        ),
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            callbacks=[publisher],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    return tuner.fit()
+
+
+class _TrialPublisher(Callback):
+    """Tune callback: writes each trial's child run as it ends, and prints a progress line."""
+
+    def __init__(self, tracker: Tracker, parent_id: str, spec: SearchSpec, say: Callable[[str], None]) -> None:
+        self.tracker, self.parent_id, self.spec, self.say = tracker, parent_id, spec, say
+        self.records: list[TrialRecord] = []
+        self.run_ids: dict[str, str] = {}
+        self._started = time.perf_counter()
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks with the experiment state; the MLflow client and the printer stay behind.
+        return {key: value for key, value in self.__dict__.items() if key not in ("tracker", "say")}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        metrics = trial.last_result or {}
+        if "config_json" not in metrics:
+            self._add(TrialRecord(trial.trial_id, None, error="the trial ended without reporting a result"), trials)
+            return
+        checkpoint = trial.checkpoint
+        self._add(
+            TrialRecord(trial.trial_id, TrialResult.from_metrics(metrics), model_dir=checkpoint.path if checkpoint else None),
+            trials,
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._add(TrialRecord(trial.trial_id, None, error=_error_text(trial)), trials)
+
+    def _add(self, record: TrialRecord, trials) -> None:
+        self.records.append(record)
+        self.run_ids[record.trial_id] = self.tracker.log_trial(self.parent_id, record)
+        self.say(self._progress_line(record, trials))
+
+    def _progress_line(self, record: TrialRecord, trials) -> str:
+        total = self.spec.search.trials
+        done = len(self.records)
+        failed = sum(1 for r in self.records if r.result is None)
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        elapsed = time.perf_counter() - self._started
+        head = f"[{done:>3}/{total} done, {running} running, {failed} failed, {elapsed:5.0f} s]"
+        if record.result is None:
+            return f"{head} trial {record.trial_id} FAILED: {(record.error or '').splitlines()[-1][:160]}"
+        result = record.result
+        this = (f"{result.config.prune.method}/{result.config.heal.method} sparsity {result.sparsity:.2f}: "
+                + (f"top-1 {result.accuracy:.4f}" if result.feasible else "missed the latency target")
+                + f" @ {result.latency.median_ms:.3f} ms")
+        front = pareto_front(self.records, self.spec.cost_metric)
+        if front:
+            best = max(front, key=lambda r: r.result.accuracy)
+            fastest = front[0]
+            this += (f" | front {len(front)}: best {best.result.accuracy:.4f} @ {best.result.latency.median_ms:.3f} ms,"
+                     f" fastest {fastest.result.latency.median_ms:.3f} ms @ {fastest.result.accuracy:.4f}")
+        return f"{head} {this}"
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        with open(path) as handle:
+            return handle.read().strip()
+    return "the trial failed (no error file)"
+

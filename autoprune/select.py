@@ -1,0 +1,154 @@
+"""Reading back from MLflow: the best registered model under a latency target, a search's front, loading a model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from autoprune.errors import AutopruneError, NoModelMeetsTarget
+from autoprune.tracking import PARETO_TAG, ROLE_TAG
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A registered version and the measurements it was registered with."""
+
+    name: str
+    version: str
+    accuracy: float
+    latency_ms: float
+    latency_p90_ms: float
+    device: str
+    batch_size: int
+    dtype: str
+    model_uri: str
+    run_id: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _client(tracking_uri: str | None):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def registered_versions(model: str, *, tracking_uri: str | None = None) -> list[ModelChoice]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = _client(tracking_uri).search_model_versions(f"name='{model}'")
+    except MlflowException as error:
+        raise AutopruneError(f"cannot read registered model {model!r} at {tracking_uri!r}: {error}") from None
+    choices = []
+    for version in versions:
+        tags = version.tags
+        if "latency_ms" not in tags or "accuracy" not in tags:
+            continue  # not registered by autoprune
+        choices.append(
+            ModelChoice(
+                name=model,
+                version=str(version.version),
+                accuracy=float(tags["accuracy"]),
+                latency_ms=float(tags["latency_ms"]),
+                latency_p90_ms=float(tags.get("latency_p90_ms", "nan")),
+                device=tags.get("device", "unknown"),
+                batch_size=int(tags.get("batch_size", 0)),
+                dtype=tags.get("dtype", "unknown"),
+                model_uri=f"models:/{model}/{version.version}",
+                run_id=version.run_id or "",
+            )
+        )
+    return choices
+
+
+def best(
+    *,
+    model: str,
+    max_latency_ms: float,
+    device: str | None = None,
+    tracking_uri: str | None = None,
+    load: bool = False,
+):
+    """The most accurate registered version whose measured median latency is ≤ `max_latency_ms`.
+
+    With `device`, only versions measured on that device count. Returns a `ModelChoice`, or with `load=True`
+    a `(ModelChoice, model)` pair. Raises `NoModelMeetsTarget` (saying what the fastest is) when none fits.
+    """
+    if not max_latency_ms > 0:
+        raise AutopruneError(f"`max_latency_ms > 0` must hold, but got {max_latency_ms=}.")
+    candidates = registered_versions(model, tracking_uri=tracking_uri)
+    if device is not None:
+        devices = sorted({c.device for c in candidates})
+        candidates = [c for c in candidates if c.device == device]
+        if not candidates:
+            raise NoModelMeetsTarget(
+                f"no version of {model!r} was measured on {device!r}; measured devices: {', '.join(devices) or 'none'}."
+            )
+    if not candidates:
+        raise NoModelMeetsTarget(f"registered model {model!r} has no versions; run `autoprune search` first.")
+    fitting = [c for c in candidates if c.latency_ms <= max_latency_ms]
+    if not fitting:
+        fastest = min(candidates, key=lambda c: c.latency_ms)
+        raise NoModelMeetsTarget(
+            f"no version of {model!r} meets {max_latency_ms:g} ms; the fastest is version {fastest.version} at"
+            f" {fastest.latency_ms:.4g} ms ({fastest.device}, accuracy {fastest.accuracy:.4f})."
+        )
+    choice = max(fitting, key=lambda c: (c.accuracy, -c.latency_ms))
+    if load:
+        return choice, load_model(choice.model_uri, tracking_uri=tracking_uri)
+    return choice
+
+
+def load_model(model_uri: str, *, tracking_uri: str | None = None):
+    """Download a registered (or run) model and rebuild it, in eval mode. Nothing is unpickled."""
+    import mlflow
+
+    from autoprune.models import load_model_dir
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
+    return load_model_dir(local)
+
+
+def front(*, experiment: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """The Pareto-optimal trials of the latest finished search in `experiment`, fastest first."""
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise AutopruneError(f"no MLflow experiment named {experiment!r} at {tracking_uri!r}.")
+    searches = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'search' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not searches:
+        raise AutopruneError(f"experiment {experiment!r} has no finished search yet.")
+    parent = searches[0].info.run_id
+    children = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{PARETO_TAG}` = 'true'",
+        max_results=10000,
+    )
+    rows = []
+    for run in children:
+        data = run.data
+        rows.append({
+            "trial": data.tags.get("autoprune.trial_id"),
+            "prune": data.params.get("prune.method"),
+            "heal": data.params.get("heal.method"),
+            "sparsity": data.metrics.get("sparsity"),
+            "accuracy": data.metrics.get("accuracy"),
+            "latency_ms": data.metrics.get("latency_ms"),
+            "latency_p90_ms": data.metrics.get("latency_p90_ms"),
+            "macs": data.metrics.get("macs"),
+            "params": int(data.metrics["params"]) if "params" in data.metrics else None,
+            "device": data.tags.get("device"),
+            "run_id": run.info.run_id,
+        })
+    return sorted(rows, key=lambda row: row["latency_ms"])

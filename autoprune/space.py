@@ -1,0 +1,121 @@
+"""The search space: a validated spec and the model's layer groups → Optuna parameters → `TrialConfig`.
+
+The space is define-by-run, so a parameter exists only where it means something: N:M samples no sparsity,
+`heal: none` samples no budget. Parameter names are dotted and stable (`prune.sparsity.blocks.3.mlp`), so that
+they read well in MLflow and a resumed search finds the same distributions.
+
+Per-layer sparsity comes in three parametrisations:
+- global: one value, pooled over every prunable layer (one magnitude threshold for all);
+- per_group: one value per layer group (a ViT block's attention or MLP, a CNN stage);
+- profile: a few knots spread over depth, linearly interpolated to every group, so that deep models need not
+  search a hundred dimensions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from autoprune import heal, prune
+from autoprune.errors import SpecError
+from autoprune.models import POOLED_GROUP, LayerGroup
+from autoprune.spec import Choice, Dimension, Fixed, HealConfig, PruneConfig, Range, SearchSpec, TrialConfig
+
+
+class SearchSpace:
+    """The spec's space over one model's layer groups."""
+
+    def __init__(self, spec: SearchSpec, groups: tuple[LayerGroup, ...]) -> None:
+        sparsity = spec.prune.sparsity
+        if not groups:
+            raise SpecError(f"model {spec.model.name!r} has no prunable Linear/Conv2d layers.")
+        if sparsity.mode == "profile" and sparsity.knots > len(groups):
+            raise SpecError(
+                f"space.prune.sparsity.knots: {sparsity.knots} knots for {len(groups)} layer groups;"
+                f" use at most {len(groups)} (or mode: per_group)."
+            )
+        self.spec = spec
+        self.groups = groups
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return tuple(group.name for group in self.groups)
+
+    def define(self, trial) -> None:
+        """Optuna define-by-run: suggest this trial's parameters (the fixed ones are filled in by `to_config`)."""
+        prune_method = _suggest(trial, "prune.method", Choice(self.spec.prune.methods))
+        if prune.get(prune_method).uses_sparsity:
+            for name in self._sparsity_parameters():
+                sparsity = self.spec.prune.sparsity
+                trial.suggest_float(name, sparsity.low, sparsity.high, step=sparsity.step)
+        heal_method = _suggest(trial, "heal.method", Choice(self.spec.heal.methods))
+        if heal.get(heal_method).trains:
+            for key in ("calibration_images", "steps", "lr"):
+                _suggest(trial, f"heal.{key}", getattr(self.spec.heal, key))
+
+    def to_config(self, params: Mapping[str, Any]) -> TrialConfig:
+        """The sampled parameters (plus the fixed ones) as a resolved trial configuration."""
+        prune_method = _value(params, "prune.method", Choice(self.spec.prune.methods))
+        heal_method = _value(params, "heal.method", Choice(self.spec.heal.methods))
+        sparsity = self._resolve_sparsity(params) if prune.get(prune_method).uses_sparsity else {}
+        trains = heal.get(heal_method).trains
+        budget = {key: _value(params, f"heal.{key}", getattr(self.spec.heal, key)) if trains else 0
+                  for key in ("calibration_images", "steps", "lr")}
+        return TrialConfig(
+            prune=PruneConfig(prune_method, sparsity, dict(self.spec.prune.options.get(prune_method, {}))),
+            heal=HealConfig(
+                heal_method,
+                calibration_images=int(budget["calibration_images"]),
+                steps=int(budget["steps"]),
+                lr=float(budget["lr"]),
+                batch_size=self.spec.heal.batch_size,
+                options=dict(self.spec.heal.options.get(heal_method, {})),
+            ),
+            seed=self.spec.search.seed,
+        )
+
+    def _sparsity_parameters(self) -> list[str]:
+        mode = self.spec.prune.sparsity
+        if mode.mode == "global":
+            return ["prune.sparsity"]
+        if mode.mode == "per_group":
+            return [f"prune.sparsity.{name}" for name in self.group_names]
+        return [f"prune.sparsity.knot{index}" for index in range(mode.knots)]
+
+    def _resolve_sparsity(self, params: Mapping[str, Any]) -> dict[str, float]:
+        values = [float(params[name]) for name in self._sparsity_parameters()]
+        mode = self.spec.prune.sparsity.mode
+        if mode == "global":
+            return {POOLED_GROUP: values[0]}
+        if mode == "per_group":
+            return dict(zip(self.group_names, values))
+        return dict(zip(self.group_names, interpolate_profile(values, len(self.groups))))
+
+
+def interpolate_profile(knots: list[float], groups: int) -> list[float]:
+    """Knots evenly spread from the first to the last group, linearly interpolated in between."""
+    if groups == 1:
+        return [knots[0]]
+    depth = np.linspace(0.0, 1.0, groups)
+    return [float(v) for v in np.interp(depth, np.linspace(0.0, 1.0, len(knots)), knots)]
+
+
+def _suggest(trial, name: str, dimension: Dimension) -> Any:
+    if isinstance(dimension, Fixed):
+        return dimension.value
+    if isinstance(dimension, Choice):
+        if len(dimension.values) == 1:
+            return dimension.values[0]
+        return trial.suggest_categorical(name, list(dimension.values))
+    if isinstance(dimension, Range) and isinstance(dimension.low, int):
+        return trial.suggest_int(name, dimension.low, dimension.high, log=dimension.log, step=int(dimension.step or 1))
+    return trial.suggest_float(name, dimension.low, dimension.high, log=dimension.log, step=dimension.step)
+
+
+def _value(params: Mapping[str, Any], name: str, dimension: Dimension) -> Any:
+    if isinstance(dimension, Fixed):
+        return dimension.value
+    if isinstance(dimension, Choice) and len(dimension.values) == 1:
+        return dimension.values[0]
+    return params[name]

@@ -1,0 +1,502 @@
+"""The search spec: typed, frozen dataclasses loaded from YAML and validated at the boundary.
+
+Every error names the key (as a dotted path), the value and what is allowed, and is raised before any Ray worker
+starts. Unknown keys are errors, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import yaml
+
+from autoprune.errors import SpecError
+
+SAMPLERS = ("tpe", "nsga2", "random")
+SPARSITY_MODES = ("global", "per_group", "profile")
+DATA_SOURCES = ("reference", "imagefolder")
+DTYPES = ("float32", "float16", "bfloat16")
+LATENCY_METRICS = ("latency_ms", "latency_p90_ms", "macs", "params")  # what the cost objective may be
+
+
+# ---- search dimensions -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A dimension held at one value (written as a plain scalar in YAML)."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical dimension (written as a list)."""
+
+    values: tuple
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric interval (written as {low, high, log?, step?})."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+Dimension = Union[Fixed, Choice, Range]
+
+
+# ---- the spec ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # timm model name
+    num_classes: int
+    pretrained: bool = False  # timm's pretrained weights (needs the hub, or timm's local cache)
+    checkpoint: str | None = None  # local weights file (.safetensors, or a torch state dict)
+    train_steps: int | None = None  # no weights given: train the dense model this many steps once, and cache it
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "reference"  # "reference" (built in) or "imagefolder"
+    train_dir: str | None = None  # ImageFolder tree the calibration images are drawn from
+    val_dir: str | None = None  # ImageFolder tree accuracy is measured on (healing never sees it)
+    image_size: int = 224  # ImageFolder images are resized and centre-cropped to this
+    eval_images: int | None = None  # measure accuracy on at most this many (class-balanced) images
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    batch_size: int = 1
+    dtype: str = "float32"
+    warmup: int = 10  # untimed forward passes first
+    repeats: int = 30  # timed forward passes; median and p90 come from these
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    trials: int = 12
+    concurrency: int = 2  # trials running at once
+    sampler: str = "tpe"  # Optuna sampler: tpe, nsga2 or random
+    seed: int = 0  # sampler seed and every trial's seed
+    cpu: float = 1  # Ray resources per trial
+    gpu: float = 0
+
+
+@dataclass(frozen=True)
+class MlflowSpec:
+    experiment: str
+    registered_model: str
+    tracking_uri: str | None = None  # None: a local sqlite store in the work directory
+
+
+@dataclass(frozen=True)
+class SparsitySpace:
+    mode: str = "global"  # global: one value; per_group: one per layer group; profile: knots over depth
+    low: float = 0.3
+    high: float = 0.9
+    step: float | None = None
+    knots: int = 3  # profile mode only
+
+
+@dataclass(frozen=True)
+class PruneSpace:
+    methods: tuple[str, ...]
+    sparsity: SparsitySpace = field(default_factory=SparsitySpace)
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # method → resolved options
+
+
+@dataclass(frozen=True)
+class HealSpace:
+    methods: tuple[str, ...]
+    calibration_images: Dimension = field(default_factory=lambda: Fixed(256))
+    steps: Dimension = field(default_factory=lambda: Fixed(100))
+    lr: Dimension = field(default_factory=lambda: Fixed(1e-3))
+    batch_size: int = 32
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    mlflow: MlflowSpec
+    prune: PruneSpace
+    heal: HealSpace
+    objectives: Mapping[str, str] = field(default_factory=lambda: {"accuracy": "max", "latency_ms": "min"})
+    latency_target_ms: float | None = None
+    profile: ProfileSpec = field(default_factory=ProfileSpec)
+    search: SearchSettings = field(default_factory=SearchSettings)
+
+    @property
+    def cost_metric(self) -> str:
+        """The objective traded against accuracy (latency_ms unless the spec says otherwise)."""
+        return next(metric for metric in self.objectives if metric != "accuracy")
+
+    def as_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+# ---- one point of the space -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str  # a registered pruning method
+    sparsity: Mapping[str, float] = field(default_factory=dict)  # group → fraction; {"all": s} for global
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    method: str  # a registered healing method
+    calibration_images: int = 0  # drawn from the training pool
+    steps: int = 0
+    lr: float = 0.0
+    batch_size: int = 32
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One point of the search space, fully resolved: what `run_trial` executes."""
+
+    prune: PruneConfig
+    heal: HealConfig
+    seed: int = 0
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys → scalars, as MLflow params and table columns."""
+        flat: dict[str, Any] = {"prune.method": self.prune.method, "heal.method": self.heal.method, "seed": self.seed}
+        flat.update({f"prune.sparsity.{group}": value for group, value in self.prune.sparsity.items()})
+        flat.update({f"prune.{key}": value for key, value in self.prune.options.items()})
+        for key in ("calibration_images", "steps", "lr", "batch_size"):
+            flat[f"heal.{key}"] = getattr(self.heal, key)
+        flat.update({f"heal.{key}": value for key, value in self.heal.options.items()})
+        return flat
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(_plain(dataclasses.asdict(self)), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialConfig":
+        import json
+
+        raw = json.loads(text)
+        return cls(PruneConfig(**raw["prune"]), HealConfig(**raw["heal"]), raw["seed"])
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path) -> SearchSpec:
+    """Read and validate a YAML spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {str(path)!r} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    return parse_spec(raw, origin=str(path))
+
+
+def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
+    """Validate a spec given as plain data (what YAML produces)."""
+    from autoprune import heal, prune  # the registries the method names are checked against
+
+    root = _Section(raw, "", origin)
+    name = root.take("name", str, check=_non_empty)
+    model = root.section("model", required=True)
+    model_spec = ModelSpec(
+        name=model.take("name", str, check=_non_empty),
+        num_classes=model.take("num_classes", int, check=_positive),
+        pretrained=model.take("pretrained", bool, False),
+        checkpoint=model.take("checkpoint", str, None),
+        train_steps=model.take("train_steps", int, None, check=_positive),
+        kwargs=model.take("kwargs", dict, {}),
+    )
+    model.done()
+    given = [key for key, on in (("pretrained", model_spec.pretrained), ("checkpoint", model_spec.checkpoint),
+                                 ("train_steps", model_spec.train_steps)) if on]
+    if len(given) != 1:
+        raise SpecError(
+            f"{origin}: model: give exactly one source of dense weights — `pretrained: true`, `checkpoint: PATH`"
+            f" or `train_steps: N` (train once on the data and cache) — but got {given or 'none'}."
+        )
+
+    data = root.section("data")
+    data_spec = DataSpec(
+        source=data.take("source", str, "reference", choices=DATA_SOURCES),
+        train_dir=data.take("train_dir", str, None),
+        val_dir=data.take("val_dir", str, None),
+        image_size=data.take("image_size", int, 224, check=_positive),
+        eval_images=data.take("eval_images", int, None, check=_positive),
+    )
+    data.done()
+    if data_spec.source == "imagefolder" and not (data_spec.train_dir and data_spec.val_dir):
+        raise SpecError(f"{origin}: data: `source: imagefolder` needs both `train_dir` and `val_dir`.")
+
+    objectives = root.take("objectives", dict, {"accuracy": "max", "latency_ms": "min"})
+    _check_objectives(objectives, origin)
+
+    target = root.take("latency_target_ms", float, None, check=_positive)
+
+    profile = root.section("profile")
+    profile_spec = ProfileSpec(
+        batch_size=profile.take("batch_size", int, 1, check=_positive),
+        dtype=profile.take("dtype", str, "float32", choices=DTYPES),
+        warmup=profile.take("warmup", int, 10, check=_non_negative),
+        repeats=profile.take("repeats", int, 30, check=_at_least(3)),
+    )
+    profile.done()
+
+    search = root.section("search")
+    resources = search.section("resources")
+    settings = SearchSettings(
+        trials=search.take("trials", int, 12, check=_positive),
+        concurrency=search.take("concurrency", int, 2, check=_positive),
+        sampler=search.take("sampler", str, "tpe", choices=SAMPLERS),
+        seed=search.take("seed", int, 0, check=_non_negative),
+        cpu=resources.take("cpu", float, 1.0, check=_positive),
+        gpu=resources.take("gpu", float, 0.0, check=_non_negative),
+    )
+    resources.done()
+    search.done()
+
+    tracking = root.section("mlflow")
+    mlflow_spec = MlflowSpec(
+        experiment=tracking.take("experiment", str, f"autoprune-{name}", check=_non_empty),
+        registered_model=tracking.take("registered_model", str, f"{name}-pruned", check=_non_empty),
+        tracking_uri=tracking.take("tracking_uri", str, None),
+    )
+    tracking.done()
+
+    space = root.section("space", required=True)
+    prune_section = space.section("prune", required=True)
+    prune_methods = prune_section.take_names("methods", prune.PRUNE_METHODS)
+    sparsity = prune_section.section("sparsity")
+    sparsity_space = SparsitySpace(
+        mode=sparsity.take("mode", str, "global", choices=SPARSITY_MODES),
+        low=sparsity.take("low", float, 0.3, check=_fraction),
+        high=sparsity.take("high", float, 0.9, check=_fraction),
+        step=sparsity.take("step", float, None, check=_positive),
+        knots=sparsity.take("knots", int, 3, check=_at_least(2)),
+    )
+    if sparsity_space.low > sparsity_space.high:
+        raise SpecError(
+            f"{origin}: space.prune.sparsity: `low <= high` must hold, but got"
+            f" low={sparsity_space.low}, high={sparsity_space.high}."
+        )
+    sparsity.done()
+    prune_options = prune_section.take_options("options", prune.PRUNE_METHODS, prune_methods)
+    prune_section.done()
+
+    heal_section = space.section("heal", required=True)
+    heal_methods = heal_section.take_names("methods", heal.HEAL_METHODS)
+    heal_space = HealSpace(
+        methods=heal_methods,
+        calibration_images=heal_section.take_dimension("calibration_images", int, Fixed(256), check=_positive),
+        steps=heal_section.take_dimension("steps", int, Fixed(100), check=_positive),
+        lr=heal_section.take_dimension("lr", float, Fixed(1e-3), check=_positive),
+        batch_size=heal_section.take("batch_size", int, 32, check=_positive),
+        options=heal_section.take_options("options", heal.HEAL_METHODS, heal_methods),
+    )
+    heal_section.done()
+    space.done()
+    root.done()
+    return SearchSpec(
+        name=name,
+        model=model_spec,
+        data=data_spec,
+        mlflow=mlflow_spec,
+        prune=PruneSpace(prune_methods, sparsity_space, prune_options),
+        heal=heal_space,
+        objectives=objectives,
+        latency_target_ms=target,
+        profile=profile_spec,
+        search=settings,
+    )
+
+
+def _check_objectives(objectives: Mapping[str, Any], origin: str) -> None:
+    if objectives.get("accuracy") != "max":
+        raise SpecError(f"{origin}: objectives: must contain `accuracy: max`, but got {dict(objectives)!r}.")
+    costs = [metric for metric in objectives if metric != "accuracy"]
+    if len(costs) != 1 or costs[0] not in LATENCY_METRICS:
+        raise SpecError(
+            f"{origin}: objectives: besides accuracy, name exactly one cost to minimise from"
+            f" {', '.join(LATENCY_METRICS)}, but got {costs!r}."
+        )
+    if objectives[costs[0]] != "min":
+        raise SpecError(f"{origin}: objectives.{costs[0]}: must be `min`, but got {objectives[costs[0]]!r}.")
+
+
+# ---- the validating reader ---------------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+class _Section:
+    """One mapping of the spec; every `take` records its key, and `done` rejects the keys nobody took."""
+
+    def __init__(self, raw: Any, path: str, origin: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise SpecError(f"{origin}: {path or 'the spec'}: expected a mapping, but got {raw!r}.")
+        self.raw, self.path, self.origin, self.taken = raw, path, origin, set()
+
+    def key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, key: str, message: str) -> SpecError:
+        return SpecError(f"{self.origin}: {self.key(key)}: {message}")
+
+    def section(self, key: str, *, required: bool = False) -> "_Section":
+        self.taken.add(key)
+        if required and key not in self.raw:
+            raise self.fail(key, "is required.")
+        return _Section(self.raw.get(key), self.key(key), self.origin)
+
+    def take(self, key: str, kind: type, default: Any = _REQUIRED, *, choices: Sequence | None = None, check=None):
+        self.taken.add(key)
+        if key not in self.raw or (self.raw[key] is None and default is not _REQUIRED):
+            if default is _REQUIRED:
+                raise self.fail(key, "is required.")
+            return default
+        value = _coerce(self.raw[key], kind)
+        if value is None:
+            raise self.fail(key, f"expected {kind.__name__}, but got {self.raw[key]!r}.")
+        if choices is not None and value not in choices:
+            raise self.fail(key, f"{value!r} is not one of the valid choices: {', '.join(map(str, choices))}.")
+        if check is not None and (problem := check(value)):
+            raise self.fail(key, f"{problem}, but got {value!r}.")
+        return value
+
+    def take_names(self, key: str, registry) -> tuple[str, ...]:
+        """A non-empty list of registered method names."""
+        raw = self.take(key, list)
+        if not raw:
+            raise self.fail(key, f"must name at least one of: {', '.join(registry.names())}.")
+        for index, name in enumerate(raw):
+            if name not in registry:
+                raise self.fail(
+                    f"{key}[{index}]",
+                    f"{name!r} is not a registered {registry.kind}; valid choices: {', '.join(registry.names())}.",
+                )
+        return tuple(raw)
+
+    def take_options(self, key: str, registry, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Per-method options over each method's defaults; unknown methods and option names are errors."""
+        options = self.section(key)
+        resolved = {}
+        for method in registry:
+            given = options.section(method.name)
+            resolved_options = {
+                option: given.take(option, type(default), default) for option, default in method.options.items()
+            }
+            given.done()
+            if method.name in methods:
+                resolved[method.name] = resolved_options
+        options.done()
+        return resolved
+
+    def take_dimension(self, key: str, kind: type, default: Dimension, *, check=None) -> Dimension:
+        self.taken.add(key)
+        raw = self.raw.get(key)
+        if raw is None:
+            return default
+        if isinstance(raw, list):
+            if not raw:
+                raise self.fail(key, "an empty list offers no choice.")
+            values = tuple(self._value(f"{key}[{i}]", item, kind, check) for i, item in enumerate(raw))
+            return Choice(values)
+        if isinstance(raw, dict):
+            bounds = _Section(raw, self.key(key), self.origin)
+            low = bounds.take("low", kind, check=check)
+            high = bounds.take("high", kind, check=check)
+            log = bounds.take("log", bool, False)
+            step = bounds.take("step", kind, None, check=_positive)
+            bounds.done()
+            if low >= high:
+                raise self.fail(key, f"`low < high` must hold, but got low={low}, high={high}.")
+            if log and step is not None:
+                raise self.fail(key, "`log` and `step` cannot be combined (Optuna's rule).")
+            return Range(low, high, log, step)
+        return Fixed(self._value(key, raw, kind, check))
+
+    def _value(self, key: str, raw: Any, kind: type, check) -> Any:
+        value = _coerce(raw, kind)
+        if value is None:
+            raise self.fail(key, f"expected {kind.__name__} (a value, a list of choices or {{low, high}}),"
+                                 f" but got {raw!r}.")
+        if check is not None and (problem := check(value)):
+            raise self.fail(key, f"{problem}, but got {value!r}.")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.taken, key=str)
+        if unknown:
+            raise self.fail(
+                str(unknown[0]), f"unknown key; valid keys here: {', '.join(sorted(self.taken))}."
+            )
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    """The value as `kind`, or None when it is not one (bool is not an int; an int is a valid float)."""
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if math.isfinite(value) else None
+    if kind is float and isinstance(value, str):  # YAML reads 1e-3 (without a dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    if kind is int and isinstance(value, bool):
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 <= value < 1 else "`0 <= value < 1` must hold"
+
+
+def _at_least(minimum: int):
+    def check(value: int) -> str | None:
+        return None if value >= minimum else f"must be >= {minimum}"
+
+    return check
+
+
+def _plain(value: Any) -> Any:
+    """Dataclass dicts → YAML/JSON-safe plain data (tuples → lists, mapping proxies → dicts)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,201 @@
+"""MLflow writes: one parent run per search, one child run per trial, the front's models in the registry.
+
+Only the driver calls this module, so an sqlite store never has two writers and credentials stay on one machine.
+Every write is keyed (trial id, parent run) so that publishing the same search twice duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from autoprune.errors import AutopruneError
+
+log = logging.getLogger(__name__)
+
+ROLE_TAG = "autoprune.role"  # "search" on parent runs, "trial" on child runs
+SEARCH_TAG = "autoprune.search"  # the spec's name
+TRIAL_TAG = "autoprune.trial_id"
+PARETO_TAG = "autoprune.pareto"
+KEY_TAG = "autoprune.trial_key"  # on model versions: "<parent run id>/<trial id>", what makes registration idempotent
+ALIAS_MOST_ACCURATE = "most-accurate"
+ALIAS_FASTEST = "fastest"
+MODEL_ARTIFACT = "model"
+VERSION_TAGS = ("accuracy", "latency_ms", "latency_p90_ms", "device", "batch_size", "dtype", "sparsity", "macs")
+
+LIBRARIES = ("torch", "timm", "ray", "optuna", "mlflow", "torch-pruning")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[f"version.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A finished trial as the driver saw it: its result, or the error it failed with."""
+
+    trial_id: str
+    result: Any  # TrialResult, or None when the trial failed
+    error: str | None = None
+    model_dir: str | None = None  # the trial's checkpoint (the saved pruned model)
+
+
+class Tracker:
+    """A client bound to one tracking server and experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | None = None) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                found.experiment_id if found
+                else self.client.create_experiment(experiment, artifact_location=artifact_location)
+            )
+        except Exception as error:  # unreachable server, bad URI, locked store: say so before any trial runs
+            raise AutopruneError(
+                f"MLflow at {tracking_uri!r} is not usable ({type(error).__name__}: {str(error)[:200]})."
+                " Check --tracking-uri / mlflow.tracking_uri, or start the server."
+            ) from None
+
+    # ---- runs ----------------------------------------------------------------------------------------------
+
+    def start_search(self, *, name: str, spec: Mapping[str, Any], run_name: str | None = None) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=run_name or name,
+            tags={ROLE_TAG: "search", SEARCH_TAG: name, **library_versions()},
+        )
+        self.client.log_dict(run.info.run_id, dict(spec), "spec.json")
+        return run.info.run_id
+
+    def log_dense(self, parent_id: str, result) -> None:
+        """The unpruned model's measurements, for comparison on the parent run."""
+        self.client.log_metric(parent_id, "dense_accuracy", result.accuracy)
+        self.client.log_metric(parent_id, "dense_latency_ms", result.latency.median_ms)
+        self.client.log_metric(parent_id, "dense_macs", result.macs)
+        self.client.set_tag(parent_id, "device", result.latency.device)
+
+    def log_trial(self, parent_id: str, record: TrialRecord) -> str:
+        """A child run for one trial (created once; a second call returns the same run)."""
+        existing = self.child_runs(parent_id, trial_id=record.trial_id)
+        if existing:
+            return existing[0].info.run_id
+        tags = {ROLE_TAG: "trial", TRIAL_TAG: record.trial_id, "mlflow.parentRunId": parent_id, **library_versions()}
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{record.trial_id}", tags=tags)
+        run_id = run.info.run_id
+        result = record.result
+        if result is None:
+            self.client.set_tag(run_id, "error", (record.error or "unknown error")[:5000])
+            self.client.set_terminated(run_id, status="FAILED")
+            return run_id
+        from mlflow.entities import Metric, Param, RunTag
+
+        metrics = {key: value for key, value in result.metrics().items() if isinstance(value, (int, float))}
+        if not result.feasible:
+            metrics.pop("accuracy")  # not measured: it stopped after missing the latency target
+        latency = result.latency
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(key, float(value), 0, 0) for key, value in metrics.items()],
+            params=[Param(key, str(value)) for key, value in result.config.flat().items()],
+            tags=[RunTag(key, str(value)) for key, value in {
+                "device": latency.device, "dtype": latency.dtype, "batch_size": latency.batch_size,
+                "threads": latency.threads, "feasible": result.feasible,
+            }.items()],
+        )
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
+    def child_runs(self, parent_id: str, *, trial_id: str | None = None) -> list:
+        query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        if trial_id is not None:
+            query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
+        return self.client.search_runs([self.experiment_id], filter_string=query, max_results=10000)
+
+    def finish_search(
+        self,
+        parent_id: str,
+        *,
+        rows: Sequence[Mapping[str, Any]],
+        front_run_ids: Sequence[str],
+        artifacts: Mapping[str, Path],
+        metrics: Mapping[str, float],
+    ) -> None:
+        """Front membership on every child, the trial table, plots and summary metrics on the parent."""
+        front = set(front_run_ids)
+        for run in self.child_runs(parent_id):
+            self.client.set_tag(run.info.run_id, PARETO_TAG, str(run.info.run_id in front).lower())
+        with tempfile.TemporaryDirectory() as folder:
+            table = Path(folder) / "trials.json"
+            table.write_text(json.dumps(list(rows), indent=1, default=str))
+            self.client.log_artifact(parent_id, str(table))
+        for path in artifacts.values():
+            self.client.log_artifact(parent_id, str(path))
+        for key, value in metrics.items():
+            self.client.log_metric(parent_id, key, float(value))
+        self.client.set_terminated(parent_id, status="FINISHED")
+
+    # ---- registry ------------------------------------------------------------------------------------------
+
+    def register(self, model_name: str, parent_id: str, entries: Sequence[tuple[str, TrialRecord]]) -> list:
+        """Register each (child run id, record) as a version of `model_name`; aliases to the extremes.
+
+        A trial already registered (same parent run and trial id) is not registered again.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(model_name, description="Pareto-optimal pruned models (autoprune).")
+        except MlflowException as error:
+            if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+                raise
+        existing = {v.tags.get(KEY_TAG): v for v in self.client.search_model_versions(f"name='{model_name}'")}
+        versions = []
+        for run_id, record in entries:
+            key = f"{parent_id}/{record.trial_id}"
+            if key in existing:
+                versions.append(existing[key])
+                continue
+            self.client.log_artifacts(run_id, record.model_dir, MODEL_ARTIFACT)
+            result = record.result
+            latency = result.latency
+            tags = {
+                KEY_TAG: key,
+                "accuracy": result.accuracy,
+                "latency_ms": latency.median_ms,
+                "latency_p90_ms": latency.p90_ms,
+                "device": latency.device,
+                "batch_size": latency.batch_size,
+                "dtype": latency.dtype,
+                "sparsity": result.sparsity,
+                "macs": result.macs,
+                "config": result.config.to_json(),
+            }
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+            versions.append(
+                self.client.create_model_version(
+                    model_name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+                )
+            )
+        if versions:
+            most_accurate = max(versions, key=lambda v: (float(v.tags["accuracy"]), -float(v.tags["latency_ms"])))
+            fastest = min(versions, key=lambda v: (float(v.tags["latency_ms"]), -float(v.tags["accuracy"])))
+            self.client.set_registered_model_alias(model_name, ALIAS_MOST_ACCURATE, most_accurate.version)
+            self.client.set_registered_model_alias(model_name, ALIAS_FASTEST, fastest.version)
+        return versions

@@ -1,0 +1,75 @@
+"""The optimisation loop shared by dense training and healing: sampled mini-batches, AdamW, one-cycle schedule.
+
+Masks are re-applied after every step, so that pruned weights stay zero and the achieved sparsity stays at its
+target however long the model heals.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoprune.data import DataBundle, ImageSet
+from autoprune.prune.masks import Masks
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def shifted(images: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
+    """Random translation by up to `max_shift` pixels (one shift per batch): cheap, label-preserving augmentation."""
+    if max_shift <= 0:
+        return images
+    size = images.shape[-2:]
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
+    dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
+    return padded[..., dy : dy + size[0], dx : dx + size[1]]
+
+
+def optimise(
+    model: nn.Module,
+    *,
+    images: ImageSet,
+    data: DataBundle,
+    loss_fn: LossFn,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = 0.05,
+    masks: Masks | None = None,
+    device: torch.device | str = "cpu",
+) -> list[float]:
+    """Run `steps` AdamW steps on batches sampled from `images`; returns the loss of every step."""
+    model.train().to(device)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = data.normalize(images.images)
+    labels = images.labels
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    max_shift = max(1, inputs.shape[-1] // 16)
+    losses = []
+    for _ in range(steps):
+        index = torch.randint(0, len(labels), (min(batch_size, len(labels)),), generator=generator)
+        batch = shifted(inputs[index], generator, max_shift).to(device)
+        loss = loss_fn(model, batch, labels[index].to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()} at step {len(losses)} (lr={lr:g}).")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if masks:
+            masks.apply(model)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def cross_entropy(label_smoothing: float = 0.1) -> LossFn:
+    def loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(inputs), labels, label_smoothing=label_smoothing)
+
+    return loss

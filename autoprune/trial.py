@@ -1,0 +1,195 @@
+"""One trial, start to end: dense model → prune → profile → heal → evaluate → count → save.
+
+`run_trial` needs no Ray: the search calls it inside a Tune trial, tests and notebooks call it directly.
+Latency depends only on the structure, so it is measured right after pruning: with a latency target, a trial
+that misses it stops there and costs seconds instead of a healing run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from autoprune import heal, prune
+from autoprune.data import DataBundle
+from autoprune.measure import accuracy, achieved_sparsity, count_macs, count_params, prunable_weight_count
+from autoprune.models import POOLED_GROUP, LayerGroup, ModelSource, layer_groups, pooled_group, prunable_layers, save_model
+from autoprune.profile import LatencyProfile, profile_latency
+from autoprune.spec import ProfileSpec, TrialConfig
+
+STAGES = ("load", "prune", "profile", "heal", "evaluate", "count", "save")  # the keys of TrialResult.timings
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a search shares (in Ray's object store, so workers need no files or hub access)."""
+
+    source: ModelSource
+    dense_state: Mapping[str, torch.Tensor]
+    data: DataBundle
+    profile: ProfileSpec = field(default_factory=ProfileSpec)
+    latency_target_ms: float | None = None
+
+    def dense_model(self) -> torch.nn.Module:
+        model = self.source.create(pretrained=False)
+        model.load_state_dict(self.dense_state)
+        return model.eval()
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What a trial measured. `accuracy` is None when the trial missed the latency target and stopped early."""
+
+    config: TrialConfig
+    accuracy: float | None
+    latency: LatencyProfile
+    macs: int
+    params: int
+    sparsity: float  # fraction of the dense model's prunable weights that are gone
+    timings: Mapping[str, float]  # seconds per stage (STAGES)
+
+    @property
+    def feasible(self) -> bool:
+        return self.accuracy is not None
+
+    def metrics(self) -> dict[str, Any]:
+        """Flat values for `tune.report`; `from_metrics` reads them back on the driver."""
+        metrics: dict[str, Any] = {
+            # An infeasible trial reports accuracy 0 so that the sampler sees it as a bad point.
+            "accuracy": self.accuracy if self.feasible else 0.0,
+            "feasible": int(self.feasible),
+            "latency_ms": self.latency.median_ms,
+            "latency_p90_ms": self.latency.p90_ms,
+            "latency_spread": self.latency.spread,
+            "macs": self.macs,
+            "params": self.params,
+            "sparsity": self.sparsity,
+            "config_json": self.config.to_json(),
+            "latency_json": json.dumps(self.latency.as_dict()),
+        }
+        metrics.update({f"time_{stage}_s": seconds for stage, seconds in self.timings.items()})
+        return metrics
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any]) -> "TrialResult":
+        latency = json.loads(metrics["latency_json"])
+        latency["input_size"] = tuple(latency["input_size"])
+        return cls(
+            config=TrialConfig.from_json(metrics["config_json"]),
+            accuracy=metrics["accuracy"] if metrics["feasible"] else None,
+            latency=LatencyProfile(**latency),
+            macs=int(metrics["macs"]),
+            params=int(metrics["params"]),
+            sparsity=float(metrics["sparsity"]),
+            timings={stage: metrics[f"time_{stage}_s"] for stage in STAGES if f"time_{stage}_s" in metrics},
+        )
+
+
+def run_trial(
+    config: TrialConfig,
+    context: TrialContext,
+    *,
+    save_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+) -> TrialResult:
+    """Prune, profile, heal, evaluate and (if `save_dir`) save one configuration of the dense model."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    data = context.data
+    timings: dict[str, float] = {}
+    stage = _stopwatch(timings)
+
+    with stage("load"):
+        torch.manual_seed(config.seed)
+        dense = context.dense_model()
+        model = copy.deepcopy(dense)
+        layers = [name for name, _ in prunable_layers(model)]
+        _, dense_weights = prunable_weight_count(dense, layers)
+
+    with stage("prune"):
+        method = prune.get(config.prune.method)
+        groups = _groups_for(model, config.prune.sparsity)
+        masks = method.apply(
+            model,
+            prune.PruneRequest(
+                groups=groups,
+                sparsity={group.name: config.prune.sparsity.get(group.name, 0.0) for group in groups},
+                options=config.prune.options,
+                example_inputs=data.normalize(data.train.images[:2]),
+                seed=config.seed,
+            ),
+        )
+
+    with stage("profile"):
+        settings = context.profile
+        latency = profile_latency(
+            model,
+            input_size=data.input_size,
+            batch_size=settings.batch_size,
+            dtype=settings.dtype,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            device=device,
+            threads=threads,
+        )
+        model.float()  # profiling may have cast it; healing and evaluation run in float32
+
+    top1 = None
+    if context.latency_target_ms is None or latency.median_ms <= context.latency_target_ms:
+        with stage("heal"):
+            heal.get(config.heal.method).apply(
+                model,
+                heal.HealRequest(
+                    calibration=data.train.subset(config.heal.calibration_images, seed=config.seed),
+                    data=data,
+                    steps=config.heal.steps,
+                    lr=config.heal.lr,
+                    batch_size=config.heal.batch_size,
+                    masks=masks,
+                    teacher=dense,
+                    options=config.heal.options,
+                    seed=config.seed,
+                    device=device,
+                ),
+            )
+        with stage("evaluate"):
+            top1 = accuracy(model, data.eval, data, device=device)
+
+    with stage("count"):
+        macs = count_macs(model, data.input_size)
+        params = count_params(model)
+        sparsity = achieved_sparsity(model, layers, dense_weights)
+
+    if save_dir is not None:
+        with stage("save"):
+            save_model(model.cpu(), context.source, save_dir)
+
+    return TrialResult(config, top1, latency, macs, params, sparsity, timings)
+
+
+def _groups_for(model: torch.nn.Module, sparsity: Mapping[str, float]) -> tuple[LayerGroup, ...]:
+    """The pooled group for global sparsity, else the model's own layer groups."""
+    if set(sparsity) == {POOLED_GROUP}:
+        return (pooled_group(model),)
+    return layer_groups(model)
+
+
+def _stopwatch(timings: dict[str, float]):
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[name] = time.perf_counter() - start
+
+    return stage
