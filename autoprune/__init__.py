@@ -1,0 +1,42 @@
+"""autoprune: a Ray-distributed AutoML search for pruned timm vision models.
+
+Optuna (through Ray Tune) searches the pruning method, per-layer sparsity and healing budget; every trial measures
+accuracy and latency on its own worker; the Pareto-optimal models are registered in MLflow.
+Heavy modules (Ray, MLflow, torch) load on first use, so `import autoprune` stays cheap.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "search": "autoprune.search",
+    "SearchOutcome": "autoprune.search",
+    "best": "autoprune.select",
+    "front": "autoprune.select",
+    "load_model": "autoprune.select",
+    "ModelChoice": "autoprune.select",
+    "run_trial": "autoprune.trial",
+    "TrialContext": "autoprune.trial",
+    "TrialResult": "autoprune.trial",
+    "load_spec": "autoprune.spec",
+    "parse_spec": "autoprune.spec",
+    "SearchSpec": "autoprune.spec",
+    "TrialConfig": "autoprune.spec",
+    "PruneConfig": "autoprune.spec",
+    "HealConfig": "autoprune.spec",
+    "AutopruneError": "autoprune.errors",
+    "SpecError": "autoprune.errors",
+    "NoModelMeetsTarget": "autoprune.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'autoprune' has no attribute {name!r}")

@@ -30,7 +30,6 @@ from autoprune.trial import TrialContext, TrialResult, run_trial
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORKDIR = "autoprune_runs"
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def search(
     *,
     address: str | None = None,
     tracking_uri: str | None = None,
-    workdir: str | Path = DEFAULT_WORKDIR,
+    workdir: str | Path = "autoprune_runs",
     trials: int | None = None,
     echo: Callable[[str], None] | None = print,
 ) -> SearchOutcome:
@@ -126,7 +125,8 @@ def search(
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
+        # Worker output stays in Ray's logs: trial errors reach the user through the progress lines and MLflow.
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     resources = {"cpu": spec.search.cpu, "gpu": spec.search.gpu}
     say(f"autoprune: measuring the dense model on a trial worker ({resources})")
     dense = ray.get(
@@ -261,6 +261,7 @@ def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publi
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # autoprune prints its own progress; Tune's tables are noise
     searcher = OptunaSearch(
         space=space.define,
         metric=["accuracy", spec.cost_metric],
@@ -323,7 +324,7 @@ class _TrialPublisher(Callback):
         total = self.spec.search.trials
         done = len(self.records)
         failed = sum(1 for r in self.records if r.result is None)
-        running = sum(1 for t in trials if t.status == "RUNNING")
+        running = sum(1 for t in trials if t.status == "RUNNING" and t.trial_id != record.trial_id)
         elapsed = time.perf_counter() - self._started
         head = f"[{done:>3}/{total} done, {running} running, {failed} failed, {elapsed:5.0f} s]"
         if record.result is None:

@@ -427,6 +427,7 @@ class _Section:
             return Choice(values)
         if isinstance(raw, dict):
             bounds = _Section(raw, self.key(key), self.origin)
+            bounds.only("low", "high", "log", "step")  # a typo like `hi` is the cause, not a missing `high`
             low = bounds.take("low", kind, check=check)
             high = bounds.take("high", kind, check=check)
             log = bounds.take("log", bool, False)
@@ -447,6 +448,12 @@ class _Section:
         if check is not None and (problem := check(value)):
             raise self.fail(key, f"{problem}, but got {value!r}.")
         return value
+
+    def only(self, *keys: str) -> None:
+        """Reject unknown keys before reading any (done() does the same after reading)."""
+        self.taken.update(keys)
+        self.done()
+        self.taken.clear()
 
     def done(self) -> None:
         unknown = sorted(set(self.raw) - self.taken, key=str)

@@ -1,0 +1,146 @@
+"""`autoprune search | best | front | demo | methods`.
+
+Usage errors exit with status 2 (argparse); failures the user can fix print one line and exit 1; `--debug` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from autoprune.errors import AutopruneError
+
+DEFAULT_WORKDIR = "autoprune_runs"  # the local MLflow store, Ray results and caches, relative to where you run
+
+
+def _tracking_uri(args) -> str:
+    return (
+        args.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}"
+    )
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local "
+                                               "sqlite store in --workdir)")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="local store, Ray results and caches "
+                                                                   f"(default: ./{DEFAULT_WORKDIR})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoprune", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("search", help="run a pruning search from a YAML spec")
+    run.add_argument("spec", help="path to a spec YAML (see search_spaces/)")
+    run.add_argument("--address", help="Ray cluster: auto or ray://HOST:10001 (default: a local Ray)")
+    run.add_argument("--trials", type=int, help="override search.trials")
+    _add_store_flags(run)
+
+    best = commands.add_parser("best", help="the most accurate registered model within a latency target")
+    best.add_argument("--model", required=True, help="registered model name")
+    best.add_argument("--max-latency-ms", type=float, required=True, help="latency target (median, ms)")
+    best.add_argument("--device", help="only versions measured on this device (as tagged, e.g. 'NVIDIA H100 80GB HBM3')")
+    best.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_store_flags(best)
+
+    front = commands.add_parser("front", help="print the Pareto front of the latest search in an experiment")
+    front.add_argument("--experiment", required=True)
+    front.add_argument("--json", action="store_true")
+    _add_store_flags(front)
+
+    demo = commands.add_parser("demo", help="the embedded default: a small search that runs on a laptop")
+    demo.add_argument("--trials", type=int, help="override the demo's 12 trials")
+    _add_store_flags(demo)
+
+    commands.add_parser("methods", help="list the registered pruning and healing methods")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing outside may be reachable
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AutopruneError as error:
+        if args.debug:
+            raise
+        print(f"autoprune: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("autoprune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _search(args) -> int:
+    from autoprune.search import search
+
+    outcome = search(args.spec, address=args.address, tracking_uri=args.tracking_uri, workdir=args.workdir,
+                     trials=args.trials)
+    return 0 if outcome.front else 1
+
+
+def _best(args) -> int:
+    from autoprune.select import best
+
+    choice = best(model=args.model, max_latency_ms=args.max_latency_ms, device=args.device,
+                  tracking_uri=_tracking_uri(args))
+    if args.json:
+        print(json.dumps(choice.as_dict()))
+    else:
+        print(f"{choice.name} version {choice.version}: top-1 {choice.accuracy:.4f} at {choice.latency_ms:.4g} ms"
+              f" (p90 {choice.latency_p90_ms:.4g} ms; {choice.device}, batch {choice.batch_size}, {choice.dtype})")
+        print(f"load it with: autoprune.load_model({choice.model_uri!r})")
+    return 0
+
+
+def _front(args) -> int:
+    from autoprune.report import table
+    from autoprune.select import front
+
+    rows = front(experiment=args.experiment, tracking_uri=_tracking_uri(args))
+    print(json.dumps(rows) if args.json else table(rows))
+    return 0
+
+
+def _demo(args) -> int:
+    from autoprune.search import search
+    from autoprune.select import best
+
+    spec = resources.files("autoprune.search_spaces") / "demo.yaml"
+    with resources.as_file(spec) as path:
+        outcome = search(path, tracking_uri=args.tracking_uri, workdir=args.workdir, trials=args.trials)
+    if not outcome.front:
+        return 1
+    latencies = [record.result.latency.median_ms for record in outcome.front]
+    target = (min(latencies) + max(latencies)) / 2
+    choice = best(model=outcome.spec.mlflow.registered_model, max_latency_ms=target, tracking_uri=outcome.tracking_uri)
+    print(f"\n$ autoprune best --model {choice.name} --max-latency-ms {target:.3g}")
+    print(f"{choice.name} version {choice.version}: top-1 {choice.accuracy:.4f} at {choice.latency_ms:.4g} ms"
+          f" ({choice.device})")
+    print(f"\nInspect the front: {outcome.ui_command}")
+    return 0
+
+
+def _methods(args) -> int:
+    from autoprune import heal, prune
+
+    for title, registry in (("pruning", prune.PRUNE_METHODS), ("healing", heal.HEAL_METHODS)):
+        print(f"{title} methods:")
+        for method in registry:
+            options = f"  options: {dict(method.options)}" if method.options else ""
+            print(f"  {method.name:<12} {method.description}{options}")
+    return 0
+
+
+COMMANDS = {"search": _search, "best": _best, "front": _front, "demo": _demo, "methods": _methods}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny real timm models (random init), the reference task, and one local Ray for the session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing outside is reachable in tests
+
+import pytest
+import torch
+
+from autoprune.data import reference_task
+from autoprune.models import ModelSource
+
+TINY_VIT = ModelSource(
+    "vit_tiny_patch16_224",
+    10,
+    {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "avg",
+     "class_token": False},
+)
+TINY_RESNET = ModelSource("resnet18", 10, {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)})
+TINY_BOTTLENECK = ModelSource("resnet50", 10, {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)})
+
+
+@pytest.fixture(scope="session")
+def bundle():
+    return reference_task(seed=0)
+
+
+@pytest.fixture(params=[TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
+def source(request) -> ModelSource:
+    return request.param
+
+
+@pytest.fixture
+def example(bundle) -> torch.Tensor:
+    return bundle.normalize(bundle.eval.images[:4])
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A real local Ray with 2 CPUs, shared by the tests that need one."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,47 @@
+"""The CLI's contract: usage errors exit 2, a broken spec fails before Ray starts with the key named."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from autoprune.cli import main
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["best", "--model", "m"])  # --max-latency-ms missing
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+
+
+def test_a_broken_spec_fails_fast_naming_the_key(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text((open(os.path.join(os.path.dirname(__file__), "..", "search_spaces", "demo.yaml")).read())
+                    .replace("sampler: tpe", "sampler: grid"))
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", str(spec), "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "search.sampler" in done.stderr and "'grid'" in done.stderr and "tpe, nsga2, random" in done.stderr
+    assert "Traceback" not in done.stderr and "ray" not in done.stderr.lower()
+    assert not (tmp_path / "ray").exists()  # Ray never started a run
+    assert time.perf_counter() - started < 60
+
+
+def test_best_on_an_empty_store_says_what_to_do(tmp_path, capsys):
+    code = main(["best", "--model", "nothing", "--max-latency-ms", "1", "--workdir", str(tmp_path)])
+    assert code == 1
+    assert "run `autoprune search` first" in capsys.readouterr().err
+
+
+def test_methods_lists_the_registries(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "magnitude" in out and "distill" in out

@@ -1,0 +1,152 @@
+"""A real search: local Ray (2 CPUs), Optuna through Ray Tune, MLflow on an sqlite file in a temp dir. No mocks.
+
+The assertions read back what MLflow holds (runs, metrics, artifacts, registered versions, tags, aliases) and what
+`best` answers, from Python, from the CLI and from a fresh process that loads the registered model.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from autoprune.errors import NoModelMeetsTarget
+from autoprune.models import load_model_dir
+from autoprune.search import search
+from autoprune.select import best, registered_versions
+from autoprune.spec import parse_spec
+from autoprune.tracking import ALIAS_FASTEST, ALIAS_MOST_ACCURATE, Tracker
+
+pytestmark = pytest.mark.e2e
+
+SPEC = {
+    "name": "e2e",
+    "model": {
+        "name": "vit_tiny_patch16_224", "num_classes": 10, "train_steps": 300,
+        "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                   "global_pool": "avg", "class_token": False},
+    },
+    "data": {"source": "reference", "eval_images": 200},
+    "profile": {"batch_size": 8, "warmup": 3, "repeats": 10},
+    "search": {"trials": 4, "concurrency": 2, "sampler": "random", "seed": 1, "resources": {"cpu": 1}},
+    "mlflow": {"experiment": "e2e-exp", "registered_model": "e2e-model"},
+    "space": {
+        "prune": {"methods": ["magnitude", "structured", "none"], "sparsity": {"mode": "global", "low": 0.3,
+                                                                             "high": 0.8}},
+        "heal": {"methods": ["none", "distill"], "calibration_images": [32, 64], "steps": {"low": 3, "high": 8},
+                 "lr": 1e-3, "batch_size": 16},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def outcome(local_ray, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("search")
+    return search(parse_spec(SPEC), workdir=workdir, echo=None)
+
+
+@pytest.fixture(scope="module")
+def tracker(outcome):
+    return Tracker(outcome.tracking_uri, "e2e-exp")
+
+
+def test_every_trial_is_a_child_run_with_its_metrics(outcome, tracker):
+    assert len(outcome.records) == 4 and not outcome.failed
+    children = tracker.child_runs(outcome.parent_run_id)
+    assert len(children) == 4
+    front_ids = {record.trial_id for record in outcome.front}
+    for run in children:
+        metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+        for key in ("accuracy", "latency_ms", "latency_p90_ms", "macs", "params", "sparsity",
+                    "time_prune_s", "time_profile_s", "time_evaluate_s"):
+            assert key in metrics, key
+        assert params["prune.method"] in {"magnitude", "structured", "none"}
+        assert tags["device"].startswith("cpu: ") and tags["version.torch"] == metadata.version("torch")
+        assert tags["autoprune.pareto"] == str(tags["autoprune.trial_id"] in front_ids).lower()
+
+
+def test_the_parent_run_holds_spec_table_and_plots(outcome, tracker):
+    names = {item.path for item in tracker.client.list_artifacts(outcome.parent_run_id)}
+    assert {"spec.json", "trials.json", "pareto.png", "pareto.html"} <= names
+    parent = tracker.client.get_run(outcome.parent_run_id)
+    assert parent.data.metrics["front_size"] == len(outcome.front) >= 1
+    assert parent.data.metrics["dense_accuracy"] > 0.5  # trained once on the reference task
+
+
+def test_the_front_is_registered_with_tags_and_aliases(outcome, tracker):
+    versions = tracker.client.search_model_versions("name='e2e-model'")
+    assert len(versions) == len(outcome.front)
+    for version in versions:
+        for key in ("accuracy", "latency_ms", "latency_p90_ms", "device", "batch_size", "dtype", "config"):
+            assert key in version.tags, key
+        assert version.tags["batch_size"] == "8" and version.tags["dtype"] == "float32"
+    by_accuracy = max(versions, key=lambda v: float(v.tags["accuracy"]))
+    by_speed = min(versions, key=lambda v: float(v.tags["latency_ms"]))
+    assert tracker.client.get_model_version_by_alias("e2e-model", ALIAS_MOST_ACCURATE).version == by_accuracy.version
+    assert tracker.client.get_model_version_by_alias("e2e-model", ALIAS_FASTEST).version == by_speed.version
+
+
+def test_registering_the_same_search_twice_adds_no_version(outcome, tracker):
+    entries = [(tracker.child_runs(outcome.parent_run_id, trial_id=r.trial_id)[0].info.run_id, r)
+               for r in outcome.front]
+    tracker.register("e2e-model", outcome.parent_run_id, entries)
+    assert len(tracker.client.search_model_versions("name='e2e-model'")) == len(outcome.front)
+
+
+def test_best_picks_the_most_accurate_version_within_the_target(outcome):
+    versions = registered_versions("e2e-model", tracking_uri=outcome.tracking_uri)
+    latencies = sorted(v.latency_ms for v in versions)
+    for target in {latencies[0], (latencies[0] + latencies[-1]) / 2, latencies[-1] * 2}:
+        expected = max((v for v in versions if v.latency_ms <= target), key=lambda v: (v.accuracy, -v.latency_ms))
+        assert best(model="e2e-model", max_latency_ms=target, tracking_uri=outcome.tracking_uri) == expected
+    with pytest.raises(NoModelMeetsTarget, match="the fastest is version"):
+        best(model="e2e-model", max_latency_ms=latencies[0] * 0.5, tracking_uri=outcome.tracking_uri)
+
+
+def _cli(*args):
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.run([sys.executable, "-m", "autoprune.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_cli_best_json_and_no_fit(outcome):
+    versions = registered_versions("e2e-model", tracking_uri=outcome.tracking_uri)
+    fastest = min(v.latency_ms for v in versions)
+    done = _cli("best", "--model", "e2e-model", "--max-latency-ms", str(fastest * 100), "--json",
+                "--tracking-uri", outcome.tracking_uri)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert {"name", "version", "accuracy", "latency_ms", "device", "model_uri"} <= set(answer)
+    assert answer["accuracy"] == max(v.accuracy for v in versions)
+    missed = _cli("best", "--model", "e2e-model", "--max-latency-ms", str(fastest / 2), "--tracking-uri",
+                  outcome.tracking_uri)
+    assert missed.returncode == 1 and "fastest is version" in missed.stderr
+    front = _cli("front", "--experiment", "e2e-exp", "--json", "--tracking-uri", outcome.tracking_uri)
+    assert front.returncode == 0, front.stderr
+    assert len(json.loads(front.stdout)) == len(outcome.front)
+
+
+def test_a_registered_model_loads_in_a_fresh_process_with_the_trials_outputs(outcome, tracker, tmp_path):
+    version = registered_versions("e2e-model", tracking_uri=outcome.tracking_uri)[0]
+    trial_id = tracker.client.get_run(version.run_id).data.tags["autoprune.trial_id"]
+    record = next(r for r in outcome.front if r.trial_id == trial_id)
+    inputs = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(inputs, tmp_path / "in.pt")
+    script = textwrap.dedent(f"""
+        import torch, autoprune
+        model = autoprune.load_model({version.model_uri!r}, tracking_uri={outcome.tracking_uri!r})
+        inputs = torch.load({str(tmp_path / 'in.pt')!r}, weights_only=True)
+        torch.save(model(inputs).detach(), {str(tmp_path / 'out.pt')!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert done.returncode == 0, done.stderr
+    with torch.no_grad():
+        expected = load_model_dir(record.model_dir)(inputs)  # the model the trial saved as its checkpoint
+    assert torch.allclose(torch.load(tmp_path / "out.pt", weights_only=True), expected, atol=1e-6)

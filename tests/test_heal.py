@@ -1,0 +1,65 @@
+"""Healing: losses fall, masks stay fixed, accuracy after healing beats no healing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from autoprune import heal, prune
+from autoprune.measure import accuracy
+from autoprune.models import layer_groups
+from autoprune.training import cross_entropy, optimise
+from conftest import TINY_RESNET
+
+
+@pytest.fixture(scope="module")
+def trained(bundle):
+    """A tiny ResNet trained briefly on the reference task (a real dense model to damage and heal)."""
+    torch.manual_seed(0)
+    model = TINY_RESNET.create()
+    optimise(model, images=bundle.train, data=bundle, loss_fn=cross_entropy(), steps=150, lr=3e-3, batch_size=64,
+             seed=0)
+    return model.eval()
+
+
+def _pruned(trained, sparsity=0.8):
+    model = copy.deepcopy(trained)
+    groups = layer_groups(model)
+    masks = prune.get("magnitude").apply(model, prune.PruneRequest(groups, {g.name: sparsity for g in groups}))
+    return model, masks
+
+
+def _request(bundle, trained, masks, steps=60, method="finetune"):
+    return heal.HealRequest(
+        calibration=bundle.train.subset(256, seed=0), data=bundle, steps=steps, lr=2e-3, batch_size=32, masks=masks,
+        teacher=trained, options=dict(heal.get(method).options), seed=0,
+    )
+
+
+@pytest.mark.parametrize("method", ["finetune", "distill"])
+def test_healing_recovers_accuracy_and_keeps_masks(method, bundle, trained):
+    model, masks = _pruned(trained)
+    before = accuracy(model, bundle.eval, bundle)
+    losses = heal.get(method).apply(model, _request(bundle, trained, masks, method=method))
+    after = accuracy(model, bundle.eval, bundle)
+    assert sum(losses[-10:]) < sum(losses[:10])
+    assert after > before + 0.05, (before, after)
+    modules = dict(model.named_modules())
+    for name, mask in masks.by_layer.items():
+        assert not modules[name].weight[~mask].any(), f"{name}: a pruned weight came back"
+
+
+def test_no_healing_changes_nothing(bundle, trained):
+    model, masks = _pruned(trained)
+    state = copy.deepcopy(model.state_dict())
+    assert heal.get("none").apply(model, _request(bundle, trained, masks)) == []
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_diverging_loss_fails_clearly(bundle):
+    model = TINY_RESNET.create()
+    with pytest.raises(FloatingPointError, match="loss became"):
+        optimise(model, images=bundle.train, data=bundle, loss_fn=lambda m, x, y: m(x).sum() * float("nan"),
+                 steps=3, lr=1e-3, batch_size=8, seed=0)

@@ -1,0 +1,130 @@
+"""Pruning methods: a conformance contract every registered method passes, then each method's defining property."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from autoprune import prune
+from autoprune.measure import achieved_sparsity, count_params, prunable_weight_count
+from autoprune.models import layer_groups, load_model_dir, pooled_group, prunable_layers, save_model
+from autoprune.prune.nm import nm_mask
+from conftest import TINY_BOTTLENECK, TINY_VIT
+
+TARGET = 0.5
+
+
+def _prune(source, method_name, example, sparsity=TARGET, pooled=False, options=None):
+    torch.manual_seed(0)
+    model = source.create().eval()
+    dense = copy.deepcopy(model)
+    groups = (pooled_group(model),) if pooled else layer_groups(model)
+    method = prune.get(method_name)
+    request = prune.PruneRequest(groups, {g.name: sparsity for g in groups}, options or dict(method.options), example)
+    masks = method.apply(model, request)
+    return dense, model, masks
+
+
+def _sparsity(dense, model):
+    layers = [name for name, _ in prunable_layers(dense)]
+    return achieved_sparsity(model, layers, prunable_weight_count(dense, layers)[1])
+
+
+# ---- the contract every registered method passes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method_name", prune.list_methods())
+def test_conformance(method_name, source, example, tmp_path):
+    dense, model, masks = _prune(source, method_name, example)
+    method = prune.get(method_name)
+    with torch.no_grad():
+        out = model(example)
+    assert out.shape == dense(example).shape
+
+    achieved = _sparsity(dense, model)
+    if method_name == "none":
+        assert achieved == pytest.approx(0.0, abs=1e-6)
+    elif method.structured:
+        assert 0.1 < achieved <= TARGET + 0.05  # only block-internal channels go; the residual stream stays
+        assert count_params(model) < count_params(dense)
+        assert not masks
+    elif method.uses_sparsity:
+        assert achieved == pytest.approx(TARGET, abs=0.01)
+    else:  # N:M fixes its own sparsity, 1 − n/m on every layer it can pattern
+        assert 0.3 < achieved <= 0.5 + 1e-6
+
+    _, again, _ = _prune(source, method_name, example)  # deterministic for a seed
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    save_model(model, source, tmp_path)  # saves and reloads with equal outputs, no pickle
+    with torch.no_grad():
+        assert torch.allclose(load_model_dir(tmp_path)(example), out, atol=1e-6)
+
+
+# ---- each method's defining property ----------------------------------------------------------------------
+
+
+def test_magnitude_removes_exactly_the_smallest(example):
+    dense, model, masks = _prune(TINY_VIT, "magnitude", example, sparsity=0.3, pooled=True)
+    layers = list(masks.by_layer)
+    kept = torch.cat([dict(model.named_modules())[n].weight.abs().flatten() for n in layers])
+    scores = torch.cat([dict(dense.named_modules())[n].weight.abs().flatten() for n in layers])
+    removed = scores[kept == 0]
+    assert removed.numel() == round(0.3 * scores.numel())
+    assert removed.max() <= scores[kept != 0].min()  # one global threshold
+
+
+def test_magnitude_per_group_sparsities_are_met(example):
+    model = TINY_VIT.create().eval()
+    groups = layer_groups(model)
+    targets = {group.name: 0.2 + 0.15 * i for i, group in enumerate(groups)}
+    masks = prune.get("magnitude").apply(model, prune.PruneRequest(groups, targets))
+    for group in groups:
+        kept = sum(int(masks.by_layer[n].sum()) for n in group.layers)
+        total = sum(masks.by_layer[n].numel() for n in group.layers)
+        assert 1 - kept / total == pytest.approx(targets[group.name], abs=1e-3)
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+def test_nm_pattern_holds_in_every_group(n, m, example):
+    _, model, masks = _prune(TINY_VIT, "nm", example, options={"n": n, "m": m})
+    assert masks
+    for name, mask in masks.by_layer.items():
+        weight = dict(model.named_modules())[name].weight
+        groups = (weight.reshape(weight.shape[0], -1, m) != 0).sum(-1)
+        assert int(groups.max()) <= n, name
+
+
+def test_nm_keeps_the_largest_in_each_group():
+    weight = torch.tensor([[0.1, -0.9, 0.5, 0.2, 3.0, -2.0, 0.0, 1.0]])
+    assert nm_mask(weight, 2, 4).tolist() == [[False, True, True, False, True, True, False, False]]
+
+
+def test_nm_rejects_a_bad_pattern(example):
+    with pytest.raises(Exception, match="0 < n < m"):
+        _prune(TINY_VIT, "nm", example, options={"n": 4, "m": 4})
+
+
+def test_structured_shrinks_vit_mlps_and_keeps_the_residual_width(example):
+    dense, model, _ = _prune(TINY_VIT, "structured", example, sparsity=0.5)
+    for dense_block, block in zip(dense.blocks, model.blocks):
+        assert block.mlp.fc1.out_features == dense_block.mlp.fc1.out_features // 2
+        assert block.mlp.fc2.in_features == block.mlp.fc1.out_features
+        assert block.mlp.fc2.out_features == dense_block.mlp.fc2.out_features  # residual stream intact
+        assert block.attn.qkv.out_features == dense_block.attn.qkv.out_features  # heads not removed (yet)
+
+
+def test_structured_shrinks_bottleneck_inner_convs_only(example):
+    dense, model, _ = _prune(TINY_BOTTLENECK, "structured", example, sparsity=0.5)
+    block, dense_block = model.layer2[0], dense.layer2[0]
+    assert block.conv1.out_channels == dense_block.conv1.out_channels // 2
+    assert block.conv2.out_channels == dense_block.conv2.out_channels // 2
+    assert block.conv3.out_channels == dense_block.conv3.out_channels  # feeds the residual add
+
+
+def test_structured_round_to_keeps_multiples(example):
+    _, model, _ = _prune(TINY_VIT, "structured", example, sparsity=0.3, options={"round_to": 8})
+    assert all(block.mlp.fc1.out_features % 8 == 0 for block in model.blocks)

@@ -1,0 +1,90 @@
+"""The search space: conditional parameters, the sparsity parametrisations, and seed-reproducible sampling."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from autoprune.errors import SpecError
+from autoprune.models import layer_groups
+from autoprune.search import make_sampler
+from autoprune.space import SearchSpace, interpolate_profile
+from autoprune.spec import parse_spec
+from conftest import TINY_VIT
+
+DEMO = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "demo.yaml").read_text())
+GROUPS = layer_groups(TINY_VIT.create())
+
+
+def _space(**sparsity) -> SearchSpace:
+    raw = copy.deepcopy(DEMO)
+    raw["space"]["prune"]["sparsity"].update(sparsity)
+    return SearchSpace(parse_spec(raw), GROUPS)
+
+
+def _sample(space: SearchSpace, fixed: dict):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial(fixed, skip_if_exists=False)  # these values are used; the rest is sampled
+    trial = study.ask()
+    space.define(trial)
+    return trial.params, space.to_config(trial.params)
+
+
+def test_parameters_exist_only_where_they_mean_something():
+    space = _space(mode="global")
+    params, config = _sample(space, {"prune.method": "nm", "heal.method": "none"})
+    assert set(params) == {"prune.method", "heal.method"}
+    assert config.prune.sparsity == {} and config.prune.options == {"n": 2, "m": 4}
+    assert config.heal.steps == 0 and config.heal.calibration_images == 0
+
+    params, config = _sample(space, {"prune.method": "magnitude", "heal.method": "distill"})
+    assert {"prune.sparsity", "heal.steps", "heal.lr", "heal.calibration_images"} <= set(params)
+    assert config.prune.sparsity == {"all": params["prune.sparsity"]}
+    assert config.heal.options["alpha"] == 0.5
+
+
+def test_per_group_mode_has_one_dimension_per_group():
+    params, config = _sample(_space(mode="per_group"), {"prune.method": "structured", "heal.method": "none"})
+    assert sorted(k for k in params if k.startswith("prune.sparsity.")) == sorted(
+        f"prune.sparsity.{g.name}" for g in GROUPS)
+    assert set(config.prune.sparsity) == {g.name for g in GROUPS}
+
+
+def test_profile_mode_interpolates_knots_over_depth():
+    params, config = _sample(_space(mode="profile", knots=2), {"prune.method": "magnitude", "heal.method": "none"})
+    values = list(config.prune.sparsity.values())
+    assert values[0] == pytest.approx(params["prune.sparsity.knot0"])
+    assert values[-1] == pytest.approx(params["prune.sparsity.knot1"])
+    assert interpolate_profile([0.2, 0.8], 4) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert interpolate_profile([0.1, 0.9, 0.1], 5) == pytest.approx([0.1, 0.5, 0.9, 0.5, 0.1])
+
+
+def test_more_knots_than_groups_is_a_spec_error():
+    with pytest.raises(SpecError, match="knots"):
+        _space(mode="profile", knots=len(GROUPS) + 1)
+
+
+def _sequence(seed: int, trials: int = 14) -> list[dict]:
+    """What Ray Tune's OptunaSearch suggests, one trial at a time, fed a deterministic result per config."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = _space(mode="profile", knots=2)
+    searcher = OptunaSearch(space=space.define, metric=["accuracy", "latency_ms"], mode=["max", "min"],
+                            sampler=make_sampler("tpe", seed))
+    suggested = []
+    for index in range(trials):
+        config = searcher.suggest(f"t{index}")
+        suggested.append(config)
+        fake_accuracy = 1 - sum(v for k, v in config.items() if k.startswith("prune.sparsity")) / 3
+        searcher.on_trial_complete(f"t{index}", {"accuracy": fake_accuracy, "latency_ms": 1 + fake_accuracy})
+    return suggested
+
+
+def test_a_fixed_seed_samples_the_same_configurations():
+    first = _sequence(seed=7)
+    assert first == _sequence(seed=7)
+    assert first != _sequence(seed=8)

@@ -1,0 +1,108 @@
+"""The spec loader: shipped specs load; every kind of bad input names its key, its value and the choices."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autoprune.errors import SpecError
+from autoprune.spec import Choice, Fixed, Range, TrialConfig, load_spec, parse_spec
+
+SPECS = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
+DEMO = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "demo.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_shipped_specs_load(path):
+    spec = load_spec(path)
+    assert spec.search.trials > 0 and spec.prune.methods and spec.heal.methods
+
+
+def test_demo_dimensions_parse_into_their_kinds():
+    spec = parse_spec(DEMO)
+    assert spec.heal.calibration_images == Choice((64, 256))
+    assert spec.heal.steps == Range(20, 120, log=True)
+    assert isinstance(spec.heal.lr, Range) and spec.heal.lr.log
+    assert spec.prune.options == {"magnitude": {}, "nm": {"n": 2, "m": 4}, "structured": {"round_to": 1}}
+    assert spec.cost_metric == "latency_ms"
+
+
+def _broken(path: str, value) -> dict:
+    raw = copy.deepcopy(DEMO)
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("search.trails", 3, ["search.trails", "unknown key", "trials"]),
+        ("search.trials", "many", ["search.trials", "expected int", "'many'"]),
+        ("search.trials", 0, ["search.trials", "must be > 0", "0"]),
+        ("search.sampler", "grid", ["search.sampler", "'grid'", "tpe, nsga2, random"]),
+        ("space.prune.methods", ["magnitude", "magnitde"], ["space.prune.methods[1]", "'magnitde'", "structured"]),
+        ("space.heal.methods", ["starfsh"], ["space.heal.methods[0]", "'starfsh'", "distill"]),
+        ("space.prune.sparsity.high", 1.5, ["space.prune.sparsity.high", "0 <= value < 1", "1.5"]),
+        ("space.prune.sparsity.mode", "layerwise", ["space.prune.sparsity.mode", "global, per_group, profile"]),
+        ("space.heal.steps", {"low": 50, "high": 10}, ["space.heal.steps", "low < high"]),
+        ("space.heal.lr", {"low": 0.1, "hi": 1}, ["space.heal.lr", "hi", "unknown key"]),
+        ("space.heal.calibration_images", [], ["space.heal.calibration_images", "empty list"]),
+        ("space.prune.options", {"nm": {"n": 2, "k": 4}}, ["space.prune.options.nm.k", "unknown key", "m, n"]),
+        ("space.prune.options", {"nmm": {}}, ["space.prune.options.nmm", "unknown key"]),
+        ("latency_target_ms", -1, ["latency_target_ms", "must be > 0"]),
+        ("latency_target_ms", 0, ["latency_target_ms", "must be > 0"]),
+        ("objectives", {"accuracy": "max", "energy": "min"}, ["objectives", "energy", "latency_ms"]),
+        ("profile.dtype", "int8", ["profile.dtype", "'int8'", "bfloat16"]),
+        ("data.source", "imagenet", ["data.source", "reference, imagefolder"]),
+        ("model.pretrained", True, ["model", "exactly one source", "pretrained", "train_steps"]),
+        ("model.num_classes", True, ["model.num_classes", "expected int"]),
+    ],
+)
+def test_bad_input_names_key_value_and_choices(path, value, expected):
+    with pytest.raises(SpecError) as error:
+        parse_spec(_broken(path, value), origin="demo.yaml")
+    message = str(error.value)
+    for fragment in expected:
+        assert fragment in message, message
+
+
+def test_missing_required_section_is_reported():
+    raw = copy.deepcopy(DEMO)
+    del raw["space"]
+    with pytest.raises(SpecError, match="space: is required"):
+        parse_spec(raw)
+
+
+def test_imagefolder_needs_both_folders():
+    with pytest.raises(SpecError, match="train_dir"):
+        parse_spec(_broken("data", {"source": "imagefolder", "train_dir": "x"}))
+
+
+def test_yaml_errors_and_missing_files_are_spec_errors(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+
+
+def test_scalar_dimension_is_fixed():
+    spec = parse_spec(_broken("space.heal.steps", 7))
+    assert spec.heal.steps == Fixed(7)
+
+
+def test_trial_config_round_trips_through_json():
+    from autoprune.spec import HealConfig, PruneConfig
+
+    config = TrialConfig(PruneConfig("magnitude", {"blocks.0.mlp": 0.5}, {}), HealConfig("distill", 64, 10, 1e-3, 16,
+                                                                                         {"alpha": 0.5}), seed=3)
+    assert TrialConfig.from_json(config.to_json()) == config
+    assert config.flat()["prune.sparsity.blocks.0.mlp"] == 0.5
