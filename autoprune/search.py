@@ -46,6 +46,7 @@ class SearchOutcome:
     wall_seconds: float
     ui_command: str
     failed: list[TrialRecord] = field(default_factory=list)
+    accounting: dict[str, float] = field(default_factory=dict)  # where the time went (see `time_accounting`)
 
 
 def resolve_tracking_uri(flag: str | None, spec_uri: str | None, workdir: Path) -> str:
@@ -134,10 +135,13 @@ def search(
     )
     say(f"autoprune: dense top-1 {dense.accuracy:.4f}, {dense.latency.median_ms:.3f} ms on {dense.latency.device}")
 
+    setup_seconds = time.perf_counter() - started
     parent_id = tracker.start_search(name=spec.name, spec=spec.as_dict(), run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     tracker.log_dense(parent_id, dense)
     publisher = _TrialPublisher(tracker, parent_id, spec, say)
+    tune_started = time.perf_counter()
     _run_tune(spec, space, context, publisher, storage=workdir / "ray", run_name=parent_id)
+    tune_seconds = time.perf_counter() - tune_started
 
     records = publisher.records
     front = pareto_front(records, spec.cost_metric)
@@ -151,10 +155,13 @@ def search(
             "html": plot_html(rows, Path(folder) / "pareto.html", title=title, device=device),
         }
         feasible = [r.result for r in records if r.result is not None and r.result.feasible]
+        accounting = time_accounting(records, setup_seconds=setup_seconds, tune_seconds=tune_seconds,
+                                     concurrency=min(spec.search.concurrency, spec.search.trials))
         summary = {
             "trials_finished": len([r for r in records if r.result is not None]),
             "trials_failed": len([r for r in records if r.result is None]),
             "front_size": len(front),
+            **accounting,
         }
         if feasible:
             summary["hypervolume"] = hypervolume_2d(
@@ -179,6 +186,7 @@ def search(
         wall_seconds=time.perf_counter() - started,
         ui_command=ui_command(tracking_uri),
         failed=[r for r in records if r.result is None],
+        accounting=accounting,
     )
     say(summary_text(outcome))
     return outcome
@@ -192,6 +200,29 @@ def pareto_front(records: list[TrialRecord], cost_metric: str = "latency_ms") ->
     points = np.array([[r.result.accuracy, r.result.metrics()[cost_metric]] for r in candidates])
     mask = non_dominated(points, maximize=[True, False])
     return sorted((r for r, keep in zip(candidates, mask) if keep), key=lambda r: r.result.metrics()[cost_metric])
+
+
+WORK_STAGES = ("prune", "profile", "heal", "evaluate", "count")  # the rest of a trial's time is overhead
+
+
+def time_accounting(records: list[TrialRecord], *, setup_seconds: float, tune_seconds: float,
+                    concurrency: int) -> dict[str, float]:
+    """Where a search's time went: the trials' work stages against the trial slots Tune held.
+
+    `overhead_share` = 1 − work ÷ (Tune wall time × concurrent slots): what Ray scheduling, worker start-up, model
+    loading and saving, checkpoint transfer, MLflow writes and idle slots cost, as a share of the slot time.
+    """
+    timings = [r.result.timings for r in records if r.result is not None]
+    work = sum(t.get(stage, 0.0) for t in timings for stage in WORK_STAGES)
+    load_save = sum(t.get("load", 0.0) + t.get("save", 0.0) for t in timings)
+    slot_seconds = tune_seconds * concurrency
+    return {
+        "setup_s": setup_seconds,  # data, dense weights, Ray start, dense baseline
+        "tune_wall_s": tune_seconds,
+        "trial_work_s": work,
+        "trial_load_save_s": load_save,
+        "overhead_share": 1.0 - work / slot_seconds if slot_seconds else 0.0,
+    }
 
 
 def summary_text(outcome: SearchOutcome) -> str:
@@ -209,6 +240,11 @@ def summary_text(outcome: SearchOutcome) -> str:
         f" (aliases: most-accurate, fastest).",
         f"MLflow UI: {outcome.ui_command}",
     ]
+    if outcome.accounting:
+        a = outcome.accounting
+        lines.insert(3, f"Time: setup {a['setup_s']:.0f} s; trials {a['tune_wall_s']:.0f} s, of which pruning, profiling,"
+                        f" healing, evaluating and counting filled {1 - a['overhead_share']:.0%} of the trial slots"
+                        f" (model load/save {a['trial_load_save_s']:.1f} s; the rest is Ray, MLflow and idle slots).")
     return "\n".join(lines)
 
 
@@ -261,7 +297,10 @@ def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publi
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
+    import optuna
+
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # autoprune prints its own progress; Tune's tables are noise
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = OptunaSearch(
         space=space.define,
         metric=["accuracy", spec.cost_metric],

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -110,10 +111,13 @@ class Tracker:
         if not result.feasible:
             metrics.pop("accuracy")  # not measured: it stopped after missing the latency target
         latency = result.latency
+        now_ms = int(time.time() * 1000)
+        params = [Param(key, str(value)) for key, value in result.config.flat().items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=params[start : start + 100])
         self.client.log_batch(
             run_id,
-            metrics=[Metric(key, float(value), 0, 0) for key, value in metrics.items()],
-            params=[Param(key, str(value)) for key, value in result.config.flat().items()],
+            metrics=[Metric(key, float(value), now_ms, 0) for key, value in metrics.items()],
             tags=[RunTag(key, str(value)) for key, value in {
                 "device": latency.device, "dtype": latency.dtype, "batch_size": latency.batch_size,
                 "threads": latency.threads, "feasible": result.feasible,
