@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from importlib import resources
-from pathlib import Path
 
 from autoprune.errors import AutopruneError
 
@@ -19,11 +18,9 @@ DEFAULT_WORKDIR = "autoprune_runs"  # the local MLflow store, Ray results and ca
 
 
 def _tracking_uri(args) -> str:
-    return (
-        args.tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}"
-    )
+    from autoprune.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(args.tracking_uri, None, args.workdir)
 
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:

@@ -47,8 +47,8 @@ def dense_weights(model: ModelSpec, data_spec: DataSpec, data: DataBundle, *, ca
         log.info("dense weights: cached %s", path)
         return load_file(str(path))
     log.info("dense weights: training %s for %d steps once (cached at %s)", source.name, model.train_steps, path)
+    torch.manual_seed(seed)  # before creating the model: its initial weights come from this generator
     dense = source.create(pretrained=False)
-    torch.manual_seed(seed)
     optimise(
         dense,
         images=data.train,

@@ -24,8 +24,8 @@ from autoprune.models import layer_groups
 from autoprune.pareto import hypervolume_2d, non_dominated
 from autoprune.report import plot_html, plot_png, table
 from autoprune.space import SearchSpace
-from autoprune.spec import HealConfig, PruneConfig, SearchSpec, TrialConfig, load_spec
-from autoprune.tracking import Tracker, TrialRecord
+from autoprune.spec import Choice, Fixed, HealConfig, PruneConfig, SearchSpec, TrialConfig, load_spec
+from autoprune.tracking import Tracker, TrialRecord, resolve_tracking_uri
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,6 @@ class SearchOutcome:
     ui_command: str
     failed: list[TrialRecord] = field(default_factory=list)
     accounting: dict[str, float] = field(default_factory=dict)  # where the time went (see `time_accounting`)
-
-
-def resolve_tracking_uri(flag: str | None, spec_uri: str | None, workdir: Path) -> str:
-    """The CLI flag, else $MLFLOW_TRACKING_URI, else the spec, else an sqlite file in the work directory."""
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or f"sqlite:///{workdir / 'mlflow.db'}"
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -77,9 +72,11 @@ def load_data(spec: SearchSpec) -> datasets.DataBundle:
 
 
 def _largest_calibration_budget(spec: SearchSpec) -> int:
+    """How many training images the search may ask for at most: only those are read from an ImageFolder."""
     dimension = spec.heal.calibration_images
-    values = getattr(dimension, "values", None) or [getattr(dimension, "value", None), getattr(dimension, "high", None)]
-    return int(max(v for v in values if v is not None))
+    if isinstance(dimension, Fixed):
+        return int(dimension.value)
+    return int(max(dimension.values) if isinstance(dimension, Choice) else dimension.high)
 
 
 def make_sampler(name: str, seed: int):
@@ -164,9 +161,9 @@ def search(
             **accounting,
         }
         if feasible:
+            costs = [r.cost(spec.cost_metric) for r in feasible]
             summary["hypervolume"] = hypervolume_2d(
-                [r.accuracy for r in feasible], [r.latency.median_ms for r in feasible],
-                reference=(0.0, max(r.latency.median_ms for r in feasible) * 1.1),
+                [r.accuracy for r in feasible], costs, reference=(0.0, max(costs) * 1.1)
             )
         tracker.finish_search(
             parent_id, rows=rows, front_run_ids=[publisher.run_ids[r.trial_id] for r in front],
@@ -197,9 +194,9 @@ def pareto_front(records: list[TrialRecord], cost_metric: str = "latency_ms") ->
     candidates = [r for r in records if r.result is not None and r.result.feasible and r.model_dir]
     if not candidates:
         return []
-    points = np.array([[r.result.accuracy, r.result.metrics()[cost_metric]] for r in candidates])
+    points = np.array([[r.result.accuracy, r.result.cost(cost_metric)] for r in candidates])
     mask = non_dominated(points, maximize=[True, False])
-    return sorted((r for r, keep in zip(candidates, mask) if keep), key=lambda r: r.result.metrics()[cost_metric])
+    return sorted((r for r, keep in zip(candidates, mask) if keep), key=lambda r: r.result.cost(cost_metric))
 
 
 WORK_STAGES = ("prune", "profile", "heal", "evaluate", "count")  # the rest of a trial's time is overhead

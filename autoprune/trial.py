@@ -59,6 +59,11 @@ class TrialResult:
     def feasible(self) -> bool:
         return self.accuracy is not None
 
+    def cost(self, metric: str) -> float:
+        """The objective traded against accuracy (`spec.LATENCY_METRICS`)."""
+        return {"latency_ms": self.latency.median_ms, "latency_p90_ms": self.latency.p90_ms,
+                "macs": self.macs, "params": self.params}[metric]
+
     def metrics(self) -> dict[str, Any]:
         """Flat values for `tune.report`; `from_metrics` reads them back on the driver."""
         metrics: dict[str, Any] = {

@@ -45,3 +45,16 @@ def test_a_missed_latency_target_stops_before_healing(context):
     assert result.accuracy is None and not result.feasible
     assert "heal" not in result.timings and "evaluate" not in result.timings
     assert result.metrics()["accuracy"] == 0.0 and result.metrics()["feasible"] == 0
+
+
+def test_dense_training_is_reproducible(bundle, tmp_path):
+    """Two cache misses train to identical weights, whatever consumed the global RNG before."""
+    from autoprune.dense import dense_weights
+    from autoprune.spec import DataSpec, ModelSpec
+
+    model = ModelSpec(TINY_VIT.name, 10, train_steps=3, kwargs=TINY_VIT.kwargs)
+    first = dense_weights(model, DataSpec(), bundle, cache_dir=tmp_path / "a")
+    torch.randn(100)  # disturb the global generator
+    second = dense_weights(model, DataSpec(), bundle, cache_dir=tmp_path / "b")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert len(list((tmp_path / "a").glob("dense-*.safetensors"))) == 1  # cached for the next search

@@ -48,17 +48,7 @@ class HealMethod:
 
 HEAL_METHODS: Registry[HealMethod] = Registry("healing method")
 
-
-def register(method: HealMethod) -> HealMethod:
-    return HEAL_METHODS.register(method)
-
-
-def get(name: str) -> HealMethod:
-    return HEAL_METHODS.get(name)
-
-
-def list_methods() -> tuple[str, ...]:
-    return HEAL_METHODS.names()
+register, get, list_methods = HEAL_METHODS.register, HEAL_METHODS.get, HEAL_METHODS.names
 
 
 from autoprune.heal import basic  # noqa: E402,F401  (registration on import)

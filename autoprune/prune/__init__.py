@@ -42,17 +42,7 @@ class PruneMethod:
 
 PRUNE_METHODS: Registry[PruneMethod] = Registry("pruning method")
 
-
-def register(method: PruneMethod) -> PruneMethod:
-    return PRUNE_METHODS.register(method)
-
-
-def get(name: str) -> PruneMethod:
-    return PRUNE_METHODS.get(name)
-
-
-def list_methods() -> tuple[str, ...]:
-    return PRUNE_METHODS.names()
+register, get, list_methods = PRUNE_METHODS.register, PRUNE_METHODS.get, PRUNE_METHODS.names
 
 
 # Registration happens on import of each method module.
