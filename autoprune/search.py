@@ -311,7 +311,12 @@ def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publi
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=spec.search.trials, max_concurrent_trials=spec.search.concurrency
+            search_alg=searcher,
+            num_samples=spec.search.trials,
+            max_concurrent_trials=spec.search.concurrency,
+            # Trials share one resource shape, so a worker serves trial after trial: without reuse, every trial
+            # pays a new process and the torch/timm imports (≈2 s, more than a small trial's work).
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=run_name,
