@@ -73,16 +73,16 @@ def profile_latency(
     device: torch.device | str = "cpu",
     threads: int | None = None,
 ) -> LatencyProfile:
-    """Time `repeats` forward passes of a `batch_size` batch after `warmup` untimed ones."""
+    """Time `repeats` forward passes of a `batch_size` batch, after at least `warmup` passes and until settled."""
     device = torch.device(device)
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     model = model.eval().to(device=device, dtype=DTYPES[dtype])
     inputs = torch.randn(batch_size, *input_size, device=device, dtype=DTYPES[dtype])
-    for _ in range(warmup):
-        model(inputs)
-    timings = _time_cuda(model, inputs, repeats) if device.type == "cuda" else _time_cpu(model, inputs, repeats)
+    time_runs = _time_cuda if device.type == "cuda" else _time_cpu
+    warm_up(model, inputs, minimum=warmup, time_runs=time_runs)
+    timings = time_runs(model, inputs, repeats)
     median = statistics.median(timings)
     return LatencyProfile(
         median_ms=median,
@@ -96,6 +96,28 @@ def profile_latency(
         input_size=tuple(input_size),
         torch_version=torch.__version__,
     )
+
+
+SETTLE_TOLERANCE = 0.05  # warm-up ends when two consecutive windows' medians agree within 5%…
+SETTLE_MAX_WINDOWS = 20  # …or after this many windows
+
+
+def warm_up(model: nn.Module, inputs: torch.Tensor, *, minimum: int, time_runs) -> int:
+    """Run at least `minimum` untimed passes, then timed windows until their medians settle; returns the count.
+
+    A fresh process's first passes pay lazy initialisation (allocator growth, kernel selection, caches), which a
+    fixed small warm-up does not always cover, and which would bias whichever model is measured first.
+    """
+    for _ in range(minimum):
+        model(inputs)
+    window = max(5, minimum)
+    previous = statistics.median(time_runs(model, inputs, window))
+    for count in range(1, SETTLE_MAX_WINDOWS + 1):
+        current = statistics.median(time_runs(model, inputs, window))
+        if abs(current - previous) <= SETTLE_TOLERANCE * previous:
+            return minimum + window * (count + 1)
+        previous = current
+    return minimum + window * (SETTLE_MAX_WINDOWS + 1)
 
 
 def _time_cpu(model: nn.Module, inputs: torch.Tensor, repeats: int) -> list[float]:

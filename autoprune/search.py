@@ -135,13 +135,13 @@ def search(
     setup_seconds = time.perf_counter() - started
     parent_id = tracker.start_search(name=spec.name, spec=spec.as_dict(), run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     tracker.log_dense(parent_id, dense)
-    publisher = _TrialPublisher(tracker, parent_id, spec, say)
+    publisher = _TrialPublisher(tracker, parent_id, spec, say, dense)
     tune_started = time.perf_counter()
     _run_tune(spec, space, context, publisher, storage=workdir / "ray", run_name=parent_id)
     tune_seconds = time.perf_counter() - tune_started
 
     records = publisher.records
-    front = pareto_front(records, spec.cost_metric)
+    front = pareto_front(records, spec.cost_metric, dense=dense)
     rows = [_row(record, on_front=record in front) for record in records]
     rows.append({**_row(TrialRecord("dense", dense), on_front=False), "prune": "dense"})
     with tempfile.TemporaryDirectory() as folder:
@@ -189,13 +189,21 @@ def search(
     return outcome
 
 
-def pareto_front(records: list[TrialRecord], cost_metric: str = "latency_ms") -> list[TrialRecord]:
-    """The feasible, finished trials that no other one beats on both accuracy and cost; fastest first."""
+def pareto_front(
+    records: list[TrialRecord], cost_metric: str = "latency_ms", *, dense: TrialResult | None = None
+) -> list[TrialRecord]:
+    """The feasible, finished trials that no other one beats on both accuracy and cost; fastest first.
+
+    The dense model takes part as a competitor, so that a pruned model it beats on both counts (masks that run the
+    same dense kernels, say) is not offered as a trade-off; the dense model itself is never on the returned front.
+    """
     candidates = [r for r in records if r.result is not None and r.result.feasible and r.model_dir]
     if not candidates:
         return []
-    points = np.array([[r.result.accuracy, r.result.cost(cost_metric)] for r in candidates])
-    mask = non_dominated(points, maximize=[True, False])
+    points = [[r.result.accuracy, r.result.cost(cost_metric)] for r in candidates]
+    if dense is not None:
+        points.append([dense.accuracy, dense.cost(cost_metric)])
+    mask = non_dominated(np.array(points), maximize=[True, False])[: len(candidates)]
     return sorted((r for r, keep in zip(candidates, mask) if keep), key=lambda r: r.result.cost(cost_metric))
 
 
@@ -231,7 +239,7 @@ def summary_text(outcome: SearchOutcome) -> str:
         f"Dense model: top-1 {outcome.dense.accuracy:.4f}, {outcome.dense.latency.median_ms:.3f} ms"
         f" ({outcome.dense.latency.device}, batch {outcome.dense.latency.batch_size}, {outcome.dense.latency.dtype}).",
         "",
-        table(front_rows) if front_rows else "(no trial finished: nothing on the front)",
+        table(front_rows) if front_rows else "(no trial beat the dense model on latency or accuracy: the front is empty)",
         "",
         f"Registered as {outcome.spec.mlflow.registered_model!r} versions {', '.join(outcome.registered_versions) or '—'}"
         f" (aliases: most-accurate, fastest).",
@@ -332,8 +340,10 @@ def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publi
 class _TrialPublisher(Callback):
     """Tune callback: writes each trial's child run as it ends, and prints a progress line."""
 
-    def __init__(self, tracker: Tracker, parent_id: str, spec: SearchSpec, say: Callable[[str], None]) -> None:
-        self.tracker, self.parent_id, self.spec, self.say = tracker, parent_id, spec, say
+    def __init__(
+        self, tracker: Tracker, parent_id: str, spec: SearchSpec, say: Callable[[str], None], dense: TrialResult
+    ) -> None:
+        self.tracker, self.parent_id, self.spec, self.say, self.dense = tracker, parent_id, spec, say, dense
         self.records: list[TrialRecord] = []
         self.run_ids: dict[str, str] = {}
         self._started = time.perf_counter()
@@ -374,7 +384,7 @@ class _TrialPublisher(Callback):
         this = (f"{result.config.prune.method}/{result.config.heal.method} sparsity {result.sparsity:.2f}: "
                 + (f"top-1 {result.accuracy:.4f}" if result.feasible else "missed the latency target")
                 + f" @ {result.latency.median_ms:.3f} ms")
-        front = pareto_front(self.records, self.spec.cost_metric)
+        front = pareto_front(self.records, self.spec.cost_metric, dense=self.dense)
         if front:
             best = max(front, key=lambda r: r.result.accuracy)
             fastest = front[0]

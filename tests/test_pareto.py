@@ -26,3 +26,21 @@ def test_hypervolume_of_a_staircase():
     # points (acc, cost): (0.5, 1), (0.8, 2); reference (0, 4): 0.5·(2−1) + 0.8·(4−2) = 2.1
     assert hypervolume_2d([0.5, 0.8], [1.0, 2.0], reference=(0.0, 4.0)) == pytest.approx(2.1)
     assert hypervolume_2d([0.5, 0.8, 0.4], [1.0, 2.0, 3.0], reference=(0.0, 4.0)) == pytest.approx(2.1)
+
+
+def test_the_dense_model_competes_but_is_never_on_the_front(bundle):
+    from autoprune.profile import LatencyProfile
+    from autoprune.search import pareto_front
+    from autoprune.spec import HealConfig, PruneConfig, TrialConfig
+    from autoprune.tracking import TrialRecord
+    from autoprune.trial import TrialResult
+
+    def result(accuracy, ms):
+        latency = LatencyProfile(ms, ms, 0.0, 1, "float32", "cpu", 1, 5, (3, 8, 8), "x")
+        return TrialResult(TrialConfig(PruneConfig("none"), HealConfig("none")), accuracy, latency, 1, 1, 0.0, {})
+
+    masked = TrialRecord("masked", result(0.95, 4.2), model_dir="m")  # same kernels as dense, a bit less accurate
+    smaller = TrialRecord("smaller", result(0.93, 3.0), model_dir="s")
+    dense = result(0.96, 4.0)
+    assert pareto_front([masked, smaller], dense=dense) == [smaller]
+    assert pareto_front([masked, smaller]) == [smaller, masked]

@@ -19,3 +19,18 @@ def test_profile_records_what_makes_it_comparable():
     assert 0 < profile.median_ms <= profile.p90_ms
     assert profile.spread >= 0
     assert profile.torch_version == torch.__version__
+
+
+def test_warm_up_runs_until_timings_settle():
+    from autoprune.profile import warm_up
+
+    calls = []
+    drifting = iter([[10.0] * 5, [5.0] * 5, [2.0] * 5, [1.0] * 5, [1.02] * 5] + [[1.0] * 5] * 30)
+
+    def time_runs(model, inputs, count):
+        calls.append(count)
+        return next(drifting)
+
+    passes = warm_up(lambda x: x, torch.zeros(1), minimum=2, time_runs=time_runs)
+    assert len(calls) == 5  # 10 → 5 → 2 → 1 → 1.02: settled at the fifth window
+    assert passes == 2 + 5 * 5
