@@ -8,6 +8,7 @@ import html
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+DENSE = "dense"  # the `prune` value of the reference row, drawn apart from the trials
 Row = Mapping[str, Any]  # one trial: trial, prune, heal, accuracy, latency_ms, … and `pareto` (bool)
 
 TABLE_COLUMNS = (
@@ -54,10 +55,13 @@ def plot_png(rows: Sequence[Row], path: str | Path, *, title: str, device: str) 
     points = _points(rows)
     front = sorted((row for row in points if row.get("pareto")), key=lambda row: row["latency_ms"])
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    methods = sorted({row["prune"] for row in points})
+    methods = sorted({row["prune"] for row in points} - {DENSE})
     for method in methods:
         mine = [row for row in points if row["prune"] == method]
         axes.scatter([r["latency_ms"] for r in mine], [r["accuracy"] for r in mine], label=method, alpha=0.6, s=28)
+    for row in (row for row in points if row["prune"] == DENSE):
+        axes.scatter([row["latency_ms"]], [row["accuracy"]], marker="*", s=180, c="k", label="dense (reference)",
+                     zorder=5)
     if front:
         axes.plot([r["latency_ms"] for r in front], [r["accuracy"] for r in front], "k-", lw=1, zorder=3)
         axes.scatter([r["latency_ms"] for r in front], [r["accuracy"] for r in front], facecolors="none",

@@ -22,7 +22,7 @@ from autoprune import data as datasets
 from autoprune.dense import dense_weights, model_source
 from autoprune.models import layer_groups
 from autoprune.pareto import hypervolume_2d, non_dominated
-from autoprune.report import plot_html, plot_png, table
+from autoprune.report import DENSE, plot_html, plot_png, table
 from autoprune.space import SearchSpace
 from autoprune.spec import Choice, Fixed, HealConfig, PruneConfig, SearchSpec, TrialConfig, load_spec
 from autoprune.tracking import Tracker, TrialRecord, resolve_tracking_uri
@@ -143,7 +143,7 @@ def search(
     records = publisher.records
     front = pareto_front(records, spec.cost_metric, dense=dense)
     rows = [_row(record, on_front=record in front) for record in records]
-    rows.append({**_row(TrialRecord("dense", dense), on_front=False), "prune": "dense"})
+    rows.append({**_row(TrialRecord("dense", dense), on_front=False), "prune": DENSE})
     with tempfile.TemporaryDirectory() as folder:
         title = f"{spec.name}: {len(records)} trials, {len(front)} on the front"
         device = dense.latency.device
