@@ -150,3 +150,21 @@ def test_a_registered_model_loads_in_a_fresh_process_with_the_trials_outputs(out
     with torch.no_grad():
         expected = load_model_dir(record.model_dir)(inputs)  # the model the trial saved as its checkpoint
     assert torch.allclose(torch.load(tmp_path / "out.pt", weights_only=True), expected, atol=1e-6)
+
+
+def test_a_failing_trial_is_recorded_with_its_error_and_the_search_goes_on(local_ray, tmp_path):
+    import copy
+
+    spec = copy.deepcopy(SPEC)
+    spec["mlflow"] = {"experiment": "e2e-failures", "registered_model": "e2e-failures-model"}
+    # finetune at an absurd learning rate diverges at once; `none` trials succeed.
+    spec["space"]["heal"] = {"methods": ["none", "finetune"], "calibration_images": 32, "steps": 5, "lr": 1.0e6,
+                             "batch_size": 16}
+    result = search(parse_spec(spec), workdir=tmp_path, echo=None)
+    assert result.failed and len(result.failed) < len(result.records) == 4
+    tracker = Tracker(result.tracking_uri, "e2e-failures")
+    failed_runs = [run for run in tracker.child_runs(result.parent_run_id) if run.info.status == "FAILED"]
+    assert len(failed_runs) == len(result.failed)
+    assert all("training loss became nan" in run.data.tags["error"] for run in failed_runs)
+    parent = tracker.client.get_run(result.parent_run_id)
+    assert parent.data.metrics["trials_failed"] == len(result.failed)
