@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from importlib import resources
+from pathlib import Path
 
 from autoprune.errors import AutopruneError
 
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_flags(demo)
 
     commands.add_parser("methods", help="list the registered pruning and healing methods")
+
+    bench = commands.add_parser("bench", help="measure the tables the README quotes")
+    bench.add_argument("table", choices=["healing"], help="healing: recovery per healing method, sparsity and budget")
+    bench.add_argument("--json", dest="json_path", help="also write every measurement as JSON rows here")
+    bench.add_argument("--seeds", type=int, default=3)
+    bench.add_argument("--quick", action="store_true", help="a one-setting smoke run")
+    bench.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the trained dense models are cached")
     return parser
 
 
@@ -137,7 +145,14 @@ def _methods(args) -> int:
     return 0
 
 
-COMMANDS = {"search": _search, "best": _best, "front": _front, "demo": _demo, "methods": _methods}
+def _bench(args) -> int:
+    from autoprune.bench import main_healing
+
+    return main_healing(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,
+                        quick=args.quick)
+
+
+COMMANDS = {"search": _search, "best": _best, "front": _front, "demo": _demo, "methods": _methods, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -141,6 +141,15 @@ def block_of(layer_name: str) -> str | None:
     return match.group(1) if match else None
 
 
+_STATE_PATTERN = re.compile(r"^(blocks\.\d+|layer\d+|stages\.\d+)$")
+
+
+def internal_states(model: nn.Module) -> list[str]:
+    """The modules whose outputs are the network's internal state, in depth order: each ViT block's residual-stream
+    output, each ResNet / ConvNeXt stage's output. What alignment healing matches against the dense model."""
+    return [name for name, _ in model.named_modules() if _STATE_PATTERN.match(name)]
+
+
 def is_attention_layer(layer_name: str) -> bool:
     return ".attn." in layer_name
 

@@ -50,17 +50,16 @@ class SearchSpace:
                 sparsity = self.spec.prune.sparsity
                 trial.suggest_float(name, sparsity.low, sparsity.high, step=sparsity.step)
         heal_method = _suggest(trial, "heal.method", Choice(self.spec.heal.methods))
-        if heal.get(heal_method).trains:
-            for key in ("calibration_images", "steps", "lr"):
-                _suggest(trial, f"heal.{key}", getattr(self.spec.heal, key))
+        for key in _budget_keys(heal.get(heal_method)):
+            _suggest(trial, f"heal.{key}", getattr(self.spec.heal, key))
 
     def to_config(self, params: Mapping[str, Any]) -> TrialConfig:
         """The sampled parameters (plus the fixed ones) as a resolved trial configuration."""
         prune_method = _value(params, "prune.method", Choice(self.spec.prune.methods))
         heal_method = _value(params, "heal.method", Choice(self.spec.heal.methods))
         sparsity = self._resolve_sparsity(params) if prune.get(prune_method).uses_sparsity else {}
-        trains = heal.get(heal_method).trains
-        budget = {key: _value(params, f"heal.{key}", getattr(self.spec.heal, key)) if trains else 0
+        used = _budget_keys(heal.get(heal_method))
+        budget = {key: _value(params, f"heal.{key}", getattr(self.spec.heal, key)) if key in used else 0
                   for key in ("calibration_images", "steps", "lr")}
         return TrialConfig(
             prune=PruneConfig(prune_method, sparsity, dict(self.spec.prune.options.get(prune_method, {}))),
@@ -91,6 +90,11 @@ class SearchSpace:
         if mode == "per_group":
             return dict(zip(self.group_names, values))
         return dict(zip(self.group_names, interpolate_profile(values, len(self.groups))))
+
+
+def _budget_keys(method: heal.HealMethod) -> tuple[str, ...]:
+    """The parts of the healing budget a method uses: its image budget, and steps and lr if it trains."""
+    return (("calibration_images",) if method.uses_calibration else ()) + (("steps", "lr") if method.trains else ())
 
 
 def interpolate_profile(knots: list[float], groups: int) -> list[float]:

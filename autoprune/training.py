@@ -65,6 +65,8 @@ def optimise(
         if masks:
             masks.apply(model)
         losses.append(float(loss.detach()))
+    optimizer.zero_grad(set_to_none=True)  # leave no gradients behind: they hold as much memory as the weights
+    model.eval()
     return losses
 
 

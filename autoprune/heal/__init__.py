@@ -42,7 +42,8 @@ class HealMethod:
     description: str
     needs_labels: bool = False
     needs_teacher: bool = False
-    trains: bool = True  # False: steps and lr do not apply, the search does not sample them
+    uses_calibration: bool = True  # False: no calibration images, the search samples no image budget
+    trains: bool = True  # False: no optimiser steps, the search samples no steps or learning rate
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
 
 
@@ -51,6 +52,6 @@ HEAL_METHODS: Registry[HealMethod] = Registry("healing method")
 register, get, list_methods = HEAL_METHODS.register, HEAL_METHODS.get, HEAL_METHODS.names
 
 
-from autoprune.heal import basic  # noqa: E402,F401  (registration on import)
+from autoprune.heal import align, basic, recalibrate  # noqa: E402,F401  (registration on import)
 
 __all__ = ["HealMethod", "HealRequest", "HEAL_METHODS", "get", "list_methods", "register"]

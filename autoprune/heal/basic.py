@@ -49,7 +49,8 @@ def _optimise(model, request: HealRequest, loss) -> list[float]:
     )
 
 
-register(HealMethod("none", _no_healing, "No recovery: measure the pruned model as it is.", trains=False))
+register(HealMethod("none", _no_healing, "No recovery: measure the pruned model as it is.", uses_calibration=False,
+                    trains=False))
 register(
     HealMethod(
         "finetune",

@@ -1,0 +1,134 @@
+"""Benchmarks that print the tables the README quotes: `autoprune bench healing`.
+
+Healing: for a small ViT and a small CNN trained on the reference task, prune with global magnitude at each
+sparsity, heal with each method on a calibration set that is a fraction of the training images, and measure top-1 on
+the held-out split, over several seeds (the seed draws the calibration images and the batches).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from autoprune import heal, prune
+from autoprune.data import DataBundle, reference_task
+from autoprune.dense import dense_weights, model_source
+from autoprune.measure import accuracy
+from autoprune.models import pooled_group
+from autoprune.spec import DataSpec, ModelSpec
+
+BENCH_MODELS = {
+    "vit": ModelSpec(
+        "vit_tiny_patch16_224", 10, train_steps=1500,
+        kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2, "global_pool": "avg",
+                "class_token": False},
+    ),
+    "cnn": ModelSpec("resnet18", 10, train_steps=600, kwargs={"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}),
+}
+HEAL_METHODS = ("none", "recalibrate", "finetune", "distill", "align", "align_logits")
+
+
+@dataclass(frozen=True)
+class HealingBench:
+    """One healing benchmark's settings: every healing method gets the same budget."""
+
+    models: Sequence[str] = ("vit", "cnn")
+    methods: Sequence[str] = HEAL_METHODS
+    sparsities: Sequence[float] = (0.5, 0.75, 0.9)
+    calibration_fractions: Sequence[float] = (0.01, 0.05)  # of the training images
+    seeds: Sequence[int] = (0, 1, 2)
+    steps: int = 150
+    lr: float = 1e-3
+    batch_size: int = 32
+    prune_method: str = "magnitude"
+    options: dict = field(default_factory=dict)  # heal method → option overrides
+
+
+def run_healing(bench: HealingBench, *, cache_dir: Path, echo: Callable[[str], None] = print) -> list[dict]:
+    data = reference_task(seed=0)
+    rows = []
+    for model_name in bench.models:
+        spec = BENCH_MODELS[model_name]
+        source = model_source(spec)
+        dense = source.create()
+        dense.load_state_dict(dense_weights(spec, DataSpec(), data, cache_dir=cache_dir))
+        dense.eval()
+        dense_accuracy = accuracy(dense, data.eval, data)
+        echo(f"{model_name}: dense top-1 {dense_accuracy:.4f}")
+        for sparsity in bench.sparsities:
+            for fraction in bench.calibration_fractions:
+                images = max(1, round(fraction * len(data.train)))
+                for seed in bench.seeds:
+                    for method in bench.methods:
+                        started = time.perf_counter()
+                        top1 = _heal_once(dense, data, bench, method, sparsity, images, seed)
+                        rows.append({
+                            "model": model_name, "method": bench.prune_method, "heal": method,
+                            "sparsity": sparsity, "calibration_fraction": fraction, "calibration_images": images,
+                            "seed": seed, "accuracy": top1, "dense_accuracy": dense_accuracy,
+                            "steps": bench.steps if heal.get(method).trains else 0, "lr": bench.lr,
+                            "seconds": time.perf_counter() - started,
+                        })
+                    echo(f"  {model_name} sparsity {sparsity:.2f} calibration {fraction:.0%} ({images} images) seed"
+                         f" {seed}: " + ", ".join(f"{r['heal']} {r['accuracy']:.3f}" for r in rows[-len(bench.methods):]))
+    return rows
+
+
+def _heal_once(dense, data: DataBundle, bench: HealingBench, method: str, sparsity: float, images: int,
+               seed: int) -> float:
+    torch.manual_seed(seed)
+    model = copy.deepcopy(dense)
+    masks = prune.get(bench.prune_method).apply(model, prune.PruneRequest((pooled_group(model),), {"all": sparsity}))
+    entry = heal.get(method)
+    entry.apply(model, heal.HealRequest(
+        calibration=data.train.subset(images, seed=seed), data=data, steps=bench.steps, lr=bench.lr,
+        batch_size=bench.batch_size, masks=masks, teacher=dense,
+        options={**entry.options, **bench.options.get(method, {})}, seed=seed,
+    ))
+    return accuracy(model, data.eval, data)
+
+
+def healing_markdown(rows: list[dict]) -> str:
+    """Per model: rows = healing methods, columns = sparsity × calibration fraction; mean ± std over seeds of
+    top-1 and of the share of dense accuracy recovered."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        columns = list(dict.fromkeys((r["sparsity"], r["calibration_fraction"]) for r in mine))
+        dense = mine[0]["dense_accuracy"]
+        images = {(r["sparsity"], r["calibration_fraction"]): r["calibration_images"] for r in mine}
+        out.append(f"**{model}** (dense top-1 {dense:.3f}; magnitude pruning, global threshold; cell: top-1 mean ± std"
+                   f" over {len({r['seed'] for r in mine})} seeds, and the share of dense accuracy recovered)\n")
+        out.append("| heal | " + " | ".join(f"{s:.0%} sparse, {f:.0%} calib ({images[(s, f)]} img)" for s, f in columns)
+                   + " |")
+        out.append("|---|" + "---|" * len(columns))
+        for method in dict.fromkeys(r["heal"] for r in mine):
+            cells = []
+            for column in columns:
+                values = [r["accuracy"] for r in mine if r["heal"] == method
+                          and (r["sparsity"], r["calibration_fraction"]) == column]
+                mean = statistics.mean(values)
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{mean:.3f} ± {std:.3f} ({mean / dense:.0%})")
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main_healing(*, json_path: str | None, cache_dir: str, seeds: int, quick: bool) -> int:
+    bench = HealingBench(seeds=tuple(range(seeds)))
+    if quick:  # a smoke run: one model, one setting
+        bench = HealingBench(models=("vit",), sparsities=(0.75,), calibration_fractions=(0.01,), seeds=(0,), steps=20)
+    rows = run_healing(bench, cache_dir=Path(cache_dir))
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+    print()
+    print(healing_markdown(rows))
+    return 0

@@ -1,0 +1,109 @@
+"""Internal-state alignment (STARFISH-style): make the pruned network's internal states match the dense network's
+on a small set of unlabelled images, with the masks held fixed.
+
+The loss, for the aligned states l (each block's residual-stream output for a ViT, each stage's output for a CNN):
+
+    L = (1/|l|) Σ_l ‖h_l(pruned) − h_l(dense)‖² / ‖h_l(dense)‖²  +  w · τ² · KL(softmax(z_dense/τ) ‖ softmax(z/τ))
+
+The per-state normalisation ("relative") puts deep and shallow states on one scale; `normalize: none` uses the
+plain mean squared error. The paper's exact loss is not public (METHODS.md §1): this is a reconstruction, and its
+options (`states`, `normalize`, `logit_weight`, `temperature`) are there to be measured.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoprune.errors import AutopruneError
+from autoprune.heal import HealMethod, HealRequest, register
+from autoprune.models import internal_states
+from autoprune.training import optimise
+
+STATE_CHOICES = ("all", "last")
+NORMALIZE_CHOICES = ("relative", "none")
+
+
+def align(model: nn.Module, request: HealRequest) -> list[float]:
+    options = request.options
+    if options["states"] not in STATE_CHOICES or options["normalize"] not in NORMALIZE_CHOICES:
+        raise AutopruneError(
+            f"align: states must be one of {STATE_CHOICES} and normalize one of {NORMALIZE_CHOICES}, but got"
+            f" states={options['states']!r}, normalize={options['normalize']!r}."
+        )
+    names = internal_states(model)
+    if options["states"] == "last":
+        names = names[-1:]
+    if not names and not options["logit_weight"]:
+        raise AutopruneError("align: this model has no recognised internal states; set a logit_weight > 0.")
+    teacher = request.teacher.eval().to(request.device)
+    student_states = _capture(model, names)
+    teacher_states = _capture(teacher, names)
+    tau, weight = options["temperature"], options["logit_weight"]
+
+    def loss(student: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = student(inputs)
+        with torch.no_grad():
+            target = teacher(inputs)
+        terms = []
+        for name in names:
+            error = (student_states[name] - teacher_states[name]).pow(2).sum()
+            if options["normalize"] == "relative":
+                error = error / teacher_states[name].pow(2).sum().clamp_min(1e-12)
+            else:
+                error = error / teacher_states[name].numel()
+            terms.append(error)
+        total = torch.stack(terms).mean() if terms else logits.new_zeros(())
+        if weight:
+            kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(target / tau, -1), log_target=True,
+                          reduction="batchmean")
+            total = total + weight * tau**2 * kl
+        return total
+
+    try:
+        return optimise(
+            model, images=request.calibration, data=request.data, loss_fn=loss, steps=request.steps, lr=request.lr,
+            batch_size=request.batch_size, seed=request.seed, masks=request.masks, device=request.device,
+        )
+    finally:
+        student_states.close()
+        teacher_states.close()
+
+
+class _capture(dict):
+    """Forward hooks that keep the latest output of each named module (dict: name → tensor)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        modules = dict(model.named_modules())
+        self._handles = [modules[name].register_forward_hook(self._keep(name)) for name in names]
+
+    def _keep(self, name: str):
+        def hook(module, inputs, output):
+            self[name] = output
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+_DEFAULTS = {"states": "all", "normalize": "relative", "temperature": 2.0}
+register(
+    HealMethod(
+        "align",
+        align,
+        "Match the dense model's internal states (block / stage outputs) on unlabelled images (STARFISH-style).",
+        options={**_DEFAULTS, "logit_weight": 0.0},
+    )
+)
+register(
+    HealMethod(
+        "align_logits",
+        align,
+        "Internal-state alignment plus a logit KL term to the dense model (unlabelled).",
+        options={**_DEFAULTS, "logit_weight": 1.0},
+    )
+)
