@@ -50,7 +50,7 @@ class SearchSpace:
                 sparsity = self.spec.prune.sparsity
                 trial.suggest_float(name, sparsity.low, sparsity.high, step=sparsity.step)
         heal_method = _suggest(trial, "heal.method", Choice(self.spec.heal.methods))
-        for key in _budget_keys(heal.get(heal_method)):
+        for key in _budget_keys(prune.get(prune_method), heal.get(heal_method)):
             _suggest(trial, f"heal.{key}", getattr(self.spec.heal, key))
 
     def to_config(self, params: Mapping[str, Any]) -> TrialConfig:
@@ -58,7 +58,7 @@ class SearchSpace:
         prune_method = _value(params, "prune.method", Choice(self.spec.prune.methods))
         heal_method = _value(params, "heal.method", Choice(self.spec.heal.methods))
         sparsity = self._resolve_sparsity(params) if prune.get(prune_method).uses_sparsity else {}
-        used = _budget_keys(heal.get(heal_method))
+        used = _budget_keys(prune.get(prune_method), heal.get(heal_method))
         budget = {key: _value(params, f"heal.{key}", getattr(self.spec.heal, key)) if key in used else 0
                   for key in ("calibration_images", "steps", "lr")}
         return TrialConfig(
@@ -92,9 +92,11 @@ class SearchSpace:
         return dict(zip(self.group_names, interpolate_profile(values, len(self.groups))))
 
 
-def _budget_keys(method: heal.HealMethod) -> tuple[str, ...]:
-    """The parts of the healing budget a method uses: its image budget, and steps and lr if it trains."""
-    return (("calibration_images",) if method.uses_calibration else ()) + (("steps", "lr") if method.trains else ())
+def _budget_keys(pruning: prune.PruneMethod, healing: heal.HealMethod) -> tuple[str, ...]:
+    """The parts of the budget a trial uses: calibration images (for its pruning statistics or its healing), and
+    steps and lr if its healing trains."""
+    images = pruning.needs_calibration or healing.uses_calibration
+    return (("calibration_images",) if images else ()) + (("steps", "lr") if healing.trains else ())
 
 
 def interpolate_profile(knots: list[float], groups: int) -> list[float]:

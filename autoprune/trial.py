@@ -120,6 +120,8 @@ def run_trial(
         layers = [name for name, _ in prunable_layers(model)]
         _, dense_weights = prunable_weight_count(dense, layers)
 
+    calibration = data.train.subset(config.heal.calibration_images, seed=config.seed)  # pruning and healing share it
+
     with stage("prune"):
         method = prune.get(config.prune.method)
         groups = _groups_for(model, config.prune.sparsity)
@@ -130,6 +132,7 @@ def run_trial(
                 sparsity={group.name: config.prune.sparsity.get(group.name, 0.0) for group in groups},
                 options=config.prune.options,
                 example_inputs=data.normalize(data.train.images[:2]),
+                calibration=data.normalize(calibration.images) if method.needs_calibration else None,
                 seed=config.seed,
             ),
         )
@@ -154,7 +157,7 @@ def run_trial(
             heal.get(config.heal.method).apply(
                 model,
                 heal.HealRequest(
-                    calibration=data.train.subset(config.heal.calibration_images, seed=config.seed),
+                    calibration=calibration,
                     data=data,
                     steps=config.heal.steps,
                     lr=config.heal.lr,

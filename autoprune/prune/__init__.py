@@ -25,6 +25,7 @@ class PruneRequest:
     sparsity: Mapping[str, float]  # group name → fraction of its weights (or units) to remove
     options: Mapping[str, Any] = field(default_factory=dict)
     example_inputs: torch.Tensor | None = None  # a batch of inputs, for methods that trace the model
+    calibration: torch.Tensor | None = None  # normalised calibration images, for methods that need statistics
     seed: int = 0
 
 
@@ -37,6 +38,7 @@ class PruneMethod:
     description: str
     uses_sparsity: bool = True  # False when the method fixes its own sparsity (N:M)
     structured: bool = False  # physically removes units: latency can drop on dense kernels
+    needs_calibration: bool = False  # gathers statistics on calibration images (the search then samples a budget)
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
 
 
@@ -46,6 +48,6 @@ register, get, list_methods = PRUNE_METHODS.register, PRUNE_METHODS.get, PRUNE_M
 
 
 # Registration happens on import of each method module.
-from autoprune.prune import magnitude, nm, none, structured  # noqa: E402,F401
+from autoprune.prune import magnitude, nm, none, structured, variance  # noqa: E402,F401
 
 __all__ = ["Masks", "PruneMethod", "PruneRequest", "PRUNE_METHODS", "get", "list_methods", "register"]
