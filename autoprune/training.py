@@ -1,7 +1,7 @@
 """The optimisation loop shared by dense training and healing: sampled mini-batches, AdamW, one-cycle schedule.
 
-Masks are re-applied after every step, so that pruned weights stay zero and the achieved sparsity stays at its
-target however long the model heals.
+The pruning method's masks (or gradual sparsifier) are consulted before and after every step, so that pruned weights
+stay zero and the achieved sparsity stays at its target however long the model heals.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def optimise(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     max_shift = max(1, inputs.shape[-1] // 16)
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        if masks is not None:
+            masks.before_step(model, step / steps)  # a gradual method moves its sparsity along its schedule
         index = torch.randint(0, len(labels), (min(batch_size, len(labels)),), generator=generator)
         batch = shifted(inputs[index], generator, max_shift).to(device)
         loss = loss_fn(model, batch, labels[index].to(device))
@@ -62,8 +64,8 @@ def optimise(
         loss.backward()
         optimizer.step()
         schedule.step()
-        if masks:
-            masks.apply(model)
+        if masks is not None:
+            masks.after_step(model)
         losses.append(float(loss.detach()))
     optimizer.zero_grad(set_to_none=True)  # leave no gradients behind: they hold as much memory as the weights
     model.eval()

@@ -2,7 +2,8 @@
 
 `run_trial` needs no Ray: the search calls it inside a Tune trial, tests and notebooks call it directly.
 Latency depends only on the structure, so it is measured right after pruning: with a latency target, a trial
-that misses it stops there and costs seconds instead of a healing run.
+that misses it stops there and costs seconds instead of a healing run. A gradual method's structure is final only
+after healing, so it is profiled then.
 """
 
 from __future__ import annotations
@@ -137,24 +138,19 @@ def run_trial(
             ),
         )
 
-    with stage("profile"):
-        settings = context.profile
-        latency = profile_latency(
-            model,
-            input_size=data.input_size,
-            batch_size=settings.batch_size,
-            dtype=settings.dtype,
-            warmup=settings.warmup,
-            repeats=settings.repeats,
-            device=device,
-            threads=threads,
-        )
-        model.float()  # profiling may have cast it; healing and evaluation run in float32
+    healing = heal.get(config.heal.method)
+    if method.gradual and not healing.trains:
+        masks = masks.finish(model)  # no steps to spread the pruning over: straight to the final sparsity
+
+    latency = None
+    if not method.gradual:  # the structure is final already: measure now, and skip healing if it is too slow
+        with stage("profile"):
+            latency = _profile(model, context, data, device, threads)
 
     top1 = None
-    if context.latency_target_ms is None or latency.median_ms <= context.latency_target_ms:
+    if latency is None or context.latency_target_ms is None or latency.median_ms <= context.latency_target_ms:
         with stage("heal"):
-            heal.get(config.heal.method).apply(
+            healing.apply(
                 model,
                 heal.HealRequest(
                     calibration=calibration,
@@ -169,6 +165,10 @@ def run_trial(
                     device=device,
                 ),
             )
+            masks = masks.finish(model)
+        if latency is None:
+            with stage("profile"):
+                latency = _profile(model, context, data, device, threads)
         with stage("evaluate"):
             top1 = accuracy(model, data.eval, data, device=device)
 
@@ -182,6 +182,22 @@ def run_trial(
             save_model(model.cpu(), context.source, save_dir)
 
     return TrialResult(config, top1, latency, macs, params, sparsity, timings)
+
+
+def _profile(model, context: TrialContext, data: DataBundle, device, threads) -> LatencyProfile:
+    settings = context.profile
+    latency = profile_latency(
+        model,
+        input_size=data.input_size,
+        batch_size=settings.batch_size,
+        dtype=settings.dtype,
+        warmup=settings.warmup,
+        repeats=settings.repeats,
+        device=device,
+        threads=threads,
+    )
+    model.float()  # profiling may have cast it; healing and evaluation run in float32
+    return latency
 
 
 def _groups_for(model: torch.nn.Module, sparsity: Mapping[str, float]) -> tuple[LayerGroup, ...]:

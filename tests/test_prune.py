@@ -26,7 +26,7 @@ def _prune(source, method_name, example, sparsity=TARGET, pooled=False, options=
     method = prune.get(method_name)
     request = prune.PruneRequest(groups, {g.name: sparsity for g in groups}, options or dict(method.options), example,
                                  calibration=example)
-    masks = method.apply(model, request)
+    masks = method.apply(model, request).finish(model)  # a gradual method jumps to its final sparsity
     return dense, model, masks
 
 

@@ -1,7 +1,8 @@
 """Pruning methods, found by name. Each method module registers one `PruneMethod` here.
 
 A method gets the model and a `PruneRequest` and either masks weights (returns `Masks`, held fixed while the model
-heals) or removes units physically (modifies the model, returns empty `Masks`).
+heals), removes units physically (modifies the model, returns empty `Masks`), or prunes gradually (returns a
+sparsifier that the healing loop steps; see `masks.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class PruneMethod:
     uses_sparsity: bool = True  # False when the method fixes its own sparsity (N:M)
     structured: bool = False  # physically removes units: latency can drop on dense kernels
     needs_calibration: bool = False  # gathers statistics on calibration images (the search then samples a budget)
+    gradual: bool = False  # keeps pruning while the model heals (returns a sparsifier, final only at `finish`)
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
 
 
@@ -48,6 +50,6 @@ register, get, list_methods = PRUNE_METHODS.register, PRUNE_METHODS.get, PRUNE_M
 
 
 # Registration happens on import of each method module.
-from autoprune.prune import magnitude, nm, none, structured, variance  # noqa: E402,F401
+from autoprune.prune import gradual, magnitude, nm, none, structured, variance  # noqa: E402,F401
 
 __all__ = ["Masks", "PruneMethod", "PruneRequest", "PRUNE_METHODS", "get", "list_methods", "register"]

@@ -1,4 +1,10 @@
-"""Weight masks for unstructured and N:M pruning, held fixed while a model heals."""
+"""What a pruning method leaves behind for healing: fixed masks, or a sparsifier that keeps pruning while it heals.
+
+The training loop talks to both through three calls: `before_step(model, progress)` (progress in [0, 1) of the
+healing budget), `after_step(model)` and `finish(model)` (the final, exact sparsity). A one-shot method's masks only
+re-apply themselves after each step; a gradual method (progressive magnitude, Feather) moves its sparsity along a
+schedule, so "gradual" costs healing steps rather than a separate training run.
+"""
 
 from __future__ import annotations
 
@@ -23,5 +29,29 @@ class Masks:
             weight = modules[name].weight
             weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
 
+    def before_step(self, model: nn.Module, progress: float) -> None:
+        """Fixed masks do not move."""
+
+    def after_step(self, model: nn.Module) -> None:
+        self.apply(model)
+
+    def finish(self, model: nn.Module) -> "Masks":
+        self.apply(model)
+        return self
+
     def __bool__(self) -> bool:
         return bool(self.by_layer)
+
+
+def cubic_schedule(progress: float, final: float, *, start: float = 0.0, end: float = 0.5) -> float:
+    """Zhu & Gupta's cubic ramp (s_i = 0): final − final·(1 − (t − start)/(end − start))³, clipped to [start, end]."""
+    fraction = min(max((progress - start) / (end - start), 0.0), 1.0)
+    return final - final * (1.0 - fraction) ** 3
+
+
+def linear_schedule(progress: float, final: float, *, start: float = 0.0, end: float = 0.5) -> float:
+    fraction = min(max((progress - start) / (end - start), 0.0), 1.0)
+    return final * fraction
+
+
+SCHEDULES = {"cubic": cubic_schedule, "linear": linear_schedule}
