@@ -1,8 +1,12 @@
-"""Benchmarks that print the tables the README quotes: `autoprune bench healing`.
+"""Benchmarks that print the tables the README quotes: `autoprune bench healing | pruning`.
 
 Healing: for a small ViT and a small CNN trained on the reference task, prune with global magnitude at each
 sparsity, heal with each method on a calibration set that is a fraction of the training images, and measure top-1 on
 the held-out split, over several seeds (the seed draws the calibration images and the batches).
+
+Pruning: every registered pruning method at the same target sparsity and the same healing, each run being exactly
+a search trial (`run_trial`), reporting the achieved sparsity and the MACs ratio so that structured methods (which
+remove less, but physically) compare at matched cost.
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ BENCH_MODELS = {
         "vit_tiny_patch16_224", 10, train_steps=1500,
         kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2, "global_pool": "avg",
                 "class_token": False},
+    ),
+    # Half as wide, MLP ratio 2: less redundancy, so pruning costs more accuracy before healing.
+    "vit_narrow": ModelSpec(
+        "vit_tiny_patch16_224", 10, train_steps=1500,
+        kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0,
+                "global_pool": "avg", "class_token": False},
     ),
     "cnn": ModelSpec("resnet18", 10, train_steps=600, kwargs={"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}),
 }
@@ -122,8 +132,9 @@ def healing_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main_healing(*, json_path: str | None, cache_dir: str, seeds: int, quick: bool) -> int:
-    bench = HealingBench(seeds=tuple(range(seeds)))
+def main_healing(*, json_path: str | None, cache_dir: str, seeds: int, quick: bool,
+                 models: Sequence[str] = ("vit", "cnn")) -> int:
+    bench = HealingBench(models=tuple(models), seeds=tuple(range(seeds)))
     if quick:  # a smoke run: one model, one setting
         bench = HealingBench(models=("vit",), sparsities=(0.75,), calibration_fractions=(0.01,), seeds=(0,), steps=20)
     rows = run_healing(bench, cache_dir=Path(cache_dir))
@@ -131,4 +142,95 @@ def main_healing(*, json_path: str | None, cache_dir: str, seeds: int, quick: bo
         Path(json_path).write_text(json.dumps(rows, indent=1))
     print()
     print(healing_markdown(rows))
+    return 0
+
+
+# ---- pruning methods at matched sparsity ---------------------------------------------------------------------
+
+PRUNE_METHODS = ("magnitude", "nm", "structured", "vbp", "progressive", "feather")
+
+
+@dataclass(frozen=True)
+class PruningBench:
+    models: Sequence[str] = ("vit", "cnn")
+    methods: Sequence[str] = PRUNE_METHODS
+    sparsities: Sequence[float] = (0.5, 0.75)
+    seeds: Sequence[int] = (0, 1, 2)
+    heal: str = "distill"
+    calibration_fraction: float = 0.05
+    steps: int = 150
+    lr: float = 1e-3
+    batch_size: int = 32
+
+
+def run_pruning(bench: PruningBench, *, cache_dir: Path, echo: Callable[[str], None] = print) -> list[dict]:
+    from autoprune.spec import HealConfig, PruneConfig, ProfileSpec, TrialConfig
+    from autoprune.trial import TrialContext, run_trial
+
+    data = reference_task(seed=0)
+    images = max(1, round(bench.calibration_fraction * len(data.train)))
+    rows = []
+    for model_name in bench.models:
+        spec = BENCH_MODELS[model_name]
+        source = model_source(spec)
+        context = TrialContext(source, dense_weights(spec, DataSpec(), data, cache_dir=cache_dir), data,
+                               ProfileSpec(batch_size=1, warmup=1, repeats=3))
+        dense = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), context, threads=1)
+        echo(f"{model_name}: dense top-1 {dense.accuracy:.4f}")
+        for sparsity in bench.sparsities:
+            for method in bench.methods:
+                entry = prune.get(method)
+                if method == "vbp" and model_name == "cnn":
+                    continue  # VBP's CNN channel version is not written yet
+                for seed in bench.seeds:
+                    config = TrialConfig(
+                        PruneConfig(method, {"all": sparsity} if entry.uses_sparsity else {}, dict(entry.options)),
+                        HealConfig(bench.heal, images, bench.steps, bench.lr, bench.batch_size,
+                                   dict(heal.get(bench.heal).options)),
+                        seed=seed,
+                    )
+                    result = run_trial(config, context, threads=1)
+                    rows.append({
+                        "model": model_name, "method": method, "heal": bench.heal, "sparsity": sparsity,
+                        "achieved_sparsity": result.sparsity, "macs_ratio": dense.macs / result.macs,
+                        "calibration_fraction": bench.calibration_fraction, "seed": seed,
+                        "accuracy": result.accuracy, "dense_accuracy": dense.accuracy,
+                    })
+                mine = rows[-len(bench.seeds):]
+                echo(f"  {model_name} {method} target {sparsity:.2f}: achieved {mine[0]['achieved_sparsity']:.2f},"
+                     f" MACs ÷{mine[0]['macs_ratio']:.2f}, top-1 "
+                     + ", ".join(f"{r['accuracy']:.3f}" for r in mine))
+    return rows
+
+
+def pruning_markdown(rows: list[dict]) -> str:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        first = mine[0]
+        out.append(f"**{model}** (dense top-1 {first['dense_accuracy']:.3f}; healing: {first['heal']} on"
+                   f" {first['calibration_fraction']:.0%} of the training images; mean ± std over seeds)\n")
+        out.append("| method | target sparsity | achieved sparsity | MACs ÷ | top-1 | of dense |")
+        out.append("|---|---|---|---|---|---|")
+        for key in dict.fromkeys((r["sparsity"], r["method"]) for r in mine):
+            group = [r for r in mine if (r["sparsity"], r["method"]) == key]
+            accs = [r["accuracy"] for r in group]
+            mean = statistics.mean(accs)
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            out.append(f"| {key[1]} | {key[0]:.0%} | {group[0]['achieved_sparsity']:.0%} | {group[0]['macs_ratio']:.2f}"
+                       f" | {mean:.3f} ± {std:.3f} | {mean / group[0]['dense_accuracy']:.0%} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main_pruning(*, json_path: str | None, cache_dir: str, seeds: int, quick: bool,
+                 models: Sequence[str] = ("vit", "cnn")) -> int:
+    bench = PruningBench(models=tuple(models), seeds=tuple(range(seeds)))
+    if quick:
+        bench = PruningBench(models=("vit",), sparsities=(0.5,), seeds=(0,), steps=10)
+    rows = run_pruning(bench, cache_dir=Path(cache_dir))
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+    print()
+    print(pruning_markdown(rows))
     return 0

@@ -61,9 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("methods", help="list the registered pruning and healing methods")
 
     bench = commands.add_parser("bench", help="measure the tables the README quotes")
-    bench.add_argument("table", choices=["healing"], help="healing: recovery per healing method, sparsity and budget")
+    bench.add_argument("table", choices=["healing", "pruning"],
+                       help="healing: recovery per healing method, sparsity and budget; pruning: every pruning method"
+                            " at matched sparsity with the same healing")
     bench.add_argument("--json", dest="json_path", help="also write every measurement as JSON rows here")
     bench.add_argument("--seeds", type=int, default=3)
+    bench.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=["vit", "vit_narrow", "cnn"],
+                       help="which benchmark models (default: vit cnn)")
     bench.add_argument("--quick", action="store_true", help="a one-setting smoke run")
     bench.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the trained dense models are cached")
     return parser
@@ -146,10 +150,11 @@ def _methods(args) -> int:
 
 
 def _bench(args) -> int:
-    from autoprune.bench import main_healing
+    from autoprune.bench import main_healing, main_pruning
 
-    return main_healing(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,
-                        quick=args.quick)
+    run = main_healing if args.table == "healing" else main_pruning
+    return run(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,
+               quick=args.quick, models=args.models)
 
 
 COMMANDS = {"search": _search, "best": _best, "front": _front, "demo": _demo, "methods": _methods, "bench": _bench}

@@ -6,6 +6,7 @@ stay zero and the achieved sparsity stays at its target however long the model h
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -49,7 +50,7 @@ def optimise(
     labels = images.labels
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     max_shift = max(1, inputs.shape[-1] // 16)
     losses = []
     for step in range(steps):
@@ -70,6 +71,21 @@ def optimise(
     optimizer.zero_grad(set_to_none=True)  # leave no gradients behind: they hold as much memory as the weights
     model.eval()
     return losses
+
+
+def warmup_cosine(steps: int, warmup_fraction: float = 0.1) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over the first 10% of the steps (at least one), then cosine decay to zero.
+
+    Written out because torch's OneCycleLR divides by zero for some step counts (10, for one).
+    """
+    warmup = max(1, round(warmup_fraction * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
 
 
 def cross_entropy(label_smoothing: float = 0.1) -> LossFn:

@@ -63,3 +63,20 @@ def test_a_diverging_loss_fails_clearly(bundle):
     with pytest.raises(FloatingPointError, match="loss became"):
         optimise(model, images=bundle.train, data=bundle, loss_fn=lambda m, x, y: m(x).sum() * float("nan"),
                  steps=3, lr=1e-3, batch_size=8, seed=0)
+
+
+@pytest.mark.parametrize("steps", range(1, 13))
+def test_any_step_count_trains(steps, bundle):
+    """Every small budget runs (torch's OneCycleLR divided by zero at exactly 10 steps)."""
+    model = TINY_RESNET.create()
+    losses = optimise(model, images=bundle.train.subset(16, seed=0), data=bundle, loss_fn=cross_entropy(),
+                      steps=steps, lr=1e-3, batch_size=8, seed=0)
+    assert len(losses) == steps
+
+
+def test_the_schedule_warms_up_then_decays_to_zero():
+    from autoprune.training import warmup_cosine
+
+    factor = warmup_cosine(100)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5, abs=0.02) and factor(99) < 0.01
