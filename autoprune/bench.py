@@ -147,7 +147,7 @@ def main_healing(*, json_path: str | None, cache_dir: str, seeds: int, quick: bo
 
 # ---- pruning methods at matched sparsity ---------------------------------------------------------------------
 
-PRUNE_METHODS = ("magnitude", "nm", "structured", "vbp", "progressive", "feather")
+PRUNE_METHODS = ("magnitude", "mp_budget", "nm", "structured", "vbp", "progressive", "feather")
 
 
 @dataclass(frozen=True)

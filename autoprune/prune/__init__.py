@@ -50,6 +50,6 @@ register, get, list_methods = PRUNE_METHODS.register, PRUNE_METHODS.get, PRUNE_M
 
 
 # Registration happens on import of each method module.
-from autoprune.prune import gradual, magnitude, nm, none, structured, variance  # noqa: E402,F401
+from autoprune.prune import gradual, magnitude, nm, none, spectral, structured, variance  # noqa: E402,F401
 
 __all__ = ["Masks", "PruneMethod", "PruneRequest", "PRUNE_METHODS", "get", "list_methods", "register"]
