@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune.data import DataBundle, ImageSet
-from autoprune.prune.masks import Masks
+from autoprune.prune.masks import Sparsifier
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,7 +40,7 @@ def optimise(
     batch_size: int,
     seed: int,
     weight_decay: float = 0.05,
-    masks: Masks | None = None,
+    masks: Sparsifier | None = None,
     device: torch.device | str = "cpu",
 ) -> list[float]:
     """Run `steps` AdamW steps on batches sampled from `images`; returns the loss of every step."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from autoprune.data import DataBundle, ImageSet
-from autoprune.prune.masks import Masks
+from autoprune.prune.masks import Sparsifier
 from autoprune.registry import Registry
 
 
@@ -26,7 +26,7 @@ class HealRequest:
     steps: int
     lr: float
     batch_size: int
-    masks: Masks
+    masks: Sparsifier  # fixed masks, or a gradual method's sparsifier (see prune/masks.py)
     teacher: nn.Module  # the dense model, frozen
     options: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0

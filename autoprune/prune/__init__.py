@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from autoprune.models import LayerGroup
-from autoprune.prune.masks import Masks
+from autoprune.prune.masks import Masks, Sparsifier
 from autoprune.registry import Registry
 
 
@@ -35,7 +35,7 @@ class PruneMethod:
     """A registered pruning method and what the search space needs to know about it."""
 
     name: str
-    apply: Callable[[nn.Module, PruneRequest], Masks]
+    apply: Callable[[nn.Module, PruneRequest], Sparsifier]
     description: str
     uses_sparsity: bool = True  # False when the method fixes its own sparsity (N:M)
     structured: bool = False  # physically removes units: latency can drop on dense kernels
@@ -52,4 +52,4 @@ register, get, list_methods = PRUNE_METHODS.register, PRUNE_METHODS.get, PRUNE_M
 # Registration happens on import of each method module.
 from autoprune.prune import gradual, magnitude, nm, none, spectral, structured, variance  # noqa: E402,F401
 
-__all__ = ["Masks", "PruneMethod", "PruneRequest", "PRUNE_METHODS", "get", "list_methods", "register"]
+__all__ = ["Masks", "Sparsifier", "PruneMethod", "PruneRequest", "PRUNE_METHODS", "get", "list_methods", "register"]

@@ -9,10 +9,23 @@ schedule, so "gradual" costs healing steps rather than a separate training run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import torch
 from torch import nn
+
+
+class Sparsifier(Protocol):
+    """What healing holds while it trains: fixed `Masks`, or a gradual method's sparsifier."""
+
+    @property
+    def by_layer(self) -> Mapping[str, torch.Tensor]: ...
+
+    def before_step(self, model: nn.Module, progress: float) -> None: ...
+
+    def after_step(self, model: nn.Module) -> None: ...
+
+    def finish(self, model: nn.Module) -> "Masks": ...
 
 
 @dataclass(frozen=True)
