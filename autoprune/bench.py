@@ -133,7 +133,7 @@ def healing_markdown(rows: list[dict]) -> str:
 
 
 def main_healing(*, json_path: str | None, cache_dir: str, seeds: int, quick: bool,
-                 models: Sequence[str] = ("vit", "cnn")) -> int:
+                 models: Sequence[str] = ("vit", "cnn"), heal_method: str | None = None) -> int:
     bench = HealingBench(models=tuple(models), seeds=tuple(range(seeds)))
     if quick:  # a smoke run: one model, one setting
         bench = HealingBench(models=("vit",), sparsities=(0.75,), calibration_fractions=(0.01,), seeds=(0,), steps=20)
@@ -208,8 +208,10 @@ def pruning_markdown(rows: list[dict]) -> str:
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         first = mine[0]
-        out.append(f"**{model}** (dense top-1 {first['dense_accuracy']:.3f}; healing: {first['heal']} on"
-                   f" {first['calibration_fraction']:.0%} of the training images; mean ± std over seeds)\n")
+        healing = (f"{first['heal']} on {first['calibration_fraction']:.0%} of the training images"
+                   if first["heal"] != "none" else "none")
+        out.append(f"**{model}** (dense top-1 {first['dense_accuracy']:.3f}; healing: {healing};"
+                   f" mean ± std over seeds)\n")
         out.append("| method | target sparsity | achieved sparsity | MACs ÷ | top-1 | of dense |")
         out.append("|---|---|---|---|---|---|")
         for key in dict.fromkeys((r["sparsity"], r["method"]) for r in mine):
@@ -224,8 +226,8 @@ def pruning_markdown(rows: list[dict]) -> str:
 
 
 def main_pruning(*, json_path: str | None, cache_dir: str, seeds: int, quick: bool,
-                 models: Sequence[str] = ("vit", "cnn")) -> int:
-    bench = PruningBench(models=tuple(models), seeds=tuple(range(seeds)))
+                 models: Sequence[str] = ("vit", "cnn"), heal_method: str = "distill") -> int:
+    bench = PruningBench(models=tuple(models), seeds=tuple(range(seeds)), heal=heal_method)
     if quick:
         bench = PruningBench(models=("vit",), sparsities=(0.5,), seeds=(0,), steps=10)
     rows = run_pruning(bench, cache_dir=Path(cache_dir))

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=3)
     bench.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=["vit", "vit_narrow", "cnn"],
                        help="which benchmark models (default: vit cnn)")
+    bench.add_argument("--heal", default="distill", help="pruning table: the healing every method gets (default:"
+                                                         " distill; `none` compares the pruning criteria alone)")
     bench.add_argument("--quick", action="store_true", help="a one-setting smoke run")
     bench.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the trained dense models are cached")
     return parser
@@ -154,7 +156,7 @@ def _bench(args) -> int:
 
     run = main_healing if args.table == "healing" else main_pruning
     return run(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,
-               quick=args.quick, models=args.models)
+               quick=args.quick, models=args.models, heal_method=args.heal)
 
 
 COMMANDS = {"search": _search, "best": _best, "front": _front, "demo": _demo, "methods": _methods, "bench": _bench}
