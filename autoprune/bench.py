@@ -133,16 +133,11 @@ def healing_markdown(rows: list[dict]) -> str:
 
 
 def main_healing(*, json_path: str | None, cache_dir: str, seeds: int, quick: bool,
-                 models: Sequence[str] = ("vit", "cnn"), heal_method: str | None = None) -> int:
+                 models: Sequence[str] = ("vit", "cnn")) -> int:
     bench = HealingBench(models=tuple(models), seeds=tuple(range(seeds)))
     if quick:  # a smoke run: one model, one setting
         bench = HealingBench(models=("vit",), sparsities=(0.75,), calibration_fractions=(0.01,), seeds=(0,), steps=20)
-    rows = run_healing(bench, cache_dir=Path(cache_dir))
-    if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=1))
-    print()
-    print(healing_markdown(rows))
-    return 0
+    return _emit(run_healing(bench, cache_dir=Path(cache_dir)), healing_markdown, json_path)
 
 
 # ---- pruning methods at matched sparsity ---------------------------------------------------------------------
@@ -230,9 +225,13 @@ def main_pruning(*, json_path: str | None, cache_dir: str, seeds: int, quick: bo
     bench = PruningBench(models=tuple(models), seeds=tuple(range(seeds)), heal=heal_method)
     if quick:
         bench = PruningBench(models=("vit",), sparsities=(0.5,), seeds=(0,), steps=10)
-    rows = run_pruning(bench, cache_dir=Path(cache_dir))
+    return _emit(run_pruning(bench, cache_dir=Path(cache_dir)), pruning_markdown, json_path)
+
+
+def _emit(rows: list[dict], markdown: Callable[[list[dict]], str], json_path: str | None) -> int:
+    """Every measurement as JSON rows (if asked), then the table."""
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
     print()
-    print(pruning_markdown(rows))
+    print(markdown(rows))
     return 0

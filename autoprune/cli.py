@@ -154,9 +154,11 @@ def _methods(args) -> int:
 def _bench(args) -> int:
     from autoprune.bench import main_healing, main_pruning
 
-    run = main_healing if args.table == "healing" else main_pruning
-    return run(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,
-               quick=args.quick, models=args.models, heal_method=args.heal)
+    common = dict(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,
+                  quick=args.quick, models=args.models)
+    if args.table == "healing":
+        return main_healing(**common)
+    return main_pruning(**common, heal_method=args.heal)
 
 
 COMMANDS = {"search": _search, "best": _best, "front": _front, "demo": _demo, "methods": _methods, "bench": _bench}

@@ -22,6 +22,16 @@ TINY_RESNET = ModelSource("resnet18", 10, {"layers": (1, 1, 1, 1), "channels": (
 TINY_BOTTLENECK = ModelSource("resnet50", 10, {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)})
 
 
+def briefly_trained(source: ModelSource, data) -> torch.nn.Module:
+    """A real dense model for healing tests: 150 steps on the reference task."""
+    from autoprune.training import cross_entropy, optimise
+
+    torch.manual_seed(0)
+    model = source.create()
+    optimise(model, images=data.train, data=data, loss_fn=cross_entropy(), steps=150, lr=3e-3, batch_size=64, seed=0)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def bundle():
     return reference_task(seed=0)

@@ -11,17 +11,13 @@ from autoprune import heal, prune
 from autoprune.measure import accuracy
 from autoprune.models import layer_groups
 from autoprune.training import cross_entropy, optimise
-from conftest import TINY_RESNET
+from conftest import TINY_RESNET, briefly_trained
 
 
 @pytest.fixture(scope="module")
 def trained(bundle):
     """A tiny ResNet trained briefly on the reference task (a real dense model to damage and heal)."""
-    torch.manual_seed(0)
-    model = TINY_RESNET.create()
-    optimise(model, images=bundle.train, data=bundle, loss_fn=cross_entropy(), steps=150, lr=3e-3, batch_size=64,
-             seed=0)
-    return model.eval()
+    return briefly_trained(TINY_RESNET, bundle)
 
 
 def _pruned(trained, sparsity=0.8):

@@ -11,17 +11,12 @@ from autoprune import heal, prune
 from autoprune.measure import accuracy
 from autoprune.models import internal_states, layer_groups
 from autoprune.prune.masks import Masks
-from autoprune.training import cross_entropy, optimise
-from conftest import TINY_RESNET, TINY_VIT
+from conftest import TINY_RESNET, TINY_VIT, briefly_trained
 
 
 @pytest.fixture(scope="module", params=[TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
 def trained(request, bundle):
-    torch.manual_seed(0)
-    model = request.param.create()
-    optimise(model, images=bundle.train, data=bundle, loss_fn=cross_entropy(), steps=150, lr=3e-3, batch_size=64,
-             seed=0)
-    return model.eval()
+    return briefly_trained(request.param, bundle)
 
 
 def _pruned(dense, sparsity=0.75):

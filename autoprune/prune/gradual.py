@@ -20,16 +20,9 @@ from torch.nn.utils import parametrize
 from autoprune.errors import AutopruneError
 from autoprune.models import LayerGroup
 from autoprune.prune import PruneMethod, PruneRequest, register
-from autoprune.prune.masks import SCHEDULES, Masks, cubic_schedule
+from autoprune.prune.masks import SCHEDULES, Masks, cubic_schedule, remove_lowest
 
 RECOMPUTE_STEP = 0.005  # progressive: recompute masks when the scheduled sparsity has moved by half a point
-
-
-def _keep_smallest_removed(scores: torch.Tensor, remove: int) -> torch.Tensor:
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if remove:
-        keep[torch.topk(scores, remove, largest=False).indices] = False
-    return keep
 
 
 class ProgressiveMagnitude:
@@ -58,13 +51,10 @@ class ProgressiveMagnitude:
             moved = target - self.current[group.name]
             if moved < RECOMPUTE_STEP and not (target == self.final[group.name] and moved > 0):
                 continue
-            weights = [modules[name].weight for name in group.layers]
-            active = torch.cat([self.by_layer[name].flatten() for name in group.layers])
-            scores = torch.cat([w.detach().abs().flatten() for w in weights])
-            scores[~active] = -1.0  # already pruned: always among the removed (a monotone mask)
-            keep = _keep_smallest_removed(scores, int(round(target * scores.numel())))
-            for name, chunk in zip(group.layers, keep.split([w.numel() for w in weights])):
-                self.by_layer[name] = chunk.view_as(modules[name].weight)
+            # Already pruned weights score −1: always among the removed, so the mask only grows.
+            scores = [modules[name].weight.detach().abs().masked_fill(~self.by_layer[name], -1.0)
+                      for name in group.layers]
+            self.by_layer.update(zip(group.layers, remove_lowest(scores, target)))
             self.current[group.name] = target
         self.apply(model)
 

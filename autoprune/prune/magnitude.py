@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from autoprune.prune import PruneMethod, PruneRequest, register
-from autoprune.prune.masks import Masks
+from autoprune.prune.masks import Masks, remove_lowest
 
 
 @torch.no_grad()
@@ -17,15 +17,8 @@ def magnitude_masks(model, request: PruneRequest) -> Masks:
     modules = dict(model.named_modules())
     masks: dict[str, torch.Tensor] = {}
     for group in request.groups:
-        weights = [modules[name].weight for name in group.layers]
-        scores = torch.cat([w.detach().abs().flatten() for w in weights])
-        remove = int(round(request.sparsity[group.name] * scores.numel()))
-        keep = torch.ones_like(scores, dtype=torch.bool)
-        if remove:
-            # topk on the smallest gives exactly `remove` weights even when magnitudes tie.
-            keep[torch.topk(scores, remove, largest=False).indices] = False
-        for name, chunk in zip(group.layers, keep.split([w.numel() for w in weights])):
-            masks[name] = chunk.view_as(modules[name].weight)
+        scores = [modules[name].weight.detach().abs() for name in group.layers]
+        masks.update(zip(group.layers, remove_lowest(scores, request.sparsity[group.name])))
     result = Masks(masks)
     result.apply(model)
     return result

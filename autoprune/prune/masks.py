@@ -56,6 +56,17 @@ class Masks:
         return bool(self.by_layer)
 
 
+def remove_lowest(scores: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:
+    """Keep-masks (one per tensor, same shapes) that remove exactly round(fraction·N) of the lowest scores, pooled
+    over all the tensors: one threshold for the group. topk makes the count exact even when scores tie."""
+    flat = torch.cat([score.flatten() for score in scores])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    remove = int(round(fraction * flat.numel()))
+    if remove:
+        keep[torch.topk(flat, remove, largest=False).indices] = False
+    return [chunk.view_as(score) for chunk, score in zip(keep.split([s.numel() for s in scores]), scores)]
+
+
 def cubic_schedule(progress: float, final: float, *, start: float = 0.0, end: float = 0.5) -> float:
     """Zhu & Gupta's cubic ramp (s_i = 0): final − final·(1 − (t − start)/(end − start))³, clipped to [start, end]."""
     fraction = min(max((progress - start) / (end - start), 0.0), 1.0)

@@ -24,7 +24,7 @@ from torch import nn
 
 from autoprune.models import is_attention_layer
 from autoprune.prune import PruneMethod, PruneRequest, register
-from autoprune.prune.masks import Masks
+from autoprune.prune.masks import Masks, remove_lowest
 
 # ---- Tracy–Widom (β = 1) -------------------------------------------------------------------------------------
 
@@ -112,14 +112,8 @@ def mp_budget_masks(model: nn.Module, request: PruneRequest) -> Masks:
         edges = {name: spectral_edge(modules[name].weight, alpha=options["alpha"], beta=options["beta"])
                  for name in group.layers}
         budget = layer_weights(edges, sparsity)
-        weights = [modules[name].weight for name in group.layers]
-        scores = torch.cat([w.abs().flatten() / budget[name] for name, w in zip(group.layers, weights)])
-        keep = torch.ones_like(scores, dtype=torch.bool)
-        remove = int(round(sparsity * scores.numel()))
-        if remove:
-            keep[torch.topk(scores, remove, largest=False).indices] = False
-        for name, chunk in zip(group.layers, keep.split([w.numel() for w in weights])):
-            masks[name] = chunk.view_as(modules[name].weight)
+        scores = [modules[name].weight.abs() / budget[name] for name in group.layers]
+        masks.update(zip(group.layers, remove_lowest(scores, sparsity)))
     result = Masks(masks)
     result.apply(model)
     return result
