@@ -224,7 +224,7 @@ def main_pruning(*, json_path: str | None, cache_dir: str, seeds: int, quick: bo
                  models: Sequence[str] = ("vit", "cnn"), heal_method: str = "distill") -> int:
     bench = PruningBench(models=tuple(models), seeds=tuple(range(seeds)), heal=heal_method)
     if quick:
-        bench = PruningBench(models=("vit",), sparsities=(0.5,), seeds=(0,), steps=10)
+        bench = PruningBench(models=("vit",), sparsities=(0.5,), seeds=(0,), steps=10, heal=heal_method)
     return _emit(run_pruning(bench, cache_dir=Path(cache_dir)), pruning_markdown, json_path)
 
 
