@@ -154,14 +154,18 @@ def is_attention_layer(layer_name: str) -> bool:
     return ".attn." in layer_name
 
 
+def _attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, module) for name, module in model.named_modules()
+            if hasattr(module, "num_heads") and isinstance(getattr(module, "qkv", None), nn.Linear)]
+
+
 def fix_attention_metadata(model: nn.Module) -> None:
     """After attention channels are removed, timm's Attention must learn its new widths, or reshape fails."""
-    for module in model.modules():
-        if hasattr(module, "qkv") and hasattr(module, "num_heads") and isinstance(module.qkv, nn.Linear):
-            width = module.qkv.out_features // 3
-            module.head_dim = width // module.num_heads
-            if hasattr(module, "attn_dim"):
-                module.attn_dim = width
+    for _, module in _attentions(model):
+        width = module.qkv.out_features // 3
+        module.head_dim = width // module.num_heads
+        if hasattr(module, "attn_dim"):
+            module.attn_dim = width
 
 
 # ---- saved models ------------------------------------------------------------------------------------------
@@ -181,6 +185,8 @@ def save_model(model: nn.Module, source: ModelSource, directory: str | Path) -> 
         "num_classes": source.num_classes,
         "kwargs": dict(source.kwargs),
         "shapes": {key: list(value.shape) for key, value in state.items()},
+        # Head counts cannot be read off the shapes (fewer heads and narrower heads look alike).
+        "attention_heads": {name: module.num_heads for name, module in _attentions(model)},
     }
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
     return directory
@@ -200,6 +206,9 @@ def load_model_dir(directory: str | Path) -> nn.Module:
     source = ModelSource(structure["timm_name"], structure["num_classes"], structure["kwargs"])
     model = source.create(pretrained=False)
     _resize_to(model, {key: torch.Size(shape) for key, shape in structure["shapes"].items()})
+    modules = dict(model.named_modules())
+    for name, heads in structure.get("attention_heads", {}).items():
+        modules[name].num_heads = heads
     fix_attention_metadata(model)
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
     return model.eval()

@@ -121,7 +121,9 @@ def test_structured_shrinks_vit_mlps_and_keeps_the_residual_width(example):
         assert block.mlp.fc1.out_features == dense_block.mlp.fc1.out_features // 2
         assert block.mlp.fc2.in_features == block.mlp.fc1.out_features
         assert block.mlp.fc2.out_features == dense_block.mlp.fc2.out_features  # residual stream intact
-        assert block.attn.qkv.out_features == dense_block.attn.qkv.out_features  # heads not removed (yet)
+        assert block.attn.num_heads == dense_block.attn.num_heads // 2  # whole heads go…
+        assert block.attn.head_dim == dense_block.attn.head_dim  # …each head keeps its width
+        assert block.attn.qkv.out_features == dense_block.attn.qkv.out_features // 2
 
 
 def test_structured_shrinks_bottleneck_inner_convs_only(example):
@@ -133,7 +135,7 @@ def test_structured_shrinks_bottleneck_inner_convs_only(example):
 
 
 def test_structured_round_to_keeps_multiples(example):
-    _, model, _ = _prune(TINY_VIT, "structured", example, sparsity=0.3, options={"round_to": 8})
+    _, model, _ = _prune(TINY_VIT, "structured", example, sparsity=0.3, options={"round_to": 8, "heads": True})
     assert all(block.mlp.fc1.out_features % 8 == 0 for block in model.blocks)
 
 
@@ -196,3 +198,26 @@ def test_vbp_removes_the_lowest_variance_neurons(bundle):
     width = kept_rows.shape[0] + 8
     _vbp(model, bundle.normalize(bundle.train.images[:64]), {"blocks.1.mlp": 8 / width})
     assert torch.equal(model.blocks[1].mlp.fc1.weight, kept_rows)
+
+
+def test_removing_a_silent_attention_head_changes_no_output(bundle):
+    torch.manual_seed(0)
+    model = TINY_VIT.create().eval()
+    attention = model.blocks[0].attn
+    head_dim = attention.head_dim
+    with torch.no_grad():  # head 1 writes nothing (zero proj columns) and is the weakest head
+        attention.proj.weight[:, head_dim:2 * head_dim] = 0
+        attention.qkv.weight.view(3, attention.num_heads, head_dim, -1)[:, 1] *= 1e-3
+    dense = copy.deepcopy(model)
+    groups = layer_groups(model)
+    sparsity = {g.name: (0.5 if g.name == "blocks.0.attn" else 0.0) for g in groups}
+    images = bundle.normalize(bundle.eval.images[:8])
+    prune.get("structured").apply(model, prune.PruneRequest(groups, sparsity, {"round_to": 1, "heads": True}, images))
+    assert model.blocks[0].attn.num_heads == 1 and model.blocks[1].attn.num_heads == 2
+    with torch.no_grad():
+        assert torch.allclose(model(images), dense(images), atol=1e-5)
+
+
+def test_heads_can_be_kept(example):
+    _, model, _ = _prune(TINY_VIT, "structured", example, sparsity=0.5, options={"round_to": 1, "heads": False})
+    assert all(block.attn.num_heads == 2 for block in model.blocks)

@@ -26,7 +26,7 @@ def test_demo_dimensions_parse_into_their_kinds():
     assert spec.heal.calibration_images == Choice((64, 256))
     assert spec.heal.steps == Range(20, 120, log=True)
     assert isinstance(spec.heal.lr, Range) and spec.heal.lr.log
-    assert spec.prune.options == {"magnitude": {}, "nm": {"n": 2, "m": 4}, "structured": {"round_to": 1}, "vbp": {}}
+    assert spec.prune.options == {"magnitude": {}, "nm": {"n": 2, "m": 4}, "structured": {"round_to": 1, "heads": True}, "vbp": {}}
     assert spec.cost_metric == "latency_ms"
 
 

@@ -21,7 +21,7 @@ def context(bundle):
 
 CONFIG = TrialConfig(
     PruneConfig("structured", {"blocks.0.mlp": 0.5, "blocks.1.mlp": 0.75, "blocks.0.attn": 0.5, "blocks.1.attn": 0.5},
-                {"round_to": 1}),
+                {"round_to": 1, "heads": True}),
     HealConfig("finetune", calibration_images=32, steps=3, lr=1e-3, batch_size=8, options={"label_smoothing": 0.1}),
 )
 

@@ -3,7 +3,11 @@
 Torch-Pruning's dependency graph does the surgery: removing a layer's output channels also removes the coupled
 inputs of the layers that consume them (and the norms in between). Only *block-internal* channels are removed
 (a ViT block's MLP hidden neurons, a ResNet/ConvNeXt block's inner convs); channels that feed the residual
-stream are coupled across the whole network and stay. Attention heads are not removed yet.
+stream are coupled across the whole network and stay.
+
+Attention heads (option `heads`, on by default) go whole: a head's q, k and v rows of `qkv` and its columns of
+`proj` are sliced out inside the one attention module, which needs no dependency graph (Torch-Pruning 1.6.1's head
+pruner removed no heads of timm 1.0.31's Attention in our trials). Head importance is the L2 norm of those weights.
 
 What to remove (importance: group L2 magnitude) is kept separate from how (the dependency graph).
 """
@@ -46,6 +50,9 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     for group in request.groups:
         ratio = request.sparsity[group.name]
+        if request.options["heads"]:
+            for attention in _attentions_of(modules, group.layers):
+                remove_heads(attention, ratio)
         for name in group.layers:
             root = modules[name]
             if is_attention_layer(name) or not _is_block_internal(graph, root, name, names):
@@ -63,6 +70,41 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     return Masks()
 
 
+def _attentions_of(modules: dict, layers) -> list[nn.Module]:
+    """The timm attention modules whose qkv is among `layers`."""
+    found = []
+    for name in layers:
+        if name.endswith(".qkv"):
+            parent = modules[name.rsplit(".", 1)[0]]
+            if hasattr(parent, "num_heads") and isinstance(getattr(parent, "proj", None), nn.Linear):
+                found.append(parent)
+    return found
+
+
+@torch.no_grad()
+def remove_heads(attention: nn.Module, ratio: float) -> None:
+    """Remove round(ratio × heads) heads (at least one stays) of lowest L2 norm over their qkv rows and proj columns."""
+    heads, qkv, proj = attention.num_heads, attention.qkv, attention.proj
+    head_dim = qkv.out_features // (3 * heads)
+    keep_count = max(1, heads - int(round(ratio * heads)))
+    if keep_count >= heads:
+        return
+    qkv_by_head = qkv.weight.view(3, heads, head_dim, -1)
+    proj_by_head = proj.weight.view(proj.out_features, heads, head_dim)
+    importance = qkv_by_head.pow(2).sum((0, 2, 3)) + proj_by_head.pow(2).sum((0, 2))
+    keep = torch.sort(torch.argsort(importance, descending=True)[:keep_count]).values
+    qkv.weight = nn.Parameter(qkv_by_head[:, keep].reshape(3 * keep_count * head_dim, -1).clone())
+    if qkv.bias is not None:
+        qkv.bias = nn.Parameter(qkv.bias.view(3, heads, head_dim)[:, keep].reshape(-1).clone())
+    qkv.out_features = qkv.weight.shape[0]
+    proj.weight = nn.Parameter(proj_by_head[:, keep].reshape(proj.out_features, -1).clone())
+    proj.in_features = proj.weight.shape[1]
+    attention.num_heads = keep_count
+    attention.head_dim = head_dim
+    if hasattr(attention, "attn_dim"):
+        attention.attn_dim = keep_count * head_dim
+
+
 def _is_block_internal(graph, root: nn.Module, name: str, names: dict[nn.Module, str]) -> bool:
     """True when removing `root`'s output channels touches only layers of its own block."""
     block = block_of(name)
@@ -78,8 +120,9 @@ register(
     PruneMethod(
         "structured",
         remove_channels,
-        "Remove block-internal MLP neurons / conv channels of lowest L2 group norm (physically smaller model).",
+        "Remove block-internal MLP neurons / conv channels and ViT attention heads of lowest L2 norm (physically"
+        " smaller model).",
         structured=True,
-        options={"round_to": 1},
+        options={"round_to": 1, "heads": True},
     )
 )
