@@ -1,4 +1,4 @@
-"""`autoprune search | best | front | demo | methods`.
+"""`autoprune search | best | front | demo | methods | bench`.
 
 Usage errors exit with status 2 (argparse); failures the user can fix print one line and exit 1; `--debug` shows
 the traceback.
@@ -14,8 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from autoprune.errors import AutopruneError
-
-DEFAULT_WORKDIR = "autoprune_runs"  # the local MLflow store, Ray results and caches, relative to where you run
+from autoprune.tracking import DEFAULT_WORKDIR
 
 
 def _tracking_uri(args) -> str:
@@ -106,8 +105,7 @@ def _best(args) -> int:
     if args.json:
         print(json.dumps(choice.as_dict()))
     else:
-        print(f"{choice.name} version {choice.version}: top-1 {choice.accuracy:.4f} at {choice.latency_ms:.4g} ms"
-              f" (p90 {choice.latency_p90_ms:.4g} ms; {choice.device}, batch {choice.batch_size}, {choice.dtype})")
+        print(choice.summary())
         print(f"load it with: autoprune.load_model({choice.model_uri!r})")
     return 0
 
@@ -134,8 +132,7 @@ def _demo(args) -> int:
     target = (min(latencies) + max(latencies)) / 2
     choice = best(model=outcome.spec.mlflow.registered_model, max_latency_ms=target, tracking_uri=outcome.tracking_uri)
     print(f"\n$ autoprune best --model {choice.name} --max-latency-ms {target:.3g}")
-    print(f"{choice.name} version {choice.version}: top-1 {choice.accuracy:.4f} at {choice.latency_ms:.4g} ms"
-          f" ({choice.device})")
+    print(choice.summary())
     print(f"\nInspect the front: {outcome.ui_command}")
     return 0
 

@@ -154,14 +154,15 @@ def is_attention_layer(layer_name: str) -> bool:
     return ".attn." in layer_name
 
 
-def _attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """timm attention modules (a `qkv` Linear and a head count), with their names."""
     return [(name, module) for name, module in model.named_modules()
             if hasattr(module, "num_heads") and isinstance(getattr(module, "qkv", None), nn.Linear)]
 
 
 def fix_attention_metadata(model: nn.Module) -> None:
     """After attention channels are removed, timm's Attention must learn its new widths, or reshape fails."""
-    for _, module in _attentions(model):
+    for _, module in attention_modules(model):
         width = module.qkv.out_features // 3
         module.head_dim = width // module.num_heads
         if hasattr(module, "attn_dim"):
@@ -186,7 +187,7 @@ def save_model(model: nn.Module, source: ModelSource, directory: str | Path) -> 
         "kwargs": dict(source.kwargs),
         "shapes": {key: list(value.shape) for key, value in state.items()},
         # Head counts cannot be read off the shapes (fewer heads and narrower heads look alike).
-        "attention_heads": {name: module.num_heads for name, module in _attentions(model)},
+        "attention_heads": {name: module.num_heads for name, module in attention_modules(model)},
     }
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
     return directory

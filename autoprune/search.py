@@ -25,11 +25,10 @@ from autoprune.pareto import hypervolume_2d, non_dominated
 from autoprune.report import DENSE, plot_html, plot_png, table
 from autoprune.space import SearchSpace
 from autoprune.spec import Choice, Fixed, HealConfig, PruneConfig, SearchSpec, TrialConfig, load_spec
-from autoprune.tracking import Tracker, TrialRecord, resolve_tracking_uri
+from autoprune.tracking import DEFAULT_WORKDIR, Tracker, TrialRecord, resolve_tracking_uri
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def search(
     *,
     address: str | None = None,
     tracking_uri: str | None = None,
-    workdir: str | Path = "autoprune_runs",
+    workdir: str | Path = DEFAULT_WORKDIR,
     trials: int | None = None,
     echo: Callable[[str], None] | None = print,
 ) -> SearchOutcome:
@@ -299,10 +298,9 @@ def _tune_trial(params: dict, *, context: TrialContext, space: SearchSpace) -> N
 
 
 def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publisher, *, storage: Path, run_name: str):
+    import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
-
-    import optuna
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # autoprune prints its own progress; Tune's tables are noise
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -28,6 +28,10 @@ class ModelChoice:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        return (f"{self.name} version {self.version}: top-1 {self.accuracy:.4f} at {self.latency_ms:.4g} ms"
+                f" (p90 {self.latency_p90_ms:.4g} ms; {self.device}, batch {self.batch_size}, {self.dtype})")
+
 
 def _client(tracking_uri: str | None):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

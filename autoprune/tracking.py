@@ -33,6 +33,9 @@ VERSION_TAGS = ("accuracy", "latency_ms", "latency_p90_ms", "device", "batch_siz
 LIBRARIES = ("torch", "timm", "ray", "optuna", "mlflow", "torch-pruning")
 
 
+DEFAULT_WORKDIR = "autoprune_runs"  # the local MLflow store, Ray results and caches, relative to where you run
+
+
 def resolve_tracking_uri(flag: str | None, spec_uri: str | None, workdir: str | Path) -> str:
     """The CLI flag, else $MLFLOW_TRACKING_URI, else the spec's, else an sqlite file in the work directory."""
     local = f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"

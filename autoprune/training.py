@@ -88,6 +88,13 @@ def warmup_cosine(steps: int, warmup_fraction: float = 0.1) -> Callable[[int], f
     return factor
 
 
+def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """τ²·KL(softmax(teacher/τ) ‖ softmax(student/τ)): the τ² keeps gradients on one scale across temperatures."""
+    return temperature**2 * F.kl_div(F.log_softmax(student_logits / temperature, -1),
+                                     F.log_softmax(teacher_logits / temperature, -1), log_target=True,
+                                     reduction="batchmean")
+
+
 def cross_entropy(label_smoothing: float = 0.1) -> LossFn:
     def loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(inputs), labels, label_smoothing=label_smoothing)

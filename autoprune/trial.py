@@ -165,7 +165,7 @@ def run_trial(
                     device=device,
                 ),
             )
-            masks = masks.finish(model)
+            masks.finish(model)  # a gradual method ends at its final sparsity (fixed masks: re-applied)
         if latency is None:
             with stage("profile"):
                 latency = _profile(model, context, data, device, threads)

@@ -13,13 +13,12 @@ options (`states`, `normalize`, `logit_weight`, `temperature`) are there to be m
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.heal import HealMethod, HealRequest, register
 from autoprune.models import internal_states
-from autoprune.training import optimise
+from autoprune.training import logit_kl, optimise
 
 STATE_CHOICES = ("all", "last")
 NORMALIZE_CHOICES = ("relative", "none")
@@ -56,9 +55,7 @@ def align(model: nn.Module, request: HealRequest) -> list[float]:
             terms.append(error)
         total = torch.stack(terms).mean() if terms else logits.new_zeros(())
         if weight:
-            kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(target / tau, -1), log_target=True,
-                          reduction="batchmean")
-            total = total + weight * tau**2 * kl
+            total = total + weight * logit_kl(logits, target, tau)
         return total
 
     try:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from autoprune.heal import HealMethod, HealRequest, register
-from autoprune.training import cross_entropy, optimise
+from autoprune.training import cross_entropy, logit_kl, optimise
 
 
 def _no_healing(model, request: HealRequest) -> list[float]:
@@ -27,9 +27,8 @@ def _distill(model, request: HealRequest) -> list[float]:
         logits = student(inputs)
         with torch.no_grad():
             target = teacher(inputs)
-        kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(target / tau, -1), log_target=True,
-                      reduction="batchmean")
-        return alpha * tau**2 * kl + (1 - alpha) * F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        return alpha * logit_kl(logits, target, tau) + (1 - alpha) * F.cross_entropy(logits, labels,
+                                                                                  label_smoothing=smoothing)
 
     return _optimise(model, request, loss)
 

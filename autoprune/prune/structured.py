@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.models import block_of, fix_attention_metadata, is_attention_layer
+from autoprune.models import attention_modules, block_of, fix_attention_metadata, is_attention_layer
 from autoprune.prune import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
 
@@ -41,18 +41,16 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     if request.example_inputs is None:
         raise AutopruneError("structured pruning needs example inputs to trace the model.")
     round_to = int(request.options["round_to"])
-    # The dependency graph traces with autograd, so this runs with gradients on; the surgery below does not.
-    with warnings.catch_warnings():  # unwrapped parameters such as pos_embed are never pruned here
-        warnings.simplefilter("ignore")
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=request.example_inputs, verbose=False)
+    graph = dependency_graph(model, request.example_inputs)
     modules = dict(model.named_modules())
     names = {module: name for name, module in modules.items()}
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     for group in request.groups:
         ratio = request.sparsity[group.name]
         if request.options["heads"]:
-            for attention in _attentions_of(modules, group.layers):
-                remove_heads(attention, ratio)
+            for name, attention in attention_modules(model):
+                if f"{name}.qkv" in group.layers and isinstance(getattr(attention, "proj", None), nn.Linear):
+                    remove_heads(attention, ratio)
         for name in group.layers:
             root = modules[name]
             if is_attention_layer(name) or not _is_block_internal(graph, root, name, names):
@@ -70,15 +68,13 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     return Masks()
 
 
-def _attentions_of(modules: dict, layers) -> list[nn.Module]:
-    """The timm attention modules whose qkv is among `layers`."""
-    found = []
-    for name in layers:
-        if name.endswith(".qkv"):
-            parent = modules[name.rsplit(".", 1)[0]]
-            if hasattr(parent, "num_heads") and isinstance(getattr(parent, "proj", None), nn.Linear):
-                found.append(parent)
-    return found
+def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
+    """Torch-Pruning's dependency graph of `model`. It traces with autograd, so it is built with gradients on."""
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():  # unwrapped parameters such as pos_embed are never pruned here
+        warnings.simplefilter("ignore")
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
 
 
 @torch.no_grad()

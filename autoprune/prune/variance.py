@@ -11,8 +11,6 @@ This implements the ViT MLP (timm `Mlp`: fc1 → act → fc2) case; the CNN chan
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
@@ -20,6 +18,7 @@ from autoprune.errors import AutopruneError
 from autoprune.models import fix_attention_metadata
 from autoprune.prune import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
+from autoprune.prune.structured import dependency_graph
 
 
 class Welford:
@@ -90,9 +89,7 @@ def variance_prune(model: nn.Module, request: PruneRequest) -> Masks:
     if not mlps:
         raise AutopruneError("vbp found no Linear → activation → Linear MLPs to prune in this model.")
     stats = post_activation_statistics(model, mlps, request.calibration)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=request.example_inputs, verbose=False)
+    graph = dependency_graph(model, request.example_inputs)
     for name, mlp in mlps:
         width = mlp.fc1.out_features
         keep = max(1, int(round(width * (1 - ratios[f"{name}.fc1"]))))
