@@ -49,9 +49,13 @@ class SearchSpace:
             for name in self._sparsity_parameters():
                 sparsity = self.spec.prune.sparsity
                 trial.suggest_float(name, sparsity.low, sparsity.high, step=sparsity.step)
+        for option, dimension in self.spec.prune.options.get(prune_method, {}).items():
+            _suggest(trial, f"prune.{prune_method}.{option}", dimension)
         heal_method = _suggest(trial, "heal.method", Choice(self.spec.heal.methods))
         for key in _budget_keys(prune.get(prune_method), heal.get(heal_method)):
             _suggest(trial, f"heal.{key}", getattr(self.spec.heal, key))
+        for option, dimension in self.spec.heal.options.get(heal_method, {}).items():
+            _suggest(trial, f"heal.{heal_method}.{option}", dimension)
 
     def to_config(self, params: Mapping[str, Any]) -> TrialConfig:
         """The sampled parameters (plus the fixed ones) as a resolved trial configuration."""
@@ -62,14 +66,14 @@ class SearchSpace:
         budget = {key: _value(params, f"heal.{key}", getattr(self.spec.heal, key)) if key in used else 0
                   for key in ("calibration_images", "steps", "lr")}
         return TrialConfig(
-            prune=PruneConfig(prune_method, sparsity, dict(self.spec.prune.options.get(prune_method, {}))),
+            prune=PruneConfig(prune_method, sparsity, _options(params, "prune", prune_method, self.spec.prune.options)),
             heal=HealConfig(
                 heal_method,
                 calibration_images=int(budget["calibration_images"]),
                 steps=int(budget["steps"]),
                 lr=float(budget["lr"]),
                 batch_size=self.spec.heal.batch_size,
-                options=dict(self.spec.heal.options.get(heal_method, {})),
+                options=_options(params, "heal", heal_method, self.spec.heal.options),
             ),
             seed=self.spec.search.seed,
         )
@@ -105,6 +109,12 @@ def interpolate_profile(knots: list[float], groups: int) -> list[float]:
         return [knots[0]]
     depth = np.linspace(0.0, 1.0, groups)
     return [float(v) for v in np.interp(depth, np.linspace(0.0, 1.0, len(knots)), knots)]
+
+
+def _options(params: Mapping[str, Any], stage: str, method: str, options: Mapping[str, Mapping[str, Dimension]]):
+    """The chosen method's options, each fixed or sampled (parameter `prune.structured.round_to`, …)."""
+    return {option: _value(params, f"{stage}.{method}.{option}", dimension)
+            for option, dimension in options.get(method, {}).items()}
 
 
 def _suggest(trial, name: str, dimension: Dimension) -> Any:

@@ -113,7 +113,7 @@ class SparsitySpace:
 class PruneSpace:
     methods: tuple[str, ...]
     sparsity: SparsitySpace = field(default_factory=SparsitySpace)
-    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # method → resolved options
+    options: Mapping[str, Mapping[str, Dimension]] = field(default_factory=dict)  # method → option → dimension
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class HealSpace:
     steps: Dimension = field(default_factory=lambda: Fixed(100))
     lr: Dimension = field(default_factory=lambda: Fixed(1e-3))
     batch_size: int = 32
-    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    options: Mapping[str, Mapping[str, Dimension]] = field(default_factory=dict)  # method → option → dimension
 
 
 @dataclass(frozen=True)
@@ -180,10 +180,10 @@ class TrialConfig:
         """Dotted keys → scalars, as MLflow params and table columns."""
         flat: dict[str, Any] = {"prune.method": self.prune.method, "heal.method": self.heal.method, "seed": self.seed}
         flat.update({f"prune.sparsity.{group}": value for group, value in self.prune.sparsity.items()})
-        flat.update({f"prune.{key}": value for key, value in self.prune.options.items()})
+        flat.update({f"prune.{self.prune.method}.{key}": value for key, value in self.prune.options.items()})
         for key in ("calibration_images", "steps", "lr", "batch_size"):
             flat[f"heal.{key}"] = getattr(self.heal, key)
-        flat.update({f"heal.{key}": value for key, value in self.heal.options.items()})
+        flat.update({f"heal.{self.heal.method}.{key}": value for key, value in self.heal.options.items()})
         return flat
 
     def to_json(self) -> str:
@@ -400,15 +400,18 @@ class _Section:
                 )
         return tuple(raw)
 
-    def take_options(self, key: str, registry, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Per-method options over each method's defaults; unknown methods and option names are errors."""
+    def take_options(self, key: str, registry, methods: Sequence[str]) -> dict[str, dict[str, Dimension]]:
+        """Per-method options over each method's defaults, each a search dimension like the budget's (a value, a
+        list to choose from, or {low, high}); unknown methods, option names and values are errors."""
         options = self.section(key)
         resolved = {}
         for method in registry:
             given = options.section(method.name)
-            resolved_options = {
-                option: given.take(option, type(default), default) for option, default in method.options.items()
-            }
+            resolved_options = {}
+            for option, default in method.options.items():
+                choices = method.choices.get(option)
+                check = _one_of(choices) if choices else None
+                resolved_options[option] = given.take_dimension(option, type(default), Fixed(default), check=check)
             given.done()
             if method.name in methods:
                 resolved[method.name] = resolved_options
@@ -426,6 +429,8 @@ class _Section:
             values = tuple(self._value(f"{key}[{i}]", item, kind, check) for i, item in enumerate(raw))
             return Choice(values)
         if isinstance(raw, dict):
+            if kind not in (int, float):
+                raise self.fail(key, f"expected {kind.__name__} (a value or a list of choices), but got {raw!r}.")
             bounds = _Section(raw, self.key(key), self.origin)
             bounds.only("low", "high", "log", "step")  # a typo like `hi` is the cause, not a missing `high`
             low = bounds.take("low", kind, check=check)
@@ -491,6 +496,13 @@ def _non_negative(value: float) -> str | None:
 
 def _fraction(value: float) -> str | None:
     return None if 0 <= value < 1 else "`0 <= value < 1` must hold"
+
+
+def _one_of(choices: Sequence):
+    def check(value) -> str | None:
+        return None if value in choices else f"must be one of the valid choices: {', '.join(map(str, choices))}"
+
+    return check
 
 
 def _at_least(minimum: int):

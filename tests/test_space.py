@@ -47,6 +47,20 @@ def test_parameters_exist_only_where_they_mean_something():
     assert config.heal.options["alpha"] == 0.5
 
 
+def test_method_options_can_be_searched_and_belong_to_their_method():
+    raw = copy.deepcopy(DEMO)
+    raw["space"]["prune"]["options"]["structured"] = {"round_to": [1, 8], "heads": False}
+    raw["space"]["heal"]["options"] = {"align": {"states": ["all", "last"]}}
+    space = SearchSpace(parse_spec(raw), GROUPS)
+    params, config = _sample(space, {"prune.method": "structured", "prune.structured.round_to": 8,
+                                     "heal.method": "align", "heal.align.states": "last"})
+    assert config.prune.options == {"round_to": 8, "heads": False}
+    assert config.heal.options["states"] == "last"
+    assert config.flat()["prune.structured.round_to"] == 8
+    params, _ = _sample(space, {"prune.method": "magnitude", "heal.method": "finetune"})
+    assert not any(key.startswith(("prune.structured.", "heal.align.")) for key in params)
+
+
 def test_per_group_mode_has_one_dimension_per_group():
     params, config = _sample(_space(mode="per_group"), {"prune.method": "structured", "heal.method": "none"})
     assert sorted(k for k in params if k.startswith("prune.sparsity.")) == sorted(

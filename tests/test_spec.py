@@ -26,7 +26,8 @@ def test_demo_dimensions_parse_into_their_kinds():
     assert spec.heal.calibration_images == Choice((64, 256))
     assert spec.heal.steps == Range(20, 120, log=True)
     assert isinstance(spec.heal.lr, Range) and spec.heal.lr.log
-    assert spec.prune.options == {"magnitude": {}, "nm": {"n": 2, "m": 4}, "structured": {"round_to": 1, "heads": True}, "vbp": {}}
+    assert spec.prune.options == {"magnitude": {}, "nm": {"n": Fixed(2), "m": Fixed(4)},
+                                  "structured": {"round_to": Fixed(1), "heads": Fixed(True)}, "vbp": {}}
     assert spec.cost_metric == "latency_ms"
 
 
@@ -56,6 +57,10 @@ def _broken(path: str, value) -> dict:
         ("space.heal.calibration_images", [], ["space.heal.calibration_images", "empty list"]),
         ("space.prune.options", {"nm": {"n": 2, "k": 4}}, ["space.prune.options.nm.k", "unknown key", "m, n"]),
         ("space.prune.options", {"nmm": {}}, ["space.prune.options.nmm", "unknown key"]),
+        ("space.heal.options", {"align": {"states": "every"}}, ["space.heal.options.align.states", "'every'", "all, last"]),
+        ("space.heal.options", {"align": {"states": ["all", "lats"]}}, ["states[1]", "'lats'", "all, last"]),
+        ("space.heal.options", {"align": {"normalize": {"low": 0, "high": 1}}}, ["normalize", "list of choices"]),
+        ("space.prune.options", {"structured": {"round_to": "eight"}}, ["structured.round_to", "expected int"]),
         ("latency_target_ms", -1, ["latency_target_ms", "must be > 0"]),
         ("latency_target_ms", 0, ["latency_target_ms", "must be > 0"]),
         ("objectives", {"accuracy": "max", "energy": "min"}, ["objectives", "energy", "latency_ms"]),

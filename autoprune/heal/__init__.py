@@ -45,6 +45,7 @@ class HealMethod:
     uses_calibration: bool = True  # False: no calibration images, the search samples no image budget
     trains: bool = True  # False: no optimiser steps, the search samples no steps or learning rate
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
+    choices: Mapping[str, tuple] = field(default_factory=dict)  # option name → its valid values, where they are few
 
 
 HEAL_METHODS: Registry[HealMethod] = Registry("healing method")

@@ -88,12 +88,14 @@ class _capture(dict):
 
 
 _DEFAULTS = {"states": "all", "normalize": "relative", "temperature": 2.0}
+_CHOICES = {"states": STATE_CHOICES, "normalize": NORMALIZE_CHOICES}
 register(
     HealMethod(
         "align",
         align,
         "Match the dense model's internal states (block / stage outputs) on unlabelled images (STARFISH-style).",
         options={**_DEFAULTS, "logit_weight": 0.0},
+        choices=_CHOICES,
     )
 )
 register(
@@ -102,5 +104,6 @@ register(
         align,
         "Internal-state alignment plus a logit KL term to the dense model (unlabelled).",
         options={**_DEFAULTS, "logit_weight": 1.0},
+        choices=_CHOICES,
     )
 )
