@@ -142,7 +142,10 @@ def main_healing(*, json_path: str | None, cache_dir: str, seeds: int, quick: bo
 
 # ---- pruning methods at matched sparsity ---------------------------------------------------------------------
 
-PRUNE_METHODS = ("magnitude", "mp_budget", "nm", "structured", "vbp", "progressive", "feather")
+PRUNE_METHODS = ("magnitude", "mp_budget", "nm", "cast", "cast+permute", "structured", "structured+taylor", "vbp",
+                 "progressive", "feather")
+# Table rows that are a registered method with other options: label → (method, options)
+PRUNE_VARIANTS = {"cast+permute": ("cast", {"permute": True}), "structured+taylor": ("structured", {"importance": "taylor"})}
 
 
 @dataclass(frozen=True)
@@ -173,26 +176,27 @@ def run_pruning(bench: PruningBench, *, cache_dir: Path, echo: Callable[[str], N
         dense = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), context, threads=1)
         echo(f"{model_name}: dense top-1 {dense.accuracy:.4f}")
         for sparsity in bench.sparsities:
-            for method in bench.methods:
+            for label in bench.methods:
+                method, options = PRUNE_VARIANTS.get(label, (label, {}))
                 entry = prune.get(method)
-                if method == "vbp" and model_name == "cnn":
-                    continue  # VBP's CNN channel version is not written yet
+                options = {**entry.options, **options}
                 for seed in bench.seeds:
                     config = TrialConfig(
-                        PruneConfig(method, {"all": sparsity} if entry.uses_sparsity else {}, dict(entry.options)),
+                        PruneConfig(method, {"all": sparsity} if entry.uses_sparsity else {}, options),
                         HealConfig(bench.heal, images, bench.steps, bench.lr, bench.batch_size,
                                    dict(heal.get(bench.heal).options)),
                         seed=seed,
                     )
                     result = run_trial(config, context, threads=1)
                     rows.append({
-                        "model": model_name, "method": method, "heal": bench.heal, "sparsity": sparsity,
+                        "model": model_name, "method": method, "variant": label, "options": options,
+                        "heal": bench.heal, "sparsity": sparsity,
                         "achieved_sparsity": result.sparsity, "macs_ratio": dense.macs / result.macs,
                         "calibration_fraction": bench.calibration_fraction, "seed": seed,
                         "accuracy": result.accuracy, "dense_accuracy": dense.accuracy,
                     })
                 mine = rows[-len(bench.seeds):]
-                echo(f"  {model_name} {method} target {sparsity:.2f}: achieved {mine[0]['achieved_sparsity']:.2f},"
+                echo(f"  {model_name} {label} target {sparsity:.2f}: achieved {mine[0]['achieved_sparsity']:.2f},"
                      f" MACs ÷{mine[0]['macs_ratio']:.2f}, top-1 "
                      + ", ".join(f"{r['accuracy']:.3f}" for r in mine))
     return rows
@@ -209,8 +213,8 @@ def pruning_markdown(rows: list[dict]) -> str:
                    f" mean ± std over seeds)\n")
         out.append("| method | target sparsity | achieved sparsity | MACs ÷ | top-1 | of dense |")
         out.append("|---|---|---|---|---|---|")
-        for key in dict.fromkeys((r["sparsity"], r["method"]) for r in mine):
-            group = [r for r in mine if (r["sparsity"], r["method"]) == key]
+        for key in dict.fromkeys((r["sparsity"], r["variant"]) for r in mine):
+            group = [r for r in mine if (r["sparsity"], r["variant"]) == key]
             accs = [r["accuracy"] for r in group]
             mean = statistics.mean(accs)
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0

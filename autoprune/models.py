@@ -169,6 +169,38 @@ def fix_attention_metadata(model: nn.Module) -> None:
             module.attn_dim = width
 
 
+@dataclass(frozen=True)
+class HiddenChannels:
+    """Channels private to one block: made by `producer` (then its norm, then an activation) and read only by
+    `consumer`, whose output goes on through `consumer_norm` (if any). Such channels can be removed or reordered
+    without touching the rest of the network: a ViT MLP's hidden neurons (fc1 → act → fc2), a ResNet block's inner
+    convs (conv_k → bn_k → act → conv_k+1)."""
+
+    producer: str
+    consumer: str
+    producer_norm: str | None = None
+    consumer_norm: str | None = None
+
+
+def hidden_channels(model: nn.Module) -> list[HiddenChannels]:
+    found = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        fc1, fc2 = getattr(module, "fc1", None), getattr(module, "fc2", None)
+        if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear):  # timm Mlp: fc1 → act → (norm) → fc2
+            norm = f"{prefix}norm" if getattr(getattr(module, "norm", None), "weight", None) is not None else None
+            found.append(HiddenChannels(f"{prefix}fc1", f"{prefix}fc2", producer_norm=norm))
+        for k in (1, 2):  # timm ResNet BasicBlock / Bottleneck
+            conv, bn, after = (getattr(module, f"conv{k}", None), getattr(module, f"bn{k}", None),
+                               getattr(module, f"conv{k + 1}", None))
+            if (isinstance(conv, nn.Conv2d) and isinstance(after, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                    and conv.groups == 1 and after.groups == 1):
+                next_bn = getattr(module, f"bn{k + 1}", None)
+                found.append(HiddenChannels(f"{prefix}conv{k}", f"{prefix}conv{k + 1}", f"{prefix}bn{k}",
+                                            f"{prefix}bn{k + 1}" if isinstance(next_bn, nn.BatchNorm2d) else None))
+    return found
+
+
 # ---- saved models ------------------------------------------------------------------------------------------
 
 

@@ -49,10 +49,10 @@ class SearchSpace:
             for name in self._sparsity_parameters():
                 sparsity = self.spec.prune.sparsity
                 trial.suggest_float(name, sparsity.low, sparsity.high, step=sparsity.step)
-        for option, dimension in self.spec.prune.options.get(prune_method, {}).items():
-            _suggest(trial, f"prune.{prune_method}.{option}", dimension)
+        prune_options = {option: _suggest(trial, f"prune.{prune_method}.{option}", dimension)
+                         for option, dimension in self.spec.prune.options.get(prune_method, {}).items()}
         heal_method = _suggest(trial, "heal.method", Choice(self.spec.heal.methods))
-        for key in _budget_keys(prune.get(prune_method), heal.get(heal_method)):
+        for key in _budget_keys(prune.get(prune_method), prune_options, heal.get(heal_method)):
             _suggest(trial, f"heal.{key}", getattr(self.spec.heal, key))
         for option, dimension in self.spec.heal.options.get(heal_method, {}).items():
             _suggest(trial, f"heal.{heal_method}.{option}", dimension)
@@ -62,11 +62,12 @@ class SearchSpace:
         prune_method = _value(params, "prune.method", Choice(self.spec.prune.methods))
         heal_method = _value(params, "heal.method", Choice(self.spec.heal.methods))
         sparsity = self._resolve_sparsity(params) if prune.get(prune_method).uses_sparsity else {}
-        used = _budget_keys(prune.get(prune_method), heal.get(heal_method))
+        prune_options = _options(params, "prune", prune_method, self.spec.prune.options)
+        used = _budget_keys(prune.get(prune_method), prune_options, heal.get(heal_method))
         budget = {key: _value(params, f"heal.{key}", getattr(self.spec.heal, key)) if key in used else 0
                   for key in ("calibration_images", "steps", "lr")}
         return TrialConfig(
-            prune=PruneConfig(prune_method, sparsity, _options(params, "prune", prune_method, self.spec.prune.options)),
+            prune=PruneConfig(prune_method, sparsity, prune_options),
             heal=HealConfig(
                 heal_method,
                 calibration_images=int(budget["calibration_images"]),
@@ -96,10 +97,10 @@ class SearchSpace:
         return dict(zip(self.group_names, interpolate_profile(values, len(self.groups))))
 
 
-def _budget_keys(pruning: prune.PruneMethod, healing: heal.HealMethod) -> tuple[str, ...]:
+def _budget_keys(pruning: prune.PruneMethod, options: Mapping[str, Any], healing: heal.HealMethod) -> tuple[str, ...]:
     """The parts of the budget a trial uses: calibration images (for its pruning statistics or its healing), and
     steps and lr if its healing trains."""
-    images = pruning.needs_calibration or healing.uses_calibration
+    images = pruning.needs_images(options) or healing.uses_calibration
     return (("calibration_images",) if images else ()) + (("steps", "lr") if healing.trains else ())
 
 

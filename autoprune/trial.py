@@ -125,15 +125,16 @@ def run_trial(
 
     with stage("prune"):
         method = prune.get(config.prune.method)
+        options = {**method.options, **config.prune.options}  # defaults for what the config leaves out
         groups = _groups_for(model, config.prune.sparsity)
         masks = method.apply(
             model,
             prune.PruneRequest(
                 groups=groups,
                 sparsity={group.name: config.prune.sparsity.get(group.name, 0.0) for group in groups},
-                options=config.prune.options,
+                options=options,
                 example_inputs=data.normalize(data.train.images[:2]),
-                calibration=data.normalize(calibration.images) if method.needs_calibration else None,
+                calibration=data.normalize(calibration.images) if method.needs_images(options) else None,
                 seed=config.seed,
             ),
         )
@@ -160,7 +161,7 @@ def run_trial(
                     batch_size=config.heal.batch_size,
                     masks=masks,
                     teacher=dense,
-                    options=config.heal.options,
+                    options={**healing.options, **config.heal.options},
                     seed=config.seed,
                     device=device,
                 ),

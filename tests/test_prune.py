@@ -11,7 +11,6 @@ from autoprune import prune
 from autoprune.measure import achieved_sparsity, count_params, prunable_weight_count
 from autoprune.models import layer_groups, load_model_dir, pooled_group, prunable_layers, save_model
 from autoprune.prune.nm import nm_mask
-from autoprune.errors import AutopruneError
 from autoprune.prune.variance import Welford
 from conftest import TINY_BOTTLENECK, TINY_RESNET, TINY_VIT
 
@@ -24,8 +23,8 @@ def _prune(source, method_name, example, sparsity=TARGET, pooled=False, options=
     dense = copy.deepcopy(model)
     groups = (pooled_group(model),) if pooled else layer_groups(model)
     method = prune.get(method_name)
-    request = prune.PruneRequest(groups, {g.name: sparsity for g in groups}, options or dict(method.options), example,
-                                 calibration=example)
+    request = prune.PruneRequest(groups, {g.name: sparsity for g in groups}, {**method.options, **(options or {})},
+                                 example, calibration=example)
     masks = method.apply(model, request).finish(model)  # a gradual method jumps to its final sparsity
     return dense, model, masks
 
@@ -40,10 +39,6 @@ def _sparsity(dense, model):
 
 @pytest.mark.parametrize("method_name", prune.list_methods())
 def test_conformance(method_name, source, example, tmp_path):
-    if method_name == "vbp" and source is TINY_RESNET:  # known gap: VBP's CNN channel version is not written yet
-        with pytest.raises(AutopruneError, match="no Linear"):
-            _prune(source, method_name, example)
-        return
     dense, model, masks = _prune(source, method_name, example)
     method = prune.get(method_name)
     with torch.no_grad():
@@ -139,6 +134,28 @@ def test_structured_round_to_keeps_multiples(example):
     assert all(block.mlp.fc1.out_features % 8 == 0 for block in model.blocks)
 
 
+@pytest.mark.parametrize(("importance", "removes_dead_neuron"), [("l2", False), ("l1", False), ("taylor", True)])
+def test_taylor_importance_sees_what_magnitude_cannot(importance, removes_dead_neuron, bundle):
+    torch.manual_seed(0)
+    model = TINY_VIT.create().eval()
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():  # neuron 0: the largest weights into it, none out of it — it cannot change the loss
+        mlp.fc1.weight[0] *= 50
+        mlp.fc2.weight[:, 0] = 0
+    dense = copy.deepcopy(model)
+    groups = layer_groups(model)
+    sparsity = {g.name: (1 / mlp.fc1.out_features if g.name == "blocks.0.mlp" else 0.0) for g in groups}
+    images = bundle.normalize(bundle.train.images[:16])
+    options = {**prune.get("structured").options, "importance": importance}
+    prune.get("structured").apply(model, prune.PruneRequest(groups, sparsity, options, images[:2], calibration=images))
+    kept_dead = any(torch.equal(row, dense.blocks[0].mlp.fc1.weight[0]) for row in model.blocks[0].mlp.fc1.weight)
+    assert kept_dead != removes_dead_neuron
+    if removes_dead_neuron:
+        with torch.no_grad():
+            assert torch.allclose(model(images), dense(images), atol=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # no gradients leak into healing
+
+
 def test_welford_matches_a_direct_computation():
     samples = torch.randn(1000, 7, dtype=torch.float64) * torch.arange(1, 8) + 3
     stats = Welford()
@@ -200,6 +217,58 @@ def test_vbp_removes_the_lowest_variance_neurons(bundle):
     assert torch.equal(model.blocks[1].mlp.fc1.weight, kept_rows)
 
 
+def test_vbp_cnn_removing_a_constant_channel_keeps_the_block(bundle):
+    torch.manual_seed(0)
+    model = TINY_RESNET.create().eval()
+    block = model.layer1[0]
+    with torch.no_grad():  # channel 3 after bn1 → ReLU is 0.5 everywhere: variance 0
+        block.conv1.weight[3] = 0.0
+        block.bn1.running_mean[3], block.bn1.bias[3] = 0.0, 0.5
+        block.bn2.weight.fill_(1.0)  # timm zero-initialises the last BN of a block, which would hide everything
+    dense = copy.deepcopy(model)
+    images = bundle.normalize(bundle.train.images[:16])
+    _vbp(model, images, {"layer1": 1 / block.conv1.out_channels})
+    assert model.layer1[0].conv1.out_channels == dense.layer1[0].conv1.out_channels - 1
+
+    def bn2_output(network):
+        captured = []
+        handle = network.layer1[0].bn2.register_forward_hook(lambda m, i, o: captured.append(o.clone()))  # later ops are in-place
+        with torch.no_grad():
+            network(images)
+        handle.remove()
+        return captured[0]
+
+    pruned, reference = bn2_output(model), bn2_output(dense)
+    # Zero padding makes a constant map's effect position-dependent at the border; the fold keeps its average, so
+    # every output channel's mean over all positions is exactly the dense one's.
+    assert torch.allclose(pruned.mean((0, 2, 3)), reference.mean((0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(pruned, reference, atol=1e-5)  # (the positions themselves do move)
+
+
+def test_vbp_cnn_fold_brings_the_block_output_mean_closer(bundle):
+    torch.manual_seed(0)
+    images = bundle.normalize(bundle.train.images[:32])
+
+    def block_mean(network):
+        captured = []
+        handle = network.layer1[0].bn2.register_forward_hook(lambda m, i, o: captured.append(o.clone()))  # later ops are in-place
+        with torch.no_grad():
+            network(images)
+        handle.remove()
+        return captured[0].double().mean((0, 2, 3))
+
+    dense = TINY_RESNET.create().eval()
+    with torch.no_grad():
+        dense.layer1[0].bn2.weight.fill_(1.0)  # timm zero-initialises it, which would hide everything
+    pruned = copy.deepcopy(dense)
+    _vbp(pruned, images, {"layer1": 0.5})
+    unfolded = copy.deepcopy(pruned)
+    removed = dense.layer1[0].bn2.running_mean - pruned.layer1[0].bn2.running_mean
+    unfolded.layer1[0].bn2.running_mean += removed  # the same removal without the mean shift
+    error = (block_mean(pruned) - block_mean(dense)).abs().mean()
+    assert error < 0.5 * (block_mean(unfolded) - block_mean(dense)).abs().mean()
+
+
 def test_removing_a_silent_attention_head_changes_no_output(bundle):
     torch.manual_seed(0)
     model = TINY_VIT.create().eval()
@@ -212,7 +281,8 @@ def test_removing_a_silent_attention_head_changes_no_output(bundle):
     groups = layer_groups(model)
     sparsity = {g.name: (0.5 if g.name == "blocks.0.attn" else 0.0) for g in groups}
     images = bundle.normalize(bundle.eval.images[:8])
-    prune.get("structured").apply(model, prune.PruneRequest(groups, sparsity, {"round_to": 1, "heads": True}, images))
+    prune.get("structured").apply(model, prune.PruneRequest(groups, sparsity, dict(prune.get("structured").options),
+                                                            images))
     assert model.blocks[0].attn.num_heads == 1 and model.blocks[1].attn.num_heads == 2
     with torch.no_grad():
         assert torch.allclose(model(images), dense(images), atol=1e-5)

@@ -54,11 +54,22 @@ def test_method_options_can_be_searched_and_belong_to_their_method():
     space = SearchSpace(parse_spec(raw), GROUPS)
     params, config = _sample(space, {"prune.method": "structured", "prune.structured.round_to": 8,
                                      "heal.method": "align", "heal.align.states": "last"})
-    assert config.prune.options == {"round_to": 8, "heads": False}
+    assert config.prune.options == {"round_to": 8, "heads": False, "importance": "l2"}
     assert config.heal.options["states"] == "last"
     assert config.flat()["prune.structured.round_to"] == 8
     params, _ = _sample(space, {"prune.method": "magnitude", "heal.method": "finetune"})
     assert not any(key.startswith(("prune.structured.", "heal.align.")) for key in params)
+
+
+def test_an_option_that_reads_images_brings_the_image_budget():
+    raw = copy.deepcopy(DEMO)
+    raw["space"]["prune"]["options"]["structured"] = {"importance": ["l2", "taylor"]}
+    space = SearchSpace(parse_spec(raw), GROUPS)
+    fixed = {"prune.method": "structured", "heal.method": "none"}
+    params, config = _sample(space, {**fixed, "prune.structured.importance": "taylor"})
+    assert "heal.calibration_images" in params and config.heal.calibration_images > 0
+    params, config = _sample(space, {**fixed, "prune.structured.importance": "l2"})
+    assert "heal.calibration_images" not in params and config.heal.calibration_images == 0
 
 
 def test_per_group_mode_has_one_dimension_per_group():

@@ -40,9 +40,15 @@ class PruneMethod:
     uses_sparsity: bool = True  # False when the method fixes its own sparsity (N:M)
     structured: bool = False  # physically removes units: latency can drop on dense kernels
     needs_calibration: bool = False  # gathers statistics on calibration images (the search then samples a budget)
+    calibration_when: Mapping[str, tuple] = field(default_factory=dict)  # … or only with these option values
     gradual: bool = False  # keeps pruning while the model heals (returns a sparsifier, final only at `finish`)
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
     choices: Mapping[str, tuple] = field(default_factory=dict)  # option name → its valid values, where they are few
+
+
+    def needs_images(self, options: Mapping[str, Any]) -> bool:
+        """Whether pruning with these options reads calibration images."""
+        return self.needs_calibration or any(options.get(key) in values for key, values in self.calibration_when.items())
 
 
 PRUNE_METHODS: Registry[PruneMethod] = Registry("pruning method")
@@ -51,6 +57,6 @@ register, get, list_methods = PRUNE_METHODS.register, PRUNE_METHODS.get, PRUNE_M
 
 
 # Registration happens on import of each method module.
-from autoprune.prune import gradual, magnitude, nm, none, spectral, structured, variance  # noqa: E402,F401
+from autoprune.prune import cast, gradual, magnitude, nm, none, spectral, structured, variance  # noqa: E402,F401
 
 __all__ = ["Masks", "Sparsifier", "PruneMethod", "PruneRequest", "PRUNE_METHODS", "get", "list_methods", "register"]
