@@ -8,7 +8,10 @@ Per-layer sparsity comes in three parametrisations:
 - global: one value, pooled over every prunable layer (one magnitude threshold for all);
 - per_group: one value per layer group (a ViT block's attention or MLP, a CNN stage);
 - profile: a few knots spread over depth, linearly interpolated to every group, so that deep models need not
-  search a hundred dimensions.
+  search a hundred dimensions;
+- spectral: one value, which the trial spreads over the groups by the Marchenko–Pastur layer budget of the dense
+  weights (it needs the weights, so it is resolved there, not here).
+Which of them a method takes is declared in its registration and checked when the spec is read.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class SearchSpace:
         budget = {key: _value(params, f"heal.{key}", getattr(self.spec.heal, key)) if key in used else 0
                   for key in ("calibration_images", "steps", "lr")}
         return TrialConfig(
-            prune=PruneConfig(prune_method, sparsity, prune_options),
+            prune=PruneConfig(prune_method, sparsity, prune_options,
+                              "spectral" if sparsity and self.spec.prune.sparsity.mode == "spectral" else "given"),
             heal=HealConfig(
                 heal_method,
                 calibration_images=int(budget["calibration_images"]),
@@ -81,7 +85,7 @@ class SearchSpace:
 
     def _sparsity_parameters(self) -> list[str]:
         mode = self.spec.prune.sparsity
-        if mode.mode == "global":
+        if mode.mode in ("global", "spectral"):
             return ["prune.sparsity"]
         if mode.mode == "per_group":
             return [f"prune.sparsity.{name}" for name in self.group_names]
@@ -90,7 +94,7 @@ class SearchSpace:
     def _resolve_sparsity(self, params: Mapping[str, Any]) -> dict[str, float]:
         values = [float(params[name]) for name in self._sparsity_parameters()]
         mode = self.spec.prune.sparsity.mode
-        if mode == "global":
+        if mode in ("global", "spectral"):
             return {POOLED_GROUP: values[0]}
         if mode == "per_group":
             return dict(zip(self.group_names, values))

@@ -17,7 +17,7 @@ import yaml
 from autoprune.errors import SpecError
 
 SAMPLERS = ("tpe", "nsga2", "random")
-SPARSITY_MODES = ("global", "per_group", "profile")
+SPARSITY_MODES = ("global", "per_group", "profile", "spectral")
 DATA_SOURCES = ("reference", "imagefolder")
 DTYPES = ("float32", "float16", "bfloat16")
 LATENCY_METRICS = ("latency_ms", "latency_p90_ms", "macs", "params")  # what the cost objective may be
@@ -102,7 +102,9 @@ class MlflowSpec:
 
 @dataclass(frozen=True)
 class SparsitySpace:
-    mode: str = "global"  # global: one value; per_group: one per layer group; profile: knots over depth
+    # global: one value; per_group: one per layer group; profile: knots over depth;
+    # spectral: one value, spread over the groups by the Marchenko–Pastur layer budget of the dense weights
+    mode: str = "global"
     low: float = 0.3
     high: float = 0.9
     step: float | None = None
@@ -156,6 +158,7 @@ class PruneConfig:
     method: str  # a registered pruning method
     sparsity: Mapping[str, float] = field(default_factory=dict)  # group → fraction; {"all": s} for global
     options: Mapping[str, Any] = field(default_factory=dict)
+    allocation: str = "given"  # given: as above; spectral: {"all": s} spread over the groups by the MP layer budget
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,8 @@ class TrialConfig:
         """Dotted keys → scalars, as MLflow params and table columns."""
         flat: dict[str, Any] = {"prune.method": self.prune.method, "heal.method": self.heal.method, "seed": self.seed}
         flat.update({f"prune.sparsity.{group}": value for group, value in self.prune.sparsity.items()})
+        if self.prune.allocation != "given":
+            flat["prune.allocation"] = self.prune.allocation
         flat.update({f"prune.{self.prune.method}.{key}": value for key, value in self.prune.options.items()})
         for key in ("calibration_images", "steps", "lr", "batch_size"):
             flat[f"heal.{key}"] = getattr(self.heal, key)
@@ -302,6 +307,13 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
             f" low={sparsity_space.low}, high={sparsity_space.high}."
         )
     sparsity.done()
+    for method in prune_methods:
+        allowed = prune.get(method).sparsity_modes
+        if prune.get(method).uses_sparsity and sparsity_space.mode not in allowed:
+            raise SpecError(
+                f"{origin}: space.prune.sparsity.mode: {sparsity_space.mode!r} does not apply to method {method!r},"
+                f" which takes: {', '.join(allowed)}."
+            )
     prune_options = prune_section.take_options("options", prune.PRUNE_METHODS, prune_methods)
     prune_section.done()
 

@@ -23,7 +23,8 @@ from autoprune.data import DataBundle
 from autoprune.measure import accuracy, achieved_sparsity, count_macs, count_params, prunable_weight_count
 from autoprune.models import POOLED_GROUP, LayerGroup, ModelSource, layer_groups, pooled_group, prunable_layers, save_model
 from autoprune.profile import LatencyProfile, profile_latency
-from autoprune.spec import ProfileSpec, TrialConfig
+from autoprune.prune.spectral import spectral_allocation
+from autoprune.spec import ProfileSpec, PruneConfig, TrialConfig
 
 STAGES = ("load", "prune", "profile", "heal", "evaluate", "count", "save")  # the keys of TrialResult.timings
 
@@ -126,12 +127,12 @@ def run_trial(
     with stage("prune"):
         method = prune.get(config.prune.method)
         options = {**method.options, **config.prune.options}  # defaults for what the config leaves out
-        groups = _groups_for(model, config.prune.sparsity)
+        groups, sparsity = _allocate(model, config.prune)
         masks = method.apply(
             model,
             prune.PruneRequest(
                 groups=groups,
-                sparsity={group.name: config.prune.sparsity.get(group.name, 0.0) for group in groups},
+                sparsity=sparsity,
                 options=options,
                 example_inputs=data.normalize(data.train.images[:2]),
                 calibration=data.normalize(calibration.images) if method.needs_images(options) else None,
@@ -201,11 +202,14 @@ def _profile(model, context: TrialContext, data: DataBundle, device, threads) ->
     return latency
 
 
-def _groups_for(model: torch.nn.Module, sparsity: Mapping[str, float]) -> tuple[LayerGroup, ...]:
-    """The pooled group for global sparsity, else the model's own layer groups."""
-    if set(sparsity) == {POOLED_GROUP}:
-        return (pooled_group(model),)
-    return layer_groups(model)
+def _allocate(model: torch.nn.Module, config: PruneConfig) -> tuple[tuple[LayerGroup, ...], dict[str, float]]:
+    """The layer groups and each one's sparsity: the pooled group for global sparsity, the model's own groups
+    otherwise, with the spectra's allocation when the config asks for it."""
+    if config.allocation == "spectral":
+        groups = layer_groups(model)
+        return groups, spectral_allocation(model, groups, config.sparsity[POOLED_GROUP])
+    groups = (pooled_group(model),) if set(config.sparsity) == {POOLED_GROUP} else layer_groups(model)
+    return groups, {group.name: config.sparsity.get(group.name, 0.0) for group in groups}
 
 
 def _stopwatch(timings: dict[str, float]):

@@ -88,6 +88,22 @@ def test_profile_mode_interpolates_knots_over_depth():
     assert interpolate_profile([0.1, 0.9, 0.1], 5) == pytest.approx([0.1, 0.5, 0.9, 0.5, 0.1])
 
 
+def test_spectral_mode_samples_one_value_for_the_trial_to_spread():
+    params, config = _sample(_space(mode="spectral"), {"prune.method": "structured", "heal.method": "none"})
+    assert [k for k in params if k.startswith("prune.sparsity")] == ["prune.sparsity"]
+    assert config.prune.sparsity == {"all": params["prune.sparsity"]} and config.prune.allocation == "spectral"
+    _, config = _sample(_space(mode="spectral"), {"prune.method": "nm", "heal.method": "none"})
+    assert config.prune.allocation == "given"  # N:M takes no sparsity to spread
+
+
+def test_a_mode_a_method_cannot_take_is_a_spec_error():
+    raw = copy.deepcopy(DEMO)
+    raw["space"]["prune"]["methods"] = ["magnitude", "mp_budget"]
+    raw["space"]["prune"]["sparsity"]["mode"] = "per_group"
+    with pytest.raises(SpecError, match=r"space.prune.sparsity.mode: 'per_group' does not apply to method 'mp_budget', which takes: global"):
+        parse_spec(raw)
+
+
 def test_more_knots_than_groups_is_a_spec_error():
     with pytest.raises(SpecError, match="knots"):
         _space(mode="profile", knots=len(GROUPS) + 1)

@@ -77,3 +77,24 @@ def test_a_larger_spectral_edge_means_more_pruning_than_magnitude_alone():
     total = sum(modules[n].weight.numel() for n in group.layers)
     achieved = sum(spectral[n] * modules[n].weight.numel() for n in group.layers) / total
     assert achieved == pytest.approx(0.5, abs=1e-3)  # the global target is still met exactly
+
+
+def test_spectral_allocation_spreads_one_value_as_the_layer_budget_does():
+    from autoprune.models import layer_groups
+    from autoprune.prune.spectral import spectral_allocation
+
+    torch.manual_seed(0)
+    model = TINY_VIT.create()
+    groups = layer_groups(model)
+    allocation = spectral_allocation(model, groups, 0.7)
+    modules = dict(model.named_modules())
+    sizes = {g.name: sum(modules[n].weight.numel() for n in g.layers) for g in groups}
+    overall = sum(allocation[g] * sizes[g] for g in allocation) / sum(sizes.values())
+    assert overall == pytest.approx(0.7, abs=1e-3)  # the global value, kept
+    assert len({round(v, 3) for v in allocation.values()}) > 1  # but not uniform
+    # the same per-group shares as the mp_budget method's own masks
+    reference = prune.get("mp_budget").apply(model, prune.PruneRequest((pooled_group(model),), {"all": 0.7},
+                                                                       dict(prune.get("mp_budget").options)))
+    for group in groups:
+        removed = sum(int((~reference.by_layer[n]).sum()) for n in group.layers) / sizes[group.name]
+        assert allocation[group.name] == pytest.approx(removed, abs=1e-6)

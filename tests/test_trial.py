@@ -58,3 +58,10 @@ def test_dense_training_is_reproducible(bundle, tmp_path):
     second = dense_weights(model, DataSpec(), bundle, cache_dir=tmp_path / "b")
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert len(list((tmp_path / "a").glob("dense-*.safetensors"))) == 1  # cached for the next search
+
+
+def test_spectral_allocation_drives_a_structured_method(context):
+    config = TrialConfig(PruneConfig("structured", {"all": 0.5}, allocation="spectral"), HealConfig("none"))
+    result = run_trial(config, context, threads=1)
+    assert 0.2 < result.sparsity < 0.6 and result.params < sum(v.numel() for v in context.dense_state.values())
+    assert TrialConfig.from_json(config.to_json()) == config

@@ -42,6 +42,7 @@ class PruneMethod:
     needs_calibration: bool = False  # gathers statistics on calibration images (the search then samples a budget)
     calibration_when: Mapping[str, tuple] = field(default_factory=dict)  # … or only with these option values
     gradual: bool = False  # keeps pruning while the model heals (returns a sparsifier, final only at `finish`)
+    sparsity_modes: tuple[str, ...] = ("global", "per_group", "profile", "spectral")  # parametrisations it takes
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
     choices: Mapping[str, tuple] = field(default_factory=dict)  # option name → its valid values, where they are few
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.models import is_attention_layer
+from autoprune.models import LayerGroup, is_attention_layer
 from autoprune.prune import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks, remove_lowest
 
@@ -119,11 +119,26 @@ def mp_budget_masks(model: nn.Module, request: PruneRequest) -> Masks:
     return result
 
 
+@torch.no_grad()
+def spectral_allocation(model: nn.Module, groups: tuple[LayerGroup, ...], sparsity: float, *,
+                        alpha: float = 0.25, beta: float = 0.8) -> dict[str, float]:
+    """The MP-derived per-group sparsity for one global value: the share of each group's weights that the layer
+    budget above would remove. Lets any method (structured ones too) prune with the spectra's allocation."""
+    modules = dict(model.named_modules())
+    layers = [name for group in groups for name in group.layers]
+    budget = layer_weights({name: spectral_edge(modules[name].weight, alpha=alpha, beta=beta) for name in layers},
+                           sparsity)
+    keep = dict(zip(layers, remove_lowest([modules[name].weight.abs() / budget[name] for name in layers], sparsity)))
+    return {group.name: 1.0 - sum(int(keep[name].sum()) for name in group.layers)
+            / sum(keep[name].numel() for name in group.layers) for group in groups}
+
+
 register(
     PruneMethod(
         "mp_budget",
         mp_budget_masks,
         "Marchenko–Pastur layer budget (SEB): global magnitude pruning weighted by each layer's BEMA spectral edge.",
         options={"alpha": 0.25, "beta": 0.8},
+        sparsity_modes=("global",),  # it sets its own per-layer budget; the `spectral` mode gives it to others
     )
 )
