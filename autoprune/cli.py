@@ -143,8 +143,10 @@ def _methods(args) -> int:
     for title, registry in (("pruning", prune.PRUNE_METHODS), ("healing", heal.HEAL_METHODS)):
         print(f"{title} methods:")
         for method in registry:
-            options = f"  options: {dict(method.options)}" if method.options else ""
-            print(f"  {method.name:<12} {method.description}{options}")
+            print(f"  {method.name:<12} {method.description}")
+            for option, default in method.options.items():
+                choices = method.choices.get(option)
+                print(f"  {'':<12}   {option}: {default!r}" + (f"  (one of: {', '.join(choices)})" if choices else ""))
     return 0
 
 

@@ -7,6 +7,7 @@ starts. Unknown keys are errors, never silently dropped.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,6 +426,8 @@ class _Section:
                 check = _one_of(choices) if choices else None
                 resolved_options[option] = given.take_dimension(option, type(default), Fixed(default), check=check)
             given.done()
+            if problem := _check_combinations(getattr(method, "check", None), resolved_options):
+                raise options.fail(method.name, f"{problem}.")
             if method.name in methods:
                 resolved[method.name] = resolved_options
         options.done()
@@ -508,6 +511,19 @@ def _non_negative(value: float) -> str | None:
 
 def _fraction(value: float) -> str | None:
     return None if 0 <= value < 1 else "`0 <= value < 1` must hold"
+
+
+def _check_combinations(check, options: Mapping[str, Dimension]) -> str | None:
+    """A method's rule over its options, tried on every combination the search could sample (a range's ends)."""
+    if check is None:
+        return None
+    candidates = [dimension.values if isinstance(dimension, Choice) else
+                  (dimension.low, dimension.high) if isinstance(dimension, Range) else (dimension.value,)
+                  for dimension in options.values()]
+    for values in itertools.product(*candidates):
+        if problem := check(dict(zip(options, values))):
+            return problem
+    return None
 
 
 def _one_of(choices: Sequence):

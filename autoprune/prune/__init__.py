@@ -45,6 +45,7 @@ class PruneMethod:
     sparsity_modes: tuple[str, ...] = ("global", "per_group", "profile", "spectral")  # parametrisations it takes
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
     choices: Mapping[str, tuple] = field(default_factory=dict)  # option name → its valid values, where they are few
+    check: Callable[[Mapping[str, Any]], str | None] | None = None  # a problem with a set of options, or None
 
 
     def needs_images(self, options: Mapping[str, Any]) -> bool:

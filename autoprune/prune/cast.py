@@ -29,6 +29,7 @@ from autoprune.errors import AutopruneError
 from autoprune.models import HiddenChannels, hidden_channels
 from autoprune.prune import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
+from autoprune.prune.nm import check_pattern
 
 MAX_PATTERNS = 5000  # from this many C(M, N) patterns on, sample …
 SAMPLED_PATTERNS = 1024  # … this many (the paper's setting)
@@ -156,8 +157,8 @@ def fold_permutations(model: nn.Module, layers: dict[str, nn.Module], images: to
 @torch.no_grad()
 def cast_masks(model: nn.Module, request: PruneRequest) -> Masks:
     n, m = int(request.options["n"]), int(request.options["m"])
-    if not 0 < n < m:
-        raise AutopruneError(f"cast: `0 < n < m` must hold, but got n={n}, m={m}.")
+    if problem := check_pattern(request.options):
+        raise AutopruneError(f"cast: {problem}.")
     if request.calibration is None or len(request.calibration) == 0:
         raise AutopruneError("cast needs calibration images for its input covariances (calibration_images > 0).")
     modules = dict(model.named_modules())
@@ -181,5 +182,6 @@ register(
         uses_sparsity=False,
         needs_calibration=True,
         options={"n": 2, "m": 4, "permute": False},
+        check=check_pattern,
     )
 )

@@ -170,6 +170,11 @@ def feather(model: nn.Module, request: PruneRequest) -> Feather:
                    theta_extreme=options["theta_extreme"])
 
 
+def check_end(options) -> str | None:
+    """The schedule reaches its target at this fraction of the healing steps."""
+    return None if 0 < options["end"] <= 1 else f"`0 < end <= 1` must hold, but got end={options['end']}"
+
+
 register(
     PruneMethod(
         "progressive",
@@ -178,6 +183,8 @@ register(
         " magnitudes of still-active weights.",
         gradual=True,
         options={"schedule": "linear", "end": 0.75},
+        choices={"schedule": tuple(SCHEDULES)},
+        check=check_end,
     )
 )
 register(
@@ -188,5 +195,6 @@ register(
         " cubic schedule to the target at half the healing budget.",
         gradual=True,
         options={"p": 3.0, "end": 0.5, "theta_extreme": 0.5},
+        check=check_end,
     )
 )

@@ -22,11 +22,17 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(weight.shape)
 
 
+def check_pattern(options) -> str | None:
+    """The N:M options' rule (shared with CAST), checked when the spec is read and again before pruning."""
+    n, m = options["n"], options["m"]
+    return None if 0 < n < m else f"`0 < n < m` must hold, but got n={n}, m={m}"
+
+
 @torch.no_grad()
 def nm_masks(model, request: PruneRequest) -> Masks:
     n, m = int(request.options["n"]), int(request.options["m"])
-    if not 0 < n < m:
-        raise AutopruneError(f"nm: `0 < n < m` must hold, but got n={n}, m={m}.")
+    if problem := check_pattern(request.options):
+        raise AutopruneError(f"nm: {problem}.")
     modules = dict(model.named_modules())
     masks = {}
     for group in request.groups:
@@ -46,5 +52,6 @@ register(
         "N:M semi-structured sparsity (2:4 by default): N kept in every M consecutive input weights.",
         uses_sparsity=False,
         options={"n": 2, "m": 4},
+        check=check_pattern,
     )
 )
