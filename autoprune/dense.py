@@ -21,7 +21,10 @@ from autoprune.training import cross_entropy, optimise
 log = logging.getLogger(__name__)
 
 # Bump when the training recipe below changes, so that stale cached weights are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+# Float sums split over threads round differently, so the trained weights (and every table measured on them) would
+# depend on the machine's thread count; one thread makes them the same wherever they are trained.
+TRAINING_THREADS = 1
 RECIPE = {"lr": 2e-3, "batch_size": 64, "weight_decay": 0.05, "label_smoothing": 0.1}
 
 
@@ -49,18 +52,27 @@ def dense_weights(model: ModelSpec, data_spec: DataSpec, data: DataBundle, *, ca
     log.info("dense weights: training %s for %d steps once (cached at %s)", source.name, model.train_steps, path)
     torch.manual_seed(seed)  # before creating the model: its initial weights come from this generator
     dense = source.create(pretrained=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAINING_THREADS)
+    try:
+        _train(dense, data, model.train_steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.contiguous() for name, tensor in dense.eval().state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
+def _train(dense, data: DataBundle, steps: int, seed: int) -> None:
     optimise(
         dense,
         images=data.train,
         data=data,
         loss_fn=cross_entropy(RECIPE["label_smoothing"]),
-        steps=model.train_steps,
+        steps=steps,
         lr=RECIPE["lr"],
         batch_size=RECIPE["batch_size"],
         weight_decay=RECIPE["weight_decay"],
         seed=seed,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.contiguous() for name, tensor in dense.eval().state_dict().items()}
-    save_file(state, str(path))
-    return state
