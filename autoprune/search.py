@@ -20,6 +20,7 @@ from ray.tune import Callback
 
 from autoprune import data as datasets
 from autoprune.dense import dense_weights, model_source
+from autoprune.latency_cache import SharedLatencyCache
 from autoprune.models import layer_groups
 from autoprune.pareto import hypervolume_2d, non_dominated
 from autoprune.report import DENSE, plot_html, plot_png, table
@@ -117,13 +118,14 @@ def search(
     probe = source.create()
     probe.load_state_dict(state)
     space = SearchSpace(spec, layer_groups(probe))
-    context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms)
 
     import ray
 
     if not ray.is_initialized():
         # Worker output stays in Ray's logs: trial errors reach the user through the progress lines and MLflow.
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms,
+                           latency_cache=SharedLatencyCache.start())
     resources = {"cpu": spec.search.cpu, "gpu": spec.search.gpu}
     say(f"autoprune: measuring the dense model on a trial worker ({resources})")
     dense = ray.get(
@@ -220,7 +222,10 @@ def time_accounting(records: list[TrialRecord], *, setup_seconds: float, tune_se
     work = sum(t.get(stage, 0.0) for t in timings for stage in WORK_STAGES)
     load_save = sum(t.get("load", 0.0) + t.get("save", 0.0) for t in timings)
     slot_seconds = tune_seconds * concurrency
+    done = [r.result for r in records if r.result is not None]
     return {
+        "latency_measured": sum(1 for result in done if not result.latency_cached),
+        "latency_reused": sum(1 for result in done if result.latency_cached),
         "setup_s": setup_seconds,  # data, dense weights, Ray start, dense baseline
         "tune_wall_s": tune_seconds,
         "trial_work_s": work,
@@ -248,7 +253,9 @@ def summary_text(outcome: SearchOutcome) -> str:
         a = outcome.accounting
         lines.insert(3, f"Time: setup {a['setup_s']:.0f} s; trials {a['tune_wall_s']:.0f} s, of which pruning, profiling,"
                         f" healing, evaluating and counting filled {1 - a['overhead_share']:.0%} of the trial slots"
-                        f" (model load/save {a['trial_load_save_s']:.1f} s; the rest is Ray, MLflow and idle slots).")
+                        f" (model load/save {a['trial_load_save_s']:.1f} s; the rest is Ray, MLflow and idle slots)."
+                        f" Latency: {a['latency_measured']:.0f} structures timed, {a['latency_reused']:.0f} trials"
+                        f" reused an identical structure's measurement.")
     return "\n".join(lines)
 
 
@@ -381,7 +388,7 @@ class _TrialPublisher(Callback):
         result = record.result
         this = (f"{result.config.prune.method}/{result.config.heal.method} sparsity {result.sparsity:.2f}: "
                 + (f"top-1 {result.accuracy:.4f}" if result.feasible else "missed the latency target")
-                + f" @ {result.latency.median_ms:.3f} ms")
+                + f" @ {result.latency.median_ms:.3f} ms" + (" (same structure timed before)" if result.latency_cached else ""))
         front = pareto_front(self.records, self.spec.cost_metric, dense=self.dense)
         if front:
             best = max(front, key=lambda r: r.result.accuracy)

@@ -22,7 +22,8 @@ from autoprune import heal, prune
 from autoprune.data import DataBundle
 from autoprune.measure import accuracy, achieved_sparsity, count_macs, count_params, prunable_weight_count
 from autoprune.models import POOLED_GROUP, LayerGroup, ModelSource, layer_groups, pooled_group, prunable_layers, save_model
-from autoprune.profile import LatencyProfile, profile_latency
+from autoprune.latency_cache import LatencyCache, structure_signature
+from autoprune.profile import LatencyProfile, device_name, profile_latency
 from autoprune.prune.spectral import spectral_allocation
 from autoprune.spec import ProfileSpec, PruneConfig, TrialConfig
 
@@ -38,6 +39,7 @@ class TrialContext:
     data: DataBundle
     profile: ProfileSpec = field(default_factory=ProfileSpec)
     latency_target_ms: float | None = None
+    latency_cache: LatencyCache | None = None  # identical structures are timed once (see latency_cache.py)
 
     def dense_model(self) -> torch.nn.Module:
         model = self.source.create(pretrained=False)
@@ -56,6 +58,7 @@ class TrialResult:
     params: int
     sparsity: float  # fraction of the dense model's prunable weights that are gone
     timings: Mapping[str, float]  # seconds per stage (STAGES)
+    latency_cached: bool = False  # the latency was measured earlier, on an identical structure
 
     @property
     def feasible(self) -> bool:
@@ -80,6 +83,7 @@ class TrialResult:
             "sparsity": self.sparsity,
             "config_json": self.config.to_json(),
             "latency_json": json.dumps(self.latency.as_dict()),
+            "latency_cached": int(self.latency_cached),
         }
         metrics.update({f"time_{stage}_s": seconds for stage, seconds in self.timings.items()})
         return metrics
@@ -96,6 +100,7 @@ class TrialResult:
             params=int(metrics["params"]),
             sparsity=float(metrics["sparsity"]),
             timings={stage: metrics[f"time_{stage}_s"] for stage in STAGES if f"time_{stage}_s" in metrics},
+            latency_cached=bool(metrics.get("latency_cached", 0)),
         )
 
 
@@ -144,10 +149,10 @@ def run_trial(
     if method.gradual and not healing.trains:
         masks = masks.finish(model)  # no steps to spread the pruning over: straight to the final sparsity
 
-    latency = None
+    latency, cached = None, False
     if not method.gradual:  # the structure is final already: measure now, and skip healing if it is too slow
         with stage("profile"):
-            latency = _profile(model, context, data, device, threads)
+            latency, cached = _profile(model, context, data, device, threads)
 
     top1 = None
     if latency is None or context.latency_target_ms is None or latency.median_ms <= context.latency_target_ms:
@@ -170,7 +175,7 @@ def run_trial(
             masks.finish(model)  # a gradual method ends at its final sparsity (fixed masks: re-applied)
         if latency is None:
             with stage("profile"):
-                latency = _profile(model, context, data, device, threads)
+                latency, cached = _profile(model, context, data, device, threads)
         with stage("evaluate"):
             top1 = accuracy(model, data.eval, data, device=device)
 
@@ -183,11 +188,18 @@ def run_trial(
         with stage("save"):
             save_model(model.cpu(), context.source, save_dir)
 
-    return TrialResult(config, top1, latency, macs, params, sparsity, timings)
+    return TrialResult(config, top1, latency, macs, params, sparsity, timings, latency_cached=cached)
 
 
-def _profile(model, context: TrialContext, data: DataBundle, device, threads) -> LatencyProfile:
+def _profile(model, context: TrialContext, data: DataBundle, device, threads) -> tuple[LatencyProfile, bool]:
+    """The model's latency, and whether it came from the cache."""
     settings = context.profile
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+    key = structure_signature(model, device=device_name(device, torch.get_num_threads()), dtype=settings.dtype,
+                              batch_size=settings.batch_size, input_size=data.input_size)
+    if context.latency_cache is not None and (hit := context.latency_cache.get(key)) is not None:
+        return hit, True
     latency = profile_latency(
         model,
         input_size=data.input_size,
@@ -199,7 +211,10 @@ def _profile(model, context: TrialContext, data: DataBundle, device, threads) ->
         threads=threads,
     )
     model.float()  # profiling may have cast it; healing and evaluation run in float32
-    return latency
+    if context.latency_cache is not None:
+        stored = context.latency_cache.put(key, latency)  # another trial may have stored this structure meanwhile
+        return stored, stored != latency
+    return latency, False
 
 
 def _allocate(model: torch.nn.Module, config: PruneConfig) -> tuple[tuple[LayerGroup, ...], dict[str, float]]:

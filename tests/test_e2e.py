@@ -71,6 +71,14 @@ def test_every_trial_is_a_child_run_with_its_metrics(outcome, tracker):
         assert tags["autoprune.pareto"] == str(tags["autoprune.trial_id"] in front_ids).lower()
 
 
+def test_masked_trials_reuse_the_dense_measurement(outcome):
+    masked = [r.result for r in outcome.records if r.result.config.prune.method == "magnitude"]
+    assert masked, "the fixed seed should sample at least one magnitude trial"
+    for result in masked:  # same shapes, same kernels: timed once, on the dense model, via the shared cache
+        assert result.latency_cached and result.latency == outcome.dense.latency
+    assert outcome.accounting["latency_reused"] >= len(masked)
+
+
 def test_the_parent_run_holds_spec_table_and_plots(outcome, tracker):
     names = {item.path for item in tracker.client.list_artifacts(outcome.parent_run_id)}
     assert {"spec.json", "trials.json", "pareto.png", "pareto.html"} <= names

@@ -71,3 +71,35 @@ def test_spectral_allocation_drives_a_structured_method(context):
     result = run_trial(config, context, threads=1)
     assert 0.2 < result.sparsity < 0.6 and result.params < sum(v.numel() for v in context.dense_state.values())
     assert TrialConfig.from_json(config.to_json()) == config
+
+
+def test_identical_structures_are_timed_once(context, monkeypatch):
+    from dataclasses import replace
+
+    import autoprune.trial as trial_module
+    from autoprune.latency_cache import LocalLatencyCache
+
+    calls = []
+    real = trial_module.profile_latency
+    monkeypatch.setattr(trial_module, "profile_latency", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cached = replace(context, latency_cache=LocalLatencyCache())
+    dense = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), cached, threads=1)
+    masked = run_trial(TrialConfig(PruneConfig("magnitude", {"all": 0.5}), HealConfig("none")), cached, threads=1)
+    assert len(calls) == 1 and masked.latency_cached and not dense.latency_cached
+    assert masked.latency == dense.latency  # masks run the dense kernels: the dense measurement, not a noisy twin
+    smaller = run_trial(TrialConfig(PruneConfig("structured", {"all": 0.5}), HealConfig("none")), cached, threads=1)
+    assert len(calls) == 2 and not smaller.latency_cached and smaller.latency != dense.latency
+    again = run_trial(TrialConfig(PruneConfig("structured", {"all": 0.5}), HealConfig("none"), seed=1), cached,
+                      threads=1)
+    assert len(calls) == 2 and again.latency == smaller.latency
+    assert TrialResult.from_metrics(again.metrics()).latency_cached
+
+
+def test_the_signature_tells_structures_and_settings_apart():
+    from autoprune.latency_cache import structure_signature
+
+    model = TINY_VIT.create()
+    assert structure_signature(model, batch_size=1) == structure_signature(TINY_VIT.create(), batch_size=1)
+    assert structure_signature(model, batch_size=1) != structure_signature(model, batch_size=2)
+    model.blocks[0].attn.num_heads = 1  # same shapes, different attention: a different computation
+    assert structure_signature(model, batch_size=1) != structure_signature(TINY_VIT.create(), batch_size=1)

@@ -1,0 +1,81 @@
+"""Latency depends on a model's structure, not its weights: identical structures share one measurement.
+
+The signature of a measurement is everything that decides its latency — every tensor's shape, each attention's
+head count, the execution format, and the measurement settings (device, dtype, batch, input size, threads,
+compile flag). Masked (unstructured) models keep the dense shapes and run the dense kernels, so they get the dense
+model's measurement: the same number, not a second noisy one that could put them ahead of the dense model.
+
+The first measurement of a signature wins; later trials with the same signature read it. In a search the cache is
+one small Ray actor that every trial worker asks (`SharedLatencyCache`); without Ray, a dict (`LocalLatencyCache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Protocol
+
+from torch import nn
+
+from autoprune.models import attention_modules
+
+
+def structure_signature(model: nn.Module, **settings) -> str:
+    """A short hash of the model's structure and the measurement `settings` (device, dtype, batch size, …)."""
+    shapes = [(name, list(tensor.shape)) for name, tensor in model.state_dict().items()]
+    heads = [(name, int(module.num_heads)) for name, module in attention_modules(model)]
+    text = json.dumps({"class": type(model).__name__, "shapes": shapes, "heads": heads, "settings": settings},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class LatencyCache(Protocol):
+    def get(self, key: str): ...
+
+    def put(self, key: str, profile):
+        """Store `profile` unless the key is already there; return the stored one (first writer wins)."""
+
+
+class LocalLatencyCache:
+    """The cache within one process (`run_trial` without Ray, benchmarks)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, object] = {}
+
+    def get(self, key: str):
+        return self.entries.get(key)
+
+    def put(self, key: str, profile):
+        return self.entries.setdefault(key, profile)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class SharedLatencyCache:
+    """A handle on one Ray actor holding the search's measurements; it pickles, so trial workers can use it."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    @classmethod
+    def start(cls) -> "SharedLatencyCache":
+        import ray
+
+        # num_cpus=0: a dictionary lookup must not take a trial's CPU slot.
+        return cls(ray.remote(num_cpus=0)(LocalLatencyCache).remote())
+
+    def get(self, key: str):
+        import ray
+
+        return ray.get(self.actor.get.remote(key))
+
+    def put(self, key: str, profile):
+        import ray
+
+        return ray.get(self.actor.put.remote(key, profile))
+
+    def __len__(self) -> int:
+        import ray
+
+        return ray.get(self.actor.__len__.remote())
