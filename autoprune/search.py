@@ -79,15 +79,46 @@ def _largest_calibration_budget(spec: SearchSpec) -> int:
     return int(max(dimension.values) if isinstance(dimension, Choice) else dimension.high)
 
 
-def make_sampler(name: str, seed: int):
+CONSTRAINT_ATTR = "constraint"  # Optuna user attribute: (latency − target,), feasible when ≤ 0
+
+
+def make_sampler(name: str, seed: int, *, constrained: bool = False):
+    """Optuna's sampler; `constrained` makes TPE / NSGA-II prefer trials that met the latency target."""
     import optuna
 
+    constraints = {"constraints_func": _trial_constraints} if constrained else {}
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, **constraints),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, **constraints),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),  # samples blindly: constraints do not apply
     }
     return samplers[name]()
+
+
+def _trial_constraints(trial) -> tuple[float, ...]:
+    return tuple(trial.user_attrs.get(CONSTRAINT_ATTR, (0.0,)))
+
+
+def latency_constrained_searcher(space: SearchSpace, spec: SearchSpec):
+    """Ray Tune's OptunaSearch, told each finished trial's latency excess over the spec's target (if any), so
+    that Optuna's constrained samplers concentrate where the target is met."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    target = spec.latency_target_ms
+
+    class ConstrainedOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            # `_ot_trials` (Tune trial id → Optuna trial) is OptunaSearch's own map; a test pins that it exists.
+            if target is not None and result and "latency_ms" in result and trial_id in self._ot_trials:
+                self._ot_trials[trial_id].set_user_attr(CONSTRAINT_ATTR, (float(result["latency_ms"]) - target,))
+            super().on_trial_complete(trial_id, result, error)
+
+    return ConstrainedOptunaSearch(
+        space=space.define,
+        metric=["accuracy", spec.cost_metric],
+        mode=["max", "min"],
+        sampler=make_sampler(spec.search.sampler, spec.search.seed, constrained=target is not None),
+    )
 
 
 def search(
@@ -307,16 +338,10 @@ def _tune_trial(params: dict, *, context: TrialContext, space: SearchSpace) -> N
 def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publisher, *, storage: Path, run_name: str):
     import optuna
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # autoprune prints its own progress; Tune's tables are noise
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searcher = OptunaSearch(
-        space=space.define,
-        metric=["accuracy", spec.cost_metric],
-        mode=["max", "min"],
-        sampler=make_sampler(spec.search.sampler, spec.search.seed),
-    )
+    searcher = latency_constrained_searcher(space, spec)
     trainable = tune.with_resources(
         tune.with_parameters(_tune_trial, context=context, space=space),
         {"cpu": spec.search.cpu, "gpu": spec.search.gpu},

@@ -129,3 +129,21 @@ def test_a_fixed_seed_samples_the_same_configurations():
     first = _sequence(seed=7)
     assert first == _sequence(seed=7)
     assert first != _sequence(seed=8)
+
+
+def test_the_latency_target_reaches_optuna_as_a_constraint():
+    from autoprune.search import CONSTRAINT_ATTR, latency_constrained_searcher
+
+    raw = copy.deepcopy(DEMO)
+    raw["latency_target_ms"] = 2.0
+    spec = parse_spec(raw)
+    searcher = latency_constrained_searcher(SearchSpace(spec, GROUPS), spec)
+    assert searcher._sampler._constraints_func is not None
+    for index, latency in enumerate((1.5, 3.0)):
+        searcher.suggest(f"t{index}")
+        searcher.on_trial_complete(f"t{index}", {"accuracy": 0.9, "latency_ms": latency})
+    trials = searcher._ot_study.trials
+    assert [t.user_attrs[CONSTRAINT_ATTR] for t in trials] == [(-0.5,), (1.0,)]
+
+    unconstrained = latency_constrained_searcher(SearchSpace(parse_spec(DEMO), GROUPS), parse_spec(DEMO))
+    assert unconstrained._sampler._constraints_func is None
