@@ -31,6 +31,8 @@ class LatencyProfile:
     repeats: int
     input_size: tuple[int, int, int]
     torch_version: str
+    format: str = "dense"  # the kernels that ran: dense, or 2:4 semi-structured (formats.py)
+    note: str = ""  # e.g. why a 2:4 model was timed with dense kernels
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,13 +74,18 @@ def profile_latency(
     repeats: int = 30,
     device: torch.device | str = "cpu",
     threads: int | None = None,
+    execution_format: str = "dense",
 ) -> LatencyProfile:
-    """Time `repeats` forward passes of a `batch_size` batch, after at least `warmup` passes and until settled."""
+    """Time `repeats` forward passes of a `batch_size` batch, after at least `warmup` passes and until settled.
+    `execution_format` "2:4" runs the model on semi-structured sparse kernels where the device has them."""
+    from autoprune.formats import timing_model
+
     device = torch.device(device)
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     model = model.eval().to(device=device, dtype=DTYPES[dtype])
+    model, ran_as, note = timing_model(model, execution_format, device, DTYPES[dtype])
     inputs = torch.randn(batch_size, *input_size, device=device, dtype=DTYPES[dtype])
     time_runs = _time_cuda if device.type == "cuda" else _time_cpu
     warm_up(model, inputs, minimum=warmup, time_runs=time_runs)
@@ -95,6 +102,8 @@ def profile_latency(
         repeats=repeats,
         input_size=tuple(input_size),
         torch_version=torch.__version__,
+        format=ran_as,
+        note=note,
     )
 
 

@@ -12,7 +12,7 @@ import copy
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -22,8 +22,9 @@ from autoprune import heal, prune
 from autoprune.data import DataBundle
 from autoprune.measure import accuracy, achieved_sparsity, count_macs, count_params, prunable_weight_count
 from autoprune.models import POOLED_GROUP, LayerGroup, ModelSource, layer_groups, pooled_group, prunable_layers, save_model
+from autoprune.formats import DENSE, semi_structured_unsupported
 from autoprune.latency_cache import LatencyCache, structure_signature
-from autoprune.profile import LatencyProfile, device_name, profile_latency
+from autoprune.profile import DTYPES, LatencyProfile, device_name, profile_latency
 from autoprune.prune.spectral import spectral_allocation
 from autoprune.spec import ProfileSpec, PruneConfig, TrialConfig
 
@@ -150,9 +151,10 @@ def run_trial(
         masks = masks.finish(model)  # no steps to spread the pruning over: straight to the final sparsity
 
     latency, cached = None, False
+    fmt = method.execution_format(options)
     if not method.gradual:  # the structure is final already: measure now, and skip healing if it is too slow
         with stage("profile"):
-            latency, cached = _profile(model, context, data, device, threads)
+            latency, cached = _profile(model, fmt, context, data, device, threads)
 
     top1 = None
     if latency is None or context.latency_target_ms is None or latency.median_ms <= context.latency_target_ms:
@@ -175,7 +177,7 @@ def run_trial(
             masks.finish(model)  # a gradual method ends at its final sparsity (fixed masks: re-applied)
         if latency is None:
             with stage("profile"):
-                latency, cached = _profile(model, context, data, device, threads)
+                latency, cached = _profile(model, fmt, context, data, device, threads)
         with stage("evaluate"):
             top1 = accuracy(model, data.eval, data, device=device)
 
@@ -191,15 +193,17 @@ def run_trial(
     return TrialResult(config, top1, latency, macs, params, sparsity, timings, latency_cached=cached)
 
 
-def _profile(model, context: TrialContext, data: DataBundle, device, threads) -> tuple[LatencyProfile, bool]:
-    """The model's latency, and whether it came from the cache."""
+def _profile(model, fmt: str, context: TrialContext, data: DataBundle, device, threads) -> tuple[LatencyProfile, bool]:
+    """The model's latency when run in format `fmt`, and whether it came from the cache."""
     settings = context.profile
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
-    key = structure_signature(model, device=device_name(device, torch.get_num_threads()), dtype=settings.dtype,
-                              batch_size=settings.batch_size, input_size=data.input_size)
+    fallback = fmt != DENSE and semi_structured_unsupported(device, DTYPES[settings.dtype])
+    runs_as = DENSE if fallback else fmt  # a 2:4 model timed with dense kernels is the dense structure's twin
+    key = structure_signature(model, format=runs_as, device=device_name(device, torch.get_num_threads()),
+                              dtype=settings.dtype, batch_size=settings.batch_size, input_size=data.input_size)
     if context.latency_cache is not None and (hit := context.latency_cache.get(key)) is not None:
-        return hit, True
+        return (replace(hit, note=fallback) if fallback else hit), True
     latency = profile_latency(
         model,
         input_size=data.input_size,
@@ -209,6 +213,7 @@ def _profile(model, context: TrialContext, data: DataBundle, device, threads) ->
         repeats=settings.repeats,
         device=device,
         threads=threads,
+        execution_format=fmt,
     )
     model.float()  # profiling may have cast it; healing and evaluation run in float32
     if context.latency_cache is not None:

@@ -103,3 +103,30 @@ def test_the_signature_tells_structures_and_settings_apart():
     assert structure_signature(model, batch_size=1) != structure_signature(model, batch_size=2)
     model.blocks[0].attn.num_heads = 1  # same shapes, different attention: a different computation
     assert structure_signature(model, batch_size=1) != structure_signature(TINY_VIT.create(), batch_size=1)
+
+
+def test_on_cpu_a_two_four_model_says_it_was_timed_with_dense_kernels(context):
+    from dataclasses import replace
+
+    from autoprune.latency_cache import LocalLatencyCache
+
+    cached = replace(context, latency_cache=LocalLatencyCache())
+    dense = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), cached, threads=1)
+    two_four = run_trial(TrialConfig(PruneConfig("nm"), HealConfig("none")), cached, threads=1)
+    assert two_four.latency.format == "dense" and "2:4" in two_four.latency.note and "CUDA" in two_four.latency.note
+    assert two_four.latency_cached and two_four.latency.median_ms == dense.latency.median_ms
+    alone = run_trial(TrialConfig(PruneConfig("nm", options={"n": 1, "m": 4}), HealConfig("none")), context, threads=1)
+    assert alone.latency.format == "dense" and alone.latency.note == ""  # 1:4 has no kernel to try
+
+
+def test_format_selection():
+    from autoprune import prune
+    from autoprune.formats import is_two_four, semi_structured_unsupported
+
+    assert prune.get("nm").execution_format({"n": 2, "m": 4}) == "2:4"
+    assert prune.get("cast").execution_format({"n": 2, "m": 4, "permute": True}) == "2:4"
+    assert prune.get("nm").execution_format({"n": 2, "m": 8}) == "dense"
+    assert prune.get("magnitude").execution_format({}) == "dense"
+    assert "CUDA" in semi_structured_unsupported(torch.device("cpu"), torch.float16)
+    assert is_two_four(torch.tensor([[1.0, 0, 0, 2, 0, 3, 4, 0]]))
+    assert not is_two_four(torch.tensor([[1.0, 1, 0, 2, 0, 3, 4, 0]]))

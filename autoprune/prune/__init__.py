@@ -42,11 +42,17 @@ class PruneMethod:
     needs_calibration: bool = False  # gathers statistics on calibration images (the search then samples a budget)
     calibration_when: Mapping[str, tuple] = field(default_factory=dict)  # … or only with these option values
     gradual: bool = False  # keeps pruning while the model heals (returns a sparsifier, final only at `finish`)
+    semi_structured: bool = False  # leaves N:M patterns: with n=2, m=4 it is timed on 2:4 kernels where they exist
     sparsity_modes: tuple[str, ...] = ("global", "per_group", "profile", "spectral")  # parametrisations it takes
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
     choices: Mapping[str, tuple] = field(default_factory=dict)  # option name → its valid values, where they are few
     check: Callable[[Mapping[str, Any]], str | None] | None = None  # a problem with a set of options, or None
 
+
+    def execution_format(self, options: Mapping[str, Any]) -> str:
+        """How the pruned model runs when timed (see formats.py)."""
+        two_four = self.semi_structured and (options.get("n"), options.get("m")) == (2, 4)
+        return "2:4" if two_four else "dense"
 
     def needs_images(self, options: Mapping[str, Any]) -> bool:
         """Whether pruning with these options reads calibration images."""

@@ -180,6 +180,7 @@ register(
         "CAST N:M: per row and group, the keep pattern of least covariance-weighted removed energy on calibration"
         " images; optional input-channel permutation folded into the producing layer.",
         uses_sparsity=False,
+        semi_structured=True,
         needs_calibration=True,
         options={"n": 2, "m": 4, "permute": False},
         check=check_pattern,

@@ -51,6 +51,7 @@ register(
         nm_masks,
         "N:M semi-structured sparsity (2:4 by default): N kept in every M consecutive input weights.",
         uses_sparsity=False,
+        semi_structured=True,
         options={"n": 2, "m": 4},
         check=check_pattern,
     )
