@@ -60,17 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("methods", help="list the registered pruning and healing methods")
 
     bench = commands.add_parser("bench", help="measure the tables the README quotes")
-    bench.add_argument("table", choices=["healing", "pruning"],
-                       help="healing: recovery per healing method, sparsity and budget; pruning: every pruning method"
-                            " at matched sparsity with the same healing")
-    bench.add_argument("--json", dest="json_path", help="also write every measurement as JSON rows here")
-    bench.add_argument("--seeds", type=int, default=3)
-    bench.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=["vit", "vit_narrow", "cnn"],
-                       help="which benchmark models (default: vit cnn)")
-    bench.add_argument("--heal", default="distill", help="pruning table: the healing every method gets (default:"
-                                                         " distill; `none` compares the pruning criteria alone)")
-    bench.add_argument("--quick", action="store_true", help="a one-setting smoke run")
-    bench.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the trained dense models are cached")
+    tables = bench.add_subparsers(dest="table", required=True, metavar="{healing,pruning,latency}")
+    for name, text in (("healing", "recovery per healing method, sparsity and budget"),
+                       ("pruning", "every pruning method at matched sparsity with the same healing")):
+        table = tables.add_parser(name, help=text)
+        table.add_argument("--json", dest="json_path", help="also write every measurement as JSON rows here")
+        table.add_argument("--seeds", type=int, default=3)
+        table.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=["vit", "vit_narrow", "cnn"],
+                           help="which benchmark models (default: vit cnn)")
+        if name == "pruning":
+            table.add_argument("--heal", default="distill", help="the healing every method gets (default: distill;"
+                                                                 " `none` compares the pruning criteria alone)")
+        table.add_argument("--quick", action="store_true", help="a one-setting smoke run")
+        table.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the trained dense models are cached")
+    from autoprune.bench_latency import add_arguments
+
+    add_arguments(tables.add_parser("latency", help="dense vs structured vs 2:4 latency on this device"))
     return parser
 
 
@@ -151,6 +156,10 @@ def _methods(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.table == "latency":
+        from autoprune.bench_latency import main_latency
+
+        return main_latency(args)
     from autoprune.bench import main_healing, main_pruning
 
     common = dict(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from autoprune import bench
 from autoprune.spec import ModelSpec
@@ -36,3 +37,43 @@ def test_pruning_rows_and_table(tiny_models, tmp_path):
     assert by_method["magnitude"]["macs_ratio"] == pytest.approx(1.0)
     assert by_method["structured"]["macs_ratio"] > 1.1  # physically smaller
     assert "healing: none" in bench.pruning_markdown(rows)
+
+
+def test_latency_bench_rows_and_formats():
+    from autoprune import bench_latency
+    from conftest import TINY_RESNET, TINY_VIT
+
+    table = {"vit": (TINY_VIT.name, dict(TINY_VIT.kwargs, num_classes=10), (3, 32, 32)),
+             "resnet": (TINY_RESNET.name, dict(TINY_RESNET.kwargs, num_classes=10), (3, 32, 32))}
+    settings = bench_latency.LatencyBench(models=("vit", "resnet"), batch_size=2, round_to=4, warmup=1, repeats=3,
+                                          threads=1)
+    rows = bench_latency.run(settings, echo=lambda line: None, table=table)
+    assert len(rows) == 2 * 4
+    for row in rows:
+        assert {"model", "format", "ratio", "batch_size", "dtype", "device", "dense_ms", "pruned_ms", "macs_ratio",
+                "speedup", "spread"} <= set(row)
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["pruned_ms"])
+    structured = [r for r in rows if r["format"] == "structured"]
+    assert all(r["macs_ratio"] > 1.0 for r in structured)
+    assert [r["macs_ratio"] for r in structured if r["model"] == "vit"] == sorted(
+        r["macs_ratio"] for r in structured if r["model"] == "vit")  # more removed, fewer MACs
+    two_four = [r for r in rows if r["format"] == "2:4"]
+    assert all(r["ran_as"] == "dense" and "CUDA" in r["note"] and r["macs_ratio"] == 1.0 for r in two_four)
+    assert "2:4 (dense kernels)" in bench_latency.markdown(rows)
+
+
+def test_shrink_keeps_the_function_shape_and_rounds_widths():
+    from autoprune.bench_latency import shrink, two_four
+    from autoprune.formats import is_two_four
+    from conftest import TINY_BOTTLENECK, TINY_VIT
+
+    for source in (TINY_VIT, TINY_BOTTLENECK):
+        model = source.create().eval()
+        small = shrink(model, 0.5, 4)
+        x = torch.randn(2, 3, 32, 32)
+        assert small(x).shape == model(x).shape
+        assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    small = shrink(TINY_VIT.create(), 0.6, 4)
+    assert all(block.mlp.fc1.out_features % 4 == 0 for block in small.blocks)
+    masked, layers = two_four(TINY_VIT.create())
+    assert layers and all(is_two_four(layer.weight) for layer in layers)

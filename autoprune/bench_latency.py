@@ -1,0 +1,253 @@
+"""`autoprune bench latency`: what each pruning format really buys in latency, measured, on this device.
+
+For timm architectures with random weights (a ViT, a ResNet, a ConvNeXt), dense against structured removal at
+25/50/75% of the block-internal channels and attention heads, and against 2:4 semi-structured sparsity: the MACs
+ratio, the measured speedup, efficiency = speedup ÷ MACs ratio, and the relative spread of the timed runs.
+
+Needs only torch and timm, so that it runs on any GPU box:
+
+    python -m autoprune.bench_latency --device cuda --dtype bfloat16 --batch-size 64 --json latency.json
+
+Structured widths are cut by slicing the channels private to each block (`models.hidden_channels`: ViT / ConvNeXt
+MLP neurons, ResNet inner convs, rounded to multiples of `round_to`) and whole attention heads — the shapes that
+`structured` leaves, without its Torch-Pruning dependency. Latency depends on shapes, not on which channels go.
+2:4 keeps the two largest of every four weights of each eligible Linear layer and is timed on the sparse kernels
+where the device has them (`formats.py`), else on dense kernels, with the reason in the row's `note`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autoprune.formats import DENSE, SEMI_STRUCTURED
+from autoprune.measure import count_macs
+from autoprune.models import attention_modules, hidden_channels
+from autoprune.profile import profile_latency
+
+# name → (timm model, create kwargs, input size); CPU sizes are small enough for CI, GPU sizes are ImageNet's.
+CPU_MODELS = {
+    "vit": ("vit_small_patch16_224", {"img_size": 64}, (3, 64, 64)),
+    "resnet": ("resnet50", {}, (3, 64, 64)),
+    "convnext": ("convnext_atto", {}, (3, 64, 64)),
+}
+GPU_MODELS = {
+    "vit": ("deit_small_patch16_224", {}, (3, 224, 224)),
+    "resnet": ("resnet50", {}, (3, 224, 224)),
+    "convnext": ("convnext_tiny", {}, (3, 224, 224)),
+}
+RATIOS = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class LatencyBench:
+    models: tuple[str, ...] = ("vit", "resnet", "convnext")
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 8
+    round_to: int = 8
+    warmup: int = 10
+    repeats: int = 30
+    threads: int | None = None
+
+
+# ---- the formats -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _keep_rows(module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep output channels `keep` of a Linear / Conv2d / norm layer (weights, bias, running statistics)."""
+    for attribute in ("weight", "bias", "running_mean", "running_var"):
+        tensor = getattr(module, attribute, None)
+        if tensor is None:
+            continue
+        sliced = tensor[keep].clone()
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, attribute, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
+        else:
+            setattr(module, attribute, sliced)
+    width = len(keep)
+    for attribute in ("out_features", "out_channels", "num_features"):
+        if hasattr(module, attribute):
+            setattr(module, attribute, width)
+    if hasattr(module, "normalized_shape"):
+        module.normalized_shape = (width,)
+
+
+@torch.no_grad()
+def _keep_inputs(module: nn.Module, keep: torch.Tensor) -> None:
+    module.weight = nn.Parameter(module.weight[:, keep].clone(), requires_grad=module.weight.requires_grad)
+    if isinstance(module, nn.Linear):
+        module.in_features = len(keep)
+    else:
+        module.in_channels = len(keep)
+
+
+def shrink(model: nn.Module, ratio: float, round_to: int) -> nn.Module:
+    """A copy with `ratio` of every block's private channels (kept widths multiples of `round_to`) and of every
+    attention's heads removed (largest-norm ones kept)."""
+    from autoprune.prune.structured import remove_heads  # torch only
+
+    model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for unit in hidden_channels(model):
+        producer, consumer = modules[unit.producer], modules[unit.consumer]
+        width = consumer.weight.shape[1]
+        keep_count = max(round_to, int(round(width * (1 - ratio) / round_to)) * round_to)
+        if keep_count >= width:
+            continue
+        norms = producer.weight.detach().reshape(width, -1).norm(dim=1)
+        keep = torch.sort(torch.argsort(norms, descending=True)[:keep_count]).values
+        _keep_rows(producer, keep)
+        if unit.producer_norm:
+            _keep_rows(modules[unit.producer_norm], keep)
+        _keep_inputs(consumer, keep)
+    for _, attention in attention_modules(model):
+        if isinstance(getattr(attention, "proj", None), nn.Linear):
+            remove_heads(attention, ratio)
+    return model
+
+
+@torch.no_grad()
+def two_four(model: nn.Module) -> tuple[nn.Module, float]:
+    """A copy with magnitude 2:4 masks on every Linear layer whose input width allows it (not the classifier),
+    and the share of the model's MACs those layers carry (half of which 2:4 kernels skip)."""
+    from autoprune.prune.nm import nm_mask
+
+    model = copy.deepcopy(model)
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not classifier and m.in_features % 4 == 0]
+    for layer in layers:
+        layer.weight.mul_(nm_mask(layer.weight, 2, 4))
+    return model, layers
+
+
+def _linear_macs(model: nn.Module, layers: list[nn.Module], input_size) -> int:
+    """MACs of one image in `layers` (tokens × in × out each)."""
+    total = []
+    handles = [layer.register_forward_hook(
+        lambda m, i, o: total.append(i[0].numel() // m.in_features * m.in_features * m.out_features))
+        for layer in layers]
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, *input_size, dtype=next(model.parameters()).dtype,
+                                     device=next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(total)
+
+
+# ---- the measurement ---------------------------------------------------------------------------------------
+
+
+def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict]:
+    import timm
+
+    table = table or (GPU_MODELS if bench.device.startswith("cuda") else CPU_MODELS)
+    device = torch.device(bench.device)
+    rows = []
+    for key in bench.models:
+        name, kwargs, input_size = table[key]
+        torch.manual_seed(0)
+        dense = timm.create_model(name, pretrained=False, **kwargs).eval()
+
+        def measure(model, fmt=DENSE):
+            return profile_latency(model, input_size=input_size, batch_size=bench.batch_size, dtype=bench.dtype,
+                                   warmup=bench.warmup, repeats=bench.repeats, device=device, threads=bench.threads,
+                                   execution_format=fmt)
+
+        base = measure(dense)
+        dense_macs = count_macs(dense.float().cpu(), input_size)
+        echo(f"{key} ({name}, input {input_size[1]}×{input_size[2]}): dense {base.median_ms:.3f} ms on {base.device}")
+        variants = [("structured", ratio, shrink(dense.float().cpu(), ratio, bench.round_to), DENSE) for ratio in RATIOS]
+        masked, layers = two_four(dense.float().cpu())
+        variants.append(("2:4", 0.5, (masked, layers), SEMI_STRUCTURED))
+        for fmt, ratio, model, execution in variants:
+            if execution == SEMI_STRUCTURED:
+                model, layers = model
+                macs = dense_macs - _linear_macs(model, layers, input_size) // 2  # what 2:4 kernels would execute
+            else:
+                macs = count_macs(model, input_size)
+            profile = measure(model, execution)
+            if profile.format == DENSE and execution == SEMI_STRUCTURED:
+                macs = dense_macs  # no sparse kernels here: the dense MACs ran
+            speedup = base.median_ms / profile.median_ms
+            row = {
+                "model": key, "timm_name": name, "format": fmt, "ratio": ratio, "batch_size": bench.batch_size,
+                "dtype": bench.dtype, "device": profile.device, "input_size": list(input_size),
+                "dense_ms": base.median_ms, "pruned_ms": profile.median_ms, "macs_ratio": dense_macs / macs,
+                "speedup": speedup, "efficiency": speedup / (dense_macs / macs),
+                "spread": max(base.spread, profile.spread), "ran_as": profile.format, "note": profile.note,
+            }
+            rows.append(row)
+            echo(f"  {fmt} {ratio:.0%}: {profile.median_ms:.3f} ms, MACs ÷{row['macs_ratio']:.2f},"
+                 f" speedup {speedup:.2f}× (efficiency {row['efficiency']:.2f})" + (f" [{profile.note}]" if profile.note else ""))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    first = rows[0]
+    out = [f"Device: {first['device']}; batch {first['batch_size']}, {first['dtype']}; median of the timed runs.\n",
+           "| model | format | removed | MACs ÷ | dense ms | pruned ms | speedup | efficiency | spread |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = r["format"] if r["ran_as"] == DENSE or r["format"] != "2:4" else "2:4 (sparse kernels)"
+        if r["format"] == "2:4" and r["ran_as"] == DENSE:
+            fmt = "2:4 (dense kernels)"
+        out.append(f"| {r['model']} | {fmt} | {r['ratio']:.0%} | {r['macs_ratio']:.2f} | {r['dense_ms']:.2f} |"
+                   f" {r['pruned_ms']:.2f} | {r['speedup']:.2f}× | {r['efficiency']:.2f} | {r['spread']:.1%} |")
+    notes = sorted({r["note"] for r in rows if r["note"]})
+    if notes:
+        out.append("")
+        out.extend(f"Note: {note}." for note in notes)
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m autoprune.bench_latency", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return main_latency(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=list(CPU_MODELS), choices=list(CPU_MODELS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 64 on a GPU, 8 on a CPU")
+    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write every row here")
+
+
+def main_latency(args) -> int:
+    gpu = args.device.startswith("cuda")
+    bench = LatencyBench(models=tuple(args.models), device=args.device,
+                         dtype=args.dtype or ("bfloat16" if gpu else "float32"),
+                         batch_size=args.batch_size or (64 if gpu else 8), round_to=args.round_to,
+                         repeats=args.repeats, threads=args.threads)
+    rows = run(bench)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(rows, indent=1))
+    print()
+    print(markdown(rows))
+    efficiencies = [r["efficiency"] for r in rows if r["format"] == "structured"]
+    if efficiencies:
+        print(f"\nstructured: median efficiency {statistics.median(efficiencies):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
