@@ -187,7 +187,10 @@ def hidden_channels(model: nn.Module) -> list[HiddenChannels]:
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         fc1, fc2 = getattr(module, "fc1", None), getattr(module, "fc2", None)
-        if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear):  # timm Mlp: fc1 → act → (norm) → fc2
+        linear = isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)  # timm Mlp: fc1 → act → (norm) → fc2
+        pointwise = (isinstance(fc1, nn.Conv2d) and isinstance(fc2, nn.Conv2d)  # timm ConvMlp (small ConvNeXts)
+                     and fc1.groups == 1 and fc2.groups == 1 and fc2.kernel_size == (1, 1))
+        if linear or pointwise:
             norm = f"{prefix}norm" if getattr(getattr(module, "norm", None), "weight", None) is not None else None
             found.append(HiddenChannels(f"{prefix}fc1", f"{prefix}fc2", producer_norm=norm))
         for k in (1, 2):  # timm ResNet BasicBlock / Bottleneck
