@@ -204,6 +204,22 @@ def hidden_channels(model: nn.Module) -> list[HiddenChannels]:
     return found
 
 
+@torch.no_grad()
+def observe_inputs(model: nn.Module, watched: Mapping[str, nn.Module], images: torch.Tensor, on_input,
+                   batch_size: int = 32) -> None:
+    """Run `images` through the model in eval mode, calling `on_input(name, module, input)` whenever a watched
+    module is entered: the one pass that calibration statistics (VBP, CAST) are gathered in."""
+    handles = [module.register_forward_pre_hook(
+        lambda module, inputs, name=name: on_input(name, module, inputs[0])) for name, module in watched.items()]
+    try:
+        model.eval()
+        for batch in images.split(batch_size):
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # ---- saved models ------------------------------------------------------------------------------------------
 
 

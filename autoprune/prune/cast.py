@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoprune.errors import AutopruneError
-from autoprune.models import HiddenChannels, hidden_channels
+from autoprune.models import HiddenChannels, hidden_channels, observe_inputs
 from autoprune.prune import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
 from autoprune.prune.nm import check_pattern
@@ -82,28 +82,18 @@ def _input_rows(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # unfold's order is (C, kh, kw), as the weight's
 
 
-@torch.no_grad()
-def _gather(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, reduce, batch_size: int = 16):
-    """Sum `reduce(module, rows)` over the calibration images for every layer, with the sample count."""
+def _gather(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, reduce) -> dict[str, torch.Tensor]:
+    """The mean of `reduce(module, rows)` per input row, over the calibration images, for every layer."""
     totals: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
 
-    def hook(name):
-        def record(module, inputs):
-            rows = _input_rows(module, inputs[0]).double()
-            value = reduce(module, rows)
-            totals[name] = totals[name] + value if name in totals else value
-            counts[name] += rows.shape[0]
-        return record
+    def record(name, module, inputs):
+        rows = _input_rows(module, inputs).double()
+        value = reduce(module, rows)
+        totals[name] = totals[name] + value if name in totals else value
+        counts[name] += rows.shape[0]
 
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
-    try:
-        model.eval()
-        for batch in images.split(batch_size):
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_inputs(model, layers, images, record, batch_size=16)
     return {name: totals[name] / max(counts[name], 1) for name in totals}
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoprune.errors import AutopruneError
-from autoprune.models import HiddenChannels, fix_attention_metadata, hidden_channels
+from autoprune.models import HiddenChannels, fix_attention_metadata, hidden_channels, observe_inputs
 from autoprune.prune import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
 from autoprune.prune.structured import dependency_graph
@@ -56,29 +56,19 @@ class Welford:
         return self.m2 / max(self.count - 1, 1)
 
 
-@torch.no_grad()
 def post_activation_statistics(model: nn.Module, units: list[HiddenChannels], images: torch.Tensor,
                                batch_size: int = 64) -> dict[str, Welford]:
     """Per-channel statistics of each unit's hidden activation (its consumer's input), over every token / position."""
     modules = dict(model.named_modules())
     stats = {unit.consumer: Welford() for unit in units}
 
-    def record(module, inputs, name):
-        hidden = inputs[0]
+    def record(name, module, hidden):
         if hidden.dim() == 4:  # N × C × H × W: every position is a sample of each channel
             stats[name].spatial = tuple(hidden.shape[2:])
             hidden = hidden.movedim(1, -1)
         stats[name].update(hidden.reshape(-1, hidden.shape[-1]))
 
-    handles = [modules[unit.consumer].register_forward_pre_hook(
-        lambda module, inputs, name=unit.consumer: record(module, inputs, name)) for unit in units]
-    try:
-        model.eval()
-        for batch in images.split(batch_size):
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_inputs(model, {unit.consumer: modules[unit.consumer] for unit in units}, images, record, batch_size)
     return stats
 
 
