@@ -217,6 +217,16 @@ def test_vbp_removes_the_lowest_variance_neurons(bundle):
     assert torch.equal(model.blocks[1].mlp.fc1.weight, kept_rows)
 
 
+def _first_block_bn2(network, images):
+    """The output of layer1[0].bn2 (cloned: the ops after it are in-place)."""
+    captured = []
+    handle = network.layer1[0].bn2.register_forward_hook(lambda m, i, o: captured.append(o.clone()))
+    with torch.no_grad():
+        network(images)
+    handle.remove()
+    return captured[0]
+
+
 def test_vbp_cnn_removing_a_constant_channel_keeps_the_block(bundle):
     torch.manual_seed(0)
     model = TINY_RESNET.create().eval()
@@ -230,15 +240,7 @@ def test_vbp_cnn_removing_a_constant_channel_keeps_the_block(bundle):
     _vbp(model, images, {"layer1": 1 / block.conv1.out_channels})
     assert model.layer1[0].conv1.out_channels == dense.layer1[0].conv1.out_channels - 1
 
-    def bn2_output(network):
-        captured = []
-        handle = network.layer1[0].bn2.register_forward_hook(lambda m, i, o: captured.append(o.clone()))  # later ops are in-place
-        with torch.no_grad():
-            network(images)
-        handle.remove()
-        return captured[0]
-
-    pruned, reference = bn2_output(model), bn2_output(dense)
+    pruned, reference = _first_block_bn2(model, images), _first_block_bn2(dense, images)
     # Zero padding makes a constant map's effect position-dependent at the border; the fold keeps its average, so
     # every output channel's mean over all positions is exactly the dense one's.
     assert torch.allclose(pruned.mean((0, 2, 3)), reference.mean((0, 2, 3)), atol=1e-5)
@@ -250,12 +252,7 @@ def test_vbp_cnn_fold_brings_the_block_output_mean_closer(bundle):
     images = bundle.normalize(bundle.train.images[:32])
 
     def block_mean(network):
-        captured = []
-        handle = network.layer1[0].bn2.register_forward_hook(lambda m, i, o: captured.append(o.clone()))  # later ops are in-place
-        with torch.no_grad():
-            network(images)
-        handle.remove()
-        return captured[0].double().mean((0, 2, 3))
+        return _first_block_bn2(network, images).double().mean((0, 2, 3))
 
     dense = TINY_RESNET.create().eval()
     with torch.no_grad():
