@@ -2,6 +2,10 @@
 
 Never estimated from FLOPs. On a GPU each run is timed with CUDA events; on a CPU with perf_counter around
 synchronous work, with the thread count fixed (to the trial's CPU allocation) so that measurements compare.
+
+How the model runs is part of the measurement and is recorded with it: the kernels (dense or 2:4, formats.py),
+the memory format (channels-last is often faster for CNNs, and "auto" times both and keeps the faster) and
+whether `torch.compile` compiled it. A compile that fails is reported in the profile's note, not hidden.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 from torch import nn
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CONTIGUOUS, CHANNELS_LAST, AUTO = "contiguous", "channels_last", "auto"
+MEMORY_FORMATS = (CONTIGUOUS, CHANNELS_LAST, AUTO)
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,8 @@ class LatencyProfile:
     torch_version: str
     format: str = "dense"  # the kernels that ran: dense, or 2:4 semi-structured (formats.py)
     note: str = ""  # e.g. why a 2:4 model was timed with dense kernels
+    memory_format: str = CONTIGUOUS  # of the inputs and 4-d weights when timed
+    compiled: bool = False  # torch.compile ran (False also when compiling was asked for and failed: see note)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,11 +83,18 @@ def profile_latency(
     device: torch.device | str = "cpu",
     threads: int | None = None,
     execution_format: str = "dense",
+    memory_format: str = CONTIGUOUS,
+    compile: bool = False,
 ) -> LatencyProfile:
     """Time `repeats` forward passes of a `batch_size` batch, after at least `warmup` passes and until settled.
-    `execution_format` "2:4" runs the model on semi-structured sparse kernels where the device has them."""
+
+    `execution_format` "2:4" runs the model on semi-structured sparse kernels where the device has them;
+    `memory_format` "auto" times a convolutional model both contiguous and channels-last and keeps the faster;
+    `compile` times `torch.compile(model)` (its compilation happens during the warm-up, untimed)."""
     from autoprune.formats import timing_model
 
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format {memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
     device = torch.device(device)
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
@@ -87,9 +102,13 @@ def profile_latency(
     model = model.eval().to(device=device, dtype=DTYPES[dtype])
     model, ran_as, note = timing_model(model, execution_format, device, DTYPES[dtype])
     inputs = torch.randn(batch_size, *input_size, device=device, dtype=DTYPES[dtype])
-    time_runs = _time_cuda if device.type == "cuda" else _time_cpu
-    warm_up(model, inputs, minimum=warmup, time_runs=time_runs)
-    timings = time_runs(model, inputs, repeats)
+    candidates = [memory_format] if memory_format != AUTO else (
+        [CONTIGUOUS, CHANNELS_LAST] if is_convolutional(model) else [CONTIGUOUS])
+    runs = [_timed(model, inputs, layout, compile, warmup, repeats, device) for layout in candidates]
+    timings, layout, compiled, compile_note = min(runs, key=lambda run: statistics.median(run[0]))
+    if len(runs) > 1:
+        other = max(statistics.median(run[0]) for run in runs) / statistics.median(timings)
+        note = _join(note, f"{layout} kept: {other:.2f}× faster than the other memory format")
     median = statistics.median(timings)
     return LatencyProfile(
         median_ms=median,
@@ -103,8 +122,40 @@ def profile_latency(
         input_size=tuple(input_size),
         torch_version=torch.__version__,
         format=ran_as,
-        note=note,
+        note=_join(note, compile_note),
+        memory_format=layout,
+        compiled=compiled,
     )
+
+
+def is_convolutional(model: nn.Module) -> bool:
+    """More than one 2-d convolution: a CNN, not a transformer whose only convolution embeds the patches."""
+    return sum(isinstance(module, nn.Conv2d) for module in model.modules()) > 1
+
+
+def _timed(model, inputs, layout, compile, warmup, repeats, device) -> tuple[list[float], str, bool, str]:
+    """Warm up and time `model` in memory format `layout`: (timings, layout, compiled, note)."""
+    if layout == CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)  # 4-d weights only; Linear layers are unchanged
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    time_runs = _time_cuda if device.type == "cuda" else _time_cpu
+    runner, compiled, note = model, False, ""
+    if compile:
+        try:
+            runner = torch.compile(model)
+            runner(inputs)  # compiles now, so that a failure is caught here and the warm-up times steady state
+            compiled = True
+        except Exception as error:  # noqa: BLE001 — any compiler failure: time the eager model and say why
+            runner, note = model, f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:160]}): timed eager"
+    warm_up(runner, inputs, minimum=warmup, time_runs=time_runs)
+    timings = time_runs(runner, inputs, repeats)
+    if layout == CHANNELS_LAST:
+        model.to(memory_format=torch.contiguous_format)  # leave the caller's model as it came
+    return timings, layout, compiled, note
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(note for note in notes if note)
 
 
 SETTLE_TOLERANCE = 0.05  # warm-up ends when two consecutive windows' medians agree within 5%…

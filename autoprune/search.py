@@ -13,13 +13,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from ray.tune import Callback
 
 from autoprune import data as datasets
 from autoprune.dense import dense_weights, model_source
+from autoprune.errors import AutopruneError
 from autoprune.latency_cache import SharedLatencyCache
 from autoprune.models import layer_groups
 from autoprune.pareto import hypervolume_2d, non_dominated
@@ -142,19 +143,20 @@ def search(
     tracking_uri = resolve_tracking_uri(tracking_uri, spec.mlflow.tracking_uri, workdir)
     tracker = Tracker(tracking_uri, spec.mlflow.experiment, artifact_location=(workdir / "mlartifacts").as_uri())
 
-    say(f"autoprune: {spec.name}: loading data and the dense model {spec.model.name}")
-    bundle = load_data(spec)
-    state = dense_weights(spec.model, spec.data, bundle, cache_dir=workdir / "cache", seed=spec.search.seed)
     source = model_source(spec.model)
-    probe = source.create()
-    probe.load_state_dict(state)
-    space = SearchSpace(spec, layer_groups(probe))
+    space = SearchSpace(spec, layer_groups(source.create()))  # the spec's groups exist in the model (no weights needed)
 
     import ray
 
     if not ray.is_initialized():
         # Worker output stays in Ray's logs: trial errors reach the user through the progress lines and MLflow.
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if spec.profile.target is not None:
+        _check_target_hardware(spec.profile.target.accelerator_type, ray.cluster_resources())
+
+    say(f"autoprune: {spec.name}: loading data and the dense model {spec.model.name}")
+    bundle = load_data(spec)
+    state = dense_weights(spec.model, spec.data, bundle, cache_dir=workdir / "cache", seed=spec.search.seed)
     context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms,
                            latency_cache=SharedLatencyCache.start())
     resources = {"cpu": spec.search.cpu, "gpu": spec.search.gpu}
@@ -310,6 +312,19 @@ def _row(record: TrialRecord, *, on_front: bool) -> dict[str, Any]:
 
 
 # ---- on the workers ----------------------------------------------------------------------------------------
+
+
+def _check_target_hardware(accelerator_type: str, cluster: Mapping[str, float]) -> None:
+    """A latency task for an accelerator type no node has would wait forever: say so before any trial starts."""
+    prefix = "accelerator_type:"
+    if f"{prefix}{accelerator_type}" in cluster:
+        return
+    present = sorted(key[len(prefix):] for key in cluster if key.startswith(prefix))
+    raise AutopruneError(
+        f"profile.target.accelerator_type: no node of this Ray cluster has accelerator type {accelerator_type!r}"
+        f" (it has: {', '.join(present) or 'none'}). Start one (a node type with min_workers >= 1 in the cluster"
+        f" config, or `ray start --resources '{{\"{prefix}{accelerator_type}\": 1}}'`), or remove profile.target."
+    )
 
 
 def _dense_baseline(context: TrialContext) -> TrialResult:

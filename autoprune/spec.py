@@ -21,6 +21,7 @@ SAMPLERS = ("tpe", "nsga2", "random")
 SPARSITY_MODES = ("global", "per_group", "profile", "spectral")
 DATA_SOURCES = ("reference", "imagefolder")
 DTYPES = ("float32", "float16", "bfloat16")
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")  # auto: CNNs are timed both ways, the faster is kept
 LATENCY_METRICS = ("latency_ms", "latency_p90_ms", "macs", "params")  # what the cost objective may be
 
 
@@ -77,11 +78,29 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class TargetHardware:
+    """Latency measured on a node of this Ray accelerator type (say the deployment GPU), not on the healing worker."""
+
+    accelerator_type: str  # Ray's name for it, e.g. "A10G", "L4", "H100" (`ray.util.accelerators`)
+    cpu: float = 1  # what the measuring task takes on that node
+    gpu: float = 1
+
+
+@dataclass(frozen=True)
 class ProfileSpec:
-    batch_size: int = 1
+    batch_size: int = 1  # the batch whose latency is the objective
+    extra_batch_sizes: tuple[int, ...] = ()  # also measured and logged (e.g. 1 next to a serving batch)
     dtype: str = "float32"
     warmup: int = 10  # untimed forward passes first
     repeats: int = 30  # timed forward passes; median and p90 come from these
+    memory_format: str = "auto"
+    compile: bool = False  # time torch.compile(model) (compilation itself is not timed)
+    target: TargetHardware | None = None  # None: on the worker that runs the trial
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Every batch size measured, the objective's first."""
+        return (self.batch_size, *self.extra_batch_sizes)
 
 
 @dataclass(frozen=True)
@@ -262,11 +281,31 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
     target = root.take("latency_target_ms", float, None, check=_positive)
 
     profile = root.section("profile")
+    hardware = profile.section("target")
+    hardware.only("accelerator_type", "cpu", "gpu")
+    accelerator = hardware.take("accelerator_type", str, None, check=_non_empty)
+    target_hardware = None if accelerator is None else TargetHardware(
+        accelerator_type=accelerator,
+        cpu=hardware.take("cpu", float, 1.0, check=_positive),
+        gpu=hardware.take("gpu", float, 1.0, check=_non_negative),
+    )
+    if accelerator is None and hardware.raw:
+        raise hardware.fail("accelerator_type", f"is required when `{hardware.path}` is given (got {hardware.raw!r}).")
+    hardware.done()
+    batch_size = profile.take("batch_size", int, 1, check=_positive)
+    extra = tuple(profile.take("extra_batch_sizes", list, []))
+    for index, size in enumerate(extra):
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise profile.fail(f"extra_batch_sizes[{index}]", f"expected a positive integer, but got {size!r}.")
     profile_spec = ProfileSpec(
-        batch_size=profile.take("batch_size", int, 1, check=_positive),
+        batch_size=batch_size,
+        extra_batch_sizes=tuple(dict.fromkeys(size for size in extra if size != batch_size)),
         dtype=profile.take("dtype", str, "float32", choices=DTYPES),
         warmup=profile.take("warmup", int, 10, check=_non_negative),
         repeats=profile.take("repeats", int, 30, check=_at_least(3)),
+        memory_format=profile.take("memory_format", str, "auto", choices=MEMORY_FORMATS),
+        compile=profile.take("compile", bool, False),
+        target=target_hardware,
     )
     profile.done()
 

@@ -129,7 +129,8 @@ class Tracker:
             metrics=[Metric(key, float(value), now_ms, 0) for key, value in metrics.items()],
             tags=[RunTag(key, str(value)) for key, value in {
                 "device": latency.device, "dtype": latency.dtype, "batch_size": latency.batch_size,
-                "threads": latency.threads, "feasible": result.feasible,
+                "threads": latency.threads, "feasible": result.feasible, "format": latency.format,
+                "memory_format": latency.memory_format, "compiled": latency.compiled,
             }.items()],
         )
         self.client.set_terminated(run_id, status="FINISHED")

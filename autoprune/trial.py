@@ -12,7 +12,7 @@ import copy
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -22,9 +22,9 @@ from autoprune import heal, prune
 from autoprune.data import DataBundle
 from autoprune.measure import accuracy, achieved_sparsity, count_macs, count_params, prunable_weight_count
 from autoprune.models import POOLED_GROUP, LayerGroup, ModelSource, layer_groups, pooled_group, prunable_layers, save_model
-from autoprune.formats import DENSE, semi_structured_unsupported
-from autoprune.latency_cache import LatencyCache, structure_signature
-from autoprune.profile import DTYPES, LatencyProfile, device_name, profile_latency
+from autoprune.latency import Latencies, measure_latency
+from autoprune.latency_cache import LatencyCache
+from autoprune.profile import LatencyProfile
 from autoprune.prune.spectral import spectral_allocation
 from autoprune.spec import ProfileSpec, PruneConfig, TrialConfig
 
@@ -60,6 +60,7 @@ class TrialResult:
     sparsity: float  # fraction of the dense model's prunable weights that are gone
     timings: Mapping[str, float]  # seconds per stage (STAGES)
     latency_cached: bool = False  # the latency was measured earlier, on an identical structure
+    extra_latency: Mapping[int, LatencyProfile] = field(default_factory=dict)  # the spec's other batch sizes
 
     @property
     def feasible(self) -> bool:
@@ -85,23 +86,28 @@ class TrialResult:
             "config_json": self.config.to_json(),
             "latency_json": json.dumps(self.latency.as_dict()),
             "latency_cached": int(self.latency_cached),
+            "extra_latency_json": json.dumps({batch: p.as_dict() for batch, p in self.extra_latency.items()}),
         }
+        metrics.update({f"latency_ms_batch{batch}": p.median_ms for batch, p in self.extra_latency.items()})
         metrics.update({f"time_{stage}_s": seconds for stage, seconds in self.timings.items()})
         return metrics
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, Any]) -> "TrialResult":
-        latency = json.loads(metrics["latency_json"])
-        latency["input_size"] = tuple(latency["input_size"])
+        def profile(fields: dict) -> LatencyProfile:
+            return LatencyProfile(**{**fields, "input_size": tuple(fields["input_size"])})
+
+        extra = json.loads(metrics.get("extra_latency_json", "{}"))
         return cls(
             config=TrialConfig.from_json(metrics["config_json"]),
             accuracy=metrics["accuracy"] if metrics["feasible"] else None,
-            latency=LatencyProfile(**latency),
+            latency=profile(json.loads(metrics["latency_json"])),
             macs=int(metrics["macs"]),
             params=int(metrics["params"]),
             sparsity=float(metrics["sparsity"]),
             timings={stage: metrics[f"time_{stage}_s"] for stage in STAGES if f"time_{stage}_s" in metrics},
             latency_cached=bool(metrics.get("latency_cached", 0)),
+            extra_latency={int(batch): profile(fields) for batch, fields in extra.items()},
         )
 
 
@@ -150,14 +156,20 @@ def run_trial(
     if method.gradual and not healing.trains:
         masks = masks.finish(model)  # no steps to spread the pruning over: straight to the final sparsity
 
-    latency, cached = None, False
+    latency: Latencies | None = None
     fmt = method.execution_format(options)
+
+    def profile() -> Latencies:
+        return measure_latency(model, fmt, context.profile, data.input_size, device=device, threads=threads,
+                               cache=context.latency_cache)
+
     if not method.gradual:  # the structure is final already: measure now, and skip healing if it is too slow
         with stage("profile"):
-            latency, cached = _profile(model, fmt, context, data, device, threads)
+            latency = profile()
 
     top1 = None
-    if latency is None or context.latency_target_ms is None or latency.median_ms <= context.latency_target_ms:
+    target = context.latency_target_ms
+    if latency is None or target is None or latency.objective.median_ms <= target:
         with stage("heal"):
             healing.apply(
                 model,
@@ -177,7 +189,7 @@ def run_trial(
             masks.finish(model)  # a gradual method ends at its final sparsity (fixed masks: re-applied)
         if latency is None:
             with stage("profile"):
-                latency, cached = _profile(model, fmt, context, data, device, threads)
+                latency = profile()
         with stage("evaluate"):
             top1 = accuracy(model, data.eval, data, device=device)
 
@@ -190,36 +202,8 @@ def run_trial(
         with stage("save"):
             save_model(model.cpu(), context.source, save_dir)
 
-    return TrialResult(config, top1, latency, macs, params, sparsity, timings, latency_cached=cached)
-
-
-def _profile(model, fmt: str, context: TrialContext, data: DataBundle, device, threads) -> tuple[LatencyProfile, bool]:
-    """The model's latency when run in format `fmt`, and whether it came from the cache."""
-    settings = context.profile
-    if threads is not None and device.type == "cpu":
-        torch.set_num_threads(threads)
-    fallback = fmt != DENSE and semi_structured_unsupported(device, DTYPES[settings.dtype])
-    runs_as = DENSE if fallback else fmt  # a 2:4 model timed with dense kernels is the dense structure's twin
-    key = structure_signature(model, format=runs_as, device=device_name(device, torch.get_num_threads()),
-                              dtype=settings.dtype, batch_size=settings.batch_size, input_size=data.input_size)
-    if context.latency_cache is not None and (hit := context.latency_cache.get(key)) is not None:
-        return (replace(hit, note=fallback) if fallback else hit), True
-    latency = profile_latency(
-        model,
-        input_size=data.input_size,
-        batch_size=settings.batch_size,
-        dtype=settings.dtype,
-        warmup=settings.warmup,
-        repeats=settings.repeats,
-        device=device,
-        threads=threads,
-        execution_format=fmt,
-    )
-    model.float()  # profiling may have cast it; healing and evaluation run in float32
-    if context.latency_cache is not None:
-        stored = context.latency_cache.put(key, latency)  # another trial may have stored this structure meanwhile
-        return stored, stored != latency
-    return latency, False
+    return TrialResult(config, top1, latency.objective, macs, params, sparsity, timings,
+                       latency_cached=latency.cached, extra_latency=latency.extra)
 
 
 def _allocate(model: torch.nn.Module, config: PruneConfig) -> tuple[tuple[LayerGroup, ...], dict[str, float]]:

@@ -19,6 +19,7 @@ TINY_VIT = ModelSource(
      "class_token": False},
 )
 TINY_RESNET = ModelSource("resnet18", 10, {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)})
+TEST_ACCELERATOR = "autoprune-test"
 TINY_BOTTLENECK = ModelSource("resnet50", 10, {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)})
 
 
@@ -49,9 +50,11 @@ def example(bundle) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """A real local Ray with 2 CPUs, shared by the tests that need one."""
+    """A real local Ray with 2 CPUs, shared by the tests that need one. Its node also says it has an accelerator of
+    type TEST_ACCELERATOR (a custom resource, no device), for the target-hardware tests."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             resources={f"accelerator_type:{TEST_ACCELERATOR}": 1})
     yield ray
     ray.shutdown()

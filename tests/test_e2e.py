@@ -34,7 +34,7 @@ SPEC = {
                    "global_pool": "avg", "class_token": False},
     },
     "data": {"source": "reference", "eval_images": 200},
-    "profile": {"batch_size": 32, "warmup": 5, "repeats": 15},
+    "profile": {"batch_size": 32, "extra_batch_sizes": [1], "warmup": 5, "repeats": 15},
     "search": {"trials": 4, "concurrency": 2, "sampler": "random", "seed": 1, "resources": {"cpu": 1}},
     "mlflow": {"experiment": "e2e-exp", "registered_model": "e2e-model"},
     "space": {
@@ -64,8 +64,9 @@ def test_every_trial_is_a_child_run_with_its_metrics(outcome, tracker):
     for run in children:
         metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
         for key in ("accuracy", "latency_ms", "latency_p90_ms", "macs", "params", "sparsity",
-                    "time_prune_s", "time_profile_s", "time_evaluate_s"):
+                    "time_prune_s", "time_profile_s", "time_evaluate_s", "latency_ms_batch1"):
             assert key in metrics, key
+        assert tags["memory_format"] == "contiguous" and tags["compiled"] == "False"  # a ViT: no layout to try
         assert params["prune.method"] in {"magnitude", "structured"}
         assert tags["device"].startswith("cpu: ") and tags["version.torch"] == metadata.version("torch")
         assert tags["autoprune.pareto"] == str(tags["autoprune.trial_id"] in front_ids).lower()
@@ -176,3 +177,15 @@ def test_a_failing_trial_is_recorded_with_its_error_and_the_search_goes_on(local
     assert all("training loss became nan" in run.data.tags["error"] for run in failed_runs)
     parent = tracker.client.get_run(result.parent_run_id)
     assert parent.data.metrics["trials_failed"] == len(result.failed)
+
+
+def test_a_target_accelerator_no_node_has_stops_the_search_before_any_trial(local_ray, tmp_path):
+    import copy
+
+    from autoprune.errors import AutopruneError
+
+    spec = copy.deepcopy(SPEC)
+    spec["profile"]["target"] = {"accelerator_type": "H100"}
+    with pytest.raises(AutopruneError, match="accelerator type 'H100' \\(it has: autoprune-test\\)"):
+        search(parse_spec(spec), workdir=tmp_path, echo=None)
+    assert not (tmp_path / "cache").exists()  # it stopped before the dense model was trained

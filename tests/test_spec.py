@@ -69,6 +69,13 @@ def _broken(path: str, value) -> dict:
         ("latency_target_ms", 0, ["latency_target_ms", "must be > 0"]),
         ("objectives", {"accuracy": "max", "energy": "min"}, ["objectives", "energy", "latency_ms"]),
         ("profile.dtype", "int8", ["profile.dtype", "'int8'", "bfloat16"]),
+        ("profile.memory_format", "nhwc", ["profile.memory_format", "'nhwc'", "auto, contiguous, channels_last"]),
+        ("profile.compile", "yes", ["profile.compile", "expected bool", "'yes'"]),
+        ("profile.extra_batch_sizes", [1, 0], ["profile.extra_batch_sizes[1]", "positive integer", "0"]),
+        ("profile.extra_batch_sizes", 8, ["profile.extra_batch_sizes", "expected list", "8"]),
+        ("profile.target", {"accelerator": "A10G"}, ["profile.target.accelerator", "unknown key", "accelerator_type"]),
+        ("profile.target", {"gpu": 1}, ["profile.target.accelerator_type", "is required"]),
+        ("profile.target", {"accelerator_type": "L4", "gpu": -1}, ["profile.target.gpu", "must be >= 0", "-1"]),
         ("data.source", "imagenet", ["data.source", "reference, imagefolder"]),
         ("model.pretrained", True, ["model", "exactly one source", "pretrained", "train_steps"]),
         ("model.num_classes", True, ["model.num_classes", "expected int"]),
@@ -80,6 +87,18 @@ def test_bad_input_names_key_value_and_choices(path, value, expected):
     message = str(error.value)
     for fragment in expected:
         assert fragment in message, message
+
+
+def test_profile_settings_parse():
+    spec = parse_spec(_broken("profile", {"batch_size": 8, "extra_batch_sizes": [1, 8, 1], "memory_format": "auto",
+                                          "compile": True, "target": {"accelerator_type": "L4"}}))
+    assert spec.profile.batch_sizes == (8, 1)  # the objective's first, repeats dropped
+    assert spec.profile.compile and spec.profile.memory_format == "auto"
+    assert spec.profile.target.accelerator_type == "L4" and spec.profile.target.gpu == 1
+    assert parse_spec(DEMO).profile.target is None
+    raw = _broken("profile.target", {"accelerator_type": "L4"})
+    raw["latency_target_ms"] = 5
+    assert parse_spec(raw).latency_target_ms == 5.0  # the target section does not shadow the latency target
 
 
 def test_missing_required_section_is_reported():

@@ -8,7 +8,7 @@ import torch
 from autoprune.models import load_model_dir
 from autoprune.spec import HealConfig, PruneConfig, ProfileSpec, TrialConfig
 from autoprune.trial import STAGES, TrialContext, TrialResult, run_trial
-from conftest import TINY_VIT
+from conftest import TEST_ACCELERATOR, TINY_VIT
 
 PROFILE = ProfileSpec(batch_size=2, warmup=1, repeats=3)
 
@@ -76,12 +76,12 @@ def test_spectral_allocation_drives_a_structured_method(context):
 def test_identical_structures_are_timed_once(context, monkeypatch):
     from dataclasses import replace
 
-    import autoprune.trial as trial_module
+    import autoprune.latency as latency_module
     from autoprune.latency_cache import LocalLatencyCache
 
     calls = []
-    real = trial_module.profile_latency
-    monkeypatch.setattr(trial_module, "profile_latency", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = latency_module.profile_latency
+    monkeypatch.setattr(latency_module, "profile_latency", lambda *a, **k: calls.append(1) or real(*a, **k))
     cached = replace(context, latency_cache=LocalLatencyCache())
     dense = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), cached, threads=1)
     masked = run_trial(TrialConfig(PruneConfig("magnitude", {"all": 0.5}), HealConfig("none")), cached, threads=1)
@@ -130,3 +130,34 @@ def test_format_selection():
     assert "CUDA" in semi_structured_unsupported(torch.device("cpu"), torch.float16)
     assert is_two_four(torch.tensor([[1.0, 0, 0, 2, 0, 3, 4, 0]]))
     assert not is_two_four(torch.tensor([[1.0, 1, 0, 2, 0, 3, 4, 0]]))
+
+
+def test_extra_batch_sizes_are_measured_cached_and_reported(context):
+    from dataclasses import replace
+
+    from autoprune.latency_cache import LocalLatencyCache
+
+    settings = replace(PROFILE, batch_size=4, extra_batch_sizes=(1,))
+    cached = replace(context, profile=settings, latency_cache=LocalLatencyCache())
+    dense = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), cached, threads=1)
+    assert dense.latency.batch_size == 4 and set(dense.extra_latency) == {1}
+    assert dense.extra_latency[1].batch_size == 1
+    metrics = dense.metrics()
+    assert metrics["latency_ms_batch1"] == dense.extra_latency[1].median_ms
+    assert TrialResult.from_metrics(metrics) == dense
+    assert len(cached.latency_cache) == 2  # one entry per batch size
+    masked = run_trial(TrialConfig(PruneConfig("magnitude", {"all": 0.5}), HealConfig("none")), cached, threads=1)
+    assert masked.latency_cached and masked.extra_latency == dense.extra_latency
+
+
+def test_latency_is_measured_on_the_target_accelerator_type(context, local_ray):
+    """The profile runs in a Ray task placed by accelerator type: its 1 CPU, not the trial's 2 threads."""
+    from dataclasses import replace
+
+    from autoprune.spec import TargetHardware
+
+    settings = replace(PROFILE, target=TargetHardware(TEST_ACCELERATOR, cpu=1, gpu=0))
+    result = run_trial(CONFIG, replace(context, profile=settings), threads=2)
+    assert result.latency.threads == 1 and result.accuracy is not None
+    local = run_trial(CONFIG, context, threads=2)
+    assert local.latency.threads == 2

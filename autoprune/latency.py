@@ -1,0 +1,110 @@
+"""A trial's latency, as the spec's `profile` section asks for it: which batch sizes, on which hardware, and
+measured once per structure.
+
+profile.py times one model once; this module decides what to time:
+- every batch size of the spec (the objective's first), each looked up in the search's latency cache before it
+  is timed (latency_cache.py);
+- on the trial's own worker, or — when the spec names a `target` accelerator type — in a Ray task placed on a
+  node of that type, so that a search can heal on its training GPUs and measure on its deployment GPU;
+- a 2:4 model on hardware without sparse kernels runs the dense kernels, so it shares the dense structure's
+  measurement, with a note that says why.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from autoprune.formats import DENSE, semi_structured_unsupported
+from autoprune.latency_cache import LatencyCache, structure_signature
+from autoprune.profile import DTYPES, LatencyProfile, device_name, profile_latency
+from autoprune.spec import ProfileSpec
+
+
+@dataclass(frozen=True)
+class Latencies:
+    """The objective's profile, the other batch sizes' profiles, and whether the objective's came from the cache."""
+
+    objective: LatencyProfile
+    extra: Mapping[int, LatencyProfile]  # batch size → profile, for `ProfileSpec.extra_batch_sizes`
+    cached: bool
+
+
+def measure_latency(
+    model: nn.Module,
+    fmt: str,
+    settings: ProfileSpec,
+    input_size: tuple[int, int, int],
+    *,
+    device: torch.device,
+    threads: int | None,
+    cache: LatencyCache | None,
+) -> Latencies:
+    """Measure `model` run in execution format `fmt` at every batch size of `settings`, reusing cached profiles."""
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+    fallback = None
+    if settings.target is None:
+        where = device_name(device, torch.get_num_threads())
+        fallback = semi_structured_unsupported(device, DTYPES[settings.dtype]) if fmt != DENSE else None
+    else:
+        where = f"Ray accelerator type {settings.target.accelerator_type}"
+    runs_as = DENSE if fallback else fmt  # a 2:4 model timed with dense kernels is the dense structure's twin
+    keys = {
+        batch: structure_signature(model, format=runs_as, device=where, dtype=settings.dtype, batch_size=batch,
+                                   input_size=input_size, memory_format=settings.memory_format,
+                                   compile=settings.compile, torch_version=torch.__version__)
+        for batch in settings.batch_sizes
+    }
+    found = {batch: cache.get(key) if cache is not None else None for batch, key in keys.items()}
+    missing = [batch for batch, profile in found.items() if profile is None]
+    fresh = _measure(model, fmt, settings, input_size, missing, device, threads) if missing else {}
+    reused = set(found) - set(missing)
+    for batch in missing:
+        # first writer wins: another trial may have stored this structure while this one was measuring it
+        found[batch] = cache.put(keys[batch], fresh[batch]) if cache is not None else fresh[batch]
+        if found[batch] != fresh[batch]:
+            reused.add(batch)
+    if fallback:
+        found = {batch: replace(profile, note=fallback) for batch, profile in found.items()}
+    extra = {batch: profile for batch, profile in found.items() if batch != settings.batch_size}
+    return Latencies(found[settings.batch_size], extra, cached=settings.batch_size in reused)
+
+
+def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:
+    if settings.target is None:
+        profiles = profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
+        model.float()  # profiling may have cast it; healing and evaluation run in float32
+        return profiles
+    import ray
+
+    target = settings.target
+    task = ray.remote(_profile_on_target).options(
+        num_cpus=target.cpu, num_gpus=target.gpu, accelerator_type=target.accelerator_type,
+        name=f"autoprune-latency-{target.accelerator_type}",
+    )
+    # The model travels as a CPU copy: the trial's own device may not exist on the target node.
+    return ray.get(task.remote(copy.deepcopy(model).float().cpu(), fmt, settings, input_size, batch_sizes))
+
+
+def profile_batches(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:
+    return {
+        batch: profile_latency(model, input_size=input_size, batch_size=batch, dtype=settings.dtype,
+                               warmup=settings.warmup, repeats=settings.repeats, device=device, threads=threads,
+                               execution_format=fmt, memory_format=settings.memory_format, compile=settings.compile)
+        for batch in batch_sizes
+    }
+
+
+def _profile_on_target(model, fmt, settings: ProfileSpec, input_size, batch_sizes) -> dict[int, LatencyProfile]:
+    """Runs in a Ray task on a node of the target accelerator type, with the GPU (if any) Ray assigned to it."""
+    import ray
+
+    context = ray.get_runtime_context()
+    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+    threads = max(1, int(context.get_assigned_resources().get("CPU", 1)))
+    return profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
