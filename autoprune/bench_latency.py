@@ -57,6 +57,8 @@ class LatencyBench:
     warmup: int = 10
     repeats: int = 30
     threads: int | None = None
+    memory_format: str = "contiguous"  # or channels_last, or auto (CNNs timed both ways, the faster kept)
+    compile: bool = False
 
 
 # ---- the formats -------------------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict
         def measure(model, fmt=DENSE):
             return profile_latency(model, input_size=input_size, batch_size=bench.batch_size, dtype=bench.dtype,
                                    warmup=bench.warmup, repeats=bench.repeats, device=device, threads=bench.threads,
-                                   execution_format=fmt)
+                                   execution_format=fmt, memory_format=bench.memory_format, compile=bench.compile)
 
         base = measure(dense)
         dense_macs = count_macs(dense.float().cpu(), input_size)
@@ -187,6 +189,7 @@ def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict
                 "dense_ms": base.median_ms, "pruned_ms": profile.median_ms, "macs_ratio": dense_macs / macs,
                 "speedup": speedup, "efficiency": speedup / (dense_macs / macs),
                 "spread": max(base.spread, profile.spread), "ran_as": profile.format, "note": profile.note,
+                "memory_format": profile.memory_format, "compiled": profile.compiled,
             }
             rows.append(row)
             echo(f"  {fmt} {ratio:.0%}: {profile.median_ms:.3f} ms, MACs ÷{row['macs_ratio']:.2f},"
@@ -198,16 +201,20 @@ def markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     first = rows[0]
-    out = [f"Device: {first['device']}; batch {first['batch_size']}, {first['dtype']}; median of the timed runs.\n",
+    out = [f"Device: {first['device']}; batch {first['batch_size']}, {first['dtype']}"
+           f"{', compiled' if first.get('compiled') else ''}; median of the timed runs.\n",
            "| model | format | removed | MACs ÷ | dense ms | pruned ms | speedup | efficiency | spread |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = r["format"] if r["ran_as"] == DENSE or r["format"] != "2:4" else "2:4 (sparse kernels)"
         if r["format"] == "2:4" and r["ran_as"] == DENSE:
             fmt = "2:4 (dense kernels)"
+        if r.get("memory_format", "contiguous") != "contiguous":
+            fmt += ", channels-last"
         out.append(f"| {r['model']} | {fmt} | {r['ratio']:.0%} | {r['macs_ratio']:.2f} | {r['dense_ms']:.2f} |"
                    f" {r['pruned_ms']:.2f} | {r['speedup']:.2f}× | {r['efficiency']:.2f} | {r['spread']:.1%} |")
-    notes = sorted({r["note"] for r in rows if r["note"]})
+    # which memory format won is in the format column; the notes keep what the reader must know
+    notes = sorted({part for r in rows for part in r["note"].split("; ") if part and "memory format" not in part})
     if notes:
         out.append("")
         out.extend(f"Note: {note}." for note in notes)
@@ -229,6 +236,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last", "auto"],
+                        help="auto: CNNs are timed both ways and the faster is kept (dense and pruned alike)")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile(model)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write every row here")
 
 
@@ -237,7 +247,8 @@ def main_latency(args) -> int:
     bench = LatencyBench(models=tuple(args.models), device=args.device,
                          dtype=args.dtype or ("bfloat16" if gpu else "float32"),
                          batch_size=args.batch_size or (64 if gpu else 8), round_to=args.round_to,
-                         repeats=args.repeats, threads=args.threads)
+                         repeats=args.repeats, threads=args.threads, memory_format=args.memory_format,
+                         compile=args.compile)
     rows = run(bench)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=1))

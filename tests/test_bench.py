@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -60,6 +62,10 @@ def test_latency_bench_rows_and_formats():
     two_four = [r for r in rows if r["format"] == "2:4"]
     assert all(r["ran_as"] == "dense" and "CUDA" in r["note"] and r["macs_ratio"] == 1.0 for r in two_four)
     assert "2:4 (dense kernels)" in bench_latency.markdown(rows)
+    layouts = bench_latency.run(replace(settings, models=("resnet",), memory_format="auto"), echo=lambda line: None,
+                                table=table)
+    assert all(r["memory_format"] in ("contiguous", "channels_last") for r in layouts)
+    assert "memory format" not in bench_latency.markdown(layouts)  # the winner is in the column, not a note per row
 
 
 def test_shrink_keeps_the_function_shape_and_rounds_widths():
