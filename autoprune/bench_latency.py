@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import sys
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class LatencyBench:
     threads: int | None = None
     memory_format: str = "contiguous"  # or channels_last, or auto (CNNs timed both ways, the faster kept)
     compile: bool = False
+    rounds: int = 3  # dense and pruned are timed alternately this many times: machine drift hits both alike
 
 
 # ---- the formats -------------------------------------------------------------------------------------------
@@ -167,11 +169,12 @@ def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict
                                    warmup=bench.warmup, repeats=bench.repeats, device=device, threads=bench.threads,
                                    execution_format=fmt, memory_format=bench.memory_format, compile=bench.compile)
 
+        reference = copy.deepcopy(dense)  # float32 on the CPU: what the variants are cut from
         base = measure(dense)
-        dense_macs = count_macs(dense.float().cpu(), input_size)
+        dense_macs = count_macs(reference, input_size)
         echo(f"{key} ({name}, input {input_size[1]}×{input_size[2]}): dense {base.median_ms:.3f} ms on {base.device}")
-        variants = [("structured", ratio, shrink(dense.float().cpu(), ratio, bench.round_to), DENSE) for ratio in RATIOS]
-        masked, layers = two_four(dense.float().cpu())
+        variants = [("structured", ratio, shrink(reference, ratio, bench.round_to), DENSE) for ratio in RATIOS]
+        masked, layers = two_four(reference)
         variants.append(("2:4", 0.5, (masked, layers), SEMI_STRUCTURED))
         for fmt, ratio, model, execution in variants:
             if execution == SEMI_STRUCTURED:
@@ -179,22 +182,39 @@ def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict
                 macs = dense_macs - _linear_macs(model, layers, input_size) // 2  # what 2:4 kernels would execute
             else:
                 macs = count_macs(model, input_size)
-            profile = measure(model, execution)
+            dense_runs, pruned_runs = [], []
+            for _ in range(bench.rounds):
+                dense_runs.append(measure(dense))
+                pruned_runs.append(measure(model, execution))
+            profile = pruned_runs[-1]
             if profile.format == DENSE and execution == SEMI_STRUCTURED:
                 macs = dense_macs  # no sparse kernels here: the dense MACs ran
-            speedup = base.median_ms / profile.median_ms
+            dense_ms = statistics.median(run.median_ms for run in dense_runs)
+            pruned_ms = statistics.median(run.median_ms for run in pruned_runs)
+            per_round = [d.median_ms / p.median_ms for d, p in zip(dense_runs, pruned_runs)]
+            speedup = dense_ms / pruned_ms
             row = {
                 "model": key, "timm_name": name, "format": fmt, "ratio": ratio, "batch_size": bench.batch_size,
                 "dtype": bench.dtype, "device": profile.device, "input_size": list(input_size),
-                "dense_ms": base.median_ms, "pruned_ms": profile.median_ms, "macs_ratio": dense_macs / macs,
+                "dense_ms": dense_ms, "pruned_ms": pruned_ms, "macs_ratio": dense_macs / macs,
                 "speedup": speedup, "efficiency": speedup / (dense_macs / macs),
-                "spread": max(base.spread, profile.spread), "ran_as": profile.format, "note": profile.note,
+                "spread": max(run.spread for run in dense_runs + pruned_runs),
+                "speedup_range": [min(per_round), max(per_round)], "rounds": bench.rounds,
+                "ran_as": profile.format, "note": profile.note,
                 "memory_format": profile.memory_format, "compiled": profile.compiled,
             }
             rows.append(row)
-            echo(f"  {fmt} {ratio:.0%}: {profile.median_ms:.3f} ms, MACs ÷{row['macs_ratio']:.2f},"
+            echo(f"  {fmt} {ratio:.0%}: {pruned_ms:.3f} ms, MACs ÷{row['macs_ratio']:.2f},"
                  f" speedup {speedup:.2f}× (efficiency {row['efficiency']:.2f})" + (f" [{profile.note}]" if profile.note else ""))
     return rows
+
+
+_LAYOUT_NOTE = re.compile(r"(; )?\w+ kept: [\d.]+× faster than the other memory format")
+
+
+def _range(row: dict) -> str:
+    low, high = row.get("speedup_range", [row["speedup"]] * 2)
+    return f"{low:.2f}–{high:.2f}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -202,8 +222,10 @@ def markdown(rows: list[dict]) -> str:
         return ""
     first = rows[0]
     out = [f"Device: {first['device']}; batch {first['batch_size']}, {first['dtype']}"
-           f"{', compiled' if first.get('compiled') else ''}; median of the timed runs.\n",
-           "| model | format | removed | MACs ÷ | dense ms | pruned ms | speedup | efficiency | spread |",
+           f"{', compiled' if first.get('compiled') else ''}; dense and pruned timed alternately"
+           f" {first.get('rounds', 1)}×, medians; speedup range over the rounds; spread = (p90 − p10) ÷ median of"
+           f" the worst single run.\n",
+           "| model | format | removed | MACs ÷ | dense ms | pruned ms | speedup (range) | efficiency | spread |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = r["format"] if r["ran_as"] == DENSE or r["format"] != "2:4" else "2:4 (sparse kernels)"
@@ -212,9 +234,10 @@ def markdown(rows: list[dict]) -> str:
         if r.get("memory_format", "contiguous") != "contiguous":
             fmt += ", channels-last"
         out.append(f"| {r['model']} | {fmt} | {r['ratio']:.0%} | {r['macs_ratio']:.2f} | {r['dense_ms']:.2f} |"
-                   f" {r['pruned_ms']:.2f} | {r['speedup']:.2f}× | {r['efficiency']:.2f} | {r['spread']:.1%} |")
+                   f" {r['pruned_ms']:.2f} | {r['speedup']:.2f}× ({_range(r)}) | {r['efficiency']:.2f} |"
+                   f" {r['spread']:.1%} |")
     # which memory format won is in the format column; the notes keep what the reader must know
-    notes = sorted({part for r in rows for part in r["note"].split("; ") if part and "memory format" not in part})
+    notes = sorted({note for r in rows if (note := _LAYOUT_NOTE.sub("", r["note"]).strip("; "))})
     if notes:
         out.append("")
         out.extend(f"Note: {note}." for note in notes)
@@ -239,6 +262,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last", "auto"],
                         help="auto: CNNs are timed both ways and the faster is kept (dense and pruned alike)")
     parser.add_argument("--compile", action="store_true", help="time torch.compile(model)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="dense and pruned timed alternately this many times (median of the rounds)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write every row here")
 
 
@@ -248,7 +273,7 @@ def main_latency(args) -> int:
                          dtype=args.dtype or ("bfloat16" if gpu else "float32"),
                          batch_size=args.batch_size or (64 if gpu else 8), round_to=args.round_to,
                          repeats=args.repeats, threads=args.threads, memory_format=args.memory_format,
-                         compile=args.compile)
+                         compile=args.compile, rounds=args.rounds)
     rows = run(bench)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=1))

@@ -55,6 +55,8 @@ def test_latency_bench_rows_and_formats():
         assert {"model", "format", "ratio", "batch_size", "dtype", "device", "dense_ms", "pruned_ms", "macs_ratio",
                 "speedup", "spread"} <= set(row)
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["pruned_ms"])
+        low, high = row["speedup_range"]  # the lowest and highest of the alternating rounds' speedups
+        assert 0 < low <= high and row["rounds"] == 3
     structured = [r for r in rows if r["format"] == "structured"]
     assert all(r["macs_ratio"] > 1.0 for r in structured)
     assert [r["macs_ratio"] for r in structured if r["model"] == "vit"] == sorted(
