@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="path to a spec YAML (see search_spaces/)")
     run.add_argument("--address", help="Ray cluster: auto or ray://HOST:10001 (default: a local Ray)")
     run.add_argument("--trials", type=int, help="override search.trials")
+    run.add_argument("--storage", help="override search.storage: where trials write checkpoints, reachable from every"
+                                       " node (a shared path, s3://bucket/prefix, gs://…; default: <workdir>/ray)")
     _add_store_flags(run)
 
     best = commands.add_parser("best", help="the most accurate registered model within a latency target")
@@ -98,7 +100,7 @@ def _search(args) -> int:
     from autoprune.search import search
 
     outcome = search(args.spec, address=args.address, tracking_uri=args.tracking_uri, workdir=args.workdir,
-                     trials=args.trials)
+                     trials=args.trials, storage=args.storage)
     return 0 if outcome.front else 1
 
 

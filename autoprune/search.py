@@ -129,19 +129,26 @@ def search(
     tracking_uri: str | None = None,
     workdir: str | Path = DEFAULT_WORKDIR,
     trials: int | None = None,
+    storage: str | None = None,
     echo: Callable[[str], None] | None = print,
 ) -> SearchOutcome:
-    """Run a search end to end. Everything is validated before Ray starts; `echo` shows progress (None: quiet)."""
+    """Run a search end to end. Everything is validated before Ray starts; `echo` shows progress (None: quiet).
+    `storage` overrides the spec's `search.storage` (where trials write their checkpoints)."""
     started = time.perf_counter()
     say = echo or (lambda line: None)
     if not isinstance(spec, SearchSpec):
         spec = load_spec(spec)
     if trials is not None:
         spec = replace(spec, search=replace(spec.search, trials=trials))
+    if storage is not None:
+        spec = replace(spec, search=replace(spec.search, storage=storage))
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = resolve_tracking_uri(tracking_uri, spec.mlflow.tracking_uri, workdir)
-    tracker = Tracker(tracking_uri, spec.mlflow.experiment, artifact_location=(workdir / "mlartifacts").as_uri())
+    # A local store keeps its artifacts next to it; a tracking server decides where artifacts go (it serves them).
+    local_store = tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+    tracker = Tracker(tracking_uri, spec.mlflow.experiment,
+                      artifact_location=(workdir / "mlartifacts").as_uri() if local_store else None)
 
     source = model_source(spec.model)
     space = SearchSpace(spec, layer_groups(source.create()))  # the spec's groups exist in the model (no weights needed)
@@ -169,9 +176,9 @@ def search(
     setup_seconds = time.perf_counter() - started
     parent_id = tracker.start_search(name=spec.name, spec=spec.as_dict(), run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     tracker.log_dense(parent_id, dense)
-    publisher = _TrialPublisher(tracker, parent_id, spec, say, dense)
+    publisher = _TrialPublisher(tracker, parent_id, spec, say, dense, downloads=workdir / "checkpoints" / parent_id)
     tune_started = time.perf_counter()
-    _run_tune(spec, space, context, publisher, storage=workdir / "ray", run_name=parent_id)
+    _run_tune(spec, space, context, publisher, storage=spec.search.storage or str(workdir / "ray"), run_name=parent_id)
     tune_seconds = time.perf_counter() - tune_started
 
     records = publisher.records
@@ -343,14 +350,17 @@ def _tune_trial(params: dict, *, context: TrialContext, space: SearchSpace) -> N
 
     config = space.to_config(params)
     with tempfile.TemporaryDirectory() as folder:
+        import ray
+
         result = run_trial(config, context, save_dir=folder, threads=_assigned_cpus())
+        result = replace(result, node=ray.get_runtime_context().get_node_id())
         tune.report(result.metrics(), checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 # ---- on the driver -----------------------------------------------------------------------------------------
 
 
-def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publisher, *, storage: Path, run_name: str):
+def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publisher, *, storage: str, run_name: str):
     import optuna
     from ray import tune
 
@@ -373,7 +383,7 @@ def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publi
         ),
         run_config=tune.RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=storage,
             callbacks=[publisher],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
@@ -386,9 +396,11 @@ class _TrialPublisher(Callback):
     """Tune callback: writes each trial's child run as it ends, and prints a progress line."""
 
     def __init__(
-        self, tracker: Tracker, parent_id: str, spec: SearchSpec, say: Callable[[str], None], dense: TrialResult
+        self, tracker: Tracker, parent_id: str, spec: SearchSpec, say: Callable[[str], None], dense: TrialResult,
+        *, downloads: Path,
     ) -> None:
         self.tracker, self.parent_id, self.spec, self.say, self.dense = tracker, parent_id, spec, say, dense
+        self.downloads = downloads  # where checkpoints in remote storage are copied for registration
         self.records: list[TrialRecord] = []
         self.run_ids: dict[str, str] = {}
         self._started = time.perf_counter()
@@ -403,10 +415,8 @@ class _TrialPublisher(Callback):
             self._add(TrialRecord(trial.trial_id, None, error="the trial ended without reporting a result"), trials)
             return
         checkpoint = trial.checkpoint
-        self._add(
-            TrialRecord(trial.trial_id, TrialResult.from_metrics(metrics), model_dir=checkpoint.path if checkpoint else None),
-            trials,
-        )
+        model_dir = _local_copy(checkpoint, self.downloads / trial.trial_id) if checkpoint else None
+        self._add(TrialRecord(trial.trial_id, TrialResult.from_metrics(metrics), model_dir=model_dir), trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._add(TrialRecord(trial.trial_id, None, error=_error_text(trial)), trials)
@@ -436,6 +446,16 @@ class _TrialPublisher(Callback):
             this += (f" | front {len(front)}: best {best.result.accuracy:.4f} @ {best.result.latency.median_ms:.3f} ms,"
                      f" fastest {fastest.result.latency.median_ms:.3f} ms @ {fastest.result.accuracy:.4f}")
         return f"{head} {this}"
+
+
+def _local_copy(checkpoint, destination: Path) -> str:
+    """A local directory holding the checkpoint: its own path on a local or shared filesystem, else a download
+    (s3://, gs://: the driver registers the models from the run's storage)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory(str(destination))
 
 
 def _error_text(trial) -> str:

@@ -111,6 +111,9 @@ class SearchSettings:
     seed: int = 0  # sampler seed and every trial's seed
     cpu: float = 1  # Ray resources per trial
     gpu: float = 0
+    # Where Tune keeps trial results and checkpoints (the pruned models): a path every node reaches (NFS) or a URI
+    # (s3://bucket/prefix, gs://…); None: <workdir>/ray on the driver, enough for one machine.
+    storage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,7 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
         seed=search.take("seed", int, 0, check=_non_negative),
         cpu=resources.take("cpu", float, 1.0, check=_positive),
         gpu=resources.take("gpu", float, 0.0, check=_non_negative),
+        storage=search.take("storage", str, None, check=_storage),
     )
     resources.done()
     search.done()
@@ -534,6 +538,18 @@ def _coerce(value: Any, kind: type) -> Any:
     if kind is int and isinstance(value, bool):
         return None
     return value if isinstance(value, kind) else None
+
+
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "hdfs", "file")  # what pyarrow's filesystems (Ray Tune's storage) read
+
+
+def _storage(value: str) -> str | None:
+    if not value.strip():
+        return "must not be empty"
+    scheme = value.split("://", 1)[0] if "://" in value else None
+    if scheme is not None and scheme not in STORAGE_SCHEMES:
+        return f"a path or a URI with one of the schemes {', '.join(STORAGE_SCHEMES)}"
+    return None
 
 
 def _non_empty(value: str) -> str | None:

@@ -130,7 +130,7 @@ class Tracker:
             tags=[RunTag(key, str(value)) for key, value in {
                 "device": latency.device, "dtype": latency.dtype, "batch_size": latency.batch_size,
                 "threads": latency.threads, "feasible": result.feasible, "format": latency.format,
-                "memory_format": latency.memory_format, "compiled": latency.compiled,
+                "memory_format": latency.memory_format, "compiled": latency.compiled, "ray_node": result.node,
             }.items()],
         )
         self.client.set_terminated(run_id, status="FINISHED")

@@ -61,6 +61,7 @@ class TrialResult:
     timings: Mapping[str, float]  # seconds per stage (STAGES)
     latency_cached: bool = False  # the latency was measured earlier, on an identical structure
     extra_latency: Mapping[int, LatencyProfile] = field(default_factory=dict)  # the spec's other batch sizes
+    node: str = ""  # the Ray node the trial ran on (set by the search; empty outside Ray)
 
     @property
     def feasible(self) -> bool:
@@ -86,6 +87,7 @@ class TrialResult:
             "config_json": self.config.to_json(),
             "latency_json": json.dumps(self.latency.as_dict()),
             "latency_cached": int(self.latency_cached),
+            "node": self.node,
             "extra_latency_json": json.dumps({batch: p.as_dict() for batch, p in self.extra_latency.items()}),
         }
         metrics.update({f"latency_ms_batch{batch}": p.median_ms for batch, p in self.extra_latency.items()})
@@ -108,6 +110,7 @@ class TrialResult:
             timings={stage: metrics[f"time_{stage}_s"] for stage in STAGES if f"time_{stage}_s" in metrics},
             latency_cached=bool(metrics.get("latency_cached", 0)),
             extra_latency={int(batch): profile(fields) for batch, fields in extra.items()},
+            node=str(metrics.get("node", "")),
         )
 
 

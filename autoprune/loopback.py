@@ -1,0 +1,160 @@
+"""A Ray cluster of several nodes and an MLflow tracking server, as real processes bound to 127.0.0.1.
+
+What a team runs on many machines, started on one: the cluster tests and `autoprune bench cluster` use it to prove
+that a search runs unchanged through `--address` and `--tracking-uri http://…`. Every process is started in
+its own process group and stopped (with its children) when the context ends, also when the body fails.
+Nothing binds to another interface; the Ray dashboard is not started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # what `ray.init(address=…)` and `autoprune search --address` take
+    nodes: int
+    env: Mapping[str, str]  # what a client process needs in its environment: the cluster's own auth token
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    url: str  # the tracking URI
+    artifacts: Path  # where the server stores artifacts (it serves them: clients never write there directly)
+
+
+def _ray_executable() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@contextlib.contextmanager
+def ray_cluster(
+    workdir: Path, *, nodes: Mapping[str, Mapping] = ({"head": {"num_cpus": 1}, "worker": {"num_cpus": 1}}),
+    timeout_s: float = 90,
+) -> Iterator[RayCluster]:
+    """A head node and the other `nodes` (name → {num_cpus, resources}) joined to it, each a `ray start --block`."""
+    port = free_port()
+    address = f"{LOOPBACK}:{port}"
+    # Token authentication with a token of this cluster's own (Ray's default would share ~/.ray/auth_token).
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **auth}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    # A private temp dir: Ray records "the latest cluster" in its temp dir, and a plain `ray.init()` elsewhere on
+    # this machine must not join this cluster by finding it there. Short, as Ray's socket paths have a length limit.
+    temp_dir = tempfile.mkdtemp(prefix="autoprune-ray-", dir="/tmp")
+    processes: list[subprocess.Popen] = []
+    try:
+        for index, (name, node) in enumerate(nodes.items()):
+            command = [_ray_executable(), "start", "--block", f"--node-ip-address={LOOPBACK}",
+                       f"--num-cpus={node.get('num_cpus', 1)}", "--num-gpus=0", "--disable-usage-stats",
+                       f"--temp-dir={temp_dir}"]
+            if node.get("resources"):
+                command.append(f"--resources={json.dumps(dict(node['resources']))}")
+            if index == 0:
+                command += [f"--port={port}", "--head", "--include-dashboard=false"]
+            else:
+                command.append(f"--address={address}")
+            log = open(workdir / f"ray-{name}.log", "w")
+            processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                              start_new_session=True))
+            _wait_for_nodes(address, index + 1, processes, timeout_s, workdir / f"ray-{name}.log", env)
+        yield RayCluster(address, len(processes), auth)
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_nodes(address: str, count: int, processes, timeout_s: float, log: Path, env) -> None:
+    deadline = time.monotonic() + timeout_s
+    probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR');"
+             "print(sum(n['Alive'] for n in ray.nodes()))")
+    while time.monotonic() < deadline:
+        if any(process.poll() is not None for process in processes):
+            raise RuntimeError(f"a Ray node exited while starting: see {log}\n{_tail(log)}")
+        try:
+            result = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True,
+                                    timeout=max(5.0, deadline - time.monotonic()), env=env)
+        except subprocess.TimeoutExpired:
+            continue
+        if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the Ray cluster at {address} did not reach {count} nodes in {timeout_s:.0f} s: see {log}")
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: Path, *, timeout_s: float = 60) -> Iterator[MlflowServer]:
+    """`mlflow server` with an sqlite backend store, serving artifacts from a folder in `workdir`."""
+    port = free_port()
+    artifacts = workdir / "mlflow-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mlflow", "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+               "--artifacts-destination", artifacts.as_uri(), "--serve-artifacts"]
+    log = workdir / "mlflow-server.log"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited while starting:\n{_tail(log)}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mlflow server at {url} did not answer in {timeout_s:.0f} s:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield MlflowServer(url, artifacts)
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM to the process group (a `ray start --block` stops its node's processes), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

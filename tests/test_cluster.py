@@ -1,0 +1,86 @@
+"""The search unchanged on a real two-node Ray cluster and a real MLflow tracking server, both on loopback.
+
+`ray start` twice (a head and a worker node, 1 CPU each) and `mlflow server` (sqlite backend, artifacts served by
+the server) run as separate processes; the search runs as the CLI, in its own process, through `--address`,
+`--tracking-uri http://…` and `--storage` (a folder both nodes reach, as NFS would be). Everything binds to
+127.0.0.1 and is stopped when the module ends, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from autoprune.loopback import mlflow_server, ray_cluster
+from autoprune.tracking import Tracker
+
+pytestmark = pytest.mark.cluster
+
+SPEC = {
+    "name": "cluster",
+    "model": {"name": "vit_tiny_patch16_224", "num_classes": 10, "train_steps": 100,
+              "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                         "global_pool": "avg", "class_token": False}},
+    "data": {"source": "reference", "eval_images": 100},
+    "profile": {"batch_size": 8, "warmup": 2, "repeats": 5},
+    "search": {"trials": 4, "concurrency": 2, "sampler": "random", "seed": 0, "resources": {"cpu": 1}},
+    "mlflow": {"experiment": "cluster-exp", "registered_model": "cluster-model"},
+    "space": {"prune": {"methods": ["structured"], "sparsity": {"low": 0.3, "high": 0.7}},
+              "heal": {"methods": ["none", "distill"], "calibration_images": 32, "steps": 3, "lr": 1e-3,
+                       "batch_size": 16}},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Both servers up, one search through them; yields what the test reads back."""
+    workdir = tmp_path_factory.mktemp("cluster")
+    spec_path = workdir / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    with ray_cluster(workdir) as cluster, mlflow_server(workdir) as server:
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **cluster.env}
+        env.pop("RAY_ADDRESS", None)
+        search = subprocess.run(
+            [sys.executable, "-m", "autoprune.cli", "search", str(spec_path), "--address", cluster.address,
+             "--tracking-uri", server.url, "--workdir", str(workdir / "driver"), "--storage", str(workdir / "shared")],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        best = subprocess.run(
+            [sys.executable, "-m", "autoprune.cli", "best", "--model", "cluster-model", "--max-latency-ms", "1e6",
+             "--json", "--tracking-uri", server.url],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+        yield {"search": search, "best": best, "server": server, "workdir": workdir, "cluster": cluster}
+
+
+def test_the_search_uses_both_nodes_and_lands_in_the_tracking_server(run):
+    search = run["search"]
+    assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
+    assert run["cluster"].nodes == 2
+    tracker = Tracker(run["server"].url, "cluster-exp")
+    parents = tracker.client.search_runs([tracker.experiment_id], "tags.`autoprune.role` = 'search'")
+    assert len(parents) == 1
+    children = tracker.child_runs(parents[0].info.run_id)
+    assert len(children) == 4 and all(run.info.status == "FINISHED" for run in children)
+    # 2 trials at a time, 1 CPU per trial, 1 CPU per node: the trials ran on both nodes
+    assert len({child.data.tags["ray_node"] for child in children}) == 2
+
+
+def test_artifacts_go_through_the_server_and_checkpoints_to_the_shared_storage(run):
+    artifacts = run["server"].artifacts
+    assert any(path.name == "pareto.html" for path in artifacts.rglob("*"))
+    assert any(path.name == "weights.safetensors" for path in artifacts.rglob("*"))  # registered models' files
+    assert not (run["workdir"] / "driver" / "mlartifacts").exists()  # nothing written beside the server
+    assert any(path.name == "weights.safetensors" for path in (run["workdir"] / "shared").rglob("*"))
+
+
+def test_best_answers_from_the_tracking_server(run):
+    best = run["best"]
+    assert best.returncode == 0, best.stderr[-2000:]
+    answer = json.loads(best.stdout)
+    assert answer["name"] == "cluster-model" and answer["latency_ms"] > 0
