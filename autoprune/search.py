@@ -165,7 +165,8 @@ def search(
     bundle = load_data(spec)
     state = dense_weights(spec.model, spec.data, bundle, cache_dir=workdir / "cache", seed=spec.search.seed)
     context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms,
-                           latency_cache=SharedLatencyCache.start())
+                           latency_cache=SharedLatencyCache.start(),
+                           healing_engine=replace(spec.healing, storage=spec.search.storage))
     resources = {"cpu": spec.search.cpu, "gpu": spec.search.gpu}
     say(f"autoprune: measuring the dense model on a trial worker ({resources})")
     dense = ray.get(

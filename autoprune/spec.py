@@ -21,6 +21,7 @@ SAMPLERS = ("tpe", "nsga2", "random")
 SPARSITY_MODES = ("global", "per_group", "profile", "spectral")
 DATA_SOURCES = ("reference", "imagefolder")
 DTYPES = ("float32", "float16", "bfloat16")
+HEALING_ENGINES = ("local", "deepspeed")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")  # auto: CNNs are timed both ways, the faster is kept
 LATENCY_METRICS = ("latency_ms", "latency_p90_ms", "macs", "params")  # what the cost objective may be
 
@@ -117,6 +118,19 @@ class SearchSettings:
 
 
 @dataclass(frozen=True)
+class HealingEngine:
+    """How a trial runs its healing: in its own process (local), or as a multi-worker DeepSpeed job."""
+
+    engine: str = "local"  # local | deepspeed
+    workers: int = 2  # DeepSpeed processes per trial (Ray Train workers)
+    zero_stage: int = 2  # ZeRO stage 1, 2 or 3
+    bf16: bool = True
+    cpu: float = 1  # Ray resources per worker
+    gpu: float = 1
+    storage: str | None = None  # where the workers' checkpoint goes (set from search.storage by the search)
+
+
+@dataclass(frozen=True)
 class MlflowSpec:
     experiment: str
     registered_model: str
@@ -162,6 +176,7 @@ class SearchSpec:
     objectives: Mapping[str, str] = field(default_factory=lambda: {"accuracy": "max", "latency_ms": "min"})
     latency_target_ms: float | None = None
     profile: ProfileSpec = field(default_factory=ProfileSpec)
+    healing: HealingEngine = field(default_factory=HealingEngine)
     search: SearchSettings = field(default_factory=SearchSettings)
 
     @property
@@ -312,6 +327,18 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
     )
     profile.done()
 
+    healing = root.section("healing")
+    engine = healing.take("engine", str, "local", choices=HEALING_ENGINES)
+    healing_engine = HealingEngine(
+        engine=engine,
+        workers=healing.take("workers", int, 2, check=_positive),
+        zero_stage=healing.take("zero_stage", int, 2, choices=(0, 1, 2, 3)),
+        bf16=healing.take("bf16", bool, True),
+        cpu=healing.take("cpu", float, 1.0, check=_positive),
+        gpu=healing.take("gpu", float, 1.0, check=_non_negative),
+    )
+    healing.done()
+
     search = root.section("search")
     resources = search.section("resources")
     settings = SearchSettings(
@@ -371,6 +398,14 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
         batch_size=heal_section.take("batch_size", int, 32, check=_positive),
         options=heal_section.take_options("options", heal.HEAL_METHODS, heal_methods),
     )
+    if healing_engine.engine == "deepspeed":
+        for index, method in enumerate(heal_methods):
+            if healing_engine.zero_stage > heal.get(method).max_zero_stage:
+                raise SpecError(
+                    f"{origin}: healing.zero_stage: {healing_engine.zero_stage} does not work with"
+                    f" space.heal.methods[{index}] {method!r} (at most ZeRO stage {heal.get(method).max_zero_stage});"
+                    f" lower the stage or drop the method."
+                )
     heal_section.done()
     space.done()
     root.done()
@@ -384,6 +419,7 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
         objectives=objectives,
         latency_target_ms=target,
         profile=profile_spec,
+        healing=healing_engine,
         search=settings,
     )
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from autoprune.data import DataBundle, ImageSet
 from autoprune.prune.masks import Sparsifier
+from autoprune.spec import HealingEngine
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,8 +43,19 @@ def optimise(
     weight_decay: float = 0.05,
     masks: Sparsifier | None = None,
     device: torch.device | str = "cpu",
+    engine: HealingEngine | None = None,
 ) -> list[float]:
-    """Run `steps` AdamW steps on batches sampled from `images`; returns the loss of every step."""
+    """Run `steps` AdamW steps on batches sampled from `images`; returns the loss of every step.
+    With a DeepSpeed `engine` the same job runs on several workers (distributed.py)."""
+    if engine is not None and engine.engine == "deepspeed":
+        from autoprune.distributed import optimise_deepspeed
+        from autoprune.prune.masks import Masks
+
+        losses = optimise_deepspeed(model, engine, images=images, data=data, loss_fn=loss_fn, steps=steps, lr=lr,
+                                    batch_size=batch_size, seed=seed, weight_decay=weight_decay,
+                                    masks=masks if masks is not None else Masks())
+        model.to(device).eval()
+        return losses
     model.train().to(device)
     generator = torch.Generator().manual_seed(seed)
     inputs = data.normalize(images.images)

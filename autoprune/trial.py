@@ -26,7 +26,7 @@ from autoprune.latency import Latencies, measure_latency
 from autoprune.latency_cache import LatencyCache
 from autoprune.profile import LatencyProfile
 from autoprune.prune.spectral import spectral_allocation
-from autoprune.spec import ProfileSpec, PruneConfig, TrialConfig
+from autoprune.spec import HealingEngine, ProfileSpec, PruneConfig, TrialConfig
 
 STAGES = ("load", "prune", "profile", "heal", "evaluate", "count", "save")  # the keys of TrialResult.timings
 
@@ -41,6 +41,7 @@ class TrialContext:
     profile: ProfileSpec = field(default_factory=ProfileSpec)
     latency_target_ms: float | None = None
     latency_cache: LatencyCache | None = None  # identical structures are timed once (see latency_cache.py)
+    healing_engine: HealingEngine | None = None  # None: heal in the trial's process
 
     def dense_model(self) -> torch.nn.Module:
         model = self.source.create(pretrained=False)
@@ -187,6 +188,7 @@ def run_trial(
                     options={**healing.options, **config.heal.options},
                     seed=config.seed,
                     device=device,
+                    engine=context.healing_engine,
                 ),
             )
             masks.finish(model)  # a gradual method ends at its final sparsity (fixed masks: re-applied)

@@ -69,6 +69,9 @@ def _broken(path: str, value) -> dict:
         ("latency_target_ms", 0, ["latency_target_ms", "must be > 0"]),
         ("objectives", {"accuracy": "max", "energy": "min"}, ["objectives", "energy", "latency_ms"]),
         ("profile.dtype", "int8", ["profile.dtype", "'int8'", "bfloat16"]),
+        ("healing.engine", "horovod", ["healing.engine", "'horovod'", "local, deepspeed"]),
+        ("healing.zero_stage", 4, ["healing.zero_stage", "4", "0, 1, 2, 3"]),
+        ("healing.workers", 0, ["healing.workers", "must be > 0"]),
         ("profile.memory_format", "nhwc", ["profile.memory_format", "'nhwc'", "auto, contiguous, channels_last"]),
         ("profile.compile", "yes", ["profile.compile", "expected bool", "'yes'"]),
         ("profile.extra_batch_sizes", [1, 0], ["profile.extra_batch_sizes[1]", "positive integer", "0"]),
@@ -99,6 +102,17 @@ def test_profile_settings_parse():
     raw = _broken("profile.target", {"accelerator_type": "L4"})
     raw["latency_target_ms"] = 5
     assert parse_spec(raw).latency_target_ms == 5.0  # the target section does not shadow the latency target
+
+
+def test_deepspeed_healing_parses_and_rejects_a_stage_a_method_cannot_take():
+    raw = _broken("healing", {"engine": "deepspeed", "workers": 4, "zero_stage": 3, "bf16": True, "gpu": 1})
+    raw["space"]["heal"]["methods"] = ["distill"]
+    healing = parse_spec(raw).healing
+    assert (healing.engine, healing.workers, healing.zero_stage, healing.bf16) == ("deepspeed", 4, 3, True)
+    raw["space"]["heal"]["methods"] = ["distill", "align"]
+    with pytest.raises(SpecError, match=r"healing.zero_stage: 3 does not work with space.heal.methods\[1\] 'align'"):
+        parse_spec(raw)
+    assert parse_spec(DEMO).healing.engine == "local"
 
 
 def test_missing_required_section_is_reported():

@@ -15,6 +15,7 @@ from torch import nn
 from autoprune.data import DataBundle, ImageSet
 from autoprune.prune.masks import Sparsifier
 from autoprune.registry import Registry
+from autoprune.spec import HealingEngine
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class HealRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: torch.device | str = "cpu"
+    engine: HealingEngine | None = None  # None or local: train in this process; deepspeed: a multi-worker job
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class HealMethod:
     trains: bool = True  # False: no optimiser steps, the search samples no steps or learning rate
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
     choices: Mapping[str, tuple] = field(default_factory=dict)  # option name → its valid values, where they are few
+    max_zero_stage: int = 3  # the highest DeepSpeed ZeRO stage its loss works under (healing.engine: deepspeed)
 
 
 HEAL_METHODS: Registry[HealMethod] = Registry("healing method")

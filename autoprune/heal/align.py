@@ -62,6 +62,7 @@ def align(model: nn.Module, request: HealRequest) -> list[float]:
         return optimise(
             model, images=request.calibration, data=request.data, loss_fn=loss, steps=request.steps, lr=request.lr,
             batch_size=request.batch_size, seed=request.seed, masks=request.masks, device=request.device,
+            engine=request.engine,
         )
     finally:
         student_states.close()
@@ -87,6 +88,9 @@ class _capture(dict):
             handle.remove()
 
 
+# Under ZeRO-3 the backward pass through the captured internal states fails inside DeepSpeed's parameter
+# coordinator ("active_backward_submodules is empty"); stages 1–2 work (tests/test_distributed.py).
+_MAX_ZERO_STAGE = 2
 _DEFAULTS = {"states": "all", "normalize": "relative", "temperature": 2.0}
 _CHOICES = {"states": STATE_CHOICES, "normalize": NORMALIZE_CHOICES}
 register(
@@ -96,6 +100,7 @@ register(
         "Match the dense model's internal states (block / stage outputs) on unlabelled images (STARFISH-style).",
         options={**_DEFAULTS, "logit_weight": 0.0},
         choices=_CHOICES,
+        max_zero_stage=_MAX_ZERO_STAGE,
     )
 )
 register(
@@ -105,5 +110,6 @@ register(
         "Internal-state alignment plus a logit KL term to the dense model (unlabelled).",
         options={**_DEFAULTS, "logit_weight": 1.0},
         choices=_CHOICES,
+        max_zero_stage=_MAX_ZERO_STAGE,
     )
 )

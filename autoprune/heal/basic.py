@@ -45,6 +45,7 @@ def _optimise(model, request: HealRequest, loss) -> list[float]:
         seed=request.seed,
         masks=request.masks,
         device=request.device,
+        engine=request.engine,
     )
 
 
