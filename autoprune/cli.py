@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--json", action="store_true", help="print one JSON object")
     _add_store_flags(best)
 
+    serving = commands.add_parser("serve", help="serve the best registered model within a latency target over HTTP"
+                                                " (Ray Serve)")
+    serving.add_argument("--model", required=True, help="registered model name")
+    serving.add_argument("--max-latency-ms", type=float, required=True, help="latency target (median, ms)")
+    serving.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: loopback only)")
+    serving.add_argument("--port", type=int, default=8000)
+    serving.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    serving.add_argument("--address", help="Ray cluster to run on (default: a local Ray)")
+    _add_store_flags(serving)
+
     front = commands.add_parser("front", help="print the Pareto front of the latest search in an experiment")
     front.add_argument("--experiment", required=True)
     front.add_argument("--json", action="store_true")
@@ -102,6 +112,26 @@ def _search(args) -> int:
     outcome = search(args.spec, address=args.address, tracking_uri=args.tracking_uri, workdir=args.workdir,
                      trials=args.trials, storage=args.storage)
     return 0 if outcome.front else 1
+
+
+def _serve(args) -> int:
+    import ray
+    from ray import serve
+
+    from autoprune.serve import PrunedModel
+
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(PrunedModel.bind(args.model, args.max_latency_ms, _tracking_uri(args), args.device), blocking=False)
+    print(f"autoprune: serving the best version of {args.model!r} within {args.max_latency_ms:g} ms at"
+          f" http://{args.host}:{args.port}/ (POST {{\"images\": [...]}}; GET describes it). Ctrl-C stops.")
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
 
 
 def _best(args) -> int:
@@ -171,7 +201,7 @@ def _bench(args) -> int:
     return main_pruning(**common, heal_method=args.heal)
 
 
-COMMANDS = {"search": _search, "best": _best, "front": _front, "demo": _demo, "methods": _methods, "bench": _bench}
+COMMANDS = {"search": _search, "best": _best, "serve": _serve, "front": _front, "demo": _demo, "methods": _methods, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -189,3 +189,30 @@ def test_a_target_accelerator_no_node_has_stops_the_search_before_any_trial(loca
     with pytest.raises(AutopruneError, match="accelerator type 'H100' \\(it has: autoprune-test\\)"):
         search(parse_spec(spec), workdir=tmp_path, echo=None)
     assert not (tmp_path / "cache").exists()  # it stopped before the dense model was trained
+
+
+def test_the_selected_model_is_served_over_http(outcome, local_ray, bundle):
+    """Ray Serve on loopback answers with the predictions of the model `best` selects."""
+    import urllib.request
+
+    from ray import serve
+
+    from autoprune.loopback import free_port
+    from autoprune.serve import PrunedModel
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(PrunedModel.bind("e2e-model", 1e6, outcome.tracking_uri), blocking=False)
+        images = bundle.normalize(bundle.eval.images[:5])
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", method="POST",
+                                         data=json.dumps({"images": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        choice, model = best(model="e2e-model", max_latency_ms=1e6, tracking_uri=outcome.tracking_uri, load=True)
+        with torch.no_grad():
+            expected = model(images).argmax(-1).tolist()
+        assert answer["top1"] == expected and answer["version"] == choice.version
+    finally:
+        serve.shutdown()

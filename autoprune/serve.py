@@ -1,0 +1,55 @@
+"""Serve the model that `autoprune best` selects: a Ray Serve application over HTTP.
+
+    autoprune serve --model deit-small-pruned --max-latency-ms 5 --tracking-uri http://mlflow:5000
+    serve run autoprune.serve:app model=deit-small-pruned max_latency_ms=5        # Ray Serve's own CLI
+
+The replica picks the version once, at start (the most accurate one within the latency target, as `best` does),
+loads it from the registry without unpickling anything, and answers POST / with a JSON body
+`{"images": [N × C × H × W floats, normalised as in training]}` by `{"top1": [...], "logits": [[...]], "model":
+name, "version": v}`. Concurrent requests are batched (up to the batch size the latency was measured at), so a
+replica runs the batch the Pareto front was measured for. GET / describes the model served.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ray import serve
+
+
+@serve.deployment(name="autoprune")
+class PrunedModel:
+    def __init__(self, model: str, max_latency_ms: float, tracking_uri: str | None = None,
+                 device: str | None = None) -> None:
+        from autoprune.select import best
+
+        self.choice, self.model = best(model=model, max_latency_ms=max_latency_ms, tracking_uri=tracking_uri,
+                                       load=True)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = self.model.eval().to(self.device)
+        self.predict.set_max_batch_size(max(1, int(self.choice.batch_size)))
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.005)
+    async def predict(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        sizes = [len(images) for images in batches]
+        with torch.inference_mode():
+            logits = self.model(torch.cat(batches).to(self.device)).float().cpu()
+        return list(torch.split(logits, sizes))
+
+    async def __call__(self, request) -> dict[str, Any]:
+        if request.method == "GET":
+            return self.choice.as_dict()
+        body = await request.json()
+        images = torch.as_tensor(body["images"], dtype=torch.float32)
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        logits = await self.predict(images)
+        return {"top1": logits.argmax(-1).tolist(), "logits": logits.tolist(), "model": self.choice.name,
+                "version": self.choice.version}
+
+
+def app(args: dict[str, str]) -> serve.Application:
+    """`serve run autoprune.serve:app model=NAME max_latency_ms=MS [tracking_uri=URI] [device=cuda]`."""
+    return PrunedModel.bind(args["model"], float(args["max_latency_ms"]), args.get("tracking_uri"), args.get("device"))
