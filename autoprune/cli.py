@@ -1,4 +1,4 @@
-"""`autoprune search | best | front | demo | methods | bench`.
+"""`autoprune search | best | serve | front | demo | methods | bench`.
 
 Usage errors exit with status 2 (argparse); failures the user can fix print one line and exit 1; `--debug` shows
 the traceback.
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("methods", help="list the registered pruning and healing methods")
 
     bench = commands.add_parser("bench", help="measure the tables the README quotes")
-    tables = bench.add_subparsers(dest="table", required=True, metavar="{healing,pruning,latency}")
+    tables = bench.add_subparsers(dest="table", required=True, metavar="{healing,pruning,latency,cluster}")
     for name, text in (("healing", "recovery per healing method, sparsity and budget"),
                        ("pruning", "every pruning method at matched sparsity with the same healing")):
         table = tables.add_parser(name, help=text)
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     from autoprune.bench_latency import add_arguments
 
     add_arguments(tables.add_parser("latency", help="dense vs structured vs 2:4 latency on this device"))
+    from autoprune import bench_cluster
+
+    bench_cluster.add_arguments(tables.add_parser("cluster", help="one small search: embedded vs an mlflow server vs"
+                                                                  " a two-node Ray cluster on loopback"))
     return parser
 
 
@@ -192,6 +196,10 @@ def _bench(args) -> int:
         from autoprune.bench_latency import main_latency
 
         return main_latency(args)
+    if args.table == "cluster":
+        from autoprune.bench_cluster import main_cluster
+
+        return main_cluster(args)
     from autoprune.bench import main_healing, main_pruning
 
     common = dict(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,

@@ -53,14 +53,15 @@ def _ray_executable() -> str:
 @contextlib.contextmanager
 def ray_cluster(
     workdir: Path, *, nodes: Mapping[str, Mapping] = ({"head": {"num_cpus": 1}, "worker": {"num_cpus": 1}}),
-    timeout_s: float = 90,
+    env: Mapping[str, str] | None = None, timeout_s: float = 90,
 ) -> Iterator[RayCluster]:
-    """A head node and the other `nodes` (name → {num_cpus, resources}) joined to it, each a `ray start --block`."""
+    """A head node and the other `nodes` (name → {num_cpus, resources}) joined to it, each a `ray start --block`;
+    `env` reaches every node's processes (say, the object store's credentials for the trials' checkpoints)."""
     port = free_port()
     address = f"{LOOPBACK}:{port}"
     # Token authentication with a token of this cluster's own (Ray's default would share ~/.ray/auth_token).
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **auth}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {}), **auth}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     # A private temp dir: Ray records "the latest cluster" in its temp dir, and a plain `ray.init()` elsewhere on
     # this machine must not join this cluster by finding it there. Short, as Ray's socket paths have a length limit.
@@ -135,6 +136,45 @@ def mlflow_server(workdir: Path, *, timeout_s: float = 60) -> Iterator[MlflowSer
                 raise TimeoutError(f"mlflow server at {url} did not answer in {timeout_s:.0f} s:\n{_tail(log)}")
             time.sleep(0.5)
         yield MlflowServer(url, artifacts)
+    finally:
+        _stop(process)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str  # host:port
+    env: Mapping[str, str]  # the credentials and endpoint a client process needs
+
+    def uri(self, bucket: str, prefix: str) -> str:
+        """A storage URI for Ray Tune (pyarrow reads the endpoint from its query)."""
+        return f"s3://{bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+
+
+@contextlib.contextmanager
+def s3_server(workdir: Path, *, buckets: tuple[str, ...] = ("autoprune",), timeout_s: float = 60) -> Iterator[S3Server]:
+    """An S3-compatible object store (moto's server, in memory) on loopback, with `buckets` created."""
+    port = free_port()
+    log = workdir / "s3-server.log"
+    process = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", LOOPBACK, "-p", str(port)],
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"{LOOPBACK}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "loopback", "AWS_SECRET_ACCESS_KEY": "loopback", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the S3 server exited while starting:\n{_tail(log)}")
+            try:
+                for bucket in buckets:
+                    request = urllib.request.Request(f"http://{endpoint}/{bucket}", method="PUT")
+                    urllib.request.urlopen(request, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the S3 server at {endpoint} did not answer in {timeout_s:.0f} s") from None
+                time.sleep(0.5)
+        yield S3Server(endpoint, env)
     finally:
         _stop(process)
 

@@ -1,8 +1,8 @@
-"""The search unchanged on a real two-node Ray cluster and a real MLflow tracking server, both on loopback.
+"""The search unchanged on a real two-node Ray cluster, a real MLflow tracking server and S3 storage, on loopback.
 
-`ray start` twice (a head and a worker node, 1 CPU each) and `mlflow server` (sqlite backend, artifacts served by
-the server) run as separate processes; the search runs as the CLI, in its own process, through `--address`,
-`--tracking-uri http://…` and `--storage` (a folder both nodes reach, as NFS would be). Everything binds to
+`ray start` twice (a head and a worker node, 1 CPU each), `mlflow server` (sqlite backend, artifacts served by the
+server) and an S3-compatible object store (moto's server) run as separate processes; the search runs as the CLI,
+in its own process, through `--address`, `--tracking-uri http://…` and `--storage s3://…`. Everything binds to
 127.0.0.1 and is stopped when the module ends, also on failure.
 """
 
@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from autoprune.loopback import mlflow_server, ray_cluster
+from autoprune.loopback import mlflow_server, ray_cluster, s3_server
 from autoprune.tracking import Tracker
 
 pytestmark = pytest.mark.cluster
@@ -42,12 +42,13 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cluster")
     spec_path = workdir / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(SPEC))
-    with ray_cluster(workdir) as cluster, mlflow_server(workdir) as server:
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **cluster.env}
+    with s3_server(workdir) as s3, ray_cluster(workdir, env=s3.env) as cluster, mlflow_server(workdir) as server:
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **cluster.env, **s3.env}
         env.pop("RAY_ADDRESS", None)
         search = subprocess.run(
             [sys.executable, "-m", "autoprune.cli", "search", str(spec_path), "--address", cluster.address,
-             "--tracking-uri", server.url, "--workdir", str(workdir / "driver"), "--storage", str(workdir / "shared")],
+             "--tracking-uri", server.url, "--workdir", str(workdir / "driver"),
+             "--storage", s3.uri("autoprune", "runs")],
             capture_output=True, text=True, env=env, timeout=600,
         )
         best = subprocess.run(
@@ -55,7 +56,14 @@ def run(tmp_path_factory):
              "--json", "--tracking-uri", server.url],
             capture_output=True, text=True, env=env, timeout=120,
         )
-        yield {"search": search, "best": best, "server": server, "workdir": workdir, "cluster": cluster}
+        import pyarrow.fs
+
+        bucket = pyarrow.fs.S3FileSystem(access_key=s3.env["AWS_ACCESS_KEY_ID"],
+                                         secret_key=s3.env["AWS_SECRET_ACCESS_KEY"], endpoint_override=s3.endpoint,
+                                         scheme="http", region="us-east-1")
+        stored = [info.path for info in bucket.get_file_info(pyarrow.fs.FileSelector("autoprune/runs", recursive=True))]
+        yield {"search": search, "best": best, "server": server, "workdir": workdir, "cluster": cluster,
+               "stored": stored}
 
 
 def test_the_search_uses_both_nodes_and_lands_in_the_tracking_server(run):
@@ -71,12 +79,14 @@ def test_the_search_uses_both_nodes_and_lands_in_the_tracking_server(run):
     assert len({child.data.tags["ray_node"] for child in children}) == 2
 
 
-def test_artifacts_go_through_the_server_and_checkpoints_to_the_shared_storage(run):
+def test_artifacts_go_through_the_server_and_checkpoints_to_s3(run):
     artifacts = run["server"].artifacts
     assert any(path.name == "pareto.html" for path in artifacts.rglob("*"))
-    assert any(path.name == "weights.safetensors" for path in artifacts.rglob("*"))  # registered models' files
+    # the front's models, downloaded by the driver from S3 and registered through the server
+    assert any(path.name == "weights.safetensors" for path in artifacts.rglob("*"))
     assert not (run["workdir"] / "driver" / "mlartifacts").exists()  # nothing written beside the server
-    assert any(path.name == "weights.safetensors" for path in (run["workdir"] / "shared").rglob("*"))
+    checkpoints = [path for path in run["stored"] if path.endswith("weights.safetensors")]
+    assert len(checkpoints) == 4  # every trial's pruned model is in the bucket
 
 
 def test_best_answers_from_the_tracking_server(run):
