@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def optimise_deepspeed(model: nn.Module, engine: HealingEngine, **job: Any) -> l
                                          resources_per_worker={"CPU": engine.cpu, "GPU": engine.gpu}),
             torch_config=TorchConfig(backend="nccl" if engine.gpu > 0 else "gloo"),
             # the checkpoint goes where every node can write it: the search's storage on a cluster
-            run_config=RunConfig(storage_path=engine.storage or local_storage, name="heal"),
+            run_config=RunConfig(storage_path=engine.storage or local_storage, name=f"heal-{uuid.uuid4().hex[:12]}"),
         )
         result = trainer.fit()
         with result.checkpoint.as_directory() as folder:

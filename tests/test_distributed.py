@@ -76,3 +76,29 @@ def test_deepspeed_healing_keeps_masks_and_structure(local_ray, bundle, dense, z
     assert {k: v.shape for k, v in alone.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     if not bf16:  # the same batches, split over two workers: the single-process run, up to float rounding
         assert losses == pytest.approx(single, rel=1e-3)
+
+
+def test_a_search_heals_its_trials_with_deepspeed(local_ray, tmp_path):
+    """Ray Train's TorchTrainer inside each Tune trial: 1 CPU for the trial, 2 DeepSpeed workers of ½ CPU each."""
+    from autoprune.search import search
+    from autoprune.spec import parse_spec
+
+    spec = parse_spec({
+        "name": "deepspeed-search",
+        "model": {"name": TINY_VIT.name, "num_classes": 10, "train_steps": 50, "kwargs": dict(TINY_VIT.kwargs)},
+        "data": {"source": "reference", "eval_images": 100},
+        "profile": {"batch_size": 4, "warmup": 1, "repeats": 3},
+        "healing": {"engine": "deepspeed", "workers": 2, "zero_stage": 2, "bf16": False, "cpu": 0.5, "gpu": 0},
+        "search": {"trials": 2, "concurrency": 1, "sampler": "random", "seed": 0, "resources": {"cpu": 1},
+                   "storage": str(tmp_path / "storage")},
+        "mlflow": {"experiment": "deepspeed-search", "registered_model": "deepspeed-search-model"},
+        "space": {"prune": {"methods": ["magnitude"], "sparsity": {"low": 0.5, "high": 0.5}},
+                  "heal": {"methods": ["distill"], "calibration_images": 32, "steps": 4, "lr": 1e-3,
+                           "batch_size": 8}},
+    })
+    outcome = search(spec, workdir=tmp_path, echo=None)
+    assert not outcome.failed and len(outcome.records) == 2
+    for record in outcome.records:
+        assert record.result.sparsity == pytest.approx(0.5, abs=0.01)
+    # each trial's healing ran as its own Ray Train run, whose checkpoint went to the search's storage
+    assert len(list((tmp_path / "storage").glob("heal-*"))) == 2
