@@ -57,6 +57,7 @@ def ray_cluster(
 ) -> Iterator[RayCluster]:
     """A head node and the other `nodes` (name → {num_cpus, resources}) joined to it, each a `ray start --block`;
     `env` reaches every node's processes (say, the object store's credentials for the trials' checkpoints)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     address = f"{LOOPBACK}:{port}"
     # Token authentication with a token of this cluster's own (Ray's default would share ~/.ray/auth_token).
@@ -90,21 +91,39 @@ def ray_cluster(
 
 
 def _wait_for_nodes(address: str, count: int, processes, timeout_s: float, log: Path, env) -> None:
-    deadline = time.monotonic() + timeout_s
     probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR');"
              "print(sum(n['Alive'] for n in ray.nodes()))")
-    while time.monotonic() < deadline:
-        if any(process.poll() is not None for process in processes):
-            raise RuntimeError(f"a Ray node exited while starting: see {log}\n{_tail(log)}")
+
+    def ready() -> bool:
         try:
             result = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True,
-                                    timeout=max(5.0, deadline - time.monotonic()), env=env)
+                                    timeout=30, env=env)
         except subprocess.TimeoutExpired:
-            continue
-        if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return False
+        return result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]
+
+    _wait_until(ready, processes, f"the Ray cluster at {address} ({count} nodes)", log, timeout_s)
+
+
+def _answers(url: str, method: str = "GET") -> bool:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _wait_until(ready, processes, what: str, log: Path, timeout_s: float) -> None:
+    """Poll `ready()` until it holds; fail at once, with the log's tail, if a process exits while starting."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if any(process.poll() is not None for process in processes):
+            raise RuntimeError(f"{what}: a process exited while starting ({log}):\n{_tail(log)}")
+        if ready():
             return
-        time.sleep(1)
-    raise TimeoutError(f"the Ray cluster at {address} did not reach {count} nodes in {timeout_s:.0f} s: see {log}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} was not ready in {timeout_s:.0f} s ({log}):\n{_tail(log)}")
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -122,19 +141,7 @@ def mlflow_server(workdir: Path, *, timeout_s: float = 60) -> Iterator[MlflowSer
                                start_new_session=True)
     url = f"http://{LOOPBACK}:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited while starting:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow server at {url} did not answer in {timeout_s:.0f} s:\n{_tail(log)}")
-            time.sleep(0.5)
+        _wait_until(lambda: _answers(f"{url}/health"), [process], f"mlflow server at {url}", log, timeout_s)
         yield MlflowServer(url, artifacts)
     finally:
         _stop(process)
@@ -153,6 +160,7 @@ class S3Server:
 @contextlib.contextmanager
 def s3_server(workdir: Path, *, buckets: tuple[str, ...] = ("autoprune",), timeout_s: float = 60) -> Iterator[S3Server]:
     """An S3-compatible object store (moto's server, in memory) on loopback, with `buckets` created."""
+    workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = workdir / "s3-server.log"
     process = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", LOOPBACK, "-p", str(port)],
@@ -161,19 +169,9 @@ def s3_server(workdir: Path, *, buckets: tuple[str, ...] = ("autoprune",), timeo
     env = {"AWS_ACCESS_KEY_ID": "loopback", "AWS_SECRET_ACCESS_KEY": "loopback", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the S3 server exited while starting:\n{_tail(log)}")
-            try:
-                for bucket in buckets:
-                    request = urllib.request.Request(f"http://{endpoint}/{bucket}", method="PUT")
-                    urllib.request.urlopen(request, timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the S3 server at {endpoint} did not answer in {timeout_s:.0f} s") from None
-                time.sleep(0.5)
+        # creating the buckets is the readiness probe: PUT /bucket answers 200 once the server is up
+        _wait_until(lambda: all(_answers(f"http://{endpoint}/{bucket}", "PUT") for bucket in buckets), [process],
+                    f"the S3 server at {endpoint}", log, timeout_s)
         yield S3Server(endpoint, env)
     finally:
         _stop(process)
