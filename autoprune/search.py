@@ -160,6 +160,8 @@ def search(
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if spec.profile.target is not None:
         _check_target_hardware(spec.profile.target.accelerator_type, ray.cluster_resources())
+    if spec.healing.engine != "local":
+        _check_healing_resources(spec, ray.cluster_resources())
 
     say(f"autoprune: {spec.name}: loading data and the dense model {spec.model.name}")
     bundle = load_data(spec)
@@ -333,6 +335,20 @@ def _check_target_hardware(accelerator_type: str, cluster: Mapping[str, float]) 
         f" (it has: {', '.join(present) or 'none'}). Start one (a node type with min_workers >= 1 in the cluster"
         f" config, or `ray start --resources '{{\"{prefix}{accelerator_type}\": 1}}'`), or remove profile.target."
     )
+
+
+def _check_healing_resources(spec: SearchSpec, cluster: Mapping[str, float]) -> None:
+    """A trial that heals with DeepSpeed holds its own resources while its workers take theirs: if the cluster can
+    never hold both, the workers would wait forever. (An autoscaling cluster counts only the nodes it has now.)"""
+    healing = spec.healing
+    for resource, trial, per_worker in (("CPU", spec.search.cpu, healing.cpu), ("GPU", spec.search.gpu, healing.gpu)):
+        needed = trial + healing.workers * per_worker
+        if needed > cluster.get(resource, 0):
+            raise AutopruneError(
+                f"healing: a trial needs {needed:g} {resource} at once (search.resources {trial:g} + healing.workers"
+                f" {healing.workers} × {per_worker:g}) but this Ray cluster has {cluster.get(resource, 0):g}. Lower"
+                f" healing.workers / healing.{resource.lower()}, or add nodes."
+            )
 
 
 def _dense_baseline(context: TrialContext) -> TrialResult:

@@ -485,7 +485,7 @@ class _Section:
         if not raw:
             raise self.fail(key, f"must name at least one of: {', '.join(registry.names())}.")
         for index, name in enumerate(raw):
-            if name not in registry:
+            if not isinstance(name, str) or name not in registry:
                 raise self.fail(
                     f"{key}[{index}]",
                     f"{name!r} is not a registered {registry.kind}; valid choices: {', '.join(registry.names())}.",

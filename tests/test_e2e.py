@@ -179,14 +179,19 @@ def test_a_failing_trial_is_recorded_with_its_error_and_the_search_goes_on(local
     assert parent.data.metrics["trials_failed"] == len(result.failed)
 
 
-def test_a_target_accelerator_no_node_has_stops_the_search_before_any_trial(local_ray, tmp_path):
+@pytest.mark.parametrize(("section", "value", "message"), [
+    ("profile", {"target": {"accelerator_type": "H100"}}, "accelerator type 'H100' \\(it has: autoprune-test\\)"),
+    ("healing", {"engine": "deepspeed", "workers": 2, "cpu": 0.5, "gpu": 1}, "needs 2 GPU at once .* has 0"),
+], ids=["missing-accelerator-type", "deepspeed-workers-too-big"])
+def test_a_search_that_could_never_be_scheduled_stops_before_any_trial(local_ray, tmp_path, section, value,
+                                                                        message):
     import copy
 
     from autoprune.errors import AutopruneError
 
     spec = copy.deepcopy(SPEC)
-    spec["profile"]["target"] = {"accelerator_type": "H100"}
-    with pytest.raises(AutopruneError, match="accelerator type 'H100' \\(it has: autoprune-test\\)"):
+    spec.setdefault(section, {}).update(value)
+    with pytest.raises(AutopruneError, match=message):
         search(parse_spec(spec), workdir=tmp_path, echo=None)
     assert not (tmp_path / "cache").exists()  # it stopped before the dense model was trained
 
