@@ -321,9 +321,6 @@ def _row(record: TrialRecord, *, on_front: bool) -> dict[str, Any]:
     }
 
 
-# ---- on the workers ----------------------------------------------------------------------------------------
-
-
 def _check_target_hardware(accelerator_type: str, cluster: Mapping[str, float]) -> None:
     """A latency task for an accelerator type no node has would wait forever: say so before any trial starts."""
     prefix = "accelerator_type:"
@@ -349,6 +346,9 @@ def _check_healing_resources(spec: SearchSpec, cluster: Mapping[str, float]) -> 
                 f" {healing.workers} × {per_worker:g}) but this Ray cluster has {cluster.get(resource, 0):g}. Lower"
                 f" healing.workers / healing.{resource.lower()}, or add nodes."
             )
+
+
+# ---- on the workers ----------------------------------------------------------------------------------------
 
 
 def _dense_baseline(context: TrialContext) -> TrialResult:
