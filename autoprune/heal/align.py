@@ -88,28 +88,18 @@ class _capture(dict):
             handle.remove()
 
 
-# Under ZeRO-3 the backward pass through the captured internal states fails inside DeepSpeed's parameter
-# coordinator ("active_backward_submodules is empty"); stages 1–2 work (tests/test_distributed.py).
-_MAX_ZERO_STAGE = 2
-_DEFAULTS = {"states": "all", "normalize": "relative", "temperature": 2.0}
-_CHOICES = {"states": STATE_CHOICES, "normalize": NORMALIZE_CHOICES}
-register(
-    HealMethod(
-        "align",
-        align,
-        "Match the dense model's internal states (block / stage outputs) on unlabelled images (STARFISH-style).",
-        options={**_DEFAULTS, "logit_weight": 0.0},
-        choices=_CHOICES,
-        max_zero_stage=_MAX_ZERO_STAGE,
-    )
+# One loss, two registered variants that differ in the weight of the logit term.
+_VARIANTS = (
+    ("align", 0.0,
+     "Match the dense model's internal states (block / stage outputs) on unlabelled images (STARFISH-style)."),
+    ("align_logits", 1.0, "Internal-state alignment plus a logit KL term to the dense model (unlabelled)."),
 )
-register(
-    HealMethod(
-        "align_logits",
-        align,
-        "Internal-state alignment plus a logit KL term to the dense model (unlabelled).",
-        options={**_DEFAULTS, "logit_weight": 1.0},
-        choices=_CHOICES,
-        max_zero_stage=_MAX_ZERO_STAGE,
-    )
-)
+for _name, _logit_weight, _description in _VARIANTS:
+    register(HealMethod(
+        _name, align, _description,
+        options={"states": "all", "normalize": "relative", "temperature": 2.0, "logit_weight": _logit_weight},
+        choices={"states": STATE_CHOICES, "normalize": NORMALIZE_CHOICES},
+        # Under ZeRO-3 the backward pass through the captured internal states fails inside DeepSpeed's parameter
+        # coordinator ("active_backward_submodules is empty"); stages 1–2 work (tests/test_distributed.py).
+        max_zero_stage=2,
+    ))
