@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
@@ -348,7 +349,7 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
         seed=search.take("seed", int, 0, check=_non_negative),
         cpu=resources.take("cpu", float, 1.0, check=_positive),
         gpu=resources.take("gpu", float, 0.0, check=_non_negative),
-        storage=search.take("storage", str, None, check=_storage),
+        storage=_no_credentials(search, "storage", search.take("storage", str, None, check=_storage)),
     )
     resources.done()
     search.done()
@@ -357,7 +358,7 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
     mlflow_spec = MlflowSpec(
         experiment=tracking.take("experiment", str, f"autoprune-{name}", check=_non_empty),
         registered_model=tracking.take("registered_model", str, f"{name}-pruned", check=_non_empty),
-        tracking_uri=tracking.take("tracking_uri", str, None),
+        tracking_uri=_no_credentials(tracking, "tracking_uri", tracking.take("tracking_uri", str, None)),
     )
     tracking.done()
 
@@ -577,6 +578,18 @@ def _coerce(value: Any, kind: type) -> Any:
 
 
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "hdfs", "file")  # what pyarrow's filesystems (Ray Tune's storage) read
+
+
+_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#]*@|[?&](access_key|secret_key|session_token|password)=", re.I)
+
+
+def _no_credentials(section: "_Section", key: str, uri: str | None) -> str | None:
+    """A spec is logged to MLflow and shared: a URI in it must not carry a secret. The value is not echoed."""
+    if uri is not None and _CREDENTIALS.search(uri):
+        raise section.fail(key, "holds credentials (user:password@ or a key in its query); the value is not"
+                                " shown. Give them in the environment instead: MLFLOW_TRACKING_USERNAME /"
+                                " MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")
+    return uri
 
 
 def _storage(value: str) -> str | None:

@@ -115,6 +115,17 @@ def test_deepspeed_healing_parses_and_rejects_a_stage_a_method_cannot_take():
     assert parse_spec(DEMO).healing.engine == "local"
 
 
+@pytest.mark.parametrize(("path", "uri"), [
+    ("mlflow.tracking_uri", "http://alice:s3cret@mlflow.example.com:5000"),
+    ("search.storage", "s3://bucket/runs?region=us-east-1&secret_key=s3cret"),
+])
+def test_credentials_in_a_spec_are_refused_without_echoing_them(path, uri):
+    with pytest.raises(SpecError) as error:
+        parse_spec(_broken(path, uri), origin="demo.yaml")
+    assert path in str(error.value) and "credentials" in str(error.value) and "s3cret" not in str(error.value)
+    assert parse_spec(_broken(path, uri.replace("alice:s3cret@", "").replace("&secret_key=s3cret", "")))
+
+
 def test_missing_required_section_is_reported():
     raw = copy.deepcopy(DEMO)
     del raw["space"]
