@@ -79,3 +79,8 @@ def test_layer_groups_follow_the_family():
 def test_a_folder_without_structure_is_not_a_model(tmp_path):
     with pytest.raises(AutopruneError, match="not an autoprune model"):
         load_model_dir(tmp_path)
+
+
+def test_an_unknown_timm_name_is_one_line_with_similar_names():
+    with pytest.raises(AutopruneError, match=r"model.name: 'vit_tinyy_patch16' is not a timm model\. Similar names: .*vit"):
+        ModelSource("vit_tinyy_patch16", 10).create()
