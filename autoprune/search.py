@@ -48,6 +48,7 @@ class SearchOutcome:
     ui_command: str
     failed: list[TrialRecord] = field(default_factory=list)
     accounting: dict[str, float] = field(default_factory=dict)  # where the time went (see `time_accounting`)
+    retried: int = 0  # trial restarts after a worker died or a trial raised (search.max_retries)
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -201,6 +202,7 @@ def search(
         summary = {
             "trials_finished": len([r for r in records if r.result is not None]),
             "trials_failed": len([r for r in records if r.result is None]),
+            "trials_retried": publisher.retried,
             "front_size": len(front),
             **accounting,
         }
@@ -228,6 +230,7 @@ def search(
         ui_command=ui_command(tracking_uri),
         failed=[r for r in records if r.result is None],
         accounting=accounting,
+        retried=publisher.retried,
     )
     say(summary_text(outcome))
     return outcome
@@ -282,7 +285,8 @@ def summary_text(outcome: SearchOutcome) -> str:
     lines = [
         "",
         f"Search {outcome.spec.name!r} finished in {outcome.wall_seconds:.0f} s: {len(outcome.records)} trials,"
-        f" {len(outcome.failed)} failed, {len(outcome.front)} on the Pareto front.",
+        f" {len(outcome.failed)} failed" + (f" ({outcome.retried} restarts)" if outcome.retried else "")
+        + f", {len(outcome.front)} on the Pareto front.",
         f"Dense model: top-1 {outcome.dense.accuracy:.4f}, {outcome.dense.latency.median_ms:.3f} ms"
         f" ({outcome.dense.latency.device}, batch {outcome.dense.latency.batch_size}, {outcome.dense.latency.dtype}).",
         "",
@@ -403,7 +407,7 @@ def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publi
             storage_path=storage,
             callbacks=[publisher],
             verbose=0,
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=spec.search.max_retries),
         ),
     )
     return tuner.fit()
@@ -420,6 +424,7 @@ class _TrialPublisher(Callback):
         self.downloads = downloads  # where checkpoints in remote storage are copied for registration
         self.records: list[TrialRecord] = []
         self.run_ids: dict[str, str] = {}
+        self.retried = 0
         self._started = time.perf_counter()
 
     def __getstate__(self) -> dict:
@@ -434,6 +439,12 @@ class _TrialPublisher(Callback):
         checkpoint = trial.checkpoint
         model_dir = _local_copy(checkpoint, self.downloads / trial.trial_id) if checkpoint else None
         self._add(TrialRecord(trial.trial_id, TrialResult.from_metrics(metrics), model_dir=model_dir), trials)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """The trial failed and Tune starts it again (search.max_retries): nothing is recorded until it ends."""
+        self.retried += 1
+        self.say(f"autoprune: trial {trial.trial_id} failed ({_error_text(trial).splitlines()[-1][:160]});"
+                 f" starting it again")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._add(TrialRecord(trial.trial_id, None, error=_error_text(trial)), trials)

@@ -113,6 +113,8 @@ class SearchSettings:
     seed: int = 0  # sampler seed and every trial's seed
     cpu: float = 1  # Ray resources per trial
     gpu: float = 0
+    # A trial whose worker dies (or that raises: Tune cannot tell them apart) is started again this many times.
+    max_retries: int = 1
     # Where Tune keeps trial results and checkpoints (the pruned models): a path every node reaches (NFS) or a URI
     # (s3://bucket/prefix, gs://…); None: <workdir>/ray on the driver, enough for one machine.
     storage: str | None = None
@@ -347,6 +349,7 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
         concurrency=search.take("concurrency", int, 2, check=_positive),
         sampler=search.take("sampler", str, "tpe", choices=SAMPLERS),
         seed=search.take("seed", int, 0, check=_non_negative),
+        max_retries=search.take("max_retries", int, 1, check=_non_negative),
         cpu=resources.take("cpu", float, 1.0, check=_positive),
         gpu=resources.take("gpu", float, 0.0, check=_non_negative),
         storage=_no_credentials(search, "storage", search.take("storage", str, None, check=_storage)),

@@ -221,3 +221,43 @@ def test_the_selected_model_is_served_over_http(outcome, local_ray, bundle):
         assert answer["top1"] == expected and answer["version"] == choice.version
     finally:
         serve.shutdown()
+
+
+def test_a_trial_whose_worker_is_killed_is_run_again_and_nothing_is_lost(local_ray, tmp_path):
+    """SIGKILL to the process running the first trial (found by Ray's process title): Tune starts the trial again
+    (search.max_retries), and the search ends with every trial accounted for, once each."""
+    import copy
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    spec = copy.deepcopy(SPEC)
+    spec["mlflow"] = {"experiment": "e2e-kill", "registered_model": "e2e-kill-model"}
+    spec["search"].update({"trials": 2, "concurrency": 1, "max_retries": 2})
+    spec["space"]["heal"] = {"methods": ["distill"], "calibration_images": 64, "steps": 400, "lr": 1e-3,
+                             "batch_size": 16}
+    killed: list[int] = []
+
+    def kill_the_first_trial_worker() -> None:
+        deadline = time.monotonic() + 300
+        while not killed and time.monotonic() < deadline:
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                if "ImplicitFunc" in " ".join(process.info["cmdline"] or []):
+                    time.sleep(1.0)  # into the trial's work
+                    process.send_signal(signal.SIGKILL)
+                    killed.append(process.info["pid"])
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_first_trial_worker, daemon=True)
+    killer.start()
+    outcome = search(parse_spec(spec), workdir=tmp_path, echo=None)
+    killer.join(timeout=5)
+    assert killed, "no trial worker was found to kill"
+    assert outcome.retried >= 1 and not outcome.failed and len(outcome.records) == 2
+    tracker = Tracker(outcome.tracking_uri, "e2e-kill")
+    children = tracker.child_runs(outcome.parent_run_id)
+    assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)  # once each
+    assert tracker.client.get_run(outcome.parent_run_id).data.metrics["trials_retried"] >= 1

@@ -69,6 +69,7 @@ def _broken(path: str, value) -> dict:
         ("latency_target_ms", 0, ["latency_target_ms", "must be > 0"]),
         ("objectives", {"accuracy": "max", "energy": "min"}, ["objectives", "energy", "latency_ms"]),
         ("profile.dtype", "int8", ["profile.dtype", "'int8'", "bfloat16"]),
+        ("search.max_retries", -1, ["search.max_retries", "must be >= 0", "-1"]),
         ("healing.engine", "horovod", ["healing.engine", "'horovod'", "local, deepspeed"]),
         ("healing.zero_stage", 4, ["healing.zero_stage", "4", "0, 1, 2, 3"]),
         ("healing.workers", 0, ["healing.workers", "must be > 0"]),
