@@ -77,7 +77,7 @@ def measure_latency(
 
 def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:
     if settings.target is None:
-        profiles = profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
+        profiles = _profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
         model.float()  # profiling may have cast it; healing and evaluation run in float32
         return profiles
     import ray
@@ -91,7 +91,7 @@ def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device,
     return ray.get(task.remote(copy.deepcopy(model).float().cpu(), fmt, settings, input_size, batch_sizes))
 
 
-def profile_batches(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:
+def _profile_batches(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:
     return {
         batch: profile_latency(model, input_size=input_size, batch_size=batch, dtype=settings.dtype,
                                warmup=settings.warmup, repeats=settings.repeats, device=device, threads=threads,
@@ -107,4 +107,4 @@ def _profile_on_target(model, fmt, settings: ProfileSpec, input_size, batch_size
     context = ray.get_runtime_context()
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     threads = max(1, int(context.get_assigned_resources().get("CPU", 1)))
-    return profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
+    return _profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)

@@ -27,7 +27,7 @@ from autoprune.pareto import hypervolume_2d, non_dominated
 from autoprune.report import DENSE, plot_html, plot_png, table
 from autoprune.space import SearchSpace
 from autoprune.spec import Choice, Fixed, HealConfig, PruneConfig, SearchSpec, TrialConfig, load_spec
-from autoprune.tracking import DEFAULT_WORKDIR, Tracker, TrialRecord, resolve_tracking_uri
+from autoprune.tracking import DEFAULT_WORKDIR, Tracker, TrialRecord, is_tracking_server, resolve_tracking_uri
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class SearchOutcome:
 
 
 def ui_command(tracking_uri: str) -> str:
-    if tracking_uri.startswith(("http://", "https://")):
+    if is_tracking_server(tracking_uri):
         return f"open {tracking_uri} in a browser"
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
@@ -147,9 +147,8 @@ def search(
     workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = resolve_tracking_uri(tracking_uri, spec.mlflow.tracking_uri, workdir)
     # A local store keeps its artifacts next to it; a tracking server decides where artifacts go (it serves them).
-    local_store = tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
     tracker = Tracker(tracking_uri, spec.mlflow.experiment,
-                      artifact_location=(workdir / "mlartifacts").as_uri() if local_store else None)
+                      artifact_location=None if is_tracking_server(tracking_uri) else (workdir / "mlartifacts").as_uri())
 
     source = model_source(spec.model)
     space = SearchSpace(spec, layer_groups(source.create()))  # the spec's groups exist in the model (no weights needed)

@@ -42,6 +42,11 @@ def resolve_tracking_uri(flag: str | None, spec_uri: str | None, workdir: str | 
     return flag or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or local
 
 
+def is_tracking_server(tracking_uri: str) -> bool:
+    """An MLflow server (http/https) rather than a store the client writes itself (sqlite, a folder, a database)."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
 def library_versions() -> dict[str, str]:
     versions = {}
     for name in LIBRARIES:
