@@ -41,7 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trials", type=int, help="override search.trials")
     run.add_argument("--storage", help="override search.storage: where trials write checkpoints, reachable from every"
                                        " node (a shared path, s3://bucket/prefix, gs://…; default: <workdir>/ray)")
+    run.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
+                     help="continue a search whose driver stopped: its run id (printed when it started), or nothing"
+                          " for the newest unfinished search of this spec; ended trials are kept, the others run")
     _add_store_flags(run)
+
+    publish = commands.add_parser("publish", help="(re)publish a search's trials, front and models to MLflow from"
+                                                  " Ray Tune's storage (after MLflow was unreachable)")
+    publish.add_argument("run", help="the search's run id (printed when it started)")
+    publish.add_argument("--storage", help="the search's storage, if not the spec's search.storage or <workdir>/ray")
+    _add_store_flags(publish)
 
     best = commands.add_parser("best", help="the most accurate registered model within a latency target")
     best.add_argument("--model", required=True, help="registered model name")
@@ -114,8 +123,15 @@ def _search(args) -> int:
     from autoprune.search import search
 
     outcome = search(args.spec, address=args.address, tracking_uri=args.tracking_uri, workdir=args.workdir,
-                     trials=args.trials, storage=args.storage)
+                     trials=args.trials, storage=args.storage, resume=args.resume)
     return 0 if outcome.front else 1
+
+
+def _publish(args) -> int:
+    from autoprune.publish import publish_run
+
+    publish_run(args.run, tracking_uri=_tracking_uri(args), workdir=Path(args.workdir).resolve(), storage=args.storage)
+    return 0
 
 
 def _serve(args) -> int:
@@ -209,7 +225,7 @@ def _bench(args) -> int:
     return main_pruning(**common, heal_method=args.heal)
 
 
-COMMANDS = {"search": _search, "best": _best, "serve": _serve, "front": _front, "demo": _demo, "methods": _methods, "bench": _bench}
+COMMANDS = {"search": _search, "publish": _publish, "best": _best, "serve": _serve, "front": _front, "demo": _demo, "methods": _methods, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ profile.py times one model once; this module decides what to time:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import torch
@@ -32,6 +32,7 @@ class Latencies:
     objective: LatencyProfile
     extra: Mapping[int, LatencyProfile]  # batch size → profile, for `ProfileSpec.extra_batch_sizes`
     cached: bool
+    keys: Mapping[int, str] = field(default_factory=dict)  # batch size → the cache key the profile is stored under
 
 
 def measure_latency(
@@ -72,7 +73,7 @@ def measure_latency(
     if fallback:
         found = {batch: replace(profile, note=fallback) for batch, profile in found.items()}
     extra = {batch: profile for batch, profile in found.items() if batch != settings.batch_size}
-    return Latencies(found[settings.batch_size], extra, cached=settings.batch_size in reused)
+    return Latencies(found[settings.batch_size], extra, cached=settings.batch_size in reused, keys=keys)
 
 
 def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:

@@ -1,8 +1,8 @@
-"""Multi-objective maths on plain arrays: the non-dominated set and the 2-D hypervolume."""
+"""Multi-objective maths: the non-dominated set and the 2-D hypervolume on arrays, and the front of a search's trials."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,3 +35,19 @@ def hypervolume_2d(accuracy: Sequence[float], cost: Sequence[float], *, referenc
         next_cost = pairs[index + 1][0] if index + 1 < len(pairs) else ref_cost
         area += (next_cost - c) * (best_accuracy - ref_accuracy)
     return area
+
+
+def pareto_front(records: list[Any], cost_metric: str = "latency_ms", *, dense: Any = None) -> list[Any]:
+    """The feasible, finished trials (TrialRecords; `dense` a TrialResult) that no other one beats on both accuracy and cost; fastest first.
+
+    The dense model takes part as a competitor, so that a pruned model it beats on both counts (masks that run the
+    same dense kernels, say) is not offered as a trade-off; the dense model itself is never on the returned front.
+    """
+    candidates = [r for r in records if r.result is not None and r.result.feasible and r.model_dir]
+    if not candidates:
+        return []
+    points = [[r.result.accuracy, r.result.cost(cost_metric)] for r in candidates]
+    if dense is not None:
+        points.append([dense.accuracy, dense.cost(cost_metric)])
+    mask = non_dominated(np.array(points), maximize=[True, False])[: len(candidates)]
+    return sorted((r for r, keep in zip(candidates, mask) if keep), key=lambda r: r.result.cost(cost_metric))

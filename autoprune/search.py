@@ -1,21 +1,25 @@
 """The driver: spec → Ray Tune trials sampled by Optuna → front → MLflow runs, plots and registry.
 
 The driver validates everything and prepares what trials share (data, dense weights) before Ray starts; the
-trials run `run_trial` on their own workers and report; the driver alone writes to MLflow, trial by trial as they
-finish (so the UI fills while the search runs), then the front, the plots and the registered models.
+trials run `run_trial` on their own workers and report to Ray Tune, whose storage is the search's record; the
+driver alone writes to MLflow, trial by trial as they finish (so the UI fills while the search runs), then, from
+Tune's storage, the front, the plots and the registered models (`publish.py`). A driver that stopped is continued
+with `resume` (Tune restores the trials and Optuna's history); MLflow failing mid-search costs nothing but a later
+`autoprune publish`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 from ray.tune import Callback
 
 from autoprune import data as datasets
@@ -23,8 +27,11 @@ from autoprune.dense import dense_weights, model_source
 from autoprune.errors import AutopruneError
 from autoprune.latency_cache import SharedLatencyCache
 from autoprune.models import layer_groups
-from autoprune.pareto import hypervolume_2d, non_dominated
-from autoprune.report import DENSE, plot_html, plot_png, table
+from autoprune.pareto import pareto_front
+from autoprune.publish import (
+    TRIAL_ERROR, error_text, experiment_path, publish_search, records_from_storage, trial_record, trial_row,
+)
+from autoprune.report import table
 from autoprune.space import SearchSpace
 from autoprune.spec import Choice, Fixed, HealConfig, PruneConfig, SearchSpec, TrialConfig, load_spec
 from autoprune.tracking import DEFAULT_WORKDIR, Tracker, TrialRecord, is_tracking_server, resolve_tracking_uri
@@ -81,6 +88,7 @@ def _largest_calibration_budget(spec: SearchSpec) -> int:
     return int(max(dimension.values) if isinstance(dimension, Choice) else dimension.high)
 
 
+RESULT_FILE = "result.json"  # in a trial's checkpoint, beside the model: what it reported
 CONSTRAINT_ATTR = "constraint"  # Optuna user attribute: (latency − target,), feasible when ≤ 0
 
 
@@ -111,6 +119,8 @@ def latency_constrained_searcher(space: SearchSpace, spec: SearchSpec):
     class ConstrainedOptunaSearch(OptunaSearch):
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             # `_ot_trials` (Tune trial id → Optuna trial) is OptunaSearch's own map; a test pins that it exists.
+            if result and TRIAL_ERROR in result:  # a trial that failed and said so: Optuna records it as FAIL
+                result, error = None, True
             if target is not None and result and "latency_ms" in result and trial_id in self._ot_trials:
                 self._ot_trials[trial_id].set_user_attr(CONSTRAINT_ATTR, (float(result["latency_ms"]) - target,))
             super().on_trial_complete(trial_id, result, error)
@@ -131,10 +141,12 @@ def search(
     workdir: str | Path = DEFAULT_WORKDIR,
     trials: int | None = None,
     storage: str | None = None,
+    resume: str | None = None,
     echo: Callable[[str], None] | None = print,
 ) -> SearchOutcome:
     """Run a search end to end. Everything is validated before Ray starts; `echo` shows progress (None: quiet).
-    `storage` overrides the spec's `search.storage` (where trials write their checkpoints)."""
+    `storage` overrides the spec's `search.storage` (where trials write their checkpoints). `resume` continues a
+    search whose driver stopped: a parent run id, or "latest" (the newest unfinished search of this spec's name)."""
     started = time.perf_counter()
     say = echo or (lambda line: None)
     if not isinstance(spec, SearchSpec):
@@ -149,6 +161,8 @@ def search(
     # A local store keeps its artifacts next to it; a tracking server decides where artifacts go (it serves them).
     tracker = Tracker(tracking_uri, spec.mlflow.experiment,
                       artifact_location=None if is_tracking_server(tracking_uri) else (workdir / "mlartifacts").as_uri())
+    storage = spec.search.storage or str(workdir / "ray")
+    resumed = _resumable(tracker, spec, resume, storage) if resume else None
 
     source = model_source(spec.model)
     space = SearchSpace(spec, layer_groups(source.create()))  # the spec's groups exist in the model (no weights needed)
@@ -169,62 +183,60 @@ def search(
     context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms,
                            latency_cache=SharedLatencyCache.start(),
                            healing_engine=replace(spec.healing, storage=spec.search.storage))
-    resources = {"cpu": spec.search.cpu, "gpu": spec.search.gpu}
-    say(f"autoprune: measuring the dense model on a trial worker ({resources})")
-    dense = ray.get(
-        ray.remote(num_cpus=spec.search.cpu, num_gpus=spec.search.gpu)(_dense_baseline).remote(context)
-    )
-    say(f"autoprune: dense top-1 {dense.accuracy:.4f}, {dense.latency.median_ms:.3f} ms on {dense.latency.device}")
-
+    if resumed:
+        parent_id = resumed
+        dense = TrialResult.from_metrics(tracker.dense_metrics(parent_id))  # the numbers the trials were held to
+        say(f"autoprune: resuming search run {parent_id}; dense top-1 {dense.accuracy:.4f},"
+            f" {dense.latency.median_ms:.3f} ms on {dense.latency.device} (as measured when it started)")
+    else:
+        resources = {"cpu": spec.search.cpu, "gpu": spec.search.gpu}
+        say(f"autoprune: measuring the dense model on a trial worker ({resources})")
+        dense = ray.get(
+            ray.remote(num_cpus=spec.search.cpu, num_gpus=spec.search.gpu)(_dense_baseline).remote(context)
+        )
+        say(f"autoprune: dense top-1 {dense.accuracy:.4f}, {dense.latency.median_ms:.3f} ms on {dense.latency.device}")
+        parent_id = tracker.start_search(name=spec.name, spec=spec.as_dict(),
+                                         run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        tracker.log_dense(parent_id, dense)
+        say(f"autoprune: search run {parent_id} (if this driver stops: autoprune search SPEC --resume {parent_id})")
     setup_seconds = time.perf_counter() - started
-    parent_id = tracker.start_search(name=spec.name, spec=spec.as_dict(), run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    tracker.log_dense(parent_id, dense)
-    publisher = _TrialPublisher(tracker, parent_id, spec, say, dense, downloads=workdir / "checkpoints" / parent_id)
+
+    path = experiment_path(storage, parent_id)
+    downloads = workdir / "checkpoints" / parent_id
+    earlier = records_from_storage(path, downloads)[0] if resumed else []
+    for result in [dense, *(record.result for record in earlier if record.result is not None)]:
+        for key, profile in result.latency_entries().items():  # what was measured before is not measured again
+            context.latency_cache.put(key, profile)
+    publisher = _TrialPublisher(tracker, parent_id, spec, say, dense, downloads=downloads, earlier=earlier)
     tune_started = time.perf_counter()
-    _run_tune(spec, space, context, publisher, storage=spec.search.storage or str(workdir / "ray"), run_name=parent_id)
+    _run_tune(spec, space, context, publisher, storage=storage, run_name=parent_id, resume=bool(resumed))
     tune_seconds = time.perf_counter() - tune_started
 
-    records = publisher.records
-    front = pareto_front(records, spec.cost_metric, dense=dense)
-    rows = [_row(record, on_front=record in front) for record in records]
-    rows.append({**_row(TrialRecord("dense", dense), on_front=False), "prune": DENSE})
-    with tempfile.TemporaryDirectory() as folder:
-        title = f"{spec.name}: {len(records)} trials, {len(front)} on the front"
-        device = dense.latency.device
-        plots = {
-            "png": plot_png(rows, Path(folder) / "pareto.png", title=title, device=device),
-            "html": plot_html(rows, Path(folder) / "pareto.html", title=title, device=device),
-        }
-        feasible = [r.result for r in records if r.result is not None and r.result.feasible]
-        accounting = time_accounting(records, setup_seconds=setup_seconds, tune_seconds=tune_seconds,
-                                     concurrency=min(spec.search.concurrency, spec.search.trials))
-        summary = {
-            "trials_finished": len([r for r in records if r.result is not None]),
-            "trials_failed": len([r for r in records if r.result is None]),
-            "trials_retried": publisher.retried,
-            "front_size": len(front),
-            **accounting,
-        }
-        if feasible:
-            costs = [r.cost(spec.cost_metric) for r in feasible]
-            summary["hypervolume"] = hypervolume_2d(
-                [r.accuracy for r in feasible], costs, reference=(0.0, max(costs) * 1.1)
-            )
-        tracker.finish_search(
-            parent_id, rows=rows, front_run_ids=[publisher.run_ids[r.trial_id] for r in front],
-            artifacts=plots, metrics=summary,
-        )
-    versions = tracker.register(
-        spec.mlflow.registered_model, parent_id, [(publisher.run_ids[r.trial_id], r) for r in front]
-    )
+    # Tune's storage, not what the callback saw, is the record: it also holds the trials of a resumed search's
+    # earlier driver.
+    records, _ = records_from_storage(path, downloads)
+    before = {record.trial_id for record in earlier}  # a resumed search accounts for the time of this driver
+    accounting = time_accounting([r for r in records if r.trial_id not in before], setup_seconds=setup_seconds,
+                                 tune_seconds=tune_seconds,
+                                 concurrency=min(spec.search.concurrency, spec.search.trials))
+    try:
+        published = publish_search(tracker, parent_id, name=spec.name, cost_metric=spec.cost_metric,
+                                   registered_model=spec.mlflow.registered_model, dense=dense, records=records,
+                                   metrics={"trials_retried": publisher.retried, **accounting})
+    except Exception as error:
+        raise AutopruneError(
+            f"the search finished but MLflow at {tracking_uri!r} failed while publishing it ({type(error).__name__}:"
+            f" {str(error)[:200]}). Nothing is lost: the results are in {path}. When MLflow is back, run"
+            f" `autoprune publish {parent_id}` with the same --workdir/--storage/--tracking-uri."
+        ) from None
     outcome = SearchOutcome(
         spec=spec,
         tracking_uri=tracking_uri,
         parent_run_id=parent_id,
         dense=dense,
         records=records,
-        front=front,
-        registered_versions=[str(v.version) for v in versions],
+        front=published.front,
+        registered_versions=published.versions,
         wall_seconds=time.perf_counter() - started,
         ui_command=ui_command(tracking_uri),
         failed=[r for r in records if r.result is None],
@@ -235,22 +247,36 @@ def search(
     return outcome
 
 
-def pareto_front(
-    records: list[TrialRecord], cost_metric: str = "latency_ms", *, dense: TrialResult | None = None
-) -> list[TrialRecord]:
-    """The feasible, finished trials that no other one beats on both accuracy and cost; fastest first.
+def _resumable(tracker: Tracker, spec: SearchSpec, resume: str, storage: str) -> str:
+    """The parent run id of the search to resume, once it is known that it can be: same spec, Tune state there."""
+    from ray import tune
 
-    The dense model takes part as a competitor, so that a pruned model it beats on both counts (masks that run the
-    same dense kernels, say) is not offered as a trade-off; the dense model itself is never on the returned front.
-    """
-    candidates = [r for r in records if r.result is not None and r.result.feasible and r.model_dir]
-    if not candidates:
-        return []
-    points = [[r.result.accuracy, r.result.cost(cost_metric)] for r in candidates]
-    if dense is not None:
-        points.append([dense.accuracy, dense.cost(cost_metric)])
-    mask = non_dominated(np.array(points), maximize=[True, False])[: len(candidates)]
-    return sorted((r for r, keep in zip(candidates, mask) if keep), key=lambda r: r.result.cost(cost_metric))
+    if resume == "latest":
+        run = tracker.unfinished_search(spec.name)
+        if run is None:
+            raise AutopruneError(f"no unfinished search named {spec.name!r} in experiment {spec.mlflow.experiment!r}"
+                                 " to resume; run it without --resume, or pass the run id to resume")
+        resume = run.info.run_id
+    else:
+        Tracker.for_search_run(tracker.tracking_uri, resume)  # exists, and is a search
+    logged = tracker.search_spec(resume)
+    changed = sorted(_differences(logged, spec.as_dict()))
+    if changed:
+        raise AutopruneError(f"search run {resume} ran with a different spec (changed: {', '.join(changed)}); resume"
+                             " it with the spec it started with, or start a new search")
+    path = experiment_path(storage, resume)
+    if not tune.Tuner.can_restore(path):
+        raise AutopruneError(f"search run {resume} left no Ray Tune state at {path!r}; resume with the --workdir"
+                             " or --storage it ran with")
+    return resume
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [key for name in sorted(set(old) | set(new))
+                for key in _differences(old.get(name), new.get(name), f"{prefix}{name}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 WORK_STAGES = ("prune", "profile", "heal", "evaluate", "count")  # the rest of a trial's time is overhead
@@ -280,7 +306,7 @@ def time_accounting(records: list[TrialRecord], *, setup_seconds: float, tune_se
 
 
 def summary_text(outcome: SearchOutcome) -> str:
-    front_rows = [_row(record, on_front=True) for record in outcome.front]
+    front_rows = [trial_row(record, on_front=True) for record in outcome.front]
     lines = [
         "",
         f"Search {outcome.spec.name!r} finished in {outcome.wall_seconds:.0f} s: {len(outcome.records)} trials,"
@@ -369,28 +395,58 @@ def _tune_trial(params: dict, *, context: TrialContext, space: SearchSpace) -> N
     from ray import tune
 
     config = space.to_config(params)
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        # This trial reported before its driver (or worker) stopped, and Tune restarts it from what it reported:
+        # its result is read back from the checkpoint, not measured again.
+        with restored.as_directory() as folder:
+            tune.report(json.loads((Path(folder) / RESULT_FILE).read_text()))
+        return
     with tempfile.TemporaryDirectory() as folder:
         import ray
 
-        result = run_trial(config, context, save_dir=folder, threads=_assigned_cpus())
+        try:
+            result = run_trial(config, context, save_dir=folder, threads=_assigned_cpus())
+        except Exception:
+            # The trial's own failure (out of memory, a NaN loss, a combination the space allowed but the model
+            # cannot take) would fail again if run again: it is reported as the trial's result, so that Tune's
+            # restarts (search.max_retries) are kept for workers that died. Not BaseException: an interrupt or
+            # a worker shutting down still ends the trial the usual way.
+            tune.report({TRIAL_ERROR: traceback.format_exc(limit=-8), "config_json": config.to_json()})
+            return
         result = replace(result, node=ray.get_runtime_context().get_node_id())
+        (Path(folder) / RESULT_FILE).write_text(json.dumps(result.metrics()))
         tune.report(result.metrics(), checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 # ---- on the driver -----------------------------------------------------------------------------------------
 
 
-def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publisher, *, storage: str, run_name: str):
+def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publisher, *, storage: str, run_name: str,
+              resume: bool = False):
     import optuna
     from ray import tune
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # autoprune prints its own progress; Tune's tables are noise
+    # A snapshot of the search's state at every trial's report is what `checkpoint_config` below asks for.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # A trial that failed by itself reports its error, not the objectives (the searcher tells Optuna FAIL).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searcher = latency_constrained_searcher(space, spec)
     trainable = tune.with_resources(
         tune.with_parameters(_tune_trial, context=context, space=space),
         {"cpu": spec.search.cpu, "gpu": spec.search.gpu},
     )
+    if resume:
+        # Tune restores the trials (ended ones kept, unfinished ones run again from the start) and the Optuna
+        # searcher with its history; trials whose worker died more than max_retries times stay failed.
+        tuner = tune.Tuner.restore(experiment_path(storage, run_name), trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        # The restored run config carries the callbacks pickled when the search started, without their MLflow
+        # client; this driver's publisher takes their place. (`_local_tuner` is Tune's own: a test resumes.)
+        tuner._local_tuner.get_run_config().callbacks = [publisher]
+        return tuner.fit()
+    searcher = latency_constrained_searcher(space, spec)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -407,6 +463,10 @@ def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publi
             callbacks=[publisher],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.search.max_retries),
+            # A trial reports once, with its checkpoint: keeping one checkpoint makes Tune save the search's state
+            # (trials, Optuna's history) to storage at every report, so a driver killed at any point loses no
+            # result (`--resume`). Without it the state is saved every ≥10 s, and results in between are lost.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
     return tuner.fit()
@@ -417,13 +477,13 @@ class _TrialPublisher(Callback):
 
     def __init__(
         self, tracker: Tracker, parent_id: str, spec: SearchSpec, say: Callable[[str], None], dense: TrialResult,
-        *, downloads: Path,
+        *, downloads: Path, earlier: list[TrialRecord] = (),
     ) -> None:
         self.tracker, self.parent_id, self.spec, self.say, self.dense = tracker, parent_id, spec, say, dense
         self.downloads = downloads  # where checkpoints in remote storage are copied for registration
-        self.records: list[TrialRecord] = []
-        self.run_ids: dict[str, str] = {}
+        self.records: list[TrialRecord] = list(earlier)  # a resumed search's trials that ended before
         self.retried = 0
+        self.mlflow_error: str | None = None  # set when MLflow failed: the rest is published at the end
         self._started = time.perf_counter()
 
     def __getstate__(self) -> dict:
@@ -431,27 +491,29 @@ class _TrialPublisher(Callback):
         return {key: value for key, value in self.__dict__.items() if key not in ("tracker", "say")}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        metrics = trial.last_result or {}
-        if "config_json" not in metrics:
-            self._add(TrialRecord(trial.trial_id, None, error="the trial ended without reporting a result"), trials)
-            return
-        checkpoint = trial.checkpoint
-        model_dir = _local_copy(checkpoint, self.downloads / trial.trial_id) if checkpoint else None
-        self._add(TrialRecord(trial.trial_id, TrialResult.from_metrics(metrics), model_dir=model_dir), trials)
+        self._add(trial_record(trial, self.downloads, status="TERMINATED"), trials)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        """The trial failed and Tune starts it again (search.max_retries): nothing is recorded until it ends."""
+        """The trial's worker died and Tune starts it again (search.max_retries): nothing is recorded until it ends."""
         self.retried += 1
-        self.say(f"autoprune: trial {trial.trial_id} failed ({_error_text(trial).splitlines()[-1][:160]});"
+        self.say(f"autoprune: trial {trial.trial_id} failed ({error_text(trial).splitlines()[-1][:160]});"
                  f" starting it again")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._add(TrialRecord(trial.trial_id, None, error=_error_text(trial)), trials)
+        self._add(trial_record(trial, self.downloads, status="ERROR"), trials)
 
     def _add(self, record: TrialRecord, trials) -> None:
         self.records.append(record)
-        self.run_ids[record.trial_id] = self.tracker.log_trial(self.parent_id, record)
+        failed_now = False
+        if self.mlflow_error is None:
+            try:
+                self.tracker.log_trial(self.parent_id, record)
+            except Exception as error:  # the search goes on: its results are in Tune's storage
+                self.mlflow_error, failed_now = f"{type(error).__name__}: {str(error)[:200]}", True
         self.say(self._progress_line(record, trials))
+        if failed_now:
+            self.say(f"autoprune: MLflow failed ({self.mlflow_error}); the search goes on and keeps its results"
+                     " in Ray Tune's storage, to publish when it ends")
 
     def _progress_line(self, record: TrialRecord, trials) -> str:
         total = self.spec.search.trials
@@ -473,22 +535,3 @@ class _TrialPublisher(Callback):
             this += (f" | front {len(front)}: best {best.result.accuracy:.4f} @ {best.result.latency.median_ms:.3f} ms,"
                      f" fastest {fastest.result.latency.median_ms:.3f} ms @ {fastest.result.accuracy:.4f}")
         return f"{head} {this}"
-
-
-def _local_copy(checkpoint, destination: Path) -> str:
-    """A local directory holding the checkpoint: its own path on a local or shared filesystem, else a download
-    (s3://, gs://: the driver registers the models from the run's storage)."""
-    import pyarrow.fs
-
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        return checkpoint.path
-    return checkpoint.to_directory(str(destination))
-
-
-def _error_text(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and os.path.exists(path):
-        with open(path) as handle:
-            return handle.read().strip()
-    return "the trial failed (no error file)"
-

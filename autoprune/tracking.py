@@ -28,6 +28,7 @@ KEY_TAG = "autoprune.trial_key"  # on model versions: "<parent run id>/<trial id
 ALIAS_MOST_ACCURATE = "most-accurate"
 ALIAS_FASTEST = "fastest"
 MODEL_ARTIFACT = "model"
+DENSE_ARTIFACT = "dense.json"  # on the parent run: the dense model's full result
 VERSION_TAGS = ("accuracy", "latency_ms", "latency_p90_ms", "device", "batch_size", "dtype", "sparsity", "macs")
 
 LIBRARIES = ("torch", "timm", "ray", "optuna", "mlflow", "torch-pruning")
@@ -67,15 +68,19 @@ class TrialRecord:
     model_dir: str | None = None  # the trial's checkpoint (the saved pruned model)
 
 
+def _client(tracking_uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
 class Tracker:
     """A client bound to one tracking server and experiment."""
 
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | None = None) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow.tracking import MlflowClient
-
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.client = _client(tracking_uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = (
@@ -99,8 +104,43 @@ class Tracker:
         self.client.log_dict(run.info.run_id, dict(spec), "spec.json")
         return run.info.run_id
 
+    @classmethod
+    def for_search_run(cls, tracking_uri: str, run_id: str) -> "Tracker":
+        """A tracker bound to the experiment of the search whose parent run is `run_id`."""
+        client = _client(tracking_uri)
+        try:
+            run = client.get_run(run_id)
+        except Exception as error:
+            raise AutopruneError(f"no MLflow run {run_id!r} at {tracking_uri!r} ({str(error)[:200]})") from None
+        if run.data.tags.get(ROLE_TAG) != "search":
+            raise AutopruneError(f"MLflow run {run_id!r} is not a search's parent run (its role is"
+                                 f" {run.data.tags.get(ROLE_TAG)!r}); pass the run id `autoprune search` printed")
+        return cls(tracking_uri, client.get_experiment(run.info.experiment_id).name)
+
+    def search_spec(self, parent_id: str) -> dict:
+        """The spec a search ran with, as logged when it started."""
+        return self._load_json(parent_id, "spec.json")
+
+    def dense_metrics(self, parent_id: str) -> dict:
+        """The dense model's result as the search measured it (`TrialResult.from_metrics` reads it)."""
+        return self._load_json(parent_id, DENSE_ARTIFACT)
+
+    def _load_json(self, run_id: str, name: str) -> dict:
+        with tempfile.TemporaryDirectory() as folder:
+            return json.loads(Path(self.client.download_artifacts(run_id, name, folder)).read_text())
+
+    def unfinished_search(self, name: str):
+        """The newest parent run of search `name` that did not finish (its driver stopped), or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`{ROLE_TAG}` = 'search' and tags.`{SEARCH_TAG}` = '{name}'",
+            order_by=["attributes.start_time DESC"], max_results=50,
+        )
+        return next((run for run in runs if run.info.status != "FINISHED"), None)
+
     def log_dense(self, parent_id: str, result) -> None:
-        """The unpruned model's measurements, for comparison on the parent run."""
+        """The unpruned model's measurements, for comparison on the parent run (and in full, for a resumed or
+        republished search to compare against the same numbers)."""
+        self.client.log_dict(parent_id, result.metrics(), DENSE_ARTIFACT)
         self.client.log_metric(parent_id, "dense_accuracy", result.accuracy)
         self.client.log_metric(parent_id, "dense_latency_ms", result.latency.median_ms)
         self.client.log_metric(parent_id, "dense_macs", result.macs)
@@ -109,11 +149,15 @@ class Tracker:
     def log_trial(self, parent_id: str, record: TrialRecord) -> str:
         """A child run for one trial (created once; a second call returns the same run)."""
         existing = self.child_runs(parent_id, trial_id=record.trial_id)
-        if existing:
+        if existing and existing[0].info.status != "RUNNING":
             return existing[0].info.run_id
-        tags = {ROLE_TAG: "trial", TRIAL_TAG: record.trial_id, "mlflow.parentRunId": parent_id, **library_versions()}
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{record.trial_id}", tags=tags)
-        run_id = run.info.run_id
+        if existing:  # begun by a driver that was stopped while writing it: completed now (writes are the same)
+            run_id = existing[0].info.run_id
+        else:
+            tags = {ROLE_TAG: "trial", TRIAL_TAG: record.trial_id, "mlflow.parentRunId": parent_id,
+                    **library_versions()}
+            run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{record.trial_id}",
+                                            tags=tags).info.run_id
         result = record.result
         if result is None:
             self.client.set_tag(run_id, "error", (record.error or "unknown error")[:5000])

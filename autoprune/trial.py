@@ -63,6 +63,7 @@ class TrialResult:
     latency_cached: bool = False  # the latency was measured earlier, on an identical structure
     extra_latency: Mapping[int, LatencyProfile] = field(default_factory=dict)  # the spec's other batch sizes
     node: str = ""  # the Ray node the trial ran on (set by the search; empty outside Ray)
+    latency_keys: Mapping[int, str] = field(default_factory=dict)  # batch size → its latency-cache key
 
     @property
     def feasible(self) -> bool:
@@ -90,6 +91,7 @@ class TrialResult:
             "latency_cached": int(self.latency_cached),
             "node": self.node,
             "extra_latency_json": json.dumps({batch: p.as_dict() for batch, p in self.extra_latency.items()}),
+            "latency_keys_json": json.dumps(self.latency_keys),
         }
         metrics.update({f"latency_ms_batch{batch}": p.median_ms for batch, p in self.extra_latency.items()})
         metrics.update({f"time_{stage}_s": seconds for stage, seconds in self.timings.items()})
@@ -112,7 +114,14 @@ class TrialResult:
             latency_cached=bool(metrics.get("latency_cached", 0)),
             extra_latency={int(batch): profile(fields) for batch, fields in extra.items()},
             node=str(metrics.get("node", "")),
+            latency_keys={int(batch): key for batch, key in json.loads(metrics.get("latency_keys_json", "{}")).items()},
         )
+
+    def latency_entries(self) -> dict[str, LatencyProfile]:
+        """The latency-cache entries this trial's measurements were stored under (to seed a resumed search's
+        cache, so that a structure measured before the driver stopped is not measured a second time)."""
+        profiles = {self.latency.batch_size: self.latency, **self.extra_latency}
+        return {key: profiles[batch] for batch, key in self.latency_keys.items() if batch in profiles}
 
 
 def run_trial(
@@ -208,7 +217,7 @@ def run_trial(
             save_model(model.cpu(), context.source, save_dir)
 
     return TrialResult(config, top1, latency.objective, macs, params, sparsity, timings,
-                       latency_cached=latency.cached, extra_latency=latency.extra)
+                       latency_cached=latency.cached, extra_latency=latency.extra, latency_keys=latency.keys)
 
 
 def _allocate(model: torch.nn.Module, config: PruneConfig) -> tuple[tuple[LayerGroup, ...], dict[str, float]]:

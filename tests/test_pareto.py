@@ -30,7 +30,7 @@ def test_hypervolume_of_a_staircase():
 
 def test_the_dense_model_competes_but_is_never_on_the_front(bundle):
     from autoprune.profile import LatencyProfile
-    from autoprune.search import pareto_front
+    from autoprune.pareto import pareto_front
     from autoprune.spec import HealConfig, PruneConfig, TrialConfig
     from autoprune.tracking import TrialRecord
     from autoprune.trial import TrialResult

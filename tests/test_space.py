@@ -147,3 +147,21 @@ def test_the_latency_target_reaches_optuna_as_a_constraint():
 
     unconstrained = latency_constrained_searcher(SearchSpace(parse_spec(DEMO), GROUPS), parse_spec(DEMO))
     assert unconstrained._sampler._constraints_func is None
+
+
+def test_a_trial_that_reports_its_own_error_reaches_optuna_as_failed():
+    """A trial that fails by itself reports its traceback as its result (so that Tune does not restart it): the
+    searcher must tell Optuna FAIL, not COMPLETE or PRUNED, so the sampler does not count it as a measured point."""
+    import optuna
+
+    from autoprune.publish import TRIAL_ERROR
+    from autoprune.search import latency_constrained_searcher
+
+    spec = parse_spec(DEMO)
+    searcher = latency_constrained_searcher(SearchSpace(spec, GROUPS), spec)
+    searcher.suggest("ok")
+    searcher.on_trial_complete("ok", {"accuracy": 0.9, "latency_ms": 1.0})
+    searcher.suggest("broken")
+    searcher.on_trial_complete("broken", {TRIAL_ERROR: "RuntimeError: training loss became nan", "config_json": "{}"})
+    states = [trial.state for trial in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]

@@ -1,0 +1,177 @@
+"""Tune's storage → MLflow: a search's trials as child runs, then its front, plots and registered models.
+
+Ray Tune's run (its folder under the search's storage, named after the MLflow parent run) is where a search's
+results are safe: every trial's last result and checkpoint are written there as it ends. MLflow is a copy made
+from it — trial by trial while the search runs, and in full by `publish_search` when it ends. Because every step
+here is idempotent (a trial already logged or registered is found, not written again), the same call publishes
+a finished search, completes one whose driver lost MLflow half-way (`autoprune publish RUN`), and finishes one
+that was resumed (`autoprune search SPEC --resume`), without duplicating a run or a model version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from autoprune.errors import AutopruneError
+from autoprune.pareto import hypervolume_2d, pareto_front
+from autoprune.report import DENSE, plot_html, plot_png
+from autoprune.tracking import Tracker, TrialRecord
+from autoprune.trial import TrialResult
+
+TRIAL_ERROR = "trial_error"  # the result key of a trial that failed by itself (its traceback); see search._tune_trial
+
+
+def experiment_path(storage: str, run_id: str) -> str:
+    """Tune's folder for the search whose MLflow parent run is `run_id` (Tune's run is named after it). A URI's
+    query (s3://bucket/prefix?endpoint_override=…) stays at the end."""
+    base, _, query = str(storage).partition("?")
+    return f"{base.rstrip('/')}/{run_id}" + (f"?{query}" if query else "")
+
+
+def trial_record(trial, downloads: Path, *, status: str | None = None) -> TrialRecord | None:
+    """One Tune trial as the driver records it; None while it has not ended (pending, or running when the driver
+    stopped). A checkpoint in remote storage is downloaded under `downloads` (the registry reads a local folder).
+    `status` overrides the trial's own (Tune's callbacks hear that a trial ended before its status says so)."""
+    status = status or trial.status
+    if status == "ERROR":  # its worker died more often than search.max_retries allowed
+        return TrialRecord(trial.trial_id, None, error=error_text(trial))
+    if status != "TERMINATED":
+        return None
+    metrics = trial.last_result or {}
+    if TRIAL_ERROR in metrics or "config_json" not in metrics:
+        return TrialRecord(trial.trial_id, None,
+                           error=metrics.get(TRIAL_ERROR, "the trial ended without reporting a result"))
+    checkpoint = trial.checkpoint
+    model_dir = _local_copy(checkpoint, downloads / trial.trial_id) if checkpoint else None
+    return TrialRecord(trial.trial_id, TrialResult.from_metrics(metrics), model_dir=model_dir)
+
+
+def records_from_storage(path: str, downloads: Path) -> tuple[list[TrialRecord], int]:
+    """The ended trials of the Tune run at `path`, in the order Tune created them, and how many have not ended."""
+    from ray.tune import ExperimentAnalysis
+
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")  # warns of trials that never reported
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        analysis = ExperimentAnalysis(path)
+    except Exception as error:  # no such folder, or not a Tune run
+        raise AutopruneError(
+            f"no Ray Tune run at {path!r} ({type(error).__name__}: {str(error)[:200]}). Pass the --workdir or"
+            " --storage the search ran with."
+        ) from None
+    finally:
+        quiet.setLevel(level)
+    records = [trial_record(trial, downloads) for trial in analysis.trials]
+    return [r for r in records if r is not None], sum(1 for r in records if r is None)
+
+
+def error_text(trial) -> str:
+    """The error Tune wrote for a trial: beside the driver while it runs, in the run's storage afterwards."""
+    name = trial.run_metadata.error_filename
+    local = os.path.join(trial.local_path, name) if name and getattr(trial, "local_path", None) else None
+    try:
+        if local and os.path.exists(local):
+            return Path(local).read_text().strip()
+        if name:
+            with trial.storage.storage_filesystem.open_input_stream(f"{trial.storage.trial_fs_path}/{name}") as f:
+                return f.read().decode().strip()
+    except Exception:  # an unreadable error file must not hide that the trial failed
+        pass
+    return "the trial failed (no error file)"
+
+
+def _local_copy(checkpoint, destination: Path) -> str:
+    """A local directory holding the checkpoint: its own path on a local or shared filesystem, else a download
+    (s3://, gs://: the driver registers the models from the run's storage)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory(str(destination))
+
+
+def trial_row(record: TrialRecord, *, on_front: bool) -> dict[str, Any]:
+    """A trial as one row of the search's table (trials.json, the plots, the printed summary)."""
+    result = record.result
+    if result is None:
+        return {"trial": record.trial_id, "prune": "failed", "heal": "", "error": record.error, "pareto": False}
+    return {
+        "trial": record.trial_id,
+        "prune": result.config.prune.method,
+        "heal": result.config.heal.method,
+        "sparsity": result.sparsity,
+        "accuracy": result.accuracy,
+        "latency_ms": result.latency.median_ms,
+        "latency_p90_ms": result.latency.p90_ms,
+        "macs": result.macs,
+        "params": result.params,
+        "pareto": on_front,
+        **{key: value for key, value in result.config.flat().items() if key not in ("prune.method", "heal.method")},
+    }
+
+
+@dataclass(frozen=True)
+class Published:
+    front: list[TrialRecord]  # Pareto-optimal, fastest first
+    run_ids: dict[str, str]  # trial id → MLflow child run id
+    versions: list[str]  # registered model versions of the front
+
+
+def publish_search(
+    tracker: Tracker, parent_id: str, *, name: str, cost_metric: str, registered_model: str, dense: TrialResult,
+    records: Sequence[TrialRecord], metrics: Mapping[str, float] | None = None,
+) -> Published:
+    """Every trial as a child run (those already there are kept), the front tagged, the table, plots and summary
+    metrics on the parent run, the front registered; `metrics` adds to the parent's summary."""
+    records = list(records)
+    run_ids = {record.trial_id: tracker.log_trial(parent_id, record) for record in records}
+    front = pareto_front(records, cost_metric, dense=dense)
+    rows = [trial_row(record, on_front=record in front) for record in records]
+    rows.append({**trial_row(TrialRecord("dense", dense), on_front=False), "prune": DENSE})
+    feasible = [r.result for r in records if r.result is not None and r.result.feasible]
+    summary = {
+        "trials_finished": len([r for r in records if r.result is not None]),
+        "trials_failed": len([r for r in records if r.result is None]),
+        "front_size": len(front),
+        **(metrics or {}),
+    }
+    if feasible:
+        costs = [r.cost(cost_metric) for r in feasible]
+        summary["hypervolume"] = hypervolume_2d([r.accuracy for r in feasible], costs,
+                                                reference=(0.0, max(costs) * 1.1))
+    with tempfile.TemporaryDirectory() as folder:
+        title = f"{name}: {len(records)} trials, {len(front)} on the front"
+        device = dense.latency.device
+        plots = {
+            "png": plot_png(rows, Path(folder) / "pareto.png", title=title, device=device),
+            "html": plot_html(rows, Path(folder) / "pareto.html", title=title, device=device),
+        }
+        tracker.finish_search(parent_id, rows=rows, front_run_ids=[run_ids[r.trial_id] for r in front],
+                              artifacts=plots, metrics=summary)
+    versions = tracker.register(registered_model, parent_id, [(run_ids[r.trial_id], r) for r in front])
+    return Published(front=front, run_ids=run_ids, versions=[str(v.version) for v in versions])
+
+
+def publish_run(run_id: str, *, tracking_uri: str, workdir: Path, storage: str | None = None,
+                echo: Callable[[str], None] = print) -> Published:
+    """`autoprune publish RUN`: (re)publish the search whose parent run is `run_id` from its Tune storage
+    (`storage`, else the spec's search.storage, else the workdir's, as the search chose it)."""
+    tracker = Tracker.for_search_run(tracking_uri, run_id)
+    spec = tracker.search_spec(run_id)  # SearchSpec.as_dict() as the search started, overrides applied
+    name, registered_model = spec["name"], spec["mlflow"]["registered_model"]
+    cost_metric = next(metric for metric in spec["objectives"] if metric != "accuracy")
+    dense = TrialResult.from_metrics(tracker.dense_metrics(run_id))
+    path = experiment_path(storage or spec["search"]["storage"] or str(workdir / "ray"), run_id)
+    records, not_ended = records_from_storage(path, workdir / "checkpoints" / run_id)
+    echo(f"autoprune: publishing {len(records)} trials of search {name!r} (run {run_id}) from {path}"
+         + (f"; {not_ended} had not ended (`autoprune search SPEC --resume {run_id}` runs them)" if not_ended else ""))
+    published = publish_search(tracker, run_id, name=name, cost_metric=cost_metric,
+                               registered_model=registered_model, dense=dense, records=records)
+    echo(f"autoprune: {len(published.run_ids)} trial runs, {len(published.front)} on the front;"
+         f" registered as {registered_model!r} versions {', '.join(published.versions) or '—'}")
+    return published
