@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("methods", help="list the registered pruning and healing methods")
 
     bench = commands.add_parser("bench", help="measure the tables the README quotes")
-    tables = bench.add_subparsers(dest="table", required=True, metavar="{healing,pruning,latency,cluster}")
+    tables = bench.add_subparsers(dest="table", required=True, metavar="{healing,pruning,latency,cluster,faults}")
     for name, text in (("healing", "recovery per healing method, sparsity and budget"),
                        ("pruning", "every pruning method at matched sparsity with the same healing")):
         table = tables.add_parser(name, help=text)
@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_cluster.add_arguments(tables.add_parser("cluster", help="one small search: embedded vs an mlflow server vs"
                                                                   " a two-node Ray cluster on loopback"))
+    from autoprune import bench_faults
+
+    bench_faults.add_arguments(tables.add_parser("faults", help="a search where trials fail at random and a worker"
+                                                                " is killed: nothing lost, records agree"))
     return parser
 
 
@@ -216,6 +220,10 @@ def _bench(args) -> int:
         from autoprune.bench_cluster import main_cluster
 
         return main_cluster(args)
+    if args.table == "faults":
+        from autoprune.bench_faults import main_faults
+
+        return main_faults(args)
     from autoprune.bench import main_healing, main_pruning
 
     common = dict(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,

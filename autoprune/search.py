@@ -395,6 +395,7 @@ def _tune_trial(params: dict, *, context: TrialContext, space: SearchSpace) -> N
     from ray import tune
 
     config = space.to_config(params)
+    memory = _worker_memory()
     restored = tune.get_checkpoint()
     if restored is not None:
         # This trial reported before its driver (or worker) stopped, and Tune restarts it from what it reported:
@@ -412,11 +413,45 @@ def _tune_trial(params: dict, *, context: TrialContext, space: SearchSpace) -> N
             # cannot take) would fail again if run again: it is reported as the trial's result, so that Tune's
             # restarts (search.max_retries) are kept for workers that died. Not BaseException: an interrupt or
             # a worker shutting down still ends the trial the usual way.
-            tune.report({TRIAL_ERROR: traceback.format_exc(limit=-8), "config_json": config.to_json()})
+            tune.report({TRIAL_ERROR: traceback.format_exc(limit=-8), "config_json": config.to_json(), **memory})
             return
         result = replace(result, node=ray.get_runtime_context().get_node_id())
         (Path(folder) / RESULT_FILE).write_text(json.dumps(result.metrics()))
-        tune.report(result.metrics(), checkpoint=tune.Checkpoint.from_directory(folder))
+        tune.report({**result.metrics(), **memory}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps them after a trial's many small tensors are
+    freed, which reads as growth of a reused worker, trial after trial)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
+def _worker_memory() -> dict[str, float]:
+    """What this worker process holds as a trial starts, after collecting garbage and returning cached CUDA blocks:
+    what the trials before it in the same process left behind (Tune reuses workers, so a leak would show as
+    growth trial after trial; `autoprune bench faults` prints it)."""
+    import gc
+
+    import psutil
+    import torch
+
+    gc.collect()
+    _trim_heap()
+    process = psutil.Process()
+    # USS: the pages only this process holds; RSS also counts the shared object-store pages a trial reads.
+    memory = {"worker_pid": os.getpid(), "worker_rss_mb": process.memory_info().rss / 2**20,
+              "worker_uss_mb": process.memory_full_info().uss / 2**20}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the caching allocator's free blocks go back to the device for other processes
+        memory["worker_cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
+        memory["worker_cuda_reserved_mb"] = torch.cuda.memory_reserved() / 2**20
+    return memory
 
 
 # ---- on the driver -----------------------------------------------------------------------------------------

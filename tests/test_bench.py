@@ -85,3 +85,25 @@ def test_shrink_keeps_the_function_shape_and_rounds_widths():
     assert all(block.mlp.fc1.out_features % 4 == 0 for block in small.blocks)
     masked, layers = two_four(TINY_VIT.create())
     assert layers and all(is_two_four(layer.weight) for layer in layers)
+
+
+def test_the_faults_bench_reads_worker_memory_per_process_in_trial_order():
+    from types import SimpleNamespace
+
+    from autoprune.bench_faults import _worker_memory, text
+
+    def trial(pid, at, rss):
+        return SimpleNamespace(last_result={"worker_pid": pid, "timestamp": at, "worker_rss_mb": rss})
+
+    # worker 7: warm-up after its first trial, then flat; worker 8: one trial; a trial with no result is skipped
+    trials = [trial(7, 3, 910.0), trial(7, 1, 700.0), trial(8, 2, 690.0), trial(7, 2, 900.0), trial(7, 4, 910.0),
+              trial(7, 5, 910.0), SimpleNamespace(last_result=None)]
+    rows = _worker_memory(trials)
+    assert [(r["pid"], r["trials"]) for r in rows] == [(7, 5), (8, 1)]
+    assert (rows[0]["first_mb"], rows[0]["second_mb"], rows[0]["last_mb"]) == (700.0, 900.0, 910.0)
+    assert rows[0]["later_trend_mb_per_trial"] == 0.0  # the later half (910, 910, 910) does not grow
+    report = {"planned": 6, "finished": 5, "failed": 1, "retried": 1, "lost": 0, "mlflow_agrees": True,
+              "registry_agrees": False, "front": 2, "wall_s": 9.0, "failures": ["boom"], "worker_killed": True,
+              "workers": rows}
+    printed = text(report)
+    assert "| 6 | 5 | 1 | 1 | 0 | yes | NO | 2 | 9 |" in printed and "| 1 | 5 | 700 | 900 | 910 | +0.0 |" in printed
