@@ -45,3 +45,18 @@ def test_methods_lists_the_registries(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "magnitude" in out and "distill" in out
+
+
+@pytest.mark.faults
+def test_an_unreachable_tracking_server_stops_the_search_before_anything_runs(tmp_path):
+    from autoprune.loopback import free_port
+
+    demo = os.path.join(os.path.dirname(__file__), "..", "search_spaces", "demo.yaml")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", demo, "--workdir", str(tmp_path),
+                           "--tracking-uri", url], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert done.returncode == 1
+    assert f"MLflow at '{url}' is not usable" in done.stderr and "start the server" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "cache").exists()  # no Ray run, no training
