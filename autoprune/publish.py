@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 from autoprune.errors import AutopruneError
 from autoprune.pareto import hypervolume_2d, pareto_front
 from autoprune.report import DENSE, plot_html, plot_png
+from autoprune.spec import TrialConfig
 from autoprune.tracking import Tracker, TrialRecord
 from autoprune.trial import TrialResult
 
@@ -39,12 +40,14 @@ def trial_record(trial, downloads: Path, *, status: str | None = None) -> TrialR
     `status` overrides the trial's own (Tune's callbacks hear that a trial ended before its status says so)."""
     status = status or trial.status
     if status == "ERROR":  # its worker died more often than search.max_retries allowed
-        return TrialRecord(trial.trial_id, None, error=error_text(trial))
+        return TrialRecord(trial.trial_id, None, error=error_text(trial), params=dict(trial.config or {}))
     if status != "TERMINATED":
         return None
     metrics = trial.last_result or {}
     if TRIAL_ERROR in metrics or "config_json" not in metrics:
-        return TrialRecord(trial.trial_id, None,
+        params = (TrialConfig.from_json(metrics["config_json"]).flat() if "config_json" in metrics
+                  else dict(trial.config or {}))
+        return TrialRecord(trial.trial_id, None, params=params,
                            error=metrics.get(TRIAL_ERROR, "the trial ended without reporting a result"))
     checkpoint = trial.checkpoint
     model_dir = _local_copy(checkpoint, downloads / trial.trial_id) if checkpoint else None

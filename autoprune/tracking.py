@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -66,6 +66,7 @@ class TrialRecord:
     result: Any  # TrialResult, or None when the trial failed
     error: str | None = None
     model_dir: str | None = None  # the trial's checkpoint (the saved pruned model)
+    params: Mapping[str, Any] = field(default_factory=dict)  # a failed trial's configuration, as far as it is known
 
 
 def _client(tracking_uri: str):
@@ -158,21 +159,20 @@ class Tracker:
                     **library_versions()}
             run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{record.trial_id}",
                                             tags=tags).info.run_id
+        from mlflow.entities import Metric, RunTag
+
         result = record.result
         if result is None:
+            self._log_params(run_id, record.params)
             self.client.set_tag(run_id, "error", (record.error or "unknown error")[:5000])
             self.client.set_terminated(run_id, status="FAILED")
             return run_id
-        from mlflow.entities import Metric, Param, RunTag
-
         metrics = {key: value for key, value in result.metrics().items() if isinstance(value, (int, float))}
         if not result.feasible:
             metrics.pop("accuracy")  # not measured: it stopped after missing the latency target
         latency = result.latency
         now_ms = int(time.time() * 1000)
-        params = [Param(key, str(value)) for key, value in result.config.flat().items()]
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(run_id, params=params[start : start + 100])
+        self._log_params(run_id, result.config.flat())
         self.client.log_batch(
             run_id,
             metrics=[Metric(key, float(value), now_ms, 0) for key, value in metrics.items()],
@@ -184,6 +184,13 @@ class Tracker:
         )
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(key, str(value)) for key, value in params.items()]
+        for start in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=batch[start : start + 100])
 
     def child_runs(self, parent_id: str, *, trial_id: str | None = None) -> list:
         query = f"tags.`mlflow.parentRunId` = '{parent_id}'"

@@ -176,6 +176,9 @@ def test_a_failing_trial_is_recorded_with_its_error_and_the_search_goes_on(local
     failed_runs = [run for run in tracker.child_runs(result.parent_run_id) if run.info.status == "FAILED"]
     assert len(failed_runs) == len(result.failed)
     assert all("training loss became nan" in run.data.tags["error"] for run in failed_runs)
+    # with the configuration that failed
+    assert all(run.data.params["heal.method"] == "finetune" and float(run.data.params["heal.lr"]) == 1e6
+               for run in failed_runs)
     parent = tracker.client.get_run(result.parent_run_id)
     assert parent.data.metrics["trials_failed"] == len(result.failed)
     # its own error would only happen again: reported as its result, not retried like a worker that died
