@@ -132,7 +132,8 @@ def publish_search(
     """Every trial as a child run (those already there are kept), the front tagged, the table, plots and summary
     metrics on the parent run, the front registered; `metrics` adds to the parent's summary."""
     records = list(records)
-    run_ids = {record.trial_id: tracker.log_trial(parent_id, record) for record in records}
+    logged = tracker.trial_runs(parent_id)
+    run_ids = {record.trial_id: tracker.log_trial(parent_id, record, logged=logged) for record in records}
     front = pareto_front(records, cost_metric, dense=dense)
     rows = [trial_row(record, on_front=record in front) for record in records]
     rows.append({**trial_row(TrialRecord("dense", dense), on_front=False), "prune": DENSE})

@@ -147,9 +147,13 @@ class Tracker:
         self.client.log_metric(parent_id, "dense_macs", result.macs)
         self.client.set_tag(parent_id, "device", result.latency.device)
 
-    def log_trial(self, parent_id: str, record: TrialRecord) -> str:
-        """A child run for one trial (created once; a second call returns the same run)."""
-        existing = self.child_runs(parent_id, trial_id=record.trial_id)
+    def log_trial(self, parent_id: str, record: TrialRecord, *, logged: Mapping[str, Any] | None = None) -> str:
+        """A child run for one trial (created once; a second call returns the same run). `logged` (trial id → run,
+        from `trial_runs`) saves a query per trial when many are published at once."""
+        if logged is not None:
+            existing = [logged[record.trial_id]] if record.trial_id in logged else []
+        else:
+            existing = self.child_runs(parent_id, trial_id=record.trial_id)
         if existing and existing[0].info.status != "RUNNING":
             return existing[0].info.run_id
         if existing:  # begun by a driver that was stopped while writing it: completed now (writes are the same)
@@ -191,6 +195,10 @@ class Tracker:
         batch = [Param(key, str(value)) for key, value in params.items()]
         for start in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=batch[start : start + 100])
+
+    def trial_runs(self, parent_id: str) -> dict[str, Any]:
+        """The search's child runs by trial id."""
+        return {run.data.tags[TRIAL_TAG]: run for run in self.child_runs(parent_id) if TRIAL_TAG in run.data.tags}
 
     def child_runs(self, parent_id: str, *, trial_id: str | None = None) -> list:
         query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
