@@ -445,8 +445,11 @@ def _worker_memory() -> dict[str, float]:
     _trim_heap()
     process = psutil.Process()
     # USS: the pages only this process holds; RSS also counts the shared object-store pages a trial reads.
-    memory = {"worker_pid": os.getpid(), "worker_rss_mb": process.memory_info().rss / 2**20,
-              "worker_uss_mb": process.memory_full_info().uss / 2**20}
+    memory = {"worker_pid": os.getpid(), "worker_rss_mb": process.memory_info().rss / 2**20}
+    try:
+        memory["worker_uss_mb"] = process.memory_full_info().uss / 2**20
+    except (psutil.AccessDenied, AttributeError):  # some platforms do not let a process read its own page map
+        pass
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the caching allocator's free blocks go back to the device for other processes
         memory["worker_cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
