@@ -331,25 +331,6 @@ def summary_text(outcome: SearchOutcome) -> str:
     return "\n".join(lines)
 
 
-def _row(record: TrialRecord, *, on_front: bool) -> dict[str, Any]:
-    result = record.result
-    if result is None:
-        return {"trial": record.trial_id, "prune": "failed", "heal": "", "error": record.error, "pareto": False}
-    return {
-        "trial": record.trial_id,
-        "prune": result.config.prune.method,
-        "heal": result.config.heal.method,
-        "sparsity": result.sparsity,
-        "accuracy": result.accuracy,
-        "latency_ms": result.latency.median_ms,
-        "latency_p90_ms": result.latency.p90_ms,
-        "macs": result.macs,
-        "params": result.params,
-        "pareto": on_front,
-        **{key: value for key, value in result.config.flat().items() if key not in ("prune.method", "heal.method")},
-    }
-
-
 def _check_target_hardware(accelerator_type: str, cluster: Mapping[str, float]) -> None:
     """A latency task for an accelerator type no node has would wait forever: say so before any trial starts."""
     prefix = "accelerator_type:"

@@ -7,6 +7,7 @@ process with SIGKILL, or stops the MLflow server under it, reading the progress 
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -17,25 +18,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from autoprune import bench_faults
 from autoprune.loopback import mlflow_server
 from autoprune.tracking import Tracker, resolve_tracking_uri
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
 TRIALS = 6
-SPEC = {
-    "name": "faults",
-    "model": {"name": "vit_tiny_patch16_224", "num_classes": 10, "train_steps": 100,
-              "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
-                         "global_pool": "avg", "class_token": False}},
-    "data": {"source": "reference", "eval_images": 100},
-    "profile": {"batch_size": 16, "warmup": 3, "repeats": 5},
-    "search": {"trials": TRIALS, "concurrency": 2, "sampler": "random", "seed": 0, "resources": {"cpu": 1}},
-    "mlflow": {"experiment": "faults", "registered_model": "faults-model"},
-    # structured at high sparsity: faster than dense, so the front (and the registry) is never empty by chance
-    "space": {"prune": {"methods": ["structured", "magnitude"], "sparsity": {"low": 0.6, "high": 0.8}},
-              "heal": {"methods": ["distill"], "calibration_images": 32, "steps": 40, "batch_size": 16}},
-}
+# The chaos benchmark's search, smaller and without its deliberate failures: these tests disturb it from outside.
+SPEC = copy.deepcopy(bench_faults.SPEC)
+SPEC["name"] = "faults"
+SPEC["search"]["trials"] = TRIALS
+SPEC["mlflow"] = {"experiment": "faults", "registered_model": "faults-model"}
+# structured at high sparsity: faster than dense, so the front (and the registry) is never empty by chance
+SPEC["space"] = {"prune": {"methods": ["structured", "magnitude"], "sparsity": {"low": 0.6, "high": 0.8}},
+                 "heal": {"methods": ["distill"], "calibration_images": 32, "steps": 40, "batch_size": 16}}
 
 
 def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
