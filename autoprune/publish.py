@@ -95,6 +95,8 @@ def _local_copy(checkpoint, destination: Path) -> str:
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return checkpoint.path
+    if destination.is_dir() and any(destination.iterdir()):  # downloaded when the trial ended: not again
+        return str(destination)
     return checkpoint.to_directory(str(destination))
 
 
