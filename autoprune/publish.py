@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +96,13 @@ def _local_copy(checkpoint, destination: Path) -> str:
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return checkpoint.path
-    if destination.is_dir() and any(destination.iterdir()):  # downloaded when the trial ended: not again
+    if destination.is_dir():  # downloaded when the trial ended: not again
         return str(destination)
-    return checkpoint.to_directory(str(destination))
+    partial = destination.with_name(destination.name + ".partial")  # renamed when complete: a driver killed
+    shutil.rmtree(partial, ignore_errors=True)                       # mid-download leaves no half model behind
+    checkpoint.to_directory(str(partial))
+    partial.rename(destination)
+    return str(destination)
 
 
 def trial_row(record: TrialRecord, *, on_front: bool) -> dict[str, Any]:
