@@ -23,11 +23,11 @@ import threading
 import time
 from pathlib import Path
 
+from autoprune import bench_cluster
+
 SPEC = {
     "name": "bench-faults",
-    "model": {"name": "vit_tiny_patch16_224", "num_classes": 10, "train_steps": 100,
-              "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
-                         "global_pool": "avg", "class_token": False}},
+    "model": {**bench_cluster.SPEC["model"], "train_steps": 100},  # the same tiny ViT, trained less
     "data": {"source": "reference", "eval_images": 100},
     "profile": {"batch_size": 16, "warmup": 3, "repeats": 5},
     "search": {"trials": 20, "concurrency": 2, "sampler": "random", "seed": 0, "resources": {"cpu": 1},

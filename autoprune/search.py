@@ -55,7 +55,7 @@ class SearchOutcome:
     ui_command: str
     failed: list[TrialRecord] = field(default_factory=list)
     accounting: dict[str, float] = field(default_factory=dict)  # where the time went (see `time_accounting`)
-    retried: int = 0  # trial restarts after a worker died or a trial raised (search.max_retries)
+    retried: int = 0  # trial restarts after a worker died (search.max_retries); a trial's own error is final
 
 
 def ui_command(tracking_uri: str) -> str:
