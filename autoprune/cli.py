@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--model", required=True, help="registered model name")
     best.add_argument("--max-latency-ms", type=float, required=True, help="latency target (median, ms)")
     best.add_argument("--device", help="only versions measured on this device (as tagged, e.g. 'NVIDIA H100 80GB HBM3')")
+    best.add_argument("--batch-size", type=int, help="only versions measured at this batch size")
+    best.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="only versions measured in this dtype")
     best.add_argument("--json", action="store_true", help="print one JSON object")
     _add_store_flags(best)
 
@@ -65,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--max-latency-ms", type=float, required=True, help="latency target (median, ms)")
     serving.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: loopback only)")
     serving.add_argument("--port", type=int, default=8000)
-    serving.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    serving.add_argument("--device", help="run it on cuda or cpu (default: the kind of device it was measured on)")
+    serving.add_argument("--measured-on", help="only versions measured on this device (as `best --device`)")
+    serving.add_argument("--batch-size", type=int, help="only versions measured at this batch size")
+    serving.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="only versions measured in this dtype")
     serving.add_argument("--address", help="Ray cluster to run on (default: a local Ray)")
     _add_store_flags(serving)
 
@@ -142,11 +147,17 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
-    from autoprune.serve import PrunedModel
+    from autoprune.select import best
+    from autoprune.serve import PrunedModel, replica_resources
 
+    conditions = {key: value for key, value in (("device", args.measured_on), ("batch_size", args.batch_size),
+                                                 ("dtype", args.dtype)) if value is not None}
+    choice = best(model=args.model, max_latency_ms=args.max_latency_ms, tracking_uri=_tracking_uri(args), **conditions)
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(PrunedModel.bind(args.model, args.max_latency_ms, _tracking_uri(args), args.device), blocking=False)
+    serve.run(PrunedModel.options(ray_actor_options=replica_resources(choice)).bind(
+        args.model, args.max_latency_ms, _tracking_uri(args), args.device, conditions), blocking=False)
+    print(f"autoprune: {choice.summary()}")
     print(f"autoprune: serving the best version of {args.model!r} within {args.max_latency_ms:g} ms at"
           f" http://{args.host}:{args.port}/ (POST {{\"images\": [...]}}; GET describes it). Ctrl-C stops.")
     try:
@@ -162,12 +173,12 @@ def _best(args) -> int:
     from autoprune.select import best
 
     choice = best(model=args.model, max_latency_ms=args.max_latency_ms, device=args.device,
-                  tracking_uri=_tracking_uri(args))
+                  batch_size=args.batch_size, dtype=args.dtype, tracking_uri=_tracking_uri(args))
     if args.json:
         print(json.dumps(choice.as_dict()))
     else:
         print(choice.summary())
-        print(f"load it with: autoprune.load_model({choice.model_uri!r})")
+        print(f"load it with: autoprune.load_model({choice.model_uri!r})  # in the recipe it was timed in")
     return 0
 
 

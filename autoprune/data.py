@@ -1,13 +1,24 @@
 """Image data for a search: the built-in reference task and ImageFolder trees, held as uint8 tensors.
 
-The driver builds one :class:`DataBundle` per search and puts it into Ray's object store, so trials need no
-dataset access. Images stay uint8 (a quarter of float32's size) and are normalised on the worker.
+The driver builds one :class:`DataBundle` per search and puts it into Ray's object store once, so trials need no
+dataset access. At ImageNet scale the images are gigabytes, so:
+- they travel as numpy arrays, which every worker on a node reads from the object store without a copy (torch
+  tensors would be copied into each worker) and uses as tensors over the same memory;
+- they stay uint8 (a quarter of float32) until a batch is on the device that uses it, where it is normalised
+  (`Batches`): a calibration set is never expanded to float32 whole;
+- an ImageFolder is decoded on every core, and the decoded subsets are cached for the next search or `--resume`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,6 +45,11 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def __reduce__(self):
+        # Ray's object store gives numpy arrays to every worker on a node without a copy, torch tensors with one:
+        # an ImageSet travels as numpy and is rebuilt as tensors over the same (read-only) memory.
+        return (_image_set, (self.images.numpy(), self.labels.numpy()))
+
     def subset(self, count: int, *, seed: int) -> "ImageSet":
         """A class-balanced random subset of `count` images (all of them if count ≥ len)."""
         if count >= len(self):
@@ -54,6 +70,38 @@ class ImageSet:
         return ImageSet(self.images[chosen], self.labels[chosen])
 
 
+def _image_set(images: np.ndarray, labels: np.ndarray) -> ImageSet:
+    with warnings.catch_warnings():  # arrays read from the object store are read-only; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        return ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 images → float32 on their own device, scaled to [0, 1] and standardised with `mean` and `std`."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+@dataclass(frozen=True)
+class Batches:
+    """uint8 images served as normalised float32 batches on `device`, one batch at a time (what a pruning method's
+    statistics pass reads): at ImageNet size, 4,096 calibration images would be 2.4 GB as one float32 tensor.
+    `split(n)` mirrors `Tensor.split`, so a method can be given either."""
+
+    images: torch.Tensor  # uint8, N×C×H×W, where the data lives (the CPU, shared)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def split(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self), batch_size):
+            yield normalize(self.images[start : start + batch_size].to(self.device), self.mean, self.std)
+
+
 @dataclass(frozen=True)
 class DataBundle:
     """What every trial of a search needs from the data: a training pool and a held-out eval split."""
@@ -69,10 +117,13 @@ class DataBundle:
         return tuple(self.eval.images.shape[1:])  # type: ignore[return-value]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images → float32, scaled to [0, 1] and standardised with the bundle's mean and std."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        """uint8 images → float32 on their own device, scaled to [0, 1] and standardised with the bundle's mean and
+        std. Move a batch to its device first: the uint8 copy is a quarter of the float32 one."""
+        return normalize(images, self.mean, self.std)
+
+    def batches(self, images: ImageSet, device: torch.device | str = "cpu") -> Batches:
+        """`images` as normalised batches on `device`, made one at a time."""
+        return Batches(images.images, self.mean, self.std, torch.device(device))
 
 
 def reference_task(*, seed: int = 0) -> DataBundle:
@@ -110,21 +161,18 @@ def image_folder(
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
     seed: int = 0,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
 ) -> DataBundle:
     """An ImageFolder train/val pair (one sub-folder per class), resized and centre-cropped to `image_size`.
 
     Only `train_images` training images (the largest calibration budget the search can ask for) and at most
-    `eval_images` validation images are read, each a class-balanced random subset.
+    `eval_images` validation images are read, each a class-balanced random subset, decoded on `workers` threads
+    (default: every core). With `cache_dir`, the decoded subsets are kept there, keyed by the files chosen (path,
+    size, modification time) and the settings, so that the next search or a `--resume` starts without decoding.
     """
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
-    transform = transforms.Compose(
-        [
-            transforms.Resize(int(round(image_size / 0.875))),
-            transforms.CenterCrop(image_size),
-            transforms.PILToTensor(),
-        ]
-    )
     splits = []
     for role, folder, count in (("train", train_dir, train_images), ("val", val_dir, eval_images)):
         folder = Path(folder)
@@ -138,7 +186,8 @@ def image_folder(
             ) from None
         labels = torch.tensor(dataset.targets)
         index = ImageSet(torch.arange(len(labels)), labels).subset(count or len(labels), seed=seed)
-        images = torch.stack([transform(dataset.loader(dataset.samples[i][0])) for i in index.images.tolist()])
+        files = [dataset.samples[i][0] for i in index.images.tolist()]
+        images = _decoded(files, image_size, cache_dir, workers)
         splits.append((ImageSet(images, index.labels), dataset.classes))
     (train, train_classes), (evaluation, val_classes) = splits
     if train_classes != val_classes:
@@ -147,3 +196,33 @@ def image_folder(
             " both must hold the same class sub-folders."
         )
     return DataBundle(train=train, eval=evaluation, num_classes=len(train_classes), mean=mean, std=std)
+
+
+DECODE_RECIPE = 1  # bump when the resize / crop below changes, so that stale cached decodes are not reused
+
+
+def _decoded(files: list[str], image_size: int, cache_dir: str | Path | None, workers: int | None) -> torch.Tensor:
+    """The files decoded, resized to image_size / 0.875 and centre-cropped (uint8, N×3×S×S), from the cache when
+    the same files were decoded the same way before."""
+    path = None
+    if cache_dir is not None:
+        stats = [(name, os.stat(name).st_size, os.stat(name).st_mtime_ns) for name in files]
+        key = json.dumps({"files": stats, "size": image_size, "recipe": DECODE_RECIPE}, sort_keys=True)
+        path = Path(cache_dir) / f"images-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+        if path.is_file():
+            return torch.from_numpy(np.load(path))
+    from torchvision import transforms
+    from torchvision.datasets.folder import default_loader
+
+    transform = transforms.Compose([transforms.Resize(int(round(image_size / 0.875))),
+                                    transforms.CenterCrop(image_size), transforms.PILToTensor()])
+    # PIL releases the GIL while it decodes and resizes: threads use every core without copying the results.
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        images = torch.stack(list(pool.map(lambda name: transform(default_loader(name)), files))) if files else \
+            torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial.npy")
+        np.save(partial, images.numpy())
+        partial.replace(path)  # complete or absent: a reader never sees half a file
+    return images

@@ -69,7 +69,7 @@ def _train(dense, data: DataBundle, steps: int, seed: int) -> None:
         dense,
         images=data.train,
         data=data,
-        loss_fn=cross_entropy(RECIPE["label_smoothing"]),
+        objective=cross_entropy(RECIPE["label_smoothing"]),
         steps=steps,
         lr=RECIPE["lr"],
         batch_size=RECIPE["batch_size"],

@@ -1,9 +1,19 @@
 """Healing as a multi-worker DeepSpeed job, for models whose healing does not fit one GPU.
 
 A trial that selects `healing: {engine: deepspeed}` runs the same optimisation as `training.optimise` — the same
-loss, batches, schedule and masks — as a Ray Train `TorchTrainer` of `workers` processes, each a DeepSpeed engine
-(ZeRO stage 1–3, bf16 or fp32; NCCL on GPUs, gloo on CPUs). DeepSpeed is the training engine only: its removed
-compression module is not used.
+objective, batches, schedule and masks — on `workers` Ray actors, each a DeepSpeed engine (ZeRO stage 0–3, bf16 or
+fp32; NCCL on GPUs, gloo on CPUs). DeepSpeed is the training engine only: its removed compression module is not used.
+
+Where the workers run. A trial reserves its own resources and its workers' as one placement group (`bundles`, which
+the search gives Tune), and the workers are placed in that group's bundles: a trial starts only when its workers
+can, so concurrent trials never hold every GPU while their workers wait for one. Outside Tune (`run_trial` called
+directly, `autoprune doctor`) the job reserves a group of its own. Ray gives each worker its own GPU, so a worker's
+device is its own `cuda:0`, whichever node and GPU it landed on.
+
+What travels: one payload, written with `torch.save` and read with `map_location="cpu"` (no tensor lands on a GPU
+named by the sending process): the model, the objective with its teacher, the masks, the calibration images
+(uint8) and the normalisation — not the data bundle. Each worker binds the objective to its own module on its own
+device (the teacher is moved there, hooks are attached there).
 
 Masks hold as in single-process healing. ZeRO keeps fp32 master weights apart from the module's weights, so after
 every step the pruned entries are zeroed in both (`safe_set_full_fp32_param`): a masked weight never comes back,
@@ -11,81 +21,174 @@ and a gradual method's next masks are computed from the weights the optimiser re
 
 Every worker draws the same global batch from one seeded generator and trains on its share, so the run is the
 single-process run with its batch split across workers. Rank 0 returns the fp32 weights (gathered across ranks
-under ZeRO-3) and the loss of every step (averaged over workers) through a Ray Train checkpoint.
+under ZeRO-3) and the loss of every step (averaged over workers).
 """
 
 from __future__ import annotations
 
 import contextlib
-import tempfile
-import uuid
-from pathlib import Path
+import datetime
+import io
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from autoprune.errors import AutopruneError
 from autoprune.spec import HealingEngine
 
-STATE_FILE = "healed.pt"
+PLACEMENT_TIMEOUT_S = 600  # a job outside Tune waits this long for its workers' resources, then says why
 
 
-def optimise_deepspeed(model: nn.Module, engine: HealingEngine, **job: Any) -> list[float]:
-    """Run `training.optimise`'s job (images, data, loss_fn, steps, lr, batch_size, seed, weight_decay, masks) on
-    `engine.workers` DeepSpeed workers; load the healed weights into `model` and return the losses."""
+def worker_bundle(engine: HealingEngine) -> dict[str, float]:
+    """The resources of one DeepSpeed worker, as a placement-group bundle."""
+    return {key: value for key, value in (("CPU", engine.cpu), ("GPU", engine.gpu)) if value > 0}
+
+
+def trial_bundles(trial: dict[str, float], engine: HealingEngine) -> list[dict[str, float]]:
+    """What a trial that heals with DeepSpeed reserves at once: its own resources first, then one bundle per worker
+    (the workers of `optimise_deepspeed` are placed in the bundles after the first)."""
+    return [{key: value for key, value in trial.items() if value > 0}] + [worker_bundle(engine)] * engine.workers
+
+
+def optimise_deepspeed(model: nn.Module, engine: HealingEngine, *, images, mean, std, objective, steps: int,
+                       lr: float, batch_size: int, seed: int, weight_decay: float, masks) -> list[float]:
+    """Run `training.optimise`'s job on `engine.workers` DeepSpeed workers; load the healed weights into `model`
+    (on the CPU) and return the loss of every step."""
     import cloudpickle
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import ray
 
-    # One pickle for everything: the loss function may hold hooks on the model (alignment), and those must still
-    # point at the same model object on the workers.
-    payload = cloudpickle.dumps({"model": model.cpu(), **job})
-    with tempfile.TemporaryDirectory(prefix="autoprune-heal-") as local_storage:
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"payload": payload, "zero_stage": engine.zero_stage, "bf16": engine.bf16},
-            scaling_config=ScalingConfig(num_workers=engine.workers, use_gpu=engine.gpu > 0,
-                                         resources_per_worker={"CPU": engine.cpu, "GPU": engine.gpu}),
-            torch_config=TorchConfig(backend="nccl" if engine.gpu > 0 else "gloo"),
-            # the checkpoint goes where every node can write it: the search's storage on a cluster
-            run_config=RunConfig(storage_path=engine.storage or local_storage, name=f"heal-{uuid.uuid4().hex[:12]}"),
-        )
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / STATE_FILE, weights_only=True)
+    job = {"model": model.cpu(), "objective": objective, "masks": masks, "images": images, "mean": mean, "std": std,
+           "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay,
+           "zero_stage": engine.zero_stage, "bf16": engine.bf16, "threads": max(1, int(engine.cpu)),
+           "backend": "nccl" if engine.gpu > 0 else "gloo"}
+    buffer = io.BytesIO()
+    torch.save(job, buffer, pickle_module=cloudpickle)  # cloudpickle: objectives hold closures and hooks' owners
+    payload = ray.put(buffer.getvalue())
+    with _placement(engine) as (group, first):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        workers = [
+            ray.remote(_Worker).options(
+                num_cpus=engine.cpu, num_gpus=engine.gpu,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + rank),
+            ).remote()
+            for rank in range(engine.workers)
+        ]
+        try:
+            master = ray.get(workers[0].address.remote())
+            runs = [worker.run.remote(payload, rank, engine.workers, master) for rank, worker in enumerate(workers)]
+            results = _first_error_or_all(runs)
+        finally:
+            for worker in workers:
+                ray.kill(worker)
+    saved = results[0]
     model.load_state_dict(saved["state"])
     return saved["losses"]
 
 
-def _worker(config: dict) -> None:
-    import cloudpickle
+@contextlib.contextmanager
+def _placement(engine: HealingEngine):
+    """(placement group, index of the first worker bundle): the Tune trial's own group when it reserved the
+    workers' bundles, else a group made (and removed) here."""
+    from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
+
+    current = get_current_placement_group()
+    if current is not None and len(current.bundle_specs) > engine.workers:
+        yield current, len(current.bundle_specs) - engine.workers
+        return
+    group = placement_group([worker_bundle(engine)] * engine.workers, strategy="PACK")
+    try:
+        import ray
+
+        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            raise AutopruneError(
+                f"healing: {engine.workers} DeepSpeed workers of {worker_bundle(engine)} each could not be placed in"
+                f" {PLACEMENT_TIMEOUT_S} s (this Ray cluster has {ray.available_resources()} free). Lower"
+                " healing.workers / healing.cpu / healing.gpu, or add nodes.")
+        yield group, 0
+    finally:
+        remove_placement_group(group)
+
+
+def _first_error_or_all(runs: list) -> list:
+    """Every worker's result; as soon as one worker fails, its error (the others would wait for it forever)."""
+    import ray
+
+    pending, done = list(runs), {}
+    while pending:
+        finished, pending = ray.wait(pending, num_returns=1)
+        done[finished[0]] = ray.get(finished[0])  # raises the worker's own error
+    return [done[run] for run in runs]
+
+
+class _Worker:
+    """One DeepSpeed process of a healing job: a Ray actor in its trial's placement group."""
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the others (this node's address and a free port)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def run(self, payload: bytes, rank: int, world: int, master: tuple[str, int]) -> dict[str, Any] | None:
+        import torch.distributed as dist
+
+        job = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)  # trusted: our own payload
+        device = _own_device()
+        torch.set_num_threads(job["threads"])
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0", "MASTER_ADDR": master[0],
+                           "MASTER_PORT": str(master[1])})
+        dist.init_process_group(job["backend"], init_method=f"tcp://{master[0]}:{master[1]}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(minutes=10))
+        try:
+            return _heal(job, rank, world, device)
+        finally:
+            dist.destroy_process_group()
+
+
+def _own_device() -> torch.device:
+    """Ray made this worker's GPU (if it was given one) the only one it sees."""
+    import ray
+
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _heal(job: dict, rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
     import deepspeed
-    import ray.train
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
+    from autoprune.data import normalize
     from autoprune.training import shifted, warmup_cosine
 
-    job = cloudpickle.loads(config["payload"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
     model, masks, steps = job["model"].train().to(device), job["masks"], job["steps"]
-    images, data = job["images"], job["data"]
-    inputs, labels = data.normalize(images.images), images.labels
+    images, mean, std = job["images"], job["mean"], job["std"]
+    labels = images.labels
     global_batch = max(world, min(job["batch_size"], len(labels)))
     per_worker = global_batch // world
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=job["lr"], weight_decay=job["weight_decay"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
-    dtype = torch.bfloat16 if config["bf16"] else torch.float32
+    dtype = torch.bfloat16 if job["bf16"] else torch.float32
+    zero_stage = job["zero_stage"]
     ds_config = {
         "train_batch_size": per_worker * world,
         "train_micro_batch_size_per_gpu": per_worker,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told; the single-process loop does not clip
-        "zero_optimization": {"stage": config["zero_stage"]},
-        "bf16": {"enabled": config["bf16"]},
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": job["bf16"]},
         "zero_allow_untested_optimizer": True,  # torch's AdamW: the fused CUDA Adam does not exist on CPUs
         "steps_per_print": 10**9,
     }
@@ -93,13 +196,14 @@ def _worker(config: dict) -> None:
                                            dist_init_required=False)
     module = engine.module
     named = dict(module.named_modules())
+    loss_fn = job["objective"].bind(module, device)  # the teacher moves to this worker's device, hooks attach here
 
     def student(batch: torch.Tensor) -> torch.Tensor:  # the loss functions call `model(inputs)`
         return engine(batch.to(dtype)).float()
 
     def hold_masks() -> None:
         """Zero the pruned weights in the module and in the optimiser's fp32 masters (all ranks take part)."""
-        with _gathered(module, config["zero_stage"]):
+        with _gathered(module, zero_stage):
             masks.after_step(module)
         for name, mask in masks.by_layer.items():
             weight = named[name].weight
@@ -108,35 +212,30 @@ def _worker(config: dict) -> None:
                 safe_set_full_fp32_param(weight, master * mask.to(master.device, master.dtype))
 
     generator = torch.Generator().manual_seed(job["seed"])
-    max_shift = max(1, inputs.shape[-1] // 16)
+    max_shift = max(1, images.images.shape[-1] // 16)
     losses = []
+    mine = slice(rank * per_worker, (rank + 1) * per_worker)
     for step in range(steps):
-        with _gathered(module, config["zero_stage"]):
+        with _gathered(module, zero_stage):
             masks.before_step(module, step / steps)
         index = torch.randint(0, len(labels), (global_batch,), generator=generator)
-        batch = shifted(inputs[index], generator, max_shift)
-        mine = slice(rank * per_worker, (rank + 1) * per_worker)
-        loss = job["loss_fn"](student, batch[mine].to(device), labels[index][mine].to(device))
+        batch = shifted(normalize(images.images[index].to(device), mean, std), generator, max_shift)
+        loss = loss_fn(student, batch[mine], labels[index][mine].to(device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss.item()} at step {step} (lr={job['lr']:g}).")
         engine.backward(loss)
         engine.step()  # the optimiser, then the schedule
         hold_masks()
-        mean = loss.detach().float().clone()
-        dist.all_reduce(mean)
-        losses.append(float(mean) / world)
+        mean_loss = loss.detach().float().clone()
+        dist.all_reduce(mean_loss)
+        losses.append(float(mean_loss) / world)
+    job["objective"].release()
 
     state = {name: _full_fp32(p, safe_get_full_fp32_param) for name, p in module.named_parameters()}
     state.update({name: b.detach().float().cpu().clone() if b.is_floating_point() else b.detach().cpu().clone()
                   for name, b in module.named_buffers()})
     saved_keys = set(module.state_dict())  # persistent buffers only, as load_state_dict expects
-    state = {name: tensor for name, tensor in state.items() if name in saved_keys}
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:
-            torch.save({"state": state, "losses": losses}, Path(folder) / STATE_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({"final_loss": losses[-1] if losses else float("nan")}, checkpoint=checkpoint)
+    return {"state": {k: v for k, v in state.items() if k in saved_keys}, "losses": losses} if rank == 0 else None
 
 
 def _full_fp32(param: nn.Parameter, get_master) -> torch.Tensor:

@@ -6,8 +6,8 @@ profile.py times one model once; this module decides what to time:
   is timed (latency_cache.py);
 - on the trial's own worker, or — when the spec names a `target` accelerator type — in a Ray task placed on a
   node of that type, so that a search can heal on its training GPUs and measure on its deployment GPU;
-- a 2:4 model on hardware without sparse kernels runs the dense kernels, so it shares the dense structure's
-  measurement, with a note that says why.
+- a 2:4 model on hardware without sparse kernels (or without a layer they take) runs the dense kernels, so it
+  shares the dense structure's measurement, with a note that says why.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from autoprune.formats import DENSE, semi_structured_unsupported
+from autoprune.formats import DTYPES, plan_kernels
 from autoprune.latency_cache import LatencyCache, structure_signature
-from autoprune.profile import DTYPES, LatencyProfile, device_name, profile_latency
+from autoprune.profile import LatencyProfile, device_name, profile_latency
 from autoprune.spec import ProfileSpec
 
 
@@ -45,42 +45,50 @@ def measure_latency(
     threads: int | None,
     cache: LatencyCache | None,
 ) -> Latencies:
-    """Measure `model` run in execution format `fmt` at every batch size of `settings`, reusing cached profiles."""
+    """Measure `model` run in execution format `fmt` at every batch size of `settings`, reusing cached profiles.
+    `model` is not changed: a copy prepared for timing is measured."""
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
-    fallback = None
+    fallback = ""
     if settings.target is None:
         where = device_name(device, torch.get_num_threads())
-        fallback = semi_structured_unsupported(device, DTYPES[settings.dtype]) if fmt != DENSE else None
+        runs_as, fallback = plan_kernels(model, fmt, device, DTYPES[settings.dtype])
     else:
-        where = f"Ray accelerator type {settings.target.accelerator_type}"
-    runs_as = DENSE if fallback else fmt  # a 2:4 model timed with dense kernels is the dense structure's twin
-    keys = {
-        batch: structure_signature(model, format=runs_as, device=where, dtype=settings.dtype, batch_size=batch,
-                                   input_size=input_size, memory_format=settings.memory_format,
-                                   compile=settings.compile, torch_version=torch.__version__)
-        for batch in settings.batch_sizes
-    }
+        where, runs_as = f"Ray accelerator type {settings.target.accelerator_type}", fmt
+    # A 2:4 model that will run dense kernels here is the dense structure's twin: it shares that measurement.
+    keys = {batch: _key(model, runs_as, where, settings, batch, input_size) for batch in settings.batch_sizes}
     found = {batch: cache.get(key) if cache is not None else None for batch, key in keys.items()}
     missing = [batch for batch, profile in found.items() if profile is None]
     fresh = _measure(model, fmt, settings, input_size, missing, device, threads) if missing else {}
     reused = set(found) - set(missing)
     for batch in missing:
+        if fresh[batch].format != runs_as:  # the sparse kernels failed at run time: it ran as the dense twin
+            keys[batch] = _key(model, fresh[batch].format, where, settings, batch, input_size)
         # first writer wins: another trial may have stored this structure while this one was measuring it
         found[batch] = cache.put(keys[batch], fresh[batch]) if cache is not None else fresh[batch]
         if found[batch] != fresh[batch]:
             reused.add(batch)
+            found[batch] = replace(found[batch], note=_join(fresh[batch].note, found[batch].note))
     if fallback:
-        found = {batch: replace(profile, note=fallback) for batch, profile in found.items()}
+        found = {batch: replace(profile, note=_join(fallback, profile.note)) for batch, profile in found.items()}
     extra = {batch: profile for batch, profile in found.items() if batch != settings.batch_size}
     return Latencies(found[settings.batch_size], extra, cached=settings.batch_size in reused, keys=keys)
 
 
+def _key(model, runs_as: str, where: str, settings: ProfileSpec, batch: int, input_size) -> str:
+    return structure_signature(model, format=runs_as, device=where, dtype=settings.dtype, batch_size=batch,
+                               input_size=input_size, memory_format=settings.memory_format,
+                               compile=settings.compile, torch_version=torch.__version__)
+
+
+def _join(*notes: str) -> str:
+    """Notes joined, each part once (a fresh profile already carries the reason its kernels fell back)."""
+    return "; ".join(dict.fromkeys(part for note in notes for part in note.split("; ") if part))
+
+
 def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:
     if settings.target is None:
-        profiles = _profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
-        model.float()  # profiling may have cast it; healing and evaluation run in float32
-        return profiles
+        return _profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
     import ray
 
     target = settings.target
@@ -89,7 +97,7 @@ def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device,
         name=f"autoprune-latency-{target.accelerator_type}",
     )
     # The model travels as a CPU copy: the trial's own device may not exist on the target node.
-    return ray.get(task.remote(copy.deepcopy(model).float().cpu(), fmt, settings, input_size, batch_sizes))
+    return ray.get(task.remote(copy.deepcopy(model).cpu(), fmt, settings, input_size, batch_sizes))
 
 
 def _profile_batches(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:
@@ -106,6 +114,14 @@ def _profile_on_target(model, fmt, settings: ProfileSpec, input_size, batch_size
     import ray
 
     context = ray.get_runtime_context()
-    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+    device = assigned_device()
     threads = max(1, int(context.get_assigned_resources().get("CPU", 1)))
     return _profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
+
+
+def assigned_device() -> torch.device:
+    """The device Ray assigned to this task or actor: its GPU when it was given one, else the CPU — never a GPU
+    merely because the machine has one (Ray no longer hides GPUs from tasks that asked for none)."""
+    import ray
+
+    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")

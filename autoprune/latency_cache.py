@@ -7,17 +7,23 @@ model's measurement: the same number, not a second noisy one that could put them
 
 The first measurement of a signature wins; later trials with the same signature read it. In a search the cache is
 one small Ray actor that every trial worker asks (`SharedLatencyCache`); without Ray, a dict (`LocalLatencyCache`).
+A cache saves time and keeps twins equal; it is never a reason for a trial to fail: the actor is restarted if it
+dies (empty), and a lookup that fails meanwhile counts as a miss.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Protocol
 
 from torch import nn
 
 from autoprune.models import attention_modules
+
+log = logging.getLogger(__name__)
+CALL_TIMEOUT_S = 60  # a lookup is a dictionary access; longer than this, the actor is gone
 
 
 def structure_signature(model: nn.Module, **settings) -> str:
@@ -62,18 +68,24 @@ class SharedLatencyCache:
     def start(cls) -> "SharedLatencyCache":
         import ray
 
-        # num_cpus=0: a dictionary lookup must not take a trial's CPU slot.
-        return cls(ray.remote(num_cpus=0)(LocalLatencyCache).remote())
+        # num_cpus=0: a dictionary lookup must not take a trial's CPU slot. Restarted without end if it dies.
+        return cls(ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(LocalLatencyCache).remote())
 
     def get(self, key: str):
-        import ray
-
-        return ray.get(self.actor.get.remote(key))
+        return self._call("get", key, default=None)
 
     def put(self, key: str, profile):
-        import ray
+        return self._call("put", key, profile, default=profile)
 
-        return ray.get(self.actor.put.remote(key, profile))
+    def _call(self, method: str, *args, default):
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args), timeout=CALL_TIMEOUT_S)
+        except (RayActorError, ray.exceptions.GetTimeoutError) as error:  # dead or restarting: a miss, not a failure
+            log.warning("latency cache unavailable (%s): measuring without it", type(error).__name__)
+            return default
 
     def __len__(self) -> int:
         import ray

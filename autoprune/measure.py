@@ -8,17 +8,17 @@ from torch import nn
 from autoprune.data import DataBundle, ImageSet
 
 
-@torch.inference_mode()
 def accuracy(
     model: nn.Module, images: ImageSet, data: DataBundle, *, batch_size: int = 256, device="cpu"
 ) -> float:
-    """Top-1 accuracy on `images`."""
-    model.eval().to(device)
+    """Top-1 accuracy on `images`, batch by batch on `device` (the model is moved there first)."""
+    model.eval().to(device)  # outside inference mode: its tensors must stay usable by autograd
     correct = 0
-    for start in range(0, len(images), batch_size):
-        batch = data.normalize(images.images[start : start + batch_size]).to(device)
-        predicted = model(batch).argmax(dim=-1).cpu()
-        correct += int((predicted == images.labels[start : start + batch_size]).sum())
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = data.normalize(images.images[start : start + batch_size].to(device))
+            predicted = model(batch).argmax(dim=-1).cpu()
+            correct += int((predicted == images.labels[start : start + batch_size]).sum())
     return correct / len(images)
 
 

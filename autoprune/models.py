@@ -3,9 +3,10 @@
 Everything that knows about a model family's layout lives here (layer groups, which layers a method may touch,
 attention metadata after removal), so that pruning methods stay family-agnostic.
 
-A saved model is a folder with `weights.safetensors` and `structure.json` (timm name, create kwargs and every
-tensor's shape). Loading rebuilds the timm model, resizes the layers that pruning shrank, and loads the weights:
-no pickled code is ever executed.
+A saved model is a folder with `weights.safetensors` and `structure.json` (timm name, create kwargs, every
+tensor's shape, and the execution recipe its latency was measured in). Loading rebuilds the timm model, resizes
+the layers that pruning shrank, loads the weights — no pickled code is ever executed — and, unless told not to,
+prepares it in its recipe (dtype, memory format, 2:4 kernels, compilation), so that it runs as it was measured.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
+from autoprune.formats import ExecutionRecipe
 
 SAVED_FORMAT = "autoprune.model/1"
 WEIGHTS_FILE = "weights.safetensors"
@@ -223,8 +225,10 @@ def observe_inputs(model: nn.Module, watched: Mapping[str, nn.Module], images: t
 # ---- saved models ------------------------------------------------------------------------------------------
 
 
-def save_model(model: nn.Module, source: ModelSource, directory: str | Path) -> Path:
-    """Write `weights.safetensors` + `structure.json`; `load_model_dir` rebuilds the same model from them."""
+def save_model(model: nn.Module, source: ModelSource, directory: str | Path, *,
+               recipe: ExecutionRecipe | None = None) -> Path:
+    """Write `weights.safetensors` (float32, as trained) + `structure.json`, with the `recipe` the model's latency
+    was measured in; `load_model_dir` rebuilds the same model from them and prepares it in that recipe."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -240,12 +244,24 @@ def save_model(model: nn.Module, source: ModelSource, directory: str | Path) -> 
         # Head counts cannot be read off the shapes (fewer heads and narrower heads look alike).
         "attention_heads": {name: module.num_heads for name, module in attention_modules(model)},
     }
+    if recipe is not None:
+        structure["execution"] = recipe.as_dict()
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
     return directory
 
 
-def load_model_dir(directory: str | Path) -> nn.Module:
-    """Rebuild a saved (possibly physically pruned) model in eval mode, without unpickling anything."""
+def saved_recipe(directory: str | Path) -> ExecutionRecipe | None:
+    """The execution recipe a saved model was measured in (None for models saved without one)."""
+    structure = json.loads((Path(directory) / STRUCTURE_FILE).read_text())
+    return ExecutionRecipe.from_dict(structure["execution"]) if "execution" in structure else None
+
+
+def load_model_dir(directory: str | Path, *, recipe: bool = True, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a saved (possibly physically pruned) model in eval mode, without unpickling anything.
+
+    With `recipe` (the default) it is prepared in the recipe its latency was measured in — dtype, memory format,
+    2:4 kernels, compiled — on `device` (default: the kind it was measured on, when this machine has one); inputs
+    may stay float32, a hook casts them. `recipe=False` gives the plain float32 model on the CPU (to train on)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -263,7 +279,31 @@ def load_model_dir(directory: str | Path) -> nn.Module:
         modules[name].num_heads = heads
     fix_attention_metadata(model)
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
-    return model.eval()
+    model.eval()
+    if not recipe or "execution" not in structure:
+        return model
+    return _prepared(model, ExecutionRecipe.from_dict(structure["execution"]), device)
+
+
+def _prepared(model: nn.Module, recipe: ExecutionRecipe, device) -> nn.Module:
+    import logging
+
+    from autoprune.formats import SEMI_STRUCTURED, plan_kernels, prepare
+    from autoprune.formats import DTYPES as dtypes
+
+    if device is None:
+        device = recipe.device if recipe.device != "cuda" or torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type != recipe.device:
+        logging.getLogger(__name__).warning(
+            "this model was measured on %s and is loaded on %s: it will not run at its measured latency",
+            recipe.device, device.type)
+    if recipe.kernels == SEMI_STRUCTURED:
+        kernels, reason = plan_kernels(model, SEMI_STRUCTURED, device, dtypes[recipe.dtype])
+        if kernels != SEMI_STRUCTURED:
+            logging.getLogger(__name__).warning("2:4 kernels unavailable here (%s)", reason)
+            recipe = ExecutionRecipe(recipe.dtype, recipe.memory_format, kernels, recipe.compiled, recipe.device)
+    return prepare(model, recipe, device)
 
 
 def _resize_to(model: nn.Module, shapes: Mapping[str, torch.Size]) -> None:

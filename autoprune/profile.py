@@ -3,24 +3,34 @@
 Never estimated from FLOPs. On a GPU each run is timed with CUDA events; on a CPU with perf_counter around
 synchronous work, with the thread count fixed (to the trial's CPU allocation) so that measurements compare.
 
-How the model runs is part of the measurement and is recorded with it: the kernels (dense or 2:4, formats.py),
-the memory format (channels-last is often faster for CNNs, and "auto" times both and keeps the faster) and
-whether `torch.compile` compiled it. A compile that fails is reported in the profile's note, not hidden.
+How the model runs is part of the measurement and is recorded with it (formats.py's recipe): the kernels (dense or
+2:4), the memory format (channels-last is often faster for CNNs, and "auto" times both and keeps the faster) and
+whether `torch.compile` compiled it. A compile or a sparse kernel that fails is reported in the profile's note, and
+the profile says what really ran.
+
+The model timed is always a copy prepared for timing, never the caller's: timing runs under inference mode and in
+another dtype, device or layout, and a model moved there in place would come back with rounded weights and
+inference tensors that autograd refuses — and it is the model that heals next.
 """
 
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CONTIGUOUS, CHANNELS_LAST, AUTO = "contiguous", "channels_last", "auto"
-MEMORY_FORMATS = (CONTIGUOUS, CHANNELS_LAST, AUTO)
+from autoprune.formats import (
+    AUTO, CHANNELS_LAST, CONTIGUOUS, DENSE, DTYPES, MEMORY_FORMATS, SEMI_STRUCTURED, ExecutionRecipe, compiled,
+    plan_kernels, prepare_eager,
+)
+
+__all__ = ["LatencyProfile", "profile_latency", "device_name", "percentile", "warm_up", "is_convolutional",
+           "DTYPES", "MEMORY_FORMATS", "CONTIGUOUS", "CHANNELS_LAST", "AUTO"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,12 @@ class LatencyProfile:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def recipe(self) -> ExecutionRecipe:
+        """How the model ran when timed: what loading and serving it must reproduce."""
+        device = "cpu" if self.device.startswith("cpu") else "cuda"  # device_name's two kinds of name
+        return ExecutionRecipe(self.dtype, self.memory_format, self.format, self.compiled, device)
 
 
 def device_name(device: torch.device, threads: int) -> str:
@@ -71,7 +87,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-@torch.inference_mode()
 def profile_latency(
     model: nn.Module,
     *,
@@ -82,33 +97,34 @@ def profile_latency(
     repeats: int = 30,
     device: torch.device | str = "cpu",
     threads: int | None = None,
-    execution_format: str = "dense",
+    execution_format: str = DENSE,
     memory_format: str = CONTIGUOUS,
     compile: bool = False,
 ) -> LatencyProfile:
     """Time `repeats` forward passes of a `batch_size` batch, after at least `warmup` passes and until settled.
 
-    `execution_format` "2:4" runs the model on semi-structured sparse kernels where the device has them;
-    `memory_format` "auto" times a convolutional model both contiguous and channels-last and keeps the faster;
-    `compile` times `torch.compile(model)` (its compilation happens during the warm-up, untimed)."""
-    from autoprune.formats import timing_model
-
+    `model` itself is left as it came (a prepared copy is timed). `execution_format` "2:4" runs the model on
+    semi-structured sparse kernels where the device has them; `memory_format` "auto" times a convolutional model
+    both contiguous and channels-last and keeps the faster; `compile` times `torch.compile(model)` (its compilation
+    happens before the warm-up, untimed)."""
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"memory_format {memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     device = torch.device(device)
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    model = model.eval().to(device=device, dtype=DTYPES[dtype])
-    model, ran_as, note = timing_model(model, execution_format, device, DTYPES[dtype])
-    inputs = torch.randn(batch_size, *input_size, device=device, dtype=DTYPES[dtype])
-    candidates = [memory_format] if memory_format != AUTO else (
+    kernels, note = plan_kernels(model, execution_format, device, DTYPES[dtype])
+    layouts = [memory_format] if memory_format != AUTO else (
         [CONTIGUOUS, CHANNELS_LAST] if is_convolutional(model) else [CONTIGUOUS])
-    runs = [_timed(model, inputs, layout, compile, warmup, repeats, device) for layout in candidates]
-    timings, layout, compiled, compile_note = min(runs, key=lambda run: statistics.median(run[0]))
+    shape = (batch_size, *input_size)
+    runs = [_timed(model, ExecutionRecipe(dtype, layout, kernels, compile, device.type), shape, warmup, repeats,
+                   device) for layout in layouts]
+    timings, recipe, run_note = min(runs, key=lambda run: statistics.median(run[0]))
     if len(runs) > 1:
         other = max(statistics.median(run[0]) for run in runs) / statistics.median(timings)
-        note = _join(note, f"{layout} kept: {other:.2f}× faster than the other memory format")
+        note = _join(note, f"{recipe.memory_format} kept: {other:.2f}× faster than the other memory format")
     median = statistics.median(timings)
     return LatencyProfile(
         median_ms=median,
@@ -121,10 +137,10 @@ def profile_latency(
         repeats=repeats,
         input_size=tuple(input_size),
         torch_version=torch.__version__,
-        format=ran_as,
-        note=_join(note, compile_note),
-        memory_format=layout,
-        compiled=compiled,
+        format=recipe.kernels,
+        note=_join(note, run_note),
+        memory_format=recipe.memory_format,
+        compiled=recipe.compiled,
     )
 
 
@@ -133,25 +149,65 @@ def is_convolutional(model: nn.Module) -> bool:
     return sum(isinstance(module, nn.Conv2d) for module in model.modules()) > 1
 
 
-def _timed(model, inputs, layout, compile, warmup, repeats, device) -> tuple[list[float], str, bool, str]:
-    """Warm up and time `model` in memory format `layout`: (timings, layout, compiled, note)."""
-    if layout == CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)  # 4-d weights only; Linear layers are unchanged
+def _timed(model, recipe: ExecutionRecipe, shape, warmup, repeats, device) -> tuple[list[float], ExecutionRecipe, str]:
+    """Warm up and time a copy of `model` prepared in `recipe`: (timings, the recipe that really ran, note)."""
+    runner, recipe, note = runnable(model, recipe, device, shape)
+    inputs = torch.randn(shape, device=device, dtype=DTYPES[recipe.dtype])
+    if recipe.memory_format == CHANNELS_LAST:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     time_runs = _time_cuda if device.type == "cuda" else _time_cpu
-    runner, compiled, note = model, False, ""
-    if compile:
-        try:
-            runner = torch.compile(model)
-            runner(inputs)  # compiles now, so that a failure is caught here and the warm-up times steady state
-            compiled = True
-        except Exception as error:  # noqa: BLE001 — any compiler failure: time the eager model and say why
-            runner, note = model, f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:160]}): timed eager"
-    warm_up(runner, inputs, minimum=warmup, time_runs=time_runs)
-    timings = time_runs(runner, inputs, repeats)
-    if layout == CHANNELS_LAST:
-        model.to(memory_format=torch.contiguous_format)  # leave the caller's model as it came
-    return timings, layout, compiled, note
+    with torch.inference_mode():
+        warm_up(runner, inputs, minimum=warmup, time_runs=time_runs)
+        timings = time_runs(runner, inputs, repeats)
+    return timings, recipe, note
+
+
+def runnable(model: nn.Module, recipe: ExecutionRecipe, device: torch.device,
+             shape: tuple[int, ...]) -> tuple[nn.Module, ExecutionRecipe, str]:
+    """A copy of `model` prepared in `recipe` that has run once: (module, the recipe that ran, note).
+
+    The first call is where sparse kernels meet the shapes and where compilation happens, so it is where they
+    fail: a 2:4 model that fails there runs on dense kernels, a compile that fails runs eager, and the note says
+    why. A compile that captured no graph (dynamo gave up) is recorded as not compiled."""
+    note = ""
+    example = torch.randn(shape, device=device, dtype=DTYPES[recipe.dtype])
+    try:
+        runner = _first_call(prepare_eager(copy.deepcopy(model), recipe, device), example)
+    except Exception as error:  # noqa: BLE001 — any kernel failure: time the dense kernels and say why
+        if recipe.kernels != SEMI_STRUCTURED:
+            raise
+        note = f"2:4 sparse kernels failed ({_reason(error)}): timed with dense kernels"
+        recipe = replace(recipe, kernels=DENSE)
+        runner = _first_call(prepare_eager(copy.deepcopy(model), recipe, device), example)
+    if not recipe.compiled:
+        return runner, recipe, note
+    graphs = _captured_graphs()
+    try:
+        compiled_runner = _first_call(compiled(runner), example)
+    except Exception as error:  # noqa: BLE001 — any compiler failure: time the eager model and say why
+        return runner, replace(recipe, compiled=False), _join(note, f"torch.compile failed ({_reason(error)}): timed eager")
+    if _captured_graphs() == graphs:
+        return runner, replace(recipe, compiled=False), _join(
+            note, "torch.compile captured no graph (dynamo fell back to eager): timed eager")
+    return compiled_runner, recipe, note
+
+
+def _first_call(runner: nn.Module, example: torch.Tensor) -> nn.Module:
+    with torch.inference_mode():
+        runner(example)
+    return runner
+
+
+def _reason(error: Exception) -> str:
+    first = str(error).splitlines()[0][:160] if str(error) else ""
+    return f"{type(error).__name__}: {first}"
+
+
+def _captured_graphs() -> int:
+    """How many graphs dynamo has compiled in this process (it counts them; a silent fallback adds none)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _join(*notes: str) -> str:

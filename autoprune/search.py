@@ -25,6 +25,7 @@ from ray.tune import Callback
 from autoprune import data as datasets
 from autoprune.dense import dense_weights, model_source
 from autoprune.errors import AutopruneError
+from autoprune.latency import assigned_device
 from autoprune.latency_cache import SharedLatencyCache
 from autoprune.models import layer_groups
 from autoprune.pareto import pareto_front
@@ -64,7 +65,8 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
-def load_data(spec: SearchSpec) -> datasets.DataBundle:
+def load_data(spec: SearchSpec, *, cache_dir: str | Path | None = None) -> datasets.DataBundle:
+    """The search's data; with `cache_dir`, ImageFolder images decoded once are read from there next time."""
     if spec.data.source == "reference":
         bundle = datasets.reference_task(seed=spec.search.seed)
         if spec.data.eval_images:
@@ -77,6 +79,7 @@ def load_data(spec: SearchSpec) -> datasets.DataBundle:
         train_images=_largest_calibration_budget(spec),
         eval_images=spec.data.eval_images,
         seed=spec.search.seed,
+        cache_dir=cache_dir,
     )
 
 
@@ -106,7 +109,8 @@ def make_sampler(name: str, seed: int, *, constrained: bool = False):
 
 
 def _trial_constraints(trial) -> tuple[float, ...]:
-    return tuple(trial.user_attrs.get(CONSTRAINT_ATTR, (0.0,)))
+    # A trial with no measured latency (it failed before reporting one) has not shown that it meets the target.
+    return tuple(trial.user_attrs.get(CONSTRAINT_ATTR, (1.0,)))
 
 
 def latency_constrained_searcher(space: SearchSpace, spec: SearchSpec):
@@ -175,14 +179,17 @@ def search(
     if spec.profile.target is not None:
         _check_target_hardware(spec.profile.target.accelerator_type, ray.cluster_resources())
     if spec.healing.engine != "local":
-        _check_healing_resources(spec, ray.cluster_resources())
+        _check_healing_resources(spec, ray.cluster_resources(), say)
 
     say(f"autoprune: {spec.name}: loading data and the dense model {spec.model.name}")
-    bundle = load_data(spec)
-    state = dense_weights(spec.model, spec.data, bundle, cache_dir=workdir / "cache", seed=spec.search.seed)
-    context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms,
-                           latency_cache=SharedLatencyCache.start(),
-                           healing_engine=replace(spec.healing, storage=spec.search.storage))
+    cache = workdir / "cache"
+    bundle = load_data(spec, cache_dir=cache)
+    state = dense_weights(spec.model, spec.data, bundle, cache_dir=cache, seed=spec.search.seed)
+    latency_cache = SharedLatencyCache.start()
+    # Into the object store once: the dense baseline and every trial read it from there (its images zero-copy).
+    context_ref = ray.put(TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms,
+                                   latency_cache=latency_cache, healing_engine=spec.healing))
+    del bundle, state  # the driver's own copy: the object store holds the one the trials read
     if resumed:
         parent_id = resumed
         dense = TrialResult.from_metrics(tracker.dense_metrics(parent_id))  # the numbers the trials were held to
@@ -192,7 +199,7 @@ def search(
         resources = {"cpu": spec.search.cpu, "gpu": spec.search.gpu}
         say(f"autoprune: measuring the dense model on a trial worker ({resources})")
         dense = ray.get(
-            ray.remote(num_cpus=spec.search.cpu, num_gpus=spec.search.gpu)(_dense_baseline).remote(context)
+            ray.remote(num_cpus=spec.search.cpu, num_gpus=spec.search.gpu)(_dense_baseline).remote(context_ref)
         )
         say(f"autoprune: dense top-1 {dense.accuracy:.4f}, {dense.latency.median_ms:.3f} ms on {dense.latency.device}")
         parent_id = tracker.start_search(name=spec.name, spec=spec.as_dict(),
@@ -206,10 +213,10 @@ def search(
     earlier = records_from_storage(path, downloads)[0] if resumed else []
     for result in [dense, *(record.result for record in earlier if record.result is not None)]:
         for key, profile in result.latency_entries().items():  # what was measured before is not measured again
-            context.latency_cache.put(key, profile)
+            latency_cache.put(key, profile)
     publisher = _TrialPublisher(tracker, parent_id, spec, say, dense, downloads=downloads, earlier=earlier)
     tune_started = time.perf_counter()
-    _run_tune(spec, space, context, publisher, storage=storage, run_name=parent_id, resume=bool(resumed))
+    _run_tune(spec, space, context_ref, publisher, storage=storage, run_name=parent_id, resume=bool(resumed))
     tune_seconds = time.perf_counter() - tune_started
 
     # Tune's storage, not what the callback saw, is the record: it also holds the trials of a resumed search's
@@ -344,18 +351,29 @@ def _check_target_hardware(accelerator_type: str, cluster: Mapping[str, float]) 
     )
 
 
-def _check_healing_resources(spec: SearchSpec, cluster: Mapping[str, float]) -> None:
-    """A trial that heals with DeepSpeed holds its own resources while its workers take theirs: if the cluster can
-    never hold both, the workers would wait forever. (An autoscaling cluster counts only the nodes it has now.)"""
+def _check_healing_resources(spec: SearchSpec, cluster: Mapping[str, float], say: Callable[[str], None]) -> None:
+    """A trial that heals with DeepSpeed reserves its own resources and its workers' together (one placement
+    group), so Tune starts it only when all of them are free. A reservation larger than the cluster would never
+    start: say so before any trial. (An autoscaling cluster counts only the nodes it has now.)"""
+    from autoprune.distributed import trial_bundles
+
+    bundles = trial_bundles({"CPU": spec.search.cpu, "GPU": spec.search.gpu}, spec.healing)
     healing = spec.healing
+    fits = []
     for resource, trial, per_worker in (("CPU", spec.search.cpu, healing.cpu), ("GPU", spec.search.gpu, healing.gpu)):
-        needed = trial + healing.workers * per_worker
+        needed = sum(bundle.get(resource, 0) for bundle in bundles)
         if needed > cluster.get(resource, 0):
             raise AutopruneError(
                 f"healing: a trial needs {needed:g} {resource} at once (search.resources {trial:g} + healing.workers"
                 f" {healing.workers} × {per_worker:g}) but this Ray cluster has {cluster.get(resource, 0):g}. Lower"
                 f" healing.workers / healing.{resource.lower()}, or add nodes."
             )
+        if needed:
+            fits.append(int(cluster.get(resource, 0) // needed))
+    at_once = min(fits + [spec.search.concurrency])
+    if at_once < spec.search.concurrency:
+        say(f"autoprune: each trial reserves {bundles[0]} for itself and {healing.workers} × {bundles[-1]} for its"
+            f" DeepSpeed workers: at most {at_once} of search.concurrency {spec.search.concurrency} run at once here")
 
 
 # ---- on the workers ----------------------------------------------------------------------------------------
@@ -363,7 +381,8 @@ def _check_healing_resources(spec: SearchSpec, cluster: Mapping[str, float]) -> 
 
 def _dense_baseline(context: TrialContext) -> TrialResult:
     dense = TrialConfig(PruneConfig("none"), HealConfig("none"))
-    return run_trial(dense, replace(context, latency_target_ms=None), threads=_assigned_cpus())
+    return run_trial(dense, replace(context, latency_target_ms=None), device=assigned_device(),
+                     threads=_assigned_cpus())
 
 
 def _assigned_cpus() -> int:
@@ -372,7 +391,20 @@ def _assigned_cpus() -> int:
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
-def _tune_trial(params: dict, *, context: TrialContext, space: SearchSpace) -> None:
+@dataclass(frozen=True)
+class _Shared:
+    """The trial context's object-store reference, as a Tune parameter: every trial reads the one copy the driver
+    put there (a context given to Tune itself would be put a second time)."""
+
+    ref: Any
+
+    def get(self) -> TrialContext:
+        import ray
+
+        return ray.get(self.ref)
+
+
+def _tune_trial(params: dict, *, shared: _Shared, space: SearchSpace) -> None:
     from ray import tune
 
     config = space.to_config(params)
@@ -388,7 +420,8 @@ def _tune_trial(params: dict, *, context: TrialContext, space: SearchSpace) -> N
         import ray
 
         try:
-            result = run_trial(config, context, save_dir=folder, threads=_assigned_cpus())
+            result = run_trial(config, shared.get(), save_dir=folder, device=assigned_device(),
+                               threads=_assigned_cpus())
         except Exception:
             # The trial's own failure (out of memory, a NaN loss, a combination the space allowed but the model
             # cannot take) would fail again if run again: it is reported as the trial's result, so that Tune's
@@ -441,7 +474,7 @@ def _worker_memory() -> dict[str, float]:
 # ---- on the driver -----------------------------------------------------------------------------------------
 
 
-def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publisher, *, storage: str, run_name: str,
+def _run_tune(spec: SearchSpec, space: SearchSpace, context_ref, publisher, *, storage: str, run_name: str,
               resume: bool = False):
     import optuna
     from ray import tune
@@ -452,10 +485,8 @@ def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publi
     # A trial that failed by itself reports its error, not the objectives (the searcher tells Optuna FAIL).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    trainable = tune.with_resources(
-        tune.with_parameters(_tune_trial, context=context, space=space),
-        {"cpu": spec.search.cpu, "gpu": spec.search.gpu},
-    )
+    trainable = tune.with_resources(tune.with_parameters(_tune_trial, shared=_Shared(context_ref), space=space),
+                                    trial_resources(spec))
     if resume:
         # Tune restores the trials (ended ones kept, unfinished ones run again from the start) and the Optuna
         # searcher with its history; trials whose worker died more than max_retries times stay failed.
@@ -489,6 +520,19 @@ def _run_tune(spec: SearchSpec, space: SearchSpace, context: TrialContext, publi
         ),
     )
     return tuner.fit()
+
+
+def trial_resources(spec: SearchSpec):
+    """What Tune reserves for a trial: its own resources, and with DeepSpeed healing its workers' as well, in one
+    placement group (distributed.py places the workers in it)."""
+    from ray import tune
+
+    from autoprune.distributed import trial_bundles
+
+    own = {"CPU": spec.search.cpu, "GPU": spec.search.gpu}
+    if spec.healing.engine != "deepspeed":
+        return {key.lower(): value for key, value in own.items()}
+    return tune.PlacementGroupFactory(trial_bundles(own, spec.healing), strategy="PACK")
 
 
 class _TrialPublisher(Callback):

@@ -24,13 +24,28 @@ class ModelChoice:
     dtype: str
     model_uri: str
     run_id: str
+    memory_format: str = "contiguous"  # the rest of the recipe it was timed in (loading applies it)
+    kernels: str = "dense"
+    compiled: bool = False
+    threads: int = 0  # CPU threads it was timed with (0: not recorded)
+
+    @property
+    def on_gpu(self) -> bool:
+        return not self.device.startswith("cpu")  # profile.device_name: "cpu: <model> (N threads)" or a GPU's name
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def conditions(self) -> tuple[str, int, str]:
+        """What its latency was measured under: only latencies measured under the same conditions compare."""
+        return (self.device, self.batch_size, self.dtype)
+
     def summary(self) -> str:
+        layout = "" if self.memory_format == "contiguous" else f", {self.memory_format}"
+        extra = layout + (", 2:4 kernels" if self.kernels == "2:4" else "") + (", compiled" if self.compiled else "")
         return (f"{self.name} version {self.version}: top-1 {self.accuracy:.4f} at {self.latency_ms:.4g} ms"
-                f" (p90 {self.latency_p90_ms:.4g} ms; {self.device}, batch {self.batch_size}, {self.dtype})")
+                f" (p90 {self.latency_p90_ms:.4g} ms; {self.device}, batch {self.batch_size}, {self.dtype}{extra})")
 
 
 def _client(tracking_uri: str | None):
@@ -64,6 +79,10 @@ def registered_versions(model: str, *, tracking_uri: str | None = None) -> list[
                 dtype=tags.get("dtype", "unknown"),
                 model_uri=f"models:/{model}/{version.version}",
                 run_id=version.run_id or "",
+                memory_format=tags.get("memory_format", "contiguous"),
+                kernels=tags.get("kernels", "dense"),
+                compiled=tags.get("compiled", "False") == "True",
+                threads=int(tags.get("threads", 0)),
             )
         )
     return choices
@@ -74,26 +93,42 @@ def best(
     model: str,
     max_latency_ms: float,
     device: str | None = None,
+    batch_size: int | None = None,
+    dtype: str | None = None,
     tracking_uri: str | None = None,
     load: bool = False,
 ):
     """The most accurate registered version whose measured median latency is ≤ `max_latency_ms`.
 
-    With `device`, only versions measured on that device count. Returns a `ModelChoice`, or with `load=True`
-    a `(ModelChoice, model)` pair. Raises `NoModelMeetsTarget` (saying what the fastest is) when none fits.
+    Latencies compare only when measured under the same conditions (device, batch size, dtype): a batch-1 latency
+    is not ranked against a batch-64 one. `device`, `batch_size` and `dtype` select the conditions; when the
+    versions left were measured under more than one, that is an error that lists them. Returns a `ModelChoice`,
+    or with `load=True` a `(ModelChoice, model)` pair, the model prepared in the recipe it was timed in. Raises
+    `NoModelMeetsTarget` (saying what the fastest is) when none fits.
     """
     if not max_latency_ms > 0:
         raise AutopruneError(f"`max_latency_ms > 0` must hold, but got {max_latency_ms=}.")
     candidates = registered_versions(model, tracking_uri=tracking_uri)
-    if device is not None:
-        devices = sorted({c.device for c in candidates})
-        candidates = [c for c in candidates if c.device == device]
-        if not candidates:
-            raise NoModelMeetsTarget(
-                f"no version of {model!r} was measured on {device!r}; measured devices: {', '.join(devices) or 'none'}."
-            )
     if not candidates:
         raise NoModelMeetsTarget(f"registered model {model!r} has no versions; run `autoprune search` first.")
+    for name, wanted, flag in (("device", device, "--device"), ("batch_size", batch_size, "--batch-size"),
+                               ("dtype", dtype, "--dtype")):
+        if wanted is None:
+            continue
+        present = sorted({str(getattr(c, name)) for c in candidates})
+        candidates = [c for c in candidates if getattr(c, name) == wanted]
+        if not candidates:
+            raise NoModelMeetsTarget(
+                f"no version of {model!r} was measured with {name} {wanted!r} (among the rest:"
+                f" {', '.join(present)}); change {flag}.")
+    conditions = sorted({c.conditions for c in candidates}, key=str)
+    if len(conditions) > 1:
+        counts = {condition: sum(c.conditions == condition for c in candidates) for condition in conditions}
+        listed = "; ".join(f"device {d!r}, batch {b}, {t} ({counts[d, b, t]} version{'s' * (counts[d, b, t] > 1)})"
+                           for d, b, t in conditions)
+        raise AutopruneError(
+            f"the versions of {model!r} were measured under {len(conditions)} conditions, whose latencies do not"
+            f" compare: {listed}. Choose with --device / --batch-size / --dtype (device=, batch_size=, dtype=).")
     fitting = [c for c in candidates if c.latency_ms <= max_latency_ms]
     if not fitting:
         fastest = min(candidates, key=lambda c: c.latency_ms)
@@ -107,8 +142,10 @@ def best(
     return choice
 
 
-def load_model(model_uri: str, *, tracking_uri: str | None = None):
-    """Download a registered (or run) model and rebuild it, in eval mode. Nothing is unpickled."""
+def load_model(model_uri: str, *, tracking_uri: str | None = None, recipe: bool = True, device=None):
+    """Download a registered (or run) model and rebuild it, in eval mode, prepared in the recipe its latency was
+    measured in (dtype, memory format, 2:4 kernels, compiled) on `device` (default: the kind it was measured on);
+    `recipe=False` gives the plain float32 model. Nothing is unpickled."""
     import mlflow
 
     from autoprune.models import load_model_dir
@@ -118,7 +155,7 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None):
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
-    return load_model_dir(local)
+    return load_model_dir(local, recipe=recipe, device=device)
 
 
 def front(*, experiment: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:

@@ -4,10 +4,11 @@
     serve run autoprune.serve:app model=deit-small-pruned max_latency_ms=5        # Ray Serve's own CLI
 
 The replica picks the version once, at start (the most accurate one within the latency target, as `best` does),
-loads it from the registry without unpickling anything, and answers POST / with a JSON body
-`{"images": [N × C × H × W floats, normalised as in training]}` by `{"top1": [...], "logits": [[...]], "model":
-name, "version": v}`. Concurrent requests are batched (up to the batch size the latency was measured at), so a
-replica runs the batch the Pareto front was measured for. GET / describes the model served.
+loads it from the registry without unpickling anything, prepared in the recipe its latency was measured in (dtype,
+memory format, 2:4 kernels, compiled; on the kind of device it was measured on, with as many CPU threads), and
+answers POST / with a JSON body `{"images": [N × C × H × W floats, normalised as in training]}` by `{"top1": [...],
+"logits": [[...]], "model": name, "version": v}`. Concurrent requests are batched (up to the batch size the latency
+was measured at), so a replica runs the batch the Pareto front was measured for. GET / describes the model served.
 """
 
 from __future__ import annotations
@@ -22,19 +23,22 @@ from ray import serve
 @serve.deployment(name="autoprune")
 class PrunedModel:
     def __init__(self, model: str, max_latency_ms: float, tracking_uri: str | None = None,
-                 device: str | None = None) -> None:
-        from autoprune.select import best
+                 device: str | None = None, conditions: dict | None = None) -> None:
+        from autoprune.select import best, load_model
 
-        self.choice, self.model = best(model=model, max_latency_ms=max_latency_ms, tracking_uri=tracking_uri,
-                                       load=True)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = self.model.eval().to(self.device)
+        # conditions: the measurement conditions to choose among (device, batch_size, dtype), as `best` takes them
+        self.choice = best(model=model, max_latency_ms=max_latency_ms, tracking_uri=tracking_uri,
+                           **(conditions or {}))
+        if not self.choice.on_gpu and self.choice.threads:
+            torch.set_num_threads(self.choice.threads)  # as many threads as it was timed with
+        self.model = load_model(self.choice.model_uri, tracking_uri=tracking_uri, device=device)
+        self.device = next(self.model.parameters()).device
         self.predict.set_max_batch_size(max(1, int(self.choice.batch_size)))
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.005)
     async def predict(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         sizes = [len(images) for images in batches]
-        with torch.inference_mode():
+        with torch.inference_mode():  # the model's own hook casts the images to its dtype and memory format
             logits = self.model(torch.cat(batches).to(self.device)).float().cpu()
         return list(torch.split(logits, sizes))
 
@@ -50,6 +54,20 @@ class PrunedModel:
                 "version": self.choice.version}
 
 
+def replica_resources(choice) -> dict:
+    """What a replica needs to run the chosen version as it was measured: a GPU, or as many CPUs as threads."""
+    return {"num_gpus": 1, "num_cpus": 1} if choice.on_gpu else {"num_cpus": max(1, choice.threads)}
+
+
 def app(args: dict[str, str]) -> serve.Application:
-    """`serve run autoprune.serve:app model=NAME max_latency_ms=MS [tracking_uri=URI] [device=cuda]`."""
-    return PrunedModel.bind(args["model"], float(args["max_latency_ms"]), args.get("tracking_uri"), args.get("device"))
+    """`serve run autoprune.serve:app model=NAME max_latency_ms=MS [tracking_uri=URI] [device=cuda]
+    [batch_size=N] [dtype=D] [measured_on=DEVICE]`."""
+    from autoprune.select import best
+
+    conditions = {key: value for key, value in (("device", args.get("measured_on")),
+                                                 ("batch_size", int(args["batch_size"]) if "batch_size" in args else None),
+                                                 ("dtype", args.get("dtype"))) if value is not None}
+    choice = best(model=args["model"], max_latency_ms=float(args["max_latency_ms"]),
+                  tracking_uri=args.get("tracking_uri"), **conditions)
+    return PrunedModel.options(ray_actor_options=replica_resources(choice)).bind(
+        args["model"], float(args["max_latency_ms"]), args.get("tracking_uri"), args.get("device"), conditions)

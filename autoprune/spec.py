@@ -129,8 +129,7 @@ class HealingEngine:
     zero_stage: int = 2  # ZeRO stage 1, 2 or 3
     bf16: bool = True
     cpu: float = 1  # Ray resources per worker
-    gpu: float = 1
-    storage: str | None = None  # where the workers' checkpoint goes (set from search.storage by the search)
+    gpu: float = 1  # 0 or a whole number: NCCL refuses two workers on one GPU
 
 
 @dataclass(frozen=True)
@@ -356,6 +355,7 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
     )
     resources.done()
     search.done()
+    _check_whole_gpus(settings, profile_spec, healing_engine, objectives, origin)
 
     tracking = root.section("mlflow")
     mlflow_spec = MlflowSpec(
@@ -403,13 +403,7 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
         options=heal_section.take_options("options", heal.HEAL_METHODS, heal_methods),
     )
     if healing_engine.engine == "deepspeed":
-        for index, method in enumerate(heal_methods):
-            if healing_engine.zero_stage > heal.get(method).max_zero_stage:
-                raise SpecError(
-                    f"{origin}: healing.zero_stage: {healing_engine.zero_stage} does not work with"
-                    f" space.heal.methods[{index}] {method!r} (at most ZeRO stage {heal.get(method).max_zero_stage});"
-                    f" lower the stage or drop the method."
-                )
+        _check_deepspeed(healing_engine, prune_methods, heal_methods, origin)
     heal_section.done()
     space.done()
     root.done()
@@ -426,6 +420,46 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
         healing=healing_engine,
         search=settings,
     )
+
+
+def _check_whole_gpus(settings: SearchSettings, profile: ProfileSpec, healing: HealingEngine,
+                      objectives: Mapping[str, Any], origin: str) -> None:
+    """A GPU shared by several trials while one of them is timed measures the others' work too; NCCL refuses two
+    DeepSpeed workers on one GPU. Fractions are refused where they would do that."""
+    times_latency = any(metric.startswith("latency") for metric in objectives)
+    shares = []
+    if profile.target is None and times_latency:
+        shares.append(("search.resources.gpu", settings.gpu,
+                       "trials time their latency on their own GPU; a fraction lets other trials run on it meanwhile"
+                       " (give whole GPUs, or measure on `profile.target`)"))
+    if profile.target is not None:
+        shares.append(("profile.target.gpu", profile.target.gpu,
+                       "latency is timed on it; a fraction lets other work share it meanwhile"))
+    if healing.engine == "deepspeed":
+        shares.append(("healing.gpu", healing.gpu, "NCCL cannot run two DeepSpeed workers on one GPU"))
+    for key, value, why in shares:
+        if value != int(value):
+            raise SpecError(f"{origin}: {key}: must be 0 or a whole number of GPUs, but got {value:g}: {why}.")
+
+
+def _check_deepspeed(healing: HealingEngine, prune_methods: Sequence[str], heal_methods: Sequence[str],
+                     origin: str) -> None:
+    """Combinations a DeepSpeed healing job cannot run, refused before anything starts."""
+    from autoprune import heal, prune
+
+    for index, method in enumerate(heal_methods):
+        if healing.zero_stage > heal.get(method).max_zero_stage:
+            raise SpecError(
+                f"{origin}: healing.zero_stage: {healing.zero_stage} does not work with"
+                f" space.heal.methods[{index}] {method!r} (at most ZeRO stage {heal.get(method).max_zero_stage});"
+                f" lower the stage or drop the method."
+            )
+    for index, method in enumerate(prune_methods):
+        if not prune.get(method).distributable:
+            raise SpecError(
+                f"{origin}: space.prune.methods[{index}]: {method!r} cannot heal with `healing.engine: deepspeed`"
+                f" ({prune.get(method).distributable_why}); drop the method or heal locally."
+            )
 
 
 def _check_objectives(objectives: Mapping[str, Any], origin: str) -> None:

@@ -29,7 +29,8 @@ ALIAS_MOST_ACCURATE = "most-accurate"
 ALIAS_FASTEST = "fastest"
 MODEL_ARTIFACT = "model"
 DENSE_ARTIFACT = "dense.json"  # on the parent run: the dense model's full result
-VERSION_TAGS = ("accuracy", "latency_ms", "latency_p90_ms", "device", "batch_size", "dtype", "sparsity", "macs")
+VERSION_TAGS = ("accuracy", "latency_ms", "latency_p90_ms", "device", "batch_size", "dtype", "memory_format",
+                "kernels", "compiled", "threads", "sparsity", "macs")
 
 LIBRARIES = ("torch", "timm", "ray", "optuna", "mlflow", "torch-pruning")
 
@@ -261,6 +262,11 @@ class Tracker:
                 "device": latency.device,
                 "batch_size": latency.batch_size,
                 "dtype": latency.dtype,
+                # the recipe it was timed in, which loading and serving apply (the model folder holds it too)
+                "memory_format": latency.memory_format,
+                "kernels": latency.format,
+                "compiled": latency.compiled,
+                "threads": latency.threads,
                 "sparsity": result.sparsity,
                 "macs": result.macs,
                 "config": result.config.to_json(),

@@ -2,12 +2,18 @@
 
 The pruning method's masks (or gradual sparsifier) are consulted before and after every step, so that pruned weights
 stay zero and the achieved sparsity stays at its target however long the model heals.
+
+What is minimised is an `Objective`: it is bound to the model being trained on the device it trains on, which is
+where a teacher goes and where hooks are attached. A DeepSpeed worker binds its own copy (distributed.py), so an
+objective never carries a model already placed on another process's GPU.
+
+Images stay uint8 until a batch is on the device; it is normalised there.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +23,30 @@ from autoprune.data import DataBundle, ImageSet
 from autoprune.prune.masks import Sparsifier
 from autoprune.spec import HealingEngine
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, inputs, labels) → loss
+
+
+class Objective(Protocol):
+    """What an optimisation minimises, bound to one model on one device for the length of a run."""
+
+    def bind(self, model: nn.Module, device: torch.device) -> LossFn:
+        """Attach to `model` (hooks, a teacher moved to `device`) and return the loss function."""
+
+    def release(self) -> None:
+        """Detach what `bind` attached."""
+
+
+class Loss:
+    """An objective that needs nothing from the model it trains: a plain loss function."""
+
+    def __init__(self, fn: LossFn) -> None:
+        self.fn = fn
+
+    def bind(self, model: nn.Module, device: torch.device) -> LossFn:
+        return self.fn
+
+    def release(self) -> None:
+        pass
 
 
 def shifted(images: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
@@ -35,7 +64,7 @@ def optimise(
     *,
     images: ImageSet,
     data: DataBundle,
-    loss_fn: LossFn,
+    objective: Objective,
     steps: int,
     lr: float,
     batch_size: int,
@@ -51,25 +80,36 @@ def optimise(
         from autoprune.distributed import optimise_deepspeed
         from autoprune.prune.masks import Masks
 
-        losses = optimise_deepspeed(model, engine, images=images, data=data, loss_fn=loss_fn, steps=steps, lr=lr,
-                                    batch_size=batch_size, seed=seed, weight_decay=weight_decay,
+        losses = optimise_deepspeed(model, engine, images=images, mean=data.mean, std=data.std, objective=objective,
+                                    steps=steps, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
                                     masks=masks if masks is not None else Masks())
         model.to(device).eval()
         return losses
+    device = torch.device(device)
     model.train().to(device)
+    loss_fn = objective.bind(model, device)
+    try:
+        return _steps(model, images, data, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                      weight_decay=weight_decay, masks=masks, device=device)
+    finally:
+        objective.release()
+        model.eval()
+
+
+def _steps(model, images: ImageSet, data: DataBundle, loss_fn: LossFn, *, steps, lr, batch_size, seed,
+           weight_decay, masks, device) -> list[float]:
     generator = torch.Generator().manual_seed(seed)
-    inputs = data.normalize(images.images)
     labels = images.labels
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
-    max_shift = max(1, inputs.shape[-1] // 16)
+    max_shift = max(1, images.images.shape[-1] // 16)
     losses = []
     for step in range(steps):
         if masks is not None:
             masks.before_step(model, step / steps)  # a gradual method moves its sparsity along its schedule
         index = torch.randint(0, len(labels), (min(batch_size, len(labels)),), generator=generator)
-        batch = shifted(inputs[index], generator, max_shift).to(device)
+        batch = shifted(data.normalize(images.images[index].to(device)), generator, max_shift)
         loss = loss_fn(model, batch, labels[index].to(device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss.item()} at step {len(losses)} (lr={lr:g}).")
@@ -81,7 +121,6 @@ def optimise(
             masks.after_step(model)
         losses.append(float(loss.detach()))
     optimizer.zero_grad(set_to_none=True)  # leave no gradients behind: they hold as much memory as the weights
-    model.eval()
     return losses
 
 
@@ -107,8 +146,16 @@ def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
                                      reduction="batchmean")
 
 
-def cross_entropy(label_smoothing: float = 0.1) -> LossFn:
-    def loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(inputs), labels, label_smoothing=label_smoothing)
+class CrossEntropy(Loss):
+    """Cross-entropy with label smoothing against the labels (a class, so that it pickles into DeepSpeed workers)."""
 
-    return loss
+    def __init__(self, label_smoothing: float = 0.1) -> None:
+        super().__init__(self.loss)
+        self.label_smoothing = label_smoothing
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(inputs), labels, label_smoothing=self.label_smoothing)
+
+
+def cross_entropy(label_smoothing: float = 0.1) -> Objective:
+    return CrossEntropy(label_smoothing)

@@ -4,6 +4,11 @@
 Latency depends only on the structure, so it is measured right after pruning: with a latency target, a trial
 that misses it stops there and costs seconds instead of a healing run. A gradual method's structure is final only
 after healing, so it is profiled then.
+
+Everything runs on the trial's device: the model goes there before pruning, so that pruning statistics (VBP, CAST,
+Taylor) are gathered where the trial's accelerator is, and calibration images are normalised there batch by batch.
+The profile times a copy prepared for timing; the model saved is the one that healed, with the recipe it was
+timed in, so that it loads and serves as it was measured.
 """
 
 from __future__ import annotations
@@ -132,7 +137,8 @@ def run_trial(
     device: str | torch.device | None = None,
     threads: int | None = None,
 ) -> TrialResult:
-    """Prune, profile, heal, evaluate and (if `save_dir`) save one configuration of the dense model."""
+    """Prune, profile, heal, evaluate and (if `save_dir`) save one configuration of the dense model.
+    `device` defaults to a GPU when this process sees one; a Ray worker passes the one Ray assigned it."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if threads is not None:
         torch.set_num_threads(threads)
@@ -142,8 +148,8 @@ def run_trial(
 
     with stage("load"):
         torch.manual_seed(config.seed)
-        dense = context.dense_model()
-        model = copy.deepcopy(dense)
+        dense = context.dense_model()  # the teacher: bound to the device only while healing uses it
+        model = copy.deepcopy(dense).to(device)
         layers = [name for name, _ in prunable_layers(model)]
         _, dense_weights = prunable_weight_count(dense, layers)
 
@@ -159,8 +165,8 @@ def run_trial(
                 groups=groups,
                 sparsity=sparsity,
                 options=options,
-                example_inputs=data.normalize(data.train.images[:2]),
-                calibration=data.normalize(calibration.images) if method.needs_images(options) else None,
+                example_inputs=data.normalize(data.train.images[:2].to(device)),
+                calibration=data.batches(calibration, device) if method.needs_images(options) else None,
                 seed=config.seed,
             ),
         )
@@ -214,7 +220,7 @@ def run_trial(
 
     if save_dir is not None:
         with stage("save"):
-            save_model(model.cpu(), context.source, save_dir)
+            save_model(model, context.source, save_dir, recipe=latency.objective.recipe)
 
     return TrialResult(config, top1, latency.objective, macs, params, sparsity, timings,
                        latency_cached=latency.cached, extra_latency=latency.extra, latency_keys=latency.keys)

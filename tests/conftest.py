@@ -29,7 +29,7 @@ def briefly_trained(source: ModelSource, data) -> torch.nn.Module:
 
     torch.manual_seed(0)
     model = source.create()
-    optimise(model, images=data.train, data=data, loss_fn=cross_entropy(), steps=150, lr=3e-3, batch_size=64, seed=0)
+    optimise(model, images=data.train, data=data, objective=cross_entropy(), steps=150, lr=3e-3, batch_size=64, seed=0)
     return model.eval()
 
 

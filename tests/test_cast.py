@@ -85,7 +85,7 @@ def test_folded_permutation_keeps_the_function(source, bundle):
     before = model(images)
     layers = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)}
     weights = {name: module.weight.detach().clone() for name, module in layers.items()}
-    assert fold_permutations(model, layers, images, 4) > 0
+    assert len(fold_permutations(model, layers, images, 4)) > 0
     assert torch.allclose(model(images), before, atol=1e-5)
     assert any(not torch.equal(weights[name], module.weight) for name, module in layers.items())
 
@@ -95,3 +95,36 @@ def test_cast_needs_calibration_images(example):
     request = prune.PruneRequest((pooled_group(model),), {}, dict(prune.get("cast").options), example)
     with pytest.raises(Exception, match="calibration"):
         prune.get("cast").apply(model, request)
+
+
+def test_recalibration_after_a_permuted_cast_compares_weights_in_one_channel_order(bundle):
+    """CAST's permutation reorders fc2's inputs (and fc1's rows); recalibration's bias shift subtracts the pruned
+    weight from the dense one, which must be read in the same order. With only blocks.0.mlp.fc2 pruned, its input
+    is the dense hidden state (permuted), so the shift is exact: its mean output equals the dense layer's."""
+    from autoprune import heal
+    from autoprune.models import LayerGroup
+
+    torch.manual_seed(0)
+    model = TINY_VIT.create().eval()
+    dense = copy.deepcopy(model)
+    images = bundle.train.subset(64, seed=0)
+    calibration = bundle.normalize(images.images)
+    name = "blocks.0.mlp.fc2"
+    request = prune.PruneRequest((LayerGroup("fc2", (name,)),), {}, {**prune.get("cast").options, "permute": True},
+                                 calibration[:2], calibration=calibration)
+    masks = prune.get("cast").apply(model, request)
+    assert masks.layouts[name][1] is not None  # its inputs were reordered
+    recalibrate = heal.get("recalibrate")
+    recalibrate.apply(model, heal.HealRequest(calibration=images, data=bundle, steps=0, lr=0, batch_size=16,
+                                              masks=masks, teacher=dense, options=dict(recalibrate.options)))
+
+    def mean_output(network):
+        captured = []
+        handle = dict(network.named_modules())[name].register_forward_hook(
+            lambda m, i, o: captured.append(o.reshape(-1, o.shape[-1])))
+        with torch.no_grad():
+            network(calibration)
+        handle.remove()
+        return torch.cat(captured).double().mean(0)
+
+    assert torch.allclose(mean_output(model), mean_output(dense), atol=1e-4)

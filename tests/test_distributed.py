@@ -1,5 +1,5 @@
-"""DeepSpeed healing on 2 CPU workers over gloo (Ray Train inside the caller, as inside a Tune trial): the loss
-falls, the sparsity stays at its target, and the healed model has the single-process result's structure."""
+"""DeepSpeed healing on 2 CPU workers over gloo (Ray actors in a placement group, as inside a Tune trial): the
+loss falls, the sparsity stays at its target, and the healed model has the single-process result's structure."""
 
 from __future__ import annotations
 
@@ -78,8 +78,11 @@ def test_deepspeed_healing_keeps_masks_and_structure(local_ray, bundle, dense, z
         assert losses == pytest.approx(single, rel=1e-3)
 
 
-def test_a_search_heals_its_trials_with_deepspeed(local_ray, tmp_path):
-    """Ray Train's TorchTrainer inside each Tune trial: 1 CPU for the trial, 2 DeepSpeed workers of ½ CPU each."""
+def test_a_search_reserves_each_trials_workers_with_the_trial(local_ray, tmp_path):
+    """Each Tune trial reserves 1 CPU for itself and 2 × ½ CPU for its DeepSpeed workers, as one placement group.
+    On this 2-CPU cluster two concurrent trials would each hold a CPU while their workers waited for one forever
+    (what a search did when only the trial was reserved); reserved together, one trial runs at a time and the
+    search ends."""
     from autoprune.search import search
     from autoprune.spec import parse_spec
 
@@ -89,16 +92,31 @@ def test_a_search_heals_its_trials_with_deepspeed(local_ray, tmp_path):
         "data": {"source": "reference", "eval_images": 100},
         "profile": {"batch_size": 4, "warmup": 1, "repeats": 3},
         "healing": {"engine": "deepspeed", "workers": 2, "zero_stage": 2, "bf16": False, "cpu": 0.5, "gpu": 0},
-        "search": {"trials": 2, "concurrency": 1, "sampler": "random", "seed": 0, "resources": {"cpu": 1},
+        "search": {"trials": 2, "concurrency": 2, "sampler": "random", "seed": 0, "resources": {"cpu": 1},
                    "storage": str(tmp_path / "storage")},
         "mlflow": {"experiment": "deepspeed-search", "registered_model": "deepspeed-search-model"},
-        "space": {"prune": {"methods": ["magnitude"], "sparsity": {"low": 0.5, "high": 0.5}},
+        "space": {"prune": {"methods": ["magnitude", "progressive"], "sparsity": {"low": 0.5, "high": 0.5}},
                   "heal": {"methods": ["distill"], "calibration_images": 32, "steps": 4, "lr": 1e-3,
                            "batch_size": 8}},
     })
-    outcome = search(spec, workdir=tmp_path, echo=None)
-    assert not outcome.failed and len(outcome.records) == 2
+    said = []
+    outcome = search(spec, workdir=tmp_path, echo=said.append)
+    assert not outcome.failed, outcome.failed[0].error
+    assert len(outcome.records) == 2
     for record in outcome.records:
         assert record.result.sparsity == pytest.approx(0.5, abs=0.01)
-    # each trial's healing ran as its own Ray Train run, whose checkpoint went to the search's storage
-    assert len(list((tmp_path / "storage").glob("heal-*"))) == 2
+    assert any("at most 1 of search.concurrency 2 run at once" in line for line in said)
+
+
+def test_combinations_deepspeed_cannot_run_are_refused_when_the_spec_is_read():
+    from autoprune.errors import SpecError
+    from autoprune.spec import parse_spec
+
+    base = {"name": "x", "model": {"name": TINY_VIT.name, "num_classes": 10, "train_steps": 5},
+            "healing": {"engine": "deepspeed", "gpu": 1},
+            "space": {"prune": {"methods": ["magnitude", "feather"]}, "heal": {"methods": ["distill"]}}}
+    with pytest.raises(SpecError, match=r"space.prune.methods\[1\]: 'feather' cannot heal with `healing.engine: deepspeed`"):
+        parse_spec(base)
+    with pytest.raises(SpecError, match="healing.gpu: must be 0 or a whole number of GPUs, but got 0.5: NCCL"):
+        parse_spec({**base, "healing": {"engine": "deepspeed", "gpu": 0.5},
+                    "space": {"prune": {"methods": ["magnitude"]}, "heal": {"methods": ["distill"]}}})

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from autoprune.errors import NoModelMeetsTarget
+from autoprune.errors import AutopruneError, NoModelMeetsTarget
 from autoprune.models import load_model_dir
 from autoprune.search import search
 from autoprune.select import best, registered_versions
@@ -159,6 +159,58 @@ def test_a_registered_model_loads_in_a_fresh_process_with_the_trials_outputs(out
     with torch.no_grad():
         expected = load_model_dir(record.model_dir)(inputs)  # the model the trial saved as its checkpoint
     assert torch.allclose(torch.load(tmp_path / "out.pt", weights_only=True), expected, atol=1e-6)
+
+
+def test_best_ranks_only_latencies_measured_under_the_same_conditions(outcome, tracker):
+    """A registered model holding versions measured at batch 32 and at batch 1 must not rank one latency against
+    the other: without a choice of conditions that is an error that lists them; --batch-size chooses."""
+    client = tracker.client
+    client.create_registered_model("e2e-mixed")
+    for version in client.search_model_versions("name='e2e-model'"):
+        for batch in ("32", "1"):
+            client.create_model_version("e2e-mixed", version.source, run_id=version.run_id,
+                                        tags={**version.tags, "batch_size": batch})
+    with pytest.raises(AutopruneError, match=r"measured under 2 conditions.*batch 1, .*batch 32, .*--batch-size"):
+        best(model="e2e-mixed", max_latency_ms=1e6, tracking_uri=outcome.tracking_uri)
+    choice = best(model="e2e-mixed", max_latency_ms=1e6, batch_size=1, tracking_uri=outcome.tracking_uri)
+    assert choice.batch_size == 1 and choice.dtype == "float32"
+    with pytest.raises(NoModelMeetsTarget, match="dtype 'bfloat16'.*float32"):
+        best(model="e2e-mixed", max_latency_ms=1e6, batch_size=1, dtype="bfloat16", tracking_uri=outcome.tracking_uri)
+    done = _cli("best", "--model", "e2e-mixed", "--max-latency-ms", "1e6", "--batch-size", "32", "--json",
+                "--tracking-uri", outcome.tracking_uri)
+    assert done.returncode == 0 and json.loads(done.stdout)["batch_size"] == 32, done.stderr
+
+
+CNN_SPEC = {
+    "name": "e2e-cnn",
+    "model": {"name": "resnet18", "num_classes": 10, "train_steps": 150,
+              "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}},
+    "data": {"source": "reference", "eval_images": 200},
+    "profile": {"batch_size": 16, "warmup": 3, "repeats": 10},  # memory_format: auto, the default
+    "search": {"trials": 4, "concurrency": 2, "sampler": "random", "seed": 3, "resources": {"cpu": 1}},
+    "mlflow": {"experiment": "e2e-cnn", "registered_model": "e2e-cnn-model"},
+    "space": {
+        "prune": {"methods": ["structured", "vbp"], "sparsity": {"mode": "global", "low": 0.6, "high": 0.9}},
+        "heal": {"methods": ["finetune", "distill", "align"], "calibration_images": 32, "steps": 3, "lr": 1e-3,
+                 "batch_size": 8},
+    },
+}
+
+
+def test_a_cnn_search_with_training_heals_loses_no_trial(local_ray, tmp_path):
+    """The product's main path for every CNN: structured / VBP removal, then a training heal, with the default
+    layout search in the profile (a ResNet with BatchNorm). The registered models carry the recipe they were timed
+    in, and load in it."""
+    outcome = search(parse_spec(CNN_SPEC), workdir=tmp_path, echo=None)
+    assert len(outcome.records) == 4
+    assert not outcome.failed, outcome.failed[0].error
+    assert {record.result.config.heal.method for record in outcome.records} <= {"finetune", "distill", "align"}
+    for record in outcome.records:  # each checkpoint loads in the layout its latency was measured in
+        model = load_model_dir(record.model_dir)
+        channels_last = model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        assert channels_last == (record.result.latency.memory_format == "channels_last")
+    for version in registered_versions("e2e-cnn-model", tracking_uri=outcome.tracking_uri):  # the front's, if any
+        assert version.memory_format in ("contiguous", "channels_last") and version.kernels == "dense"
 
 
 @pytest.mark.faults

@@ -46,6 +46,25 @@ def test_progressive_masks_follow_the_schedule_and_never_revive():
     assert _sparsity(sparsifier.finish(model).by_layer) == pytest.approx(0.8, abs=1e-3)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "progressive"])
+def test_masks_follow_their_weights_to_another_device(method):
+    """Masks are made where pruning ran (the CPU); healing then moves the model to its device (a GPU). Each mask
+    goes to its weight's device at the first update. The meta device stands in for the GPU here: mixing it with a
+    CPU mask fails exactly as cuda:0 does."""
+    from conftest import TINY_RESNET
+
+    torch.manual_seed(0)
+    model = TINY_RESNET.create()
+    groups = layer_groups(model)
+    masks = prune.get(method).apply(model, prune.PruneRequest(groups, {g.name: 0.5 for g in groups},
+                                                              prune.get(method).options))
+    model.to("meta")
+    masks.before_step(model, 0.3)
+    masks.after_step(model)
+    final = masks.finish(model)
+    assert {mask.device.type for mask in final.by_layer.values()} == {"meta"}
+
+
 def test_progressive_prunes_while_healing(bundle):
     torch.manual_seed(0)
     model = TINY_VIT.create()
@@ -55,7 +74,7 @@ def test_progressive_prunes_while_healing(bundle):
     seen = []
     original = sparsifier.before_step
     sparsifier.before_step = lambda m, p: (original(m, p), seen.append(_sparsity(sparsifier.by_layer)))
-    optimise(model, images=bundle.train.subset(64, seed=0), data=bundle, loss_fn=cross_entropy(), steps=20, lr=1e-3,
+    optimise(model, images=bundle.train.subset(64, seed=0), data=bundle, objective=cross_entropy(), steps=20, lr=1e-3,
              batch_size=16, seed=0, masks=sparsifier)
     assert seen[0] < 0.1 and seen == sorted(seen) and seen[-1] == pytest.approx(0.6, abs=1e-3)
 

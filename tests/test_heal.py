@@ -10,7 +10,7 @@ import torch
 from autoprune import heal, prune
 from autoprune.measure import accuracy
 from autoprune.models import layer_groups
-from autoprune.training import cross_entropy, optimise
+from autoprune.training import Loss, cross_entropy, optimise
 from conftest import TINY_RESNET, briefly_trained
 
 
@@ -57,7 +57,7 @@ def test_no_healing_changes_nothing(bundle, trained):
 def test_a_diverging_loss_fails_clearly(bundle):
     model = TINY_RESNET.create()
     with pytest.raises(FloatingPointError, match="loss became"):
-        optimise(model, images=bundle.train, data=bundle, loss_fn=lambda m, x, y: m(x).sum() * float("nan"),
+        optimise(model, images=bundle.train, data=bundle, objective=Loss(lambda m, x, y: m(x).sum() * float("nan")),
                  steps=3, lr=1e-3, batch_size=8, seed=0)
 
 
@@ -65,7 +65,7 @@ def test_a_diverging_loss_fails_clearly(bundle):
 def test_any_step_count_trains(steps, bundle):
     """Every small budget runs (torch's OneCycleLR divided by zero at exactly 10 steps)."""
     model = TINY_RESNET.create()
-    losses = optimise(model, images=bundle.train.subset(16, seed=0), data=bundle, loss_fn=cross_entropy(),
+    losses = optimise(model, images=bundle.train.subset(16, seed=0), data=bundle, objective=cross_entropy(),
                       steps=steps, lr=1e-3, batch_size=8, seed=0)
     assert len(losses) == steps
 

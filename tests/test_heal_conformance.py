@@ -51,6 +51,21 @@ def test_conformance(method, trained, bundle, example):
     assert not trained.training and all(p.grad is None for p in trained.parameters())  # the teacher is untouched
 
 
+@pytest.mark.parametrize("method", heal.list_methods())
+def test_conformance_through_a_trial(method, trained, bundle):
+    """Each method heals a structurally pruned model inside the whole trial, after its profile (which times a copy
+    in the default layout search), on the ViT and on the CNN."""
+    from autoprune.spec import HealConfig, ProfileSpec, PruneConfig, TrialConfig
+    from autoprune.trial import TrialContext, run_trial
+
+    source = TINY_VIT if hasattr(trained, "blocks") else TINY_RESNET
+    context = TrialContext(source, trained.state_dict(), bundle, ProfileSpec(batch_size=2, warmup=1, repeats=3))
+    config = TrialConfig(PruneConfig("structured", {"all": 0.5}),
+                         HealConfig(method, calibration_images=32, steps=3, lr=1e-3, batch_size=8))
+    result = run_trial(config, context, threads=1)
+    assert result.feasible and 0 <= result.accuracy <= 1 and result.params < sum(p.numel() for p in trained.parameters())
+
+
 def test_bias_shift_restores_the_mean_output_of_a_masked_layer(bundle):
     """On the first prunable layer (its input is unchanged by pruning), the shift is exact."""
     torch.manual_seed(0)

@@ -288,3 +288,22 @@ def test_removing_a_silent_attention_head_changes_no_output(bundle):
 def test_heads_can_be_kept(example):
     _, model, _ = _prune(TINY_VIT, "structured", example, sparsity=0.5, options={"round_to": 1, "heads": False})
     assert all(block.attn.num_heads == 2 for block in model.blocks)
+
+
+@pytest.mark.parametrize("method_name", prune.list_methods())
+def test_conformance_through_a_trial_that_heals(method_name, source, bundle):
+    """Each method, on the ViT and on the CNN, through the whole trial: prune, profile (the default layout search),
+    a training heal, evaluate — what a search runs, not only the pruning step."""
+    from autoprune.spec import HealConfig, ProfileSpec, PruneConfig, TrialConfig
+    from autoprune.trial import TrialContext, run_trial
+
+    torch.manual_seed(0)
+    context = TrialContext(source, source.create().state_dict(), bundle, ProfileSpec(batch_size=2, warmup=1, repeats=3))
+    method = prune.get(method_name)
+    sparsity = {"all": TARGET} if method.uses_sparsity else {}
+    config = TrialConfig(PruneConfig(method_name, sparsity),
+                         HealConfig("finetune", calibration_images=32, steps=3, lr=1e-3, batch_size=8))
+    result = run_trial(config, context, threads=1)
+    assert result.feasible and 0 <= result.accuracy <= 1 and result.latency.median_ms > 0
+    if method_name != "none":
+        assert result.sparsity > 0.1

@@ -149,6 +149,17 @@ def test_the_latency_target_reaches_optuna_as_a_constraint():
     assert unconstrained._sampler._constraints_func is None
 
 
+def test_a_trial_without_a_measured_latency_does_not_count_as_meeting_the_target():
+    import optuna
+
+    from autoprune.search import CONSTRAINT_ATTR, _trial_constraints
+
+    failed = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL)
+    assert _trial_constraints(failed)[0] > 0  # > 0: infeasible
+    met = optuna.trial.create_trial(values=[0.9, 1.0], user_attrs={CONSTRAINT_ATTR: (-0.5,)})
+    assert _trial_constraints(met) == (-0.5,)
+
+
 def test_a_trial_that_reports_its_own_error_reaches_optuna_as_failed():
     """A trial that fails by itself reports its traceback as its result (so that Tune does not restart it): the
     searcher must tell Optuna FAIL, not COMPLETE or PRUNED, so the sampler does not count it as a measured point."""

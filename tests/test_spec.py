@@ -78,6 +78,8 @@ def _broken(path: str, value) -> dict:
         ("profile.extra_batch_sizes", [1, 0], ["profile.extra_batch_sizes[1]", "positive integer", "0"]),
         ("profile.extra_batch_sizes", 8, ["profile.extra_batch_sizes", "expected list", "8"]),
         ("profile.target", {"accelerator": "A10G"}, ["profile.target.accelerator", "unknown key", "accelerator_type"]),
+        ("search.resources", {"cpu": 1, "gpu": 0.5}, ["search.resources.gpu", "whole number", "0.5", "time their latency"]),
+        ("profile.target", {"accelerator_type": "L4", "gpu": 0.25}, ["profile.target.gpu", "whole number", "0.25"]),
         ("profile.target", {"gpu": 1}, ["profile.target.accelerator_type", "is required"]),
         ("profile.target", {"accelerator_type": "L4", "gpu": -1}, ["profile.target.gpu", "must be >= 0", "-1"]),
         ("data.source", "imagenet", ["data.source", "reference, imagefolder"]),

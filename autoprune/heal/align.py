@@ -36,37 +36,57 @@ def align(model: nn.Module, request: HealRequest) -> list[float]:
         names = names[-1:]
     if not names and not options["logit_weight"]:
         raise AutopruneError("align: this model has no recognised internal states; set a logit_weight > 0.")
-    teacher = request.teacher.eval().to(request.device)
-    student_states = _capture(model, names)
-    teacher_states = _capture(teacher, names)
-    tau, weight = options["temperature"], options["logit_weight"]
+    objective = Alignment(request.teacher, names, normalize=options["normalize"], temperature=options["temperature"],
+                          logit_weight=options["logit_weight"])
+    return optimise(
+        model, images=request.calibration, data=request.data, objective=objective, steps=request.steps,
+        lr=request.lr, batch_size=request.batch_size, seed=request.seed, masks=request.masks, device=request.device,
+        engine=request.engine,
+    )
 
-    def loss(student: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = student(inputs)
-        with torch.no_grad():
-            target = teacher(inputs)
-        terms = []
-        for name in names:
-            error = (student_states[name] - teacher_states[name]).pow(2).sum()
-            if options["normalize"] == "relative":
-                error = error / teacher_states[name].pow(2).sum().clamp_min(1e-12)
-            else:
-                error = error / teacher_states[name].numel()
-            terms.append(error)
-        total = torch.stack(terms).mean() if terms else logits.new_zeros(())
-        if weight:
-            total = total + weight * logit_kl(logits, target, tau)
-        return total
 
-    try:
-        return optimise(
-            model, images=request.calibration, data=request.data, loss_fn=loss, steps=request.steps, lr=request.lr,
-            batch_size=request.batch_size, seed=request.seed, masks=request.masks, device=request.device,
-            engine=request.engine,
-        )
-    finally:
-        student_states.close()
-        teacher_states.close()
+class Alignment:
+    """The alignment loss above. Binding hooks the named states of the model being trained and of the teacher
+    (moved to the training device); releasing removes the hooks and sends the teacher back to the CPU."""
+
+    def __init__(self, teacher: nn.Module, names: list[str], *, normalize: str, temperature: float,
+                 logit_weight: float) -> None:
+        self.teacher, self.names = teacher, names
+        self.normalize, self.tau, self.weight = normalize, temperature, logit_weight
+        self._captures: list[_capture] = []
+
+    def bind(self, model: nn.Module, device: torch.device):
+        teacher = self.teacher.eval().to(device)
+        student_states, teacher_states = _capture(model, self.names), _capture(teacher, self.names)
+        self._captures = [student_states, teacher_states]
+
+        def loss(student: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            logits = student(inputs)
+            with torch.no_grad():
+                target = teacher(inputs)
+            terms = []
+            for name in self.names:
+                error = (student_states[name] - teacher_states[name]).pow(2).sum()
+                if self.normalize == "relative":
+                    error = error / teacher_states[name].pow(2).sum().clamp_min(1e-12)
+                else:
+                    error = error / teacher_states[name].numel()
+                terms.append(error)
+            total = torch.stack(terms).mean() if terms else logits.new_zeros(())
+            if self.weight:
+                total = total + self.weight * logit_kl(logits, target, self.tau)
+            return total
+
+        return loss
+
+    def release(self) -> None:
+        for capture in self._captures:
+            capture.close()
+        self._captures = []
+        self.teacher.cpu()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_captures": []}  # hooks belong to the process that bound them
 
 
 class _capture(dict):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from autoprune.heal import HealMethod, HealRequest, register
-from autoprune.training import cross_entropy, logit_kl, optimise
+from autoprune.training import LossFn, cross_entropy, logit_kl, optimise
 
 
 def _no_healing(model, request: HealRequest) -> list[float]:
@@ -17,28 +18,42 @@ def _finetune(model, request: HealRequest) -> list[float]:
     return _optimise(model, request, cross_entropy(request.options["label_smoothing"]))
 
 
+class Distillation:
+    """α·τ²·KL(teacher ‖ student) + (1−α)·CE with label smoothing (METHODS.md §2d; α=0.5, τ=2, ε=0.1).
+    The teacher goes to the training device when bound, and back to the CPU when released."""
+
+    def __init__(self, teacher: nn.Module, *, alpha: float, temperature: float, label_smoothing: float) -> None:
+        self.teacher, self.alpha, self.tau, self.smoothing = teacher, alpha, temperature, label_smoothing
+
+    def bind(self, model: nn.Module, device: torch.device) -> LossFn:
+        teacher = self.teacher.eval().to(device)
+
+        def loss(student, inputs, labels):
+            logits = student(inputs)
+            with torch.no_grad():
+                target = teacher(inputs)
+            return self.alpha * logit_kl(logits, target, self.tau) + (1 - self.alpha) * F.cross_entropy(
+                logits, labels, label_smoothing=self.smoothing)
+
+        return loss
+
+    def release(self) -> None:
+        self.teacher.cpu()  # the device's memory is for what comes next (evaluation, timing)
+
+
 def _distill(model, request: HealRequest) -> list[float]:
-    """α·τ²·KL(teacher ‖ student) + (1−α)·CE with label smoothing (METHODS.md §2d; α=0.5, τ=2, ε=0.1)."""
-    alpha, tau = request.options["alpha"], request.options["temperature"]
-    smoothing = request.options["label_smoothing"]
-    teacher = request.teacher.eval().to(request.device)
-
-    def loss(student, inputs, labels):
-        logits = student(inputs)
-        with torch.no_grad():
-            target = teacher(inputs)
-        return alpha * logit_kl(logits, target, tau) + (1 - alpha) * F.cross_entropy(logits, labels,
-                                                                                  label_smoothing=smoothing)
-
-    return _optimise(model, request, loss)
+    options = request.options
+    return _optimise(model, request, Distillation(request.teacher, alpha=options["alpha"],
+                                                  temperature=options["temperature"],
+                                                  label_smoothing=options["label_smoothing"]))
 
 
-def _optimise(model, request: HealRequest, loss) -> list[float]:
+def _optimise(model, request: HealRequest, objective) -> list[float]:
     return optimise(
         model,
         images=request.calibration,
         data=request.data,
-        loss_fn=loss,
+        objective=objective,
         steps=request.steps,
         lr=request.lr,
         batch_size=request.batch_size,

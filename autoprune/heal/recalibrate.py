@@ -19,19 +19,18 @@ from autoprune.heal import HealMethod, HealRequest, register
 
 @torch.no_grad()
 def recalibrate(model: nn.Module, request: HealRequest) -> list[float]:
-    device = request.device
+    device = torch.device(request.device)
     model.to(device)
-    images = request.data.normalize(request.calibration.images)
-    batches = images.split(request.batch_size)
+    images = request.data.batches(request.calibration, device)  # normalised one batch at a time, on the device
     if request.options["batchnorm"]:
-        _reestimate_batchnorm(model, batches, device)
+        _reestimate_batchnorm(model, images, request.batch_size)
     if request.options["bias_shift"]:
-        _shift_biases(model, request.teacher.to(device), request.masks.by_layer, batches, device)
+        _shift_biases(model, request.teacher, request.masks, images, request.batch_size)
     model.eval()
     return []
 
 
-def _reestimate_batchnorm(model: nn.Module, batches, device) -> None:
+def _reestimate_batchnorm(model: nn.Module, images, batch_size: int) -> None:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -39,22 +38,24 @@ def _reestimate_batchnorm(model: nn.Module, batches, device) -> None:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over every calibration batch
     model.train()
-    for batch in batches:
-        model(batch.to(device))
+    for batch in images.split(batch_size):
+        model(batch)
     model.eval()
 
 
-def _shift_biases(model: nn.Module, dense: nn.Module, masked: dict, batches, device) -> None:
+def _shift_biases(model: nn.Module, dense: nn.Module, masks, images, batch_size: int) -> None:
     """Layer by layer in forward order, so that each layer's input means already include the shifts upstream."""
     modules = dict(model.named_modules())
     dense_modules = dict(dense.named_modules())
     model.eval()
-    for name in masked:  # masks are recorded in forward (module) order
+    for name in masks.by_layer:  # masks are recorded in forward (module) order
         layer = modules[name]
         if getattr(layer, "bias", None) is None:
             continue  # a conv followed by BatchNorm: the re-estimated statistics take the shift
-        mean = _input_mean(model, layer, batches, device)
-        removed = (dense_modules[name].weight - layer.weight).double()
+        mean = _input_mean(model, layer, images, batch_size)
+        # the dense weight in this model's channel order (CAST's permutation may have reordered it)
+        reference = masks.dense_weight(name, dense_modules[name].weight.to(layer.weight.device))
+        removed = (reference - layer.weight).double()
         if isinstance(layer, nn.Linear):
             shift = removed @ mean
         else:  # a constant input map through the removed kernel: every tap sees the same channel mean
@@ -62,7 +63,7 @@ def _shift_biases(model: nn.Module, dense: nn.Module, masked: dict, batches, dev
         layer.bias.add_(shift.to(layer.bias.dtype))
 
 
-def _input_mean(model: nn.Module, layer: nn.Module, batches, device) -> torch.Tensor:
+def _input_mean(model: nn.Module, layer: nn.Module, images, batch_size: int) -> torch.Tensor:
     """The per-input-feature mean of `layer`'s input over the calibration images: every token, or every pixel."""
     total, count = 0, 0
 
@@ -75,8 +76,8 @@ def _input_mean(model: nn.Module, layer: nn.Module, batches, device) -> torch.Te
 
     handle = layer.register_forward_hook(hook)
     try:
-        for batch in batches:
-            model(batch.to(device))
+        for batch in images.split(batch_size):
+            model(batch)
     finally:
         handle.remove()
     return total / count

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from autoprune.data import Batches
 from autoprune.models import LayerGroup
 from autoprune.prune.masks import Masks, Sparsifier
 from autoprune.registry import Registry
@@ -25,8 +26,10 @@ class PruneRequest:
     groups: tuple[LayerGroup, ...]
     sparsity: Mapping[str, float]  # group name → fraction of its weights (or units) to remove
     options: Mapping[str, Any] = field(default_factory=dict)
-    example_inputs: torch.Tensor | None = None  # a batch of inputs, for methods that trace the model
-    calibration: torch.Tensor | None = None  # normalised calibration images, for methods that need statistics
+    example_inputs: torch.Tensor | None = None  # a batch of inputs on the model's device, for methods that trace it
+    # Calibration images for methods that gather statistics: anything with len() and split(batch_size) into
+    # normalised batches on the model's device (`data.Batches`, or a tensor).
+    calibration: Batches | torch.Tensor | None = None
     seed: int = 0
 
 
@@ -47,6 +50,9 @@ class PruneMethod:
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
     choices: Mapping[str, tuple] = field(default_factory=dict)  # option name → its valid values, where they are few
     check: Callable[[Mapping[str, Any]], str | None] | None = None  # a problem with a set of options, or None
+    # Whether its healing can run as a multi-worker DeepSpeed job (healing.engine: deepspeed), and if not, why.
+    distributable: bool = True
+    distributable_why: str = ""
 
 
     def execution_format(self, options: Mapping[str, Any]) -> str:

@@ -59,6 +59,7 @@ def removed_energy(weight: torch.Tensor, covariance: torch.Tensor, keep: torch.T
 def cast_mask(weight: torch.Tensor, covariance: torch.Tensor, patterns: torch.Tensor, rows_per_chunk: int = 256):
     """Per row and group, the keep pattern of least removed energy (weight: rows × groups·m; covariance: G × m × m)."""
     m = patterns.shape[1]
+    patterns = patterns.to(weight.device)
     rows = weight.detach().reshape(weight.shape[0], -1, m).double()
     removed = (~patterns).double()  # P × m
     covariance = covariance.double()
@@ -128,17 +129,24 @@ def permute_channels(model: nn.Module, hidden: HiddenChannels, perm: torch.Tenso
     consumer.copy_(consumer[:, perm])
 
 
-def fold_permutations(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, m: int) -> int:
-    """Permute the input channels of every pruned 1×1 layer that reads hidden channels; returns how many."""
+def fold_permutations(model: nn.Module, layers: dict[str, nn.Module], images, m: int) -> dict[str, tuple]:
+    """Permute the input channels of every pruned 1×1 layer that reads hidden channels. Returns each permuted
+    layer's (output, input) order relative to the dense weights (`Masks.layouts`)."""
     chosen = [hidden for hidden in hidden_channels(model) if hidden.consumer in layers
               and layers[hidden.consumer].weight[0].numel() == layers[hidden.consumer].weight.shape[1]
               and layers[hidden.consumer].weight.shape[1] % m == 0]
     mean_abs = _gather(model, {hidden.consumer: layers[hidden.consumer] for hidden in chosen}, images,
                        lambda module, rows: rows.abs().sum(0))
+    layouts: dict[str, list] = {}
     for hidden in chosen:
         weight = layers[hidden.consumer].weight.detach().reshape(layers[hidden.consumer].weight.shape[0], -1)
-        permute_channels(model, hidden, interleave(weight.double().abs().sum(0) * mean_abs[hidden.consumer], m))
-    return len(chosen)
+        perm = interleave(weight.double().abs().sum(0) * mean_abs[hidden.consumer], m)
+        permute_channels(model, hidden, perm)
+        rows = layouts.setdefault(hidden.producer, [None, None])
+        rows[0] = perm if rows[0] is None else rows[0][perm]
+        columns = layouts.setdefault(hidden.consumer, [None, None])
+        columns[1] = perm if columns[1] is None else columns[1][perm]
+    return {name: (rows, columns) for name, (rows, columns) in layouts.items()}
 
 
 # ---- the method --------------------------------------------------------------------------------------------
@@ -154,11 +162,11 @@ def cast_masks(model: nn.Module, request: PruneRequest) -> Masks:
     modules = dict(model.named_modules())
     layers = {name: modules[name] for group in request.groups for name in group.layers
               if modules[name].weight[0].numel() % m == 0 and getattr(modules[name], "groups", 1) == 1}
-    if request.options["permute"]:
-        fold_permutations(model, layers, request.calibration, m)
+    layouts = fold_permutations(model, layers, request.calibration, m) if request.options["permute"] else {}
     covariances = group_covariances(model, layers, request.calibration, m)
     patterns = keep_patterns(n, m, seed=request.seed)
-    result = Masks({name: cast_mask(layer.weight, covariances[name], patterns) for name, layer in layers.items()})
+    result = Masks({name: cast_mask(layer.weight, covariances[name], patterns) for name, layer in layers.items()},
+                   layouts=layouts)
     result.apply(model)
     return result
 

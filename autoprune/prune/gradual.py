@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from autoprune.errors import AutopruneError
 from autoprune.models import LayerGroup
 from autoprune.prune import PruneMethod, PruneRequest, register
-from autoprune.prune.masks import SCHEDULES, Masks, cubic_schedule, remove_lowest
+from autoprune.prune.masks import SCHEDULES, Masks, cubic_schedule, on_device, remove_lowest
 
 RECOMPUTE_STEP = 0.005  # progressive: recompute masks when the scheduled sparsity has moved by half a point
 
@@ -52,8 +52,8 @@ class ProgressiveMagnitude:
             if moved < RECOMPUTE_STEP and not (target == self.final[group.name] and moved > 0):
                 continue
             # Already pruned weights score −1: always among the removed, so the mask only grows.
-            scores = [modules[name].weight.detach().abs().masked_fill(~self.by_layer[name], -1.0)
-                      for name in group.layers]
+            scores = [modules[name].weight.detach().abs().masked_fill(
+                ~on_device(self.by_layer, name, modules[name].weight), -1.0) for name in group.layers]
             self.by_layer.update(zip(group.layers, remove_lowest(scores, target)))
             self.current[group.name] = target
         self.apply(model)
@@ -196,5 +196,11 @@ register(
         gradual=True,
         options={"p": 3.0, "end": 0.5, "theta_extreme": 0.5},
         check=check_end,
+        # The threshold operator is a parametrisation: torch builds a class for each parametrised layer at run
+        # time, which no pickle can carry to a worker, and DeepSpeed's ZeRO would partition the latent weight
+        # under it.
+        distributable=False,
+        distributable_why="its threshold operator is a torch parametrisation, which cannot be sent to DeepSpeed"
+                          " workers",
     )
 )

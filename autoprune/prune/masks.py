@@ -30,17 +30,31 @@ class Sparsifier(Protocol):
 
 @dataclass(frozen=True)
 class Masks:
-    """Layer name → boolean keep-mask of that layer's weight. Empty for structured removal (nothing to hold)."""
+    """Layer name → boolean keep-mask of that layer's weight. Empty for structured removal (nothing to hold).
+
+    `layouts`: where a method reordered a layer's channels (CAST folds a permutation into the layers around a
+    block's hidden channels), the (output, input) order of its weight relative to the dense model's, each None
+    when unchanged; what recalibration needs to compare a pruned weight with its dense original."""
 
     by_layer: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    layouts: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         """Zero the pruned weights; called after pruning and after every optimiser step while healing."""
         modules = dict(model.named_modules())
-        for name, mask in self.by_layer.items():
+        for name in self.by_layer:
             weight = modules[name].weight
-            weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+            weight.masked_fill_(~on_device(self.by_layer, name, weight), 0)
+
+    def dense_weight(self, name: str, dense: torch.Tensor) -> torch.Tensor:
+        """The dense model's weight of layer `name` in this model's channel order."""
+        rows, columns = self.layouts.get(name, (None, None))
+        if rows is not None:
+            dense = dense[rows.to(dense.device)]
+        if columns is not None:
+            dense = dense[:, columns.to(dense.device)]
+        return dense
 
     def before_step(self, model: nn.Module, progress: float) -> None:
         """Fixed masks do not move."""
@@ -54,6 +68,15 @@ class Masks:
 
     def __bool__(self) -> bool:
         return bool(self.by_layer)
+
+
+def on_device(masks: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """The mask of layer `name`, moved once to its weight's device (healing may have moved the model since the
+    mask was made; moving it at every step would cost a copy per layer per step)."""
+    mask = masks[name]
+    if mask.device != weight.device:
+        mask = masks[name] = mask.to(weight.device)
+    return mask
 
 
 def remove_lowest(scores: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:

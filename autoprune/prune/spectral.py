@@ -66,7 +66,7 @@ def spectral_edge(weight: torch.Tensor, *, alpha: float = 0.25, beta: float = 0.
     matrix = weight.detach().double().reshape(weight.shape[0], -1)
     n, p = max(matrix.shape), min(matrix.shape)
     gamma = p / n
-    eigenvalues = np.sort(torch.linalg.svdvals(matrix).numpy() ** 2 / n)
+    eigenvalues = np.sort(torch.linalg.svdvals(matrix).cpu().numpy() ** 2 / n)  # on the weight's device
     index = np.arange(int(alpha * p), int((1 - alpha) * p))
     if len(index) == 0:
         return float(math.sqrt(n * eigenvalues[-1]))
