@@ -49,6 +49,15 @@ def is_tracking_server(tracking_uri: str) -> bool:
     return tracking_uri.startswith(("http://", "https://"))
 
 
+def local_artifacts(tracking_uri: str) -> str | None:
+    """Where a local sqlite store keeps its artifacts: beside the database. (MLflow's default is ./mlruns in
+    whatever directory the command ran in.) None for a tracking server, which decides where artifacts go."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix):]).parent / "mlartifacts").resolve().as_uri()
+
+
 def library_versions() -> dict[str, str]:
     versions = {}
     for name in LIBRARIES:
@@ -83,6 +92,8 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.client = _client(tracking_uri)
+        if artifact_location is None:
+            artifact_location = local_artifacts(tracking_uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = (

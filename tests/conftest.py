@@ -58,3 +58,25 @@ def local_ray():
              resources={f"accelerator_type:{TEST_ACCELERATOR}": 1})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_repository():
+    """No test (nor what it runs) may write into the working tree: a store that defaults to ./mlruns did."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def untracked() -> set[str]:
+        try:
+            done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
+                                  capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return set()
+        return {line[3:] for line in done.stdout.splitlines() if line.startswith("??")} if done.returncode == 0 else set()
+
+    before = untracked()
+    yield
+    written = sorted(untracked() - before)
+    assert not written, f"tests wrote into the repository: {written[:10]}"
