@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoprune.formats import DENSE, SEMI_STRUCTURED
+from autoprune.formats import DENSE, DTYPES, SEMI_STRUCTURED, semi_structured_layers
 from autoprune.measure import count_macs
 from autoprune.models import attention_modules, hidden_channels
 from autoprune.profile import profile_latency
@@ -121,9 +121,9 @@ def shrink(model: nn.Module, ratio: float, round_to: int) -> nn.Module:
 
 
 @torch.no_grad()
-def two_four(model: nn.Module) -> tuple[nn.Module, float]:
-    """A copy with magnitude 2:4 masks on every Linear layer whose input width allows it (not the classifier),
-    and the share of the model's MACs those layers carry (half of which 2:4 kernels skip)."""
+def two_four(model: nn.Module) -> nn.Module:
+    """A copy with magnitude 2:4 masks on every Linear layer whose input width allows it (not the classifier).
+    Which of them the sparse kernels take depends on their shapes (`formats.semi_structured_layers`)."""
     from autoprune.prune.nm import nm_mask
 
     model = copy.deepcopy(model)
@@ -131,7 +131,7 @@ def two_four(model: nn.Module) -> tuple[nn.Module, float]:
     layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not classifier and m.in_features % 4 == 0]
     for layer in layers:
         layer.weight.mul_(nm_mask(layer.weight, 2, 4))
-    return model, layers
+    return model
 
 
 def _linear_macs(model: nn.Module, layers: list[nn.Module], input_size) -> int:
@@ -174,12 +174,12 @@ def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict
         dense_macs = count_macs(reference, input_size)
         echo(f"{key} ({name}, input {input_size[1]}×{input_size[2]}): dense {base.median_ms:.3f} ms on {base.device}")
         variants = [("structured", ratio, shrink(reference, ratio, bench.round_to), DENSE) for ratio in RATIOS]
-        masked, layers = two_four(reference)
-        variants.append(("2:4", 0.5, (masked, layers), SEMI_STRUCTURED))
+        variants.append(("2:4", 0.5, two_four(reference), SEMI_STRUCTURED))
         for fmt, ratio, model, execution in variants:
             if execution == SEMI_STRUCTURED:
-                model, layers = model
-                macs = dense_macs - _linear_macs(model, layers, input_size) // 2  # what 2:4 kernels would execute
+                # what the 2:4 kernels would execute: half the MACs of the layers they take (pattern and shape)
+                converted = [layer for _, layer in semi_structured_layers(model, DTYPES[bench.dtype])]
+                macs = dense_macs - _linear_macs(model, converted, input_size) // 2
             else:
                 macs = count_macs(model, input_size)
             dense_runs, pruned_runs = [], []

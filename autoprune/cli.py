@@ -1,4 +1,4 @@
-"""`autoprune search | best | serve | front | demo | methods | bench`.
+"""`autoprune search | best | serve | front | publish | demo | methods | doctor | bench`.
 
 Usage errors exit with status 2 (argparse); failures the user can fix print one line and exit 1; `--debug` shows
 the traceback.
@@ -85,8 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="list the registered pruning and healing methods")
 
+    doctor = commands.add_parser("doctor", help="check this machine and cluster end to end (GPUs, 2:4 kernels, NCCL,"
+                                                " Ray, MLflow, storage, a tiny trial per path); run it first")
+    doctor.add_argument("--address", help="Ray cluster to check (default: a local Ray)")
+    doctor.add_argument("--storage", help="the storage a search would use (search.storage / --storage)")
+    doctor.add_argument("--json", action="store_true", help="print the rows as JSON")
+    _add_store_flags(doctor)
+
     bench = commands.add_parser("bench", help="measure the tables the README quotes")
-    tables = bench.add_subparsers(dest="table", required=True, metavar="{healing,pruning,latency,cluster,faults}")
+    tables = bench.add_subparsers(dest="table", required=True,
+                                  metavar="{healing,pruning,latency,serve,data,cluster,faults}")
     for name, text in (("healing", "recovery per healing method, sparsity and budget"),
                        ("pruning", "every pruning method at matched sparsity with the same healing")):
         table = tables.add_parser(name, help=text)
@@ -102,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     from autoprune.bench_latency import add_arguments
 
     add_arguments(tables.add_parser("latency", help="dense vs structured vs 2:4 latency on this device"))
+    from autoprune import bench_serve
+
+    bench_serve.add_arguments(tables.add_parser("serve", help="registered vs served latency of the demo's and a"
+                                                              " ResNet's fronts, loaded in fresh processes"))
+    from autoprune import bench_data
+
+    bench_data.add_arguments(tables.add_parser("data", help="driver and worker memory, and start-up, of a search on"
+                                                            " ImageNet-sized data (4 trials at once)"))
     from autoprune import bench_cluster
 
     bench_cluster.add_arguments(tables.add_parser("cluster", help="one small search: embedded vs an mlflow server vs"
@@ -227,6 +243,14 @@ def _bench(args) -> int:
         from autoprune.bench_latency import main_latency
 
         return main_latency(args)
+    if args.table == "data":
+        from autoprune.bench_data import main_data
+
+        return main_data(args)
+    if args.table == "serve":
+        from autoprune.bench_serve import main_serve
+
+        return main_serve(args)
     if args.table == "cluster":
         from autoprune.bench_cluster import main_cluster
 
@@ -244,7 +268,14 @@ def _bench(args) -> int:
     return main_pruning(**common, heal_method=args.heal)
 
 
-COMMANDS = {"search": _search, "publish": _publish, "best": _best, "serve": _serve, "front": _front, "demo": _demo, "methods": _methods, "bench": _bench}
+def _doctor(args) -> int:
+    from autoprune.doctor import main_doctor
+
+    return main_doctor(args)
+
+
+COMMANDS = {"search": _search, "publish": _publish, "best": _best, "serve": _serve, "front": _front, "demo": _demo,
+            "methods": _methods, "doctor": _doctor, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

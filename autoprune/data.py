@@ -35,12 +35,32 @@ REFERENCE_NUM_CLASSES = 10
 REFERENCE_EVAL_FRACTION = 0.3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, eq=False)
 class ImageSet:
-    """Images (uint8, N×C×H×W) and their integer labels (N)."""
+    """Images (uint8, N×C×H×W) and their integer labels (N).
 
-    images: torch.Tensor
-    labels: torch.Tensor
+    A subset is a view: it keeps the rows it picked of the images it was drawn from and gathers a batch only when
+    one is asked for (`take`), so that a trial's calibration images are not a second copy of the data (at ImageNet
+    scale, 4,096 images are 600 MB). `images` gives the images as one tensor (a copy, for a subset)."""
+
+    source: torch.Tensor  # uint8, the images this set is drawn from (shared, never written)
+    labels: torch.Tensor  # int64, this set's labels, one per image
+    rows: torch.Tensor | None  # which rows of `source` this set holds, in order (None: all of them)
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        object.__setattr__(self, "source", images)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "rows", rows)
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.source if self.rows is None else self.source[self.rows]
+
+    def take(self, which: torch.Tensor | slice) -> torch.Tensor:
+        """The uint8 images at positions `which` of this set (indices or a slice), gathered from the source."""
+        if self.rows is None:
+            return self.source[which]
+        return self.source[self.rows[which]]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -48,18 +68,20 @@ class ImageSet:
     def __reduce__(self):
         # Ray's object store gives numpy arrays to every worker on a node without a copy, torch tensors with one:
         # an ImageSet travels as numpy and is rebuilt as tensors over the same (read-only) memory.
-        return (_image_set, (self.images.numpy(), self.labels.numpy()))
+        rows = None if self.rows is None else self.rows.numpy()
+        return (_image_set, (self.source.numpy(), self.labels.numpy(), rows))
 
     def subset(self, count: int, *, seed: int) -> "ImageSet":
-        """A class-balanced random subset of `count` images (all of them if count ≥ len)."""
+        """A class-balanced random subset of `count` images (all of them if count ≥ len), as a view."""
         if count >= len(self):
             return self
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=generator)
         # Round-robin over classes so that a small calibration budget still sees every class.
+        labels = self.labels.tolist()
         by_class: dict[int, list[int]] = {}
         for index in order.tolist():
-            by_class.setdefault(int(self.labels[index]), []).append(index)
+            by_class.setdefault(labels[index], []).append(index)
         picked: list[int] = []
         queues = list(by_class.values())
         while len(picked) < count:
@@ -67,13 +89,14 @@ class ImageSet:
                 if queue and len(picked) < count:
                     picked.append(queue.pop())
         chosen = torch.tensor(sorted(picked), dtype=torch.long)
-        return ImageSet(self.images[chosen], self.labels[chosen])
+        return ImageSet(self.source, self.labels[chosen], chosen if self.rows is None else self.rows[chosen])
 
 
-def _image_set(images: np.ndarray, labels: np.ndarray) -> ImageSet:
+def _image_set(images: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None) -> ImageSet:
     with warnings.catch_warnings():  # arrays read from the object store are read-only; nothing writes to them
         warnings.simplefilter("ignore", UserWarning)
-        return ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
+        return ImageSet(torch.from_numpy(images), torch.from_numpy(labels),
+                        None if rows is None else torch.from_numpy(rows))
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -89,17 +112,17 @@ class Batches:
     statistics pass reads): at ImageNet size, 4,096 calibration images would be 2.4 GB as one float32 tensor.
     `split(n)` mirrors `Tensor.split`, so a method can be given either."""
 
-    images: torch.Tensor  # uint8, N×C×H×W, where the data lives (the CPU, shared)
+    images: ImageSet  # uint8, where the data lives (the CPU, shared)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     device: torch.device = torch.device("cpu")
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return len(self.images)
 
     def split(self, batch_size: int) -> Iterator[torch.Tensor]:
         for start in range(0, len(self), batch_size):
-            yield normalize(self.images[start : start + batch_size].to(self.device), self.mean, self.std)
+            yield normalize(self.images.take(slice(start, start + batch_size)).to(self.device), self.mean, self.std)
 
 
 @dataclass(frozen=True)
@@ -123,7 +146,7 @@ class DataBundle:
 
     def batches(self, images: ImageSet, device: torch.device | str = "cpu") -> Batches:
         """`images` as normalised batches on `device`, made one at a time."""
-        return Batches(images.images, self.mean, self.std, torch.device(device))
+        return Batches(images, self.mean, self.std, torch.device(device))
 
 
 def reference_task(*, seed: int = 0) -> DataBundle:
@@ -203,23 +226,30 @@ DECODE_RECIPE = 1  # bump when the resize / crop below changes, so that stale ca
 
 def _decoded(files: list[str], image_size: int, cache_dir: str | Path | None, workers: int | None) -> torch.Tensor:
     """The files decoded, resized to image_size / 0.875 and centre-cropped (uint8, N×3×S×S), from the cache when
-    the same files were decoded the same way before."""
+    the same files were decoded the same way before (memory-mapped: the pages are the file's, not the process's)."""
     path = None
     if cache_dir is not None:
         stats = [(name, os.stat(name).st_size, os.stat(name).st_mtime_ns) for name in files]
         key = json.dumps({"files": stats, "size": image_size, "recipe": DECODE_RECIPE}, sort_keys=True)
         path = Path(cache_dir) / f"images-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
         if path.is_file():
-            return torch.from_numpy(np.load(path))
+            with warnings.catch_warnings():  # read-only pages: nothing writes to the images
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(np.load(path, mmap_mode="r"))
     from torchvision import transforms
     from torchvision.datasets.folder import default_loader
 
     transform = transforms.Compose([transforms.Resize(int(round(image_size / 0.875))),
                                     transforms.CenterCrop(image_size), transforms.PILToTensor()])
-    # PIL releases the GIL while it decodes and resizes: threads use every core without copying the results.
+    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)  # filled in place: one copy
+
+    def decode(index: int) -> None:
+        images[index] = transform(default_loader(files[index]))
+
+    # PIL releases the GIL while it decodes and resizes: threads use every core.
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        images = torch.stack(list(pool.map(lambda name: transform(default_loader(name)), files))) if files else \
-            torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+        for _ in pool.map(decode, range(len(files))):
+            pass
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.partial.npy")

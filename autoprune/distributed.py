@@ -212,14 +212,14 @@ def _heal(job: dict, rank: int, world: int, device: torch.device) -> dict[str, A
                 safe_set_full_fp32_param(weight, master * mask.to(master.device, master.dtype))
 
     generator = torch.Generator().manual_seed(job["seed"])
-    max_shift = max(1, images.images.shape[-1] // 16)
+    max_shift = max(1, images.source.shape[-1] // 16)
     losses = []
     mine = slice(rank * per_worker, (rank + 1) * per_worker)
     for step in range(steps):
         with _gathered(module, zero_stage):
             masks.before_step(module, step / steps)
         index = torch.randint(0, len(labels), (global_batch,), generator=generator)
-        batch = shifted(normalize(images.images[index].to(device), mean, std), generator, max_shift)
+        batch = shifted(normalize(images.take(index).to(device), mean, std), generator, max_shift)
         loss = loss_fn(student, batch[mine], labels[index][mine].to(device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss.item()} at step {step} (lr={job['lr']:g}).")

@@ -90,11 +90,15 @@ def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device,
     if settings.target is None:
         return _profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     target = settings.target
     task = ray.remote(_profile_on_target).options(
         num_cpus=target.cpu, num_gpus=target.gpu, accelerator_type=target.accelerator_type,
         name=f"autoprune-latency-{target.accelerator_type}",
+        # A Tune trial's placement group captures the tasks it starts, and holds no node of the target type:
+        # this task is placed on the cluster at large, or it would wait forever.
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
     # The model travels as a CPU copy: the trial's own device may not exist on the target node.
     return ray.get(task.remote(copy.deepcopy(model).cpu(), fmt, settings, input_size, batch_sizes))

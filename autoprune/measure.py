@@ -16,7 +16,7 @@ def accuracy(
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = data.normalize(images.images[start : start + batch_size].to(device))
+            batch = data.normalize(images.take(slice(start, start + batch_size)).to(device))
             predicted = model(batch).argmax(dim=-1).cpu()
             correct += int((predicted == images.labels[start : start + batch_size]).sum())
     return correct / len(images)

@@ -29,7 +29,7 @@ from autoprune.formats import (
     plan_kernels, prepare_eager,
 )
 
-__all__ = ["LatencyProfile", "profile_latency", "device_name", "percentile", "warm_up", "is_convolutional",
+__all__ = ["LatencyProfile", "profile_latency", "time_model", "device_name", "percentile", "warm_up", "is_convolutional",
            "DTYPES", "MEMORY_FORMATS", "CONTIGUOUS", "CHANNELS_LAST", "AUTO"]
 
 
@@ -155,11 +155,17 @@ def _timed(model, recipe: ExecutionRecipe, shape, warmup, repeats, device) -> tu
     inputs = torch.randn(shape, device=device, dtype=DTYPES[recipe.dtype])
     if recipe.memory_format == CHANNELS_LAST:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    time_runs = _time_cuda if device.type == "cuda" else _time_cpu
+    return time_model(runner, inputs, warmup=warmup, repeats=repeats), recipe, note
+
+
+def time_model(runner, inputs: torch.Tensor, *, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of `repeats` calls of a ready-to-run model on `inputs` (on its device), after at least
+    `warmup` calls and until settled, under inference mode. What the profile does to its prepared copy, and what
+    a benchmark does to a model as loaded or served."""
+    time_runs = _time_cuda if inputs.device.type == "cuda" else _time_cpu
     with torch.inference_mode():
         warm_up(runner, inputs, minimum=warmup, time_runs=time_runs)
-        timings = time_runs(runner, inputs, repeats)
-    return timings, recipe, note
+        return time_runs(runner, inputs, repeats)
 
 
 def runnable(model: nn.Module, recipe: ExecutionRecipe, device: torch.device,

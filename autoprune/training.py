@@ -103,13 +103,13 @@ def _steps(model, images: ImageSet, data: DataBundle, loss_fn: LossFn, *, steps,
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
-    max_shift = max(1, images.images.shape[-1] // 16)
+    max_shift = max(1, images.source.shape[-1] // 16)
     losses = []
     for step in range(steps):
         if masks is not None:
             masks.before_step(model, step / steps)  # a gradual method moves its sparsity along its schedule
         index = torch.randint(0, len(labels), (min(batch_size, len(labels)),), generator=generator)
-        batch = shifted(data.normalize(images.images[index].to(device)), generator, max_shift)
+        batch = shifted(data.normalize(images.take(index).to(device)), generator, max_shift)
         loss = loss_fn(model, batch, labels[index].to(device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss.item()} at step {len(losses)} (lr={lr:g}).")

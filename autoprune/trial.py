@@ -165,7 +165,7 @@ def run_trial(
                 groups=groups,
                 sparsity=sparsity,
                 options=options,
-                example_inputs=data.normalize(data.train.images[:2].to(device)),
+                example_inputs=data.normalize(data.train.take(slice(0, 2)).to(device)),
                 calibration=data.batches(calibration, device) if method.needs_images(options) else None,
                 seed=config.seed,
             ),

@@ -213,6 +213,24 @@ def test_a_cnn_search_with_training_heals_loses_no_trial(local_ray, tmp_path):
         assert version.memory_format in ("contiguous", "channels_last") and version.kernels == "dense"
 
 
+def test_latency_is_measured_on_the_target_type_from_inside_tune_trials(local_ray, tmp_path):
+    """A Tune trial's placement group captures the tasks it starts; the latency task for `profile.target` must be
+    placed on the cluster at large (a node of that type), or it waits forever for a resource the group lacks."""
+    import copy
+
+    from conftest import TEST_ACCELERATOR
+
+    spec = copy.deepcopy(SPEC)
+    spec["mlflow"] = {"experiment": "e2e-target", "registered_model": "e2e-target-model"}
+    spec["profile"] = {"batch_size": 4, "warmup": 1, "repeats": 3,
+                       "target": {"accelerator_type": TEST_ACCELERATOR, "cpu": 1, "gpu": 0}}
+    spec["search"].update({"trials": 2, "concurrency": 1})  # the trial holds one CPU, its latency task the other
+    spec["space"]["heal"] = {"methods": ["none"]}
+    outcome = search(parse_spec(spec), workdir=tmp_path, echo=None)
+    assert not outcome.failed and len(outcome.records) == 2
+    assert all(record.result.latency.threads == 1 for record in outcome.records)
+
+
 @pytest.mark.faults
 def test_a_failing_trial_is_recorded_with_its_error_and_the_search_goes_on(local_ray, tmp_path):
     import copy
