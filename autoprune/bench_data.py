@@ -6,8 +6,9 @@ as a fresh `autoprune search` process: 4 trials at once of a small ResNet, each 
 or all 10,000 images (structured removal, a few fine-tuning steps), on a local Ray. While it runs, it samples every
 process of the search once a second and reports:
 
-- the driver's peak RSS, and each trial worker's peak RSS and USS (USS: the pages only that process holds; RSS also
-  counts the object store's shared pages a worker reads). A worker that copied the data would show it in its USS;
+- the driver's peak RSS, and each trial worker's peak RSS split the way the kernel counts it (/proc/PID/status):
+  RssAnon, the process's own heap (a copy of the data would land here), and RssShmem, the pages of Ray's object
+  store (shared memory) that it has read — the one copy every worker on the node shares;
 - the time from start to the first trial (the first Tune trial actor), and the time spent decoding the images;
 - the same search started again in the same work directory, where the decoded images come from the cache.
 
@@ -73,7 +74,7 @@ class _Sampler:
 
     def __init__(self, root_pid: int) -> None:
         self.root_pid, self.started = root_pid, time.monotonic()
-        self.driver_rss = 0.0
+        self.driver: dict[str, float] = {}
         self.workers: dict[int, dict[str, float]] = {}
         self.first_trial_s: float | None = None
         self._stop = threading.Event()
@@ -91,25 +92,27 @@ class _Sampler:
         import psutil
 
         while not self._stop.is_set():
-            try:
-                root = psutil.Process(self.root_pid)
-                self.driver_rss = max(self.driver_rss, root.memory_info().rss / 2**20)
-            except psutil.Error:
-                pass
+            _peak(self.driver, self.root_pid)
             for process in psutil.process_iter(["pid", "cmdline"]):
                 title = " ".join(process.info["cmdline"] or [])
                 if "ImplicitFunc" not in title:  # Tune's function-trial actors (Ray sets the process title)
                     continue
                 if self.first_trial_s is None:
                     self.first_trial_s = time.monotonic() - self.started
-                try:
-                    full = process.memory_full_info()
-                except psutil.Error:
-                    continue
-                peak = self.workers.setdefault(process.info["pid"], {"rss_mb": 0.0, "uss_mb": 0.0})
-                peak["rss_mb"] = max(peak["rss_mb"], full.rss / 2**20)
-                peak["uss_mb"] = max(peak["uss_mb"], full.uss / 2**20)
+                _peak(self.workers.setdefault(process.info["pid"], {}), process.info["pid"])
             self._stop.wait(1.0)
+
+
+def _peak(peaks: dict[str, float], pid: int) -> None:
+    """Raise `peaks` to the process's current VmRSS / RssAnon / RssShmem (MB), as /proc/PID/status counts them."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssShmem"):
+                    peaks[key] = max(peaks.get(key, 0.0), int(value.split()[0]) / 1024)
+    except OSError:  # the process ended between the listing and the read
+        pass
 
 
 def _search(spec_path: Path, workdir: Path, echo) -> dict:
@@ -126,19 +129,25 @@ def _search(spec_path: Path, workdir: Path, echo) -> dict:
             now = time.monotonic() - started
             if "loading data" in line:
                 marks.setdefault("loading", now)
+            elif "data.train: decoding" in line or "data.train:" in line and "from the cache" in line:
+                marks.setdefault("train_images", now)
+            elif "data.train: decoded" in line or "data.val:" in line:
+                marks.setdefault("train_images_done", now)
             elif "measuring the dense model" in line:
                 marks.setdefault("loaded", now)
         process.wait()
     if process.returncode not in (0, 1):  # 1: finished with an empty front, which says nothing about memory
         raise RuntimeError("the search failed:\n" + "".join(lines[-40:]))
-    workers = sampler.workers
+    workers = sampler.workers.values()
     return {
         "wall_s": time.monotonic() - started,
         "data_and_dense_s": marks.get("loaded", float("nan")) - marks.get("loading", float("nan")),
+        "train_images_s": marks.get("train_images_done", float("nan")) - marks.get("train_images", float("nan")),
         "first_trial_s": sampler.first_trial_s,
-        "driver_peak_rss_mb": sampler.driver_rss,
-        "worker_peak_rss_mb": max((w["rss_mb"] for w in workers.values()), default=0.0),
-        "worker_peak_uss_mb": max((w["uss_mb"] for w in workers.values()), default=0.0),
+        "driver_peak_rss_mb": sampler.driver.get("VmRSS", 0.0),
+        "worker_peak_rss_mb": max((w.get("VmRSS", 0.0) for w in workers), default=0.0),
+        "worker_peak_anon_mb": max((w.get("RssAnon", 0.0) for w in workers), default=0.0),
+        "worker_peak_shmem_mb": max((w.get("RssShmem", 0.0) for w in workers), default=0.0),
         "workers": len(workers),
         "failed": next((line.strip() for line in lines if "FAILED" in line), ""),
     }
@@ -163,14 +172,17 @@ def markdown(result: dict) -> str:
     data = result["data_mb"]
     lines = [f"{result['images']:,} images at {result['image_size']}×{result['image_size']} ({data:,.0f} MB of uint8),"
              f" {result['trials_at_once']} trials at once:", "",
-             "| run | data + dense model s | first trial starts s | wall s | driver peak RSS MB | worker peak RSS MB"
-             " (÷ data) | worker peak USS MB (÷ data) |", "|---|---|---|---|---|---|---|"]
+             "| run | training images decoded / read s | data + dense model s | first trial starts s | wall s |"
+             " driver peak RSS MB | worker peak RSS MB (÷ data) | of which its own heap (RssAnon) MB |"
+             " of which object-store pages (RssShmem) MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, key in (("first search (decodes)", "first"), ("again (decoded images cached)", "cached")):
         r = result[key]
-        lines.append(f"| {name} | {r['data_and_dense_s']:.1f} | {r['first_trial_s'] or float('nan'):.1f} |"
+        lines.append(f"| {name} | {r.get('train_images_s', float('nan')):.1f} | {r['data_and_dense_s']:.1f} |"
+                     f" {r['first_trial_s'] or float('nan'):.1f} |"
                      f" {r['wall_s']:.0f} | {r['driver_peak_rss_mb']:,.0f} | {r['worker_peak_rss_mb']:,.0f}"
-                     f" ({r['worker_peak_rss_mb'] / data:.2f}×) | {r['worker_peak_uss_mb']:,.0f}"
-                     f" ({r['worker_peak_uss_mb'] / data:.2f}×) |")
+                     f" ({r['worker_peak_rss_mb'] / data:.2f}×) | {r['worker_peak_anon_mb']:,.0f} |"
+                     f" {r['worker_peak_shmem_mb']:,.0f} |")
     return "\n".join(lines)
 
 

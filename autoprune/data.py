@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ class DataBundle:
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        return tuple(self.eval.images.shape[1:])  # type: ignore[return-value]
+        return tuple(self.eval.source.shape[1:])  # type: ignore[return-value]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images → float32 on their own device, scaled to [0, 1] and standardised with the bundle's mean and
@@ -186,6 +187,7 @@ def image_folder(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     workers: int | None = None,
+    echo=None,
 ) -> DataBundle:
     """An ImageFolder train/val pair (one sub-folder per class), resized and centre-cropped to `image_size`.
 
@@ -193,6 +195,7 @@ def image_folder(
     `eval_images` validation images are read, each a class-balanced random subset, decoded on `workers` threads
     (default: every core). With `cache_dir`, the decoded subsets are kept there, keyed by the files chosen (path,
     size, modification time) and the settings, so that the next search or a `--resume` starts without decoding.
+    `echo` hears what is decoded or read, and how long it took (decoding ImageNet subsets takes minutes).
     """
     from torchvision import datasets
 
@@ -210,7 +213,7 @@ def image_folder(
         labels = torch.tensor(dataset.targets)
         index = ImageSet(torch.arange(len(labels)), labels).subset(count or len(labels), seed=seed)
         files = [dataset.samples[i][0] for i in index.images.tolist()]
-        images = _decoded(files, image_size, cache_dir, workers)
+        images = _decoded(files, image_size, cache_dir, workers, echo or (lambda line: None), role)
         splits.append((ImageSet(images, index.labels), dataset.classes))
     (train, train_classes), (evaluation, val_classes) = splits
     if train_classes != val_classes:
@@ -224,7 +227,8 @@ def image_folder(
 DECODE_RECIPE = 1  # bump when the resize / crop below changes, so that stale cached decodes are not reused
 
 
-def _decoded(files: list[str], image_size: int, cache_dir: str | Path | None, workers: int | None) -> torch.Tensor:
+def _decoded(files: list[str], image_size: int, cache_dir: str | Path | None, workers: int | None, echo,
+             role: str) -> torch.Tensor:
     """The files decoded, resized to image_size / 0.875 and centre-cropped (uint8, N×3×S×S), from the cache when
     the same files were decoded the same way before (memory-mapped: the pages are the file's, not the process's)."""
     path = None
@@ -233,6 +237,7 @@ def _decoded(files: list[str], image_size: int, cache_dir: str | Path | None, wo
         key = json.dumps({"files": stats, "size": image_size, "recipe": DECODE_RECIPE}, sort_keys=True)
         path = Path(cache_dir) / f"images-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
         if path.is_file():
+            echo(f"{role}: {len(files)} decoded images from the cache {path}")
             with warnings.catch_warnings():  # read-only pages: nothing writes to the images
                 warnings.simplefilter("ignore", UserWarning)
                 return torch.from_numpy(np.load(path, mmap_mode="r"))
@@ -246,13 +251,19 @@ def _decoded(files: list[str], image_size: int, cache_dir: str | Path | None, wo
     def decode(index: int) -> None:
         images[index] = transform(default_loader(files[index]))
 
+    threads = workers or os.cpu_count() or 1
+    started = time.perf_counter()
+    echo(f"{role}: decoding {len(files)} images on {threads} threads")
     # PIL releases the GIL while it decodes and resizes: threads use every core.
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for _ in pool.map(decode, range(len(files))):
             pass
+    cached = ""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.partial.npy")
         np.save(partial, images.numpy())
         partial.replace(path)  # complete or absent: a reader never sees half a file
+        cached = f", cached at {path}"
+    echo(f"{role}: decoded {len(files)} images in {time.perf_counter() - started:.1f} s{cached}")
     return images

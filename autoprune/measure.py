@@ -8,10 +8,18 @@ from torch import nn
 from autoprune.data import DataBundle, ImageSet
 
 
+EVAL_PIXELS = 64 * 224 * 224  # images × pixels per evaluation batch: activations scale with both
+
+
 def accuracy(
-    model: nn.Module, images: ImageSet, data: DataBundle, *, batch_size: int = 256, device="cpu"
+    model: nn.Module, images: ImageSet, data: DataBundle, *, batch_size: int | None = None, device="cpu"
 ) -> float:
-    """Top-1 accuracy on `images`, batch by batch on `device` (the model is moved there first)."""
+    """Top-1 accuracy on `images`, batch by batch on `device` (the model is moved there first). The default batch
+    holds EVAL_PIXELS pixels (256 small images, 64 at 224×224): a 256-image batch at ImageNet size would hold more
+    than a gigabyte of activations in a small CNN's stem alone."""
+    if batch_size is None:
+        height, width = images.source.shape[-2:]
+        batch_size = max(1, min(256, EVAL_PIXELS // (height * width)))
     model.eval().to(device)  # outside inference mode: its tensors must stay usable by autograd
     correct = 0
     with torch.inference_mode():

@@ -65,7 +65,7 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
-def load_data(spec: SearchSpec, *, cache_dir: str | Path | None = None) -> datasets.DataBundle:
+def load_data(spec: SearchSpec, *, cache_dir: str | Path | None = None, echo=None) -> datasets.DataBundle:
     """The search's data; with `cache_dir`, ImageFolder images decoded once are read from there next time."""
     if spec.data.source == "reference":
         bundle = datasets.reference_task(seed=spec.search.seed)
@@ -80,6 +80,7 @@ def load_data(spec: SearchSpec, *, cache_dir: str | Path | None = None) -> datas
         eval_images=spec.data.eval_images,
         seed=spec.search.seed,
         cache_dir=cache_dir,
+        echo=echo,
     )
 
 
@@ -183,7 +184,7 @@ def search(
 
     say(f"autoprune: {spec.name}: loading data and the dense model {spec.model.name}")
     cache = workdir / "cache"
-    bundle = load_data(spec, cache_dir=cache)
+    bundle = load_data(spec, cache_dir=cache, echo=lambda line: say(f"autoprune: data.{line}"))
     state = dense_weights(spec.model, spec.data, bundle, cache_dir=cache, seed=spec.search.seed)
     latency_cache = SharedLatencyCache.start()
     # Into the object store once: the dense baseline and every trial read it from there (its images zero-copy).
@@ -464,7 +465,7 @@ def _worker_memory() -> dict[str, float]:
         memory["worker_uss_mb"] = process.memory_full_info().uss / 2**20
     except (psutil.AccessDenied, AttributeError):  # some platforms do not let a process read its own page map
         pass
-    if torch.cuda.is_available():
+    if assigned_device().type == "cuda":  # not merely visible: touching a GPU Ray did not assign makes a context there
         torch.cuda.empty_cache()  # the caching allocator's free blocks go back to the device for other processes
         memory["worker_cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
         memory["worker_cuda_reserved_mb"] = torch.cuda.memory_reserved() / 2**20

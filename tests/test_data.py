@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -49,3 +50,34 @@ def test_empty_or_missing_folders_fail_clearly(tmp_path):
     with pytest.raises(AutopruneError, match="is not a directory"):
         image_folder(train_dir=tmp_path / "nope", val_dir=tmp_path / "val", image_size=8, train_images=1,
                      eval_images=1)
+
+
+def test_images_are_shared_through_the_object_store_not_copied(local_ray, bundle):
+    """Every trial on a node reads the one copy in the object store: an ImageSet travels as numpy arrays, which Ray
+    hands out zero-copy (torch tensors it would copy into each reader)."""
+    ref = local_ray.put(bundle.train)
+    first, second = local_ray.get(ref), local_ray.get(ref)
+    assert first.source.data_ptr() == second.source.data_ptr()  # the same memory, twice: no copy per reader
+    assert torch.equal(first.images, bundle.train.images) and torch.equal(first.labels, bundle.train.labels)
+    calibration = first.subset(64, seed=0)  # a trial's calibration images: a view of the shared ones
+    assert calibration.source.data_ptr() == first.source.data_ptr() and len(calibration) == 64
+    assert torch.equal(calibration.take(slice(0, 4)), calibration.images[:4])
+
+
+def test_calibration_batches_are_normalised_one_at_a_time_on_their_device(bundle):
+    images = bundle.train.subset(40, seed=0)
+    batches = list(bundle.batches(images, "cpu").split(16))
+    assert [len(b) for b in batches] == [16, 16, 8] and all(b.dtype == torch.float32 for b in batches)
+    assert torch.allclose(torch.cat(batches), bundle.normalize(images.images))
+
+
+def test_decoded_images_are_cached_and_read_back_the_same(tmp_path):
+    _tree(tmp_path)
+    kwargs = dict(train_dir=tmp_path / "train", val_dir=tmp_path / "val", image_size=24, train_images=6,
+                  eval_images=None, cache_dir=tmp_path / "cache", workers=2)
+    first = image_folder(**kwargs)
+    assert len(list((tmp_path / "cache").glob("images-*.npy"))) == 2  # train and val subsets
+    again = image_folder(**kwargs)
+    assert torch.equal(first.train.images, again.train.images) and torch.equal(first.eval.images, again.eval.images)
+    plain = image_folder(**{**kwargs, "cache_dir": None, "workers": 1})  # one thread, no cache: the same pixels
+    assert torch.equal(plain.train.images, first.train.images)
