@@ -155,10 +155,10 @@ class _Worker:
 
 
 def _own_device() -> torch.device:
-    """Ray made this worker's GPU (if it was given one) the only one it sees."""
-    import ray
+    """Ray made this worker's GPU (if it was given one) the only one it sees: cuda:0, made current for NCCL."""
+    from autoprune.latency import assigned_device
 
-    if ray.get_gpu_ids() and torch.cuda.is_available():
+    if assigned_device().type == "cuda":
         torch.cuda.set_device(0)
         return torch.device("cuda", 0)
     return torch.device("cpu")

@@ -21,7 +21,7 @@ from torch import nn
 
 from autoprune.formats import DTYPES, plan_kernels
 from autoprune.latency_cache import LatencyCache, structure_signature
-from autoprune.profile import LatencyProfile, device_name, profile_latency
+from autoprune.profile import LatencyProfile, device_name, join_notes, profile_latency
 from autoprune.spec import ProfileSpec
 
 
@@ -68,9 +68,9 @@ def measure_latency(
         found[batch] = cache.put(keys[batch], fresh[batch]) if cache is not None else fresh[batch]
         if found[batch] != fresh[batch]:
             reused.add(batch)
-            found[batch] = replace(found[batch], note=_join(fresh[batch].note, found[batch].note))
+            found[batch] = replace(found[batch], note=join_notes(fresh[batch].note, found[batch].note))
     if fallback:
-        found = {batch: replace(profile, note=_join(fallback, profile.note)) for batch, profile in found.items()}
+        found = {batch: replace(profile, note=join_notes(fallback, profile.note)) for batch, profile in found.items()}
     extra = {batch: profile for batch, profile in found.items() if batch != settings.batch_size}
     return Latencies(found[settings.batch_size], extra, cached=settings.batch_size in reused, keys=keys)
 
@@ -79,11 +79,6 @@ def _key(model, runs_as: str, where: str, settings: ProfileSpec, batch: int, inp
     return structure_signature(model, format=runs_as, device=where, dtype=settings.dtype, batch_size=batch,
                                input_size=input_size, memory_format=settings.memory_format,
                                compile=settings.compile, torch_version=torch.__version__)
-
-
-def _join(*notes: str) -> str:
-    """Notes joined, each part once (a fresh profile already carries the reason its kernels fell back)."""
-    return "; ".join(dict.fromkeys(part for note in notes for part in note.split("; ") if part))
 
 
 def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:

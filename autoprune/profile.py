@@ -124,7 +124,7 @@ def profile_latency(
     timings, recipe, run_note = min(runs, key=lambda run: statistics.median(run[0]))
     if len(runs) > 1:
         other = max(statistics.median(run[0]) for run in runs) / statistics.median(timings)
-        note = _join(note, f"{recipe.memory_format} kept: {other:.2f}× faster than the other memory format")
+        note = join_notes(note, f"{recipe.memory_format} kept: {other:.2f}× faster than the other memory format")
     median = statistics.median(timings)
     return LatencyProfile(
         median_ms=median,
@@ -138,7 +138,7 @@ def profile_latency(
         input_size=tuple(input_size),
         torch_version=torch.__version__,
         format=recipe.kernels,
-        note=_join(note, run_note),
+        note=join_notes(note, run_note),
         memory_format=recipe.memory_format,
         compiled=recipe.compiled,
     )
@@ -191,9 +191,9 @@ def runnable(model: nn.Module, recipe: ExecutionRecipe, device: torch.device,
     try:
         compiled_runner = _first_call(compiled(runner), example)
     except Exception as error:  # noqa: BLE001 — any compiler failure: time the eager model and say why
-        return runner, replace(recipe, compiled=False), _join(note, f"torch.compile failed ({_reason(error)}): timed eager")
+        return runner, replace(recipe, compiled=False), join_notes(note, f"torch.compile failed ({_reason(error)}): timed eager")
     if _captured_graphs() == graphs:
-        return runner, replace(recipe, compiled=False), _join(
+        return runner, replace(recipe, compiled=False), join_notes(
             note, "torch.compile captured no graph (dynamo fell back to eager): timed eager")
     return compiled_runner, recipe, note
 
@@ -216,8 +216,9 @@ def _captured_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _join(*notes: str) -> str:
-    return "; ".join(note for note in notes if note)
+def join_notes(*notes: str) -> str:
+    """Notes joined with "; ", each part once (a cached profile may already carry the reason being added)."""
+    return "; ".join(dict.fromkeys(part for note in notes for part in note.split("; ") if part))
 
 
 SETTLE_TOLERANCE = 0.05  # warm-up ends when two consecutive windows' medians agree within 5%…
