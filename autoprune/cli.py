@@ -14,11 +14,11 @@ from importlib import resources
 from pathlib import Path
 
 from autoprune.errors import AutopruneError
-from autoprune.tracking import DEFAULT_WORKDIR
+from autoprune.tracking.store import DEFAULT_WORKDIR
 
 
 def _tracking_uri(args) -> str:
-    from autoprune.tracking import resolve_tracking_uri
+    from autoprune.tracking.store import resolve_tracking_uri
 
     return resolve_tracking_uri(args.tracking_uri, None, args.workdir)
 
@@ -107,22 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  " `none` compares the pruning criteria alone)")
         table.add_argument("--quick", action="store_true", help="a one-setting smoke run")
         table.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the trained dense models are cached")
-    from autoprune.bench_latency import add_arguments
+    from autoprune.bench.latency import add_arguments
 
     add_arguments(tables.add_parser("latency", help="dense vs structured vs 2:4 latency on this device"))
-    from autoprune import bench_serve
+    from autoprune.bench import serve as bench_serve
 
     bench_serve.add_arguments(tables.add_parser("serve", help="registered vs served latency of the demo's and a"
                                                               " ResNet's fronts, loaded in fresh processes"))
-    from autoprune import bench_data
+    from autoprune.bench import data as bench_data
 
     bench_data.add_arguments(tables.add_parser("data", help="driver and worker memory, and start-up, of a search on"
                                                             " ImageNet-sized data (4 trials at once)"))
-    from autoprune import bench_cluster
+    from autoprune.bench import cluster as bench_cluster
 
     bench_cluster.add_arguments(tables.add_parser("cluster", help="one small search: embedded vs an mlflow server vs"
                                                                   " a two-node Ray cluster on loopback"))
-    from autoprune import bench_faults
+    from autoprune.bench import faults as bench_faults
 
     bench_faults.add_arguments(tables.add_parser("faults", help="a search where trials fail at random and a worker"
                                                                 " is killed: nothing lost, records agree"))
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _search(args) -> int:
-    from autoprune.search import search
+    from autoprune.driver.search import search
 
     outcome = search(args.spec, address=args.address, tracking_uri=args.tracking_uri, workdir=args.workdir,
                      trials=args.trials, storage=args.storage, resume=args.resume)
@@ -153,7 +153,7 @@ def _search(args) -> int:
 
 
 def _publish(args) -> int:
-    from autoprune.publish import publish_run
+    from autoprune.tracking.publish import publish_run
 
     publish_run(args.run, tracking_uri=_tracking_uri(args), workdir=Path(args.workdir).resolve(), storage=args.storage)
     return 0
@@ -163,8 +163,8 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
-    from autoprune.select import best
     from autoprune.serve import PrunedModel, replica_resources
+    from autoprune.tracking.select import best
 
     conditions = {key: value for key, value in (("device", args.measured_on), ("batch_size", args.batch_size),
                                                  ("dtype", args.dtype)) if value is not None}
@@ -186,7 +186,7 @@ def _serve(args) -> int:
 
 
 def _best(args) -> int:
-    from autoprune.select import best
+    from autoprune.tracking.select import best
 
     choice = best(model=args.model, max_latency_ms=args.max_latency_ms, device=args.device,
                   batch_size=args.batch_size, dtype=args.dtype, tracking_uri=_tracking_uri(args))
@@ -199,8 +199,8 @@ def _best(args) -> int:
 
 
 def _front(args) -> int:
-    from autoprune.report import table
-    from autoprune.select import front
+    from autoprune.tracking.report import table
+    from autoprune.tracking.select import front
 
     rows = front(experiment=args.experiment, tracking_uri=_tracking_uri(args))
     print(json.dumps(rows) if args.json else table(rows))
@@ -208,8 +208,8 @@ def _front(args) -> int:
 
 
 def _demo(args) -> int:
-    from autoprune.search import search
-    from autoprune.select import best
+    from autoprune.driver.search import search
+    from autoprune.tracking.select import best
 
     spec = resources.files("autoprune.search_spaces") / "demo.yaml"
     with resources.as_file(spec) as path:
@@ -240,26 +240,26 @@ def _methods(args) -> int:
 
 def _bench(args) -> int:
     if args.table == "latency":
-        from autoprune.bench_latency import main_latency
+        from autoprune.bench.latency import main_latency
 
         return main_latency(args)
     if args.table == "data":
-        from autoprune.bench_data import main_data
+        from autoprune.bench.data import main_data
 
         return main_data(args)
     if args.table == "serve":
-        from autoprune.bench_serve import main_serve
+        from autoprune.bench.serve import main_serve
 
         return main_serve(args)
     if args.table == "cluster":
-        from autoprune.bench_cluster import main_cluster
+        from autoprune.bench.cluster import main_cluster
 
         return main_cluster(args)
     if args.table == "faults":
-        from autoprune.bench_faults import main_faults
+        from autoprune.bench.faults import main_faults
 
         return main_faults(args)
-    from autoprune.bench import main_healing, main_pruning
+    from autoprune.bench.methods import main_healing, main_pruning
 
     common = dict(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,
                   quick=args.quick, models=args.models)

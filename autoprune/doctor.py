@@ -116,7 +116,7 @@ def _bf16(add) -> None:
 def _two_four(add) -> None:
     import torch
 
-    from autoprune.formats import semi_structured_backend, semi_structured_unsupported
+    from autoprune.measure.formats import semi_structured_backend, semi_structured_unsupported
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reason = semi_structured_unsupported(device, torch.bfloat16)
@@ -137,8 +137,8 @@ def two_four_microbenchmark(tokens: int = 64 * 197, width: int = 384, hidden: in
     import torch
     from torch import nn
 
-    from autoprune.formats import to_semi_structured
-    from autoprune.profile import time_model
+    from autoprune.measure.formats import to_semi_structured
+    from autoprune.measure.timing import time_model
     from autoprune.prune.nm import nm_mask
 
     layer = nn.Linear(width, hidden).cuda().to(torch.bfloat16).eval()
@@ -181,7 +181,7 @@ def _ray(add, address: str | None) -> None:
 
 
 def _tracking(add, tracking_uri: str | None, workdir: Path) -> None:
-    from autoprune.tracking import Tracker, is_tracking_server, resolve_tracking_uri
+    from autoprune.tracking.store import Tracker, is_tracking_server, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri, None, workdir)
     started = time.perf_counter()
@@ -255,8 +255,8 @@ def _trials(add) -> None:
 def _context(source, dtype: str, engine=None):
     import torch
 
+    from autoprune.config import ProfileSpec
     from autoprune.data import reference_task
-    from autoprune.spec import ProfileSpec
     from autoprune.trial import TrialContext
 
     torch.manual_seed(0)
@@ -269,9 +269,9 @@ def _trial_on_worker(source, method: str, options: dict, healing: str, dtype: st
     recipe and compared with the trial's own outputs: (status, detail)."""
     import torch
 
-    from autoprune.latency import assigned_device
+    from autoprune.config import HealConfig, PruneConfig, TrialConfig
+    from autoprune.measure.latency import assigned_device
     from autoprune.models import load_model_dir
-    from autoprune.spec import HealConfig, PruneConfig, TrialConfig
     from autoprune.trial import run_trial
 
     device = assigned_device()
@@ -300,8 +300,8 @@ def _trial_on_worker(source, method: str, options: dict, healing: str, dtype: st
 
 
 def _deepspeed_on_worker(source) -> tuple[str, str]:
-    from autoprune.latency import assigned_device
-    from autoprune.spec import HealConfig, HealingEngine, PruneConfig, TrialConfig
+    from autoprune.config import HealConfig, HealingEngine, PruneConfig, TrialConfig
+    from autoprune.measure.latency import assigned_device
     from autoprune.trial import run_trial
 
     engine = HealingEngine("deepspeed", workers=2, zero_stage=2, bf16=True, cpu=1, gpu=1)

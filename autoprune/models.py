@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.formats import ExecutionRecipe
+from autoprune.measure.formats import ExecutionRecipe
 
 SAVED_FORMAT = "autoprune.model/1"
 WEIGHTS_FILE = "weights.safetensors"
@@ -288,8 +288,8 @@ def load_model_dir(directory: str | Path, *, recipe: bool = True, device: str | 
 def _prepared(model: nn.Module, recipe: ExecutionRecipe, device) -> nn.Module:
     import logging
 
-    from autoprune.formats import SEMI_STRUCTURED, plan_kernels, prepare
-    from autoprune.formats import DTYPES as dtypes
+    from autoprune.measure.formats import DTYPES as dtypes
+    from autoprune.measure.formats import SEMI_STRUCTURED, plan_kernels, prepare
 
     if device is None:
         device = recipe.device if recipe.device != "cuda" or torch.cuda.is_available() else "cpu"

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from ray import serve
 
 
@@ -24,7 +23,7 @@ from ray import serve
 class PrunedModel:
     def __init__(self, model: str, max_latency_ms: float, tracking_uri: str | None = None,
                  device: str | None = None, conditions: dict | None = None) -> None:
-        from autoprune.select import best, load_model
+        from autoprune.tracking.select import best, load_model
 
         # conditions: the measurement conditions to choose among (device, batch_size, dtype), as `best` takes them
         self.choice = best(model=model, max_latency_ms=max_latency_ms, tracking_uri=tracking_uri,
@@ -62,7 +61,7 @@ def replica_resources(choice) -> dict:
 def app(args: dict[str, str]) -> serve.Application:
     """`serve run autoprune.serve:app model=NAME max_latency_ms=MS [tracking_uri=URI] [device=cuda]
     [batch_size=N] [dtype=D] [measured_on=DEVICE]`."""
-    from autoprune.select import best
+    from autoprune.tracking.select import best
 
     conditions = {key: value for key, value in (("device", args.get("measured_on")),
                                                  ("batch_size", int(args["batch_size"]) if "batch_size" in args else None),

@@ -25,7 +25,7 @@ TINY_BOTTLENECK = ModelSource("resnet50", 10, {"layers": (1, 1, 1, 1), "channels
 
 def briefly_trained(source: ModelSource, data) -> torch.nn.Module:
     """A real dense model for healing tests: 150 steps on the reference task."""
-    from autoprune.training import cross_entropy, optimise
+    from autoprune.train.loop import cross_entropy, optimise
 
     torch.manual_seed(0)
     model = source.create()

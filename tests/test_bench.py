@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from autoprune import bench
-from autoprune.spec import ModelSpec
 from conftest import TINY_VIT
+
+from autoprune.bench import methods as bench
+from autoprune.config import ModelSpec
 
 
 @pytest.fixture
@@ -42,8 +42,9 @@ def test_pruning_rows_and_table(tiny_models, tmp_path):
 
 
 def test_latency_bench_rows_and_formats():
-    from autoprune import bench_latency
     from conftest import TINY_RESNET, TINY_VIT
+
+    from autoprune.bench import latency as bench_latency
 
     table = {"vit": (TINY_VIT.name, dict(TINY_VIT.kwargs, num_classes=10), (3, 32, 32)),
              "resnet": (TINY_RESNET.name, dict(TINY_RESNET.kwargs, num_classes=10), (3, 32, 32))}
@@ -71,9 +72,10 @@ def test_latency_bench_rows_and_formats():
 
 
 def test_shrink_keeps_the_function_shape_and_rounds_widths():
-    from autoprune.bench_latency import shrink, two_four
-    from autoprune.formats import is_two_four
     from conftest import TINY_BOTTLENECK, TINY_VIT
+
+    from autoprune.bench.latency import shrink, two_four
+    from autoprune.measure.formats import is_two_four
 
     for source in (TINY_VIT, TINY_BOTTLENECK):
         model = source.create().eval()
@@ -91,7 +93,7 @@ def test_shrink_keeps_the_function_shape_and_rounds_widths():
 def test_the_faults_bench_reads_worker_memory_per_process_in_trial_order():
     from types import SimpleNamespace
 
-    from autoprune.bench_faults import _worker_memory, text
+    from autoprune.bench.faults import _worker_memory, text
 
     def trial(pid, at, rss):
         return SimpleNamespace(last_result={"worker_pid": pid, "timestamp": at, "worker_rss_mb": rss})

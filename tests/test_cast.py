@@ -7,13 +7,19 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_BOTTLENECK, TINY_RESNET, TINY_VIT
 
 from autoprune import prune
 from autoprune.models import layer_groups, pooled_group
-from autoprune.prune.cast import (cast_mask, fold_permutations, group_covariances, interleave, keep_patterns,
-                                  removed_energy)
+from autoprune.prune.cast import (
+    cast_mask,
+    fold_permutations,
+    group_covariances,
+    interleave,
+    keep_patterns,
+    removed_energy,
+)
 from autoprune.prune.nm import nm_mask
-from conftest import TINY_BOTTLENECK, TINY_RESNET, TINY_VIT
 
 
 def _cast(source, calibration, **options):

@@ -49,7 +49,7 @@ def test_methods_lists_the_registries(capsys):
 
 @pytest.mark.faults
 def test_an_unreachable_tracking_server_stops_the_search_before_anything_runs(tmp_path):
-    from autoprune.loopback import free_port
+    from autoprune.testing.loopback import free_port
 
     demo = os.path.join(os.path.dirname(__file__), "..", "search_spaces", "demo.yaml")
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there

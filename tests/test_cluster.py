@@ -17,9 +17,9 @@ import sys
 import pytest
 import yaml
 
-from autoprune import bench_cluster
-from autoprune.loopback import mlflow_server, ray_cluster, s3_server
-from autoprune.tracking import Tracker
+from autoprune.bench import cluster as bench_cluster
+from autoprune.testing.loopback import mlflow_server, ray_cluster, s3_server
+from autoprune.tracking.store import Tracker
 
 pytestmark = pytest.mark.cluster
 

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY_VIT, briefly_trained
 
 from autoprune import heal, prune
-from autoprune.measure import achieved_sparsity, prunable_weight_count
+from autoprune.config import HealingEngine
+from autoprune.measure.metrics import achieved_sparsity, prunable_weight_count
 from autoprune.models import pooled_group, prunable_layers
-from autoprune.spec import HealingEngine
-from conftest import TINY_VIT, briefly_trained
 
 pytestmark = pytest.mark.cluster
 pytest.importorskip("deepspeed")
@@ -83,8 +83,8 @@ def test_a_search_reserves_each_trials_workers_with_the_trial(local_ray, tmp_pat
     On this 2-CPU cluster two concurrent trials would each hold a CPU while their workers waited for one forever
     (what a search did when only the trial was reserved); reserved together, one trial runs at a time and the
     search ends."""
-    from autoprune.search import search
-    from autoprune.spec import parse_spec
+    from autoprune.driver.search import search
+    from autoprune.spec.load import parse_spec
 
     spec = parse_spec({
         "name": "deepspeed-search",
@@ -110,7 +110,7 @@ def test_a_search_reserves_each_trials_workers_with_the_trial(local_ray, tmp_pat
 
 def test_combinations_deepspeed_cannot_run_are_refused_when_the_spec_is_read():
     from autoprune.errors import SpecError
-    from autoprune.spec import parse_spec
+    from autoprune.spec.load import parse_spec
 
     base = {"name": "x", "model": {"name": TINY_VIT.name, "num_classes": 10, "train_steps": 5},
             "healing": {"engine": "deepspeed", "gpu": 1},

@@ -7,21 +7,21 @@ The assertions read back what MLflow holds (runs, metrics, artifacts, registered
 from __future__ import annotations
 
 import json
-from importlib import metadata
 import os
 import subprocess
 import sys
 import textwrap
+from importlib import metadata
 
 import pytest
 import torch
 
+from autoprune.driver.search import search
 from autoprune.errors import AutopruneError, NoModelMeetsTarget
 from autoprune.models import load_model_dir
-from autoprune.search import search
-from autoprune.select import best, registered_versions
-from autoprune.spec import parse_spec
-from autoprune.tracking import ALIAS_FASTEST, ALIAS_MOST_ACCURATE, Tracker
+from autoprune.spec.load import parse_spec
+from autoprune.tracking.select import best, registered_versions
+from autoprune.tracking.store import ALIAS_FASTEST, ALIAS_MOST_ACCURATE, Tracker
 
 pytestmark = pytest.mark.e2e
 
@@ -279,8 +279,8 @@ def test_the_selected_model_is_served_over_http(outcome, local_ray, bundle):
 
     from ray import serve
 
-    from autoprune.loopback import free_port
     from autoprune.serve import PrunedModel
+    from autoprune.testing.loopback import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

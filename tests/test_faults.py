@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from autoprune import bench_faults
-from autoprune.loopback import mlflow_server
-from autoprune.tracking import Tracker, resolve_tracking_uri
+from autoprune.bench import faults as bench_faults
+from autoprune.testing.loopback import mlflow_server
+from autoprune.tracking.store import Tracker, resolve_tracking_uri
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 

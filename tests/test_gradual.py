@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_VIT
 
 from autoprune import prune
 from autoprune.models import LayerGroup, layer_groups, pooled_group
 from autoprune.prune.gradual import Feather, ProgressiveMagnitude
 from autoprune.prune.masks import cubic_schedule, linear_schedule
-from autoprune.training import cross_entropy, optimise
-from conftest import TINY_VIT
+from autoprune.train.loop import cross_entropy, optimise
 
 
 def test_schedules_give_the_documented_sparsity():

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY_RESNET, briefly_trained
 
 from autoprune import heal, prune
-from autoprune.measure import accuracy
+from autoprune.measure.metrics import accuracy
 from autoprune.models import layer_groups
-from autoprune.training import Loss, cross_entropy, optimise
-from conftest import TINY_RESNET, briefly_trained
+from autoprune.train.loop import Loss, cross_entropy, optimise
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_any_step_count_trains(steps, bundle):
 
 
 def test_the_schedule_warms_up_then_decays_to_zero():
-    from autoprune.training import warmup_cosine
+    from autoprune.train.loop import warmup_cosine
 
     factor = warmup_cosine(100)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)

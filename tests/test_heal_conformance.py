@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY_RESNET, TINY_VIT, briefly_trained
 
 from autoprune import heal, prune
-from autoprune.measure import accuracy
+from autoprune.measure.metrics import accuracy
 from autoprune.models import internal_states, layer_groups
 from autoprune.prune.masks import Masks
-from conftest import TINY_RESNET, TINY_VIT, briefly_trained
 
 
 @pytest.fixture(scope="module", params=[TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
@@ -55,7 +55,7 @@ def test_conformance(method, trained, bundle, example):
 def test_conformance_through_a_trial(method, trained, bundle):
     """Each method heals a structurally pruned model inside the whole trial, after its profile (which times a copy
     in the default layout search), on the ViT and on the CNN."""
-    from autoprune.spec import HealConfig, ProfileSpec, PruneConfig, TrialConfig
+    from autoprune.config import HealConfig, ProfileSpec, PruneConfig, TrialConfig
     from autoprune.trial import TrialContext, run_trial
 
     source = TINY_VIT if hasattr(trained, "blocks") else TINY_RESNET

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_RESNET, TINY_VIT
 from safetensors.torch import save_file
 
 from autoprune.errors import AutopruneError
 from autoprune.models import ModelSource, layer_groups, load_dense, load_model_dir, prunable_layers
-from conftest import TINY_RESNET, TINY_VIT
 
 
 def _state(source):

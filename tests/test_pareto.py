@@ -29,11 +29,10 @@ def test_hypervolume_of_a_staircase():
 
 
 def test_the_dense_model_competes_but_is_never_on_the_front(bundle):
-    from autoprune.profile import LatencyProfile
+    from autoprune.config import HealConfig, PruneConfig, TrialConfig
+    from autoprune.measure.timing import LatencyProfile
     from autoprune.pareto import pareto_front
-    from autoprune.spec import HealConfig, PruneConfig, TrialConfig
-    from autoprune.tracking import TrialRecord
-    from autoprune.trial import TrialResult
+    from autoprune.result import TrialRecord, TrialResult
 
     def result(accuracy, ms):
         latency = LatencyProfile(ms, ms, 0.0, 1, "float32", "cpu", 1, 5, (3, 8, 8), "x")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from autoprune.profile import percentile, profile_latency
+from autoprune.measure.timing import percentile, profile_latency
 
 
 def test_percentile_interpolates():
@@ -22,7 +22,7 @@ def test_profile_records_what_makes_it_comparable():
 
 
 def test_warm_up_runs_until_timings_settle():
-    from autoprune.profile import warm_up
+    from autoprune.measure.timing import warm_up
 
     calls = []
     drifting = iter([[10.0] * 5, [5.0] * 5, [2.0] * 5, [1.0] * 5, [1.02] * 5] + [[1.0] * 5] * 30)
@@ -104,8 +104,8 @@ def test_profiling_leaves_the_model_as_it_came_and_trainable(memory_format, dtyp
 def test_a_sparse_kernel_failing_at_its_first_call_is_timed_dense_with_the_reason(monkeypatch):
     """Conversion can succeed and the kernels still fail on the first forward (a shape or device they do not
     take): the profile falls back to dense kernels and says why, rather than failing the trial."""
-    import autoprune.formats as formats
-    import autoprune.profile as profile_module
+    import autoprune.measure.formats as formats
+    import autoprune.measure.timing as profile_module
 
     def converted_but_broken(model, dtype):
         def fail(module, args):

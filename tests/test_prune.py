@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY_BOTTLENECK, TINY_RESNET, TINY_VIT
 
 from autoprune import prune
-from autoprune.measure import achieved_sparsity, count_params, prunable_weight_count
+from autoprune.measure.metrics import achieved_sparsity, count_params, prunable_weight_count
 from autoprune.models import layer_groups, load_model_dir, pooled_group, prunable_layers, save_model
 from autoprune.prune.nm import nm_mask
 from autoprune.prune.variance import Welford
-from conftest import TINY_BOTTLENECK, TINY_RESNET, TINY_VIT
 
 TARGET = 0.5
 
@@ -294,7 +294,7 @@ def test_heads_can_be_kept(example):
 def test_conformance_through_a_trial_that_heals(method_name, source, bundle):
     """Each method, on the ViT and on the CNN, through the whole trial: prune, profile (the default layout search),
     a training heal, evaluate — what a search runs, not only the pruning step."""
-    from autoprune.spec import HealConfig, ProfileSpec, PruneConfig, TrialConfig
+    from autoprune.config import HealConfig, ProfileSpec, PruneConfig, TrialConfig
     from autoprune.trial import TrialContext, run_trial
 
     torch.manual_seed(0)

@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from autoprune.cli import main
+from autoprune.driver.search import search
 from autoprune.errors import AutopruneError
-from autoprune.publish import experiment_path
-from autoprune.search import search
-from autoprune.spec import parse_spec
-from autoprune.tracking import Tracker, resolve_tracking_uri
+from autoprune.spec.load import parse_spec
+from autoprune.tracking.publish import experiment_path
+from autoprune.tracking.store import Tracker, resolve_tracking_uri
 
 DEMO = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "demo.yaml").read_text())
 

@@ -1,6 +1,6 @@
 """The reports a person reads: the table, and the plots (PNG and hover-able SVG in HTML)."""
 
-from autoprune.report import plot_html, plot_png, table
+from autoprune.tracking.report import plot_html, plot_png, table
 
 ROWS = [
     {"trial": "a", "prune": "structured", "heal": "distill", "sparsity": 0.45, "accuracy": 0.97, "latency_ms": 2.6,

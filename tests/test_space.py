@@ -8,13 +8,13 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import TINY_VIT
 
+from autoprune.driver.search import make_sampler
 from autoprune.errors import SpecError
 from autoprune.models import layer_groups
-from autoprune.search import make_sampler
-from autoprune.space import SearchSpace, interpolate_profile
-from autoprune.spec import parse_spec
-from conftest import TINY_VIT
+from autoprune.spec.load import parse_spec
+from autoprune.spec.space import SearchSpace, interpolate_profile
 
 DEMO = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "demo.yaml").read_text())
 GROUPS = layer_groups(TINY_VIT.create())
@@ -132,7 +132,7 @@ def test_a_fixed_seed_samples_the_same_configurations():
 
 
 def test_the_latency_target_reaches_optuna_as_a_constraint():
-    from autoprune.search import CONSTRAINT_ATTR, latency_constrained_searcher
+    from autoprune.driver.search import CONSTRAINT_ATTR, latency_constrained_searcher
 
     raw = copy.deepcopy(DEMO)
     raw["latency_target_ms"] = 2.0
@@ -152,7 +152,7 @@ def test_the_latency_target_reaches_optuna_as_a_constraint():
 def test_a_trial_without_a_measured_latency_does_not_count_as_meeting_the_target():
     import optuna
 
-    from autoprune.search import CONSTRAINT_ATTR, _trial_constraints
+    from autoprune.driver.search import CONSTRAINT_ATTR, _trial_constraints
 
     failed = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL)
     assert _trial_constraints(failed)[0] > 0  # > 0: infeasible
@@ -165,8 +165,8 @@ def test_a_trial_that_reports_its_own_error_reaches_optuna_as_failed():
     searcher must tell Optuna FAIL, not COMPLETE or PRUNED, so the sampler does not count it as a measured point."""
     import optuna
 
-    from autoprune.publish import TRIAL_ERROR
-    from autoprune.search import latency_constrained_searcher
+    from autoprune.driver.search import latency_constrained_searcher
+    from autoprune.tracking.publish import TRIAL_ERROR
 
     spec = parse_spec(DEMO)
     searcher = latency_constrained_searcher(SearchSpace(spec, GROUPS), spec)

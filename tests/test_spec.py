@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from autoprune.config import Choice, Fixed, Range, TrialConfig
 from autoprune.errors import SpecError
-from autoprune.spec import Choice, Fixed, Range, TrialConfig, load_spec, parse_spec
+from autoprune.spec.load import load_spec, parse_spec
 
 SPECS = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
 DEMO = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "demo.yaml").read_text())
@@ -156,7 +157,7 @@ def test_scalar_dimension_is_fixed():
 
 
 def test_trial_config_round_trips_through_json():
-    from autoprune.spec import HealConfig, PruneConfig
+    from autoprune.config import HealConfig, PruneConfig
 
     config = TrialConfig(PruneConfig("magnitude", {"blocks.0.mlp": 0.5}, {}), HealConfig("distill", 64, 10, 1e-3, 16,
                                                                                          {"alpha": 0.5}), seed=3)

@@ -8,13 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VIT
 from scipy.integrate import quad
 
 from autoprune import prune
 from autoprune.models import pooled_group
-from autoprune.prune.spectral import (layer_weights, mp_quantiles, regime, spectral_edge, tracy_widom1_cdf,
-                                      tracy_widom1_quantile)
-from conftest import TINY_VIT
+from autoprune.prune.spectral import (
+    layer_weights,
+    mp_quantiles,
+    regime,
+    spectral_edge,
+    tracy_widom1_cdf,
+    tracy_widom1_quantile,
+)
 
 
 def test_tracy_widom1_has_its_known_mean_and_deviation():

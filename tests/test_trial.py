@@ -6,11 +6,12 @@ import time
 
 import pytest
 import torch
-
-from autoprune.models import load_model_dir
-from autoprune.spec import HealConfig, PruneConfig, ProfileSpec, TrialConfig
-from autoprune.trial import STAGES, TrialContext, TrialResult, run_trial
 from conftest import TEST_ACCELERATOR, TINY_VIT
+
+from autoprune.config import HealConfig, ProfileSpec, PruneConfig, TrialConfig
+from autoprune.models import load_model_dir
+from autoprune.result import STAGES, TrialResult
+from autoprune.trial import TrialContext, run_trial
 
 PROFILE = ProfileSpec(batch_size=2, warmup=1, repeats=3)
 
@@ -52,8 +53,8 @@ def test_a_missed_latency_target_stops_before_healing(context):
 def test_dense_training_is_reproducible(bundle, tmp_path):
     """Two cache misses train to identical weights, whatever consumed the global RNG before and however many threads
     the process has."""
-    from autoprune.dense import dense_weights
-    from autoprune.spec import DataSpec, ModelSpec
+    from autoprune.config import DataSpec, ModelSpec
+    from autoprune.driver.prepare import dense_weights
 
     model = ModelSpec(TINY_VIT.name, 10, train_steps=3, kwargs=TINY_VIT.kwargs)
     first = dense_weights(model, DataSpec(), bundle, cache_dir=tmp_path / "a")
@@ -78,8 +79,8 @@ def test_spectral_allocation_drives_a_structured_method(context):
 def test_identical_structures_are_timed_once(context, monkeypatch):
     from dataclasses import replace
 
-    import autoprune.latency as latency_module
-    from autoprune.latency_cache import LocalLatencyCache
+    import autoprune.measure.latency as latency_module
+    from autoprune.measure.cache import LocalLatencyCache
 
     calls = []
     real = latency_module.profile_latency
@@ -98,7 +99,7 @@ def test_identical_structures_are_timed_once(context, monkeypatch):
 
 
 def test_the_signature_tells_structures_and_settings_apart():
-    from autoprune.latency_cache import structure_signature
+    from autoprune.measure.cache import structure_signature
 
     model = TINY_VIT.create()
     assert structure_signature(model, batch_size=1) == structure_signature(TINY_VIT.create(), batch_size=1)
@@ -110,7 +111,7 @@ def test_the_signature_tells_structures_and_settings_apart():
 def test_on_cpu_a_two_four_model_says_it_was_timed_with_dense_kernels(context):
     from dataclasses import replace
 
-    from autoprune.latency_cache import LocalLatencyCache
+    from autoprune.measure.cache import LocalLatencyCache
 
     cached = replace(context, latency_cache=LocalLatencyCache())
     dense = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), cached, threads=1)
@@ -127,7 +128,7 @@ def test_two_four_layers_follow_the_backend_that_runs_them(example):
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
     from autoprune import prune
-    from autoprune.formats import semi_structured_layers
+    from autoprune.measure.formats import semi_structured_layers
     from autoprune.models import pooled_group
 
     vit = TINY_VIT.create()
@@ -148,14 +149,13 @@ def test_a_two_four_model_with_no_layer_for_the_kernels_shares_the_dense_measure
     """On a GPU with sparse kernels, a CNN pruned 2:4 still runs dense kernels (its convolutions have none): it is
     the dense structure's twin and gets its measurement, not a 2:4 key of its own. (The GPU is pretended: the
     kernels' availability is the only thing asked of it before timing.)"""
-    from dataclasses import replace
 
-    import autoprune.formats as formats
-    from autoprune.latency_cache import LocalLatencyCache
+    import autoprune.measure.formats as formats
+    from autoprune.measure.cache import LocalLatencyCache
 
     monkeypatch.setattr(formats, "semi_structured_unsupported", lambda device, dtype: None)
     # (latency.py decided the key with its own copy of this check before it asked formats.py)
-    monkeypatch.setattr("autoprune.latency.semi_structured_unsupported", lambda device, dtype: None, raising=False)
+    monkeypatch.setattr("autoprune.measure.latency.semi_structured_unsupported", lambda device, dtype: None, raising=False)
     torch.manual_seed(0)
     context = TrialContext(TINY_RESNET, TINY_RESNET.create().state_dict(), bundle, PROFILE,
                            latency_cache=LocalLatencyCache())
@@ -170,7 +170,7 @@ def test_a_worker_uses_the_device_ray_assigned_it(monkeypatch):
     """With `gpu: 0`, Ray no longer hides the machine's GPUs: a trial must not take cuda:0 because one exists."""
     import ray
 
-    from autoprune.latency import assigned_device
+    from autoprune.measure.latency import assigned_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
@@ -181,7 +181,7 @@ def test_a_worker_uses_the_device_ray_assigned_it(monkeypatch):
 
 def test_the_latency_cache_survives_its_actor_dying(local_ray):
     """If the cache's actor dies, it is restarted (empty) and a lookup meanwhile is a miss, not a failed trial."""
-    from autoprune.latency_cache import SharedLatencyCache
+    from autoprune.measure.cache import SharedLatencyCache
 
     cache = SharedLatencyCache.start()
     assert cache.put("a", 1) == 1 and cache.get("a") == 1
@@ -197,7 +197,7 @@ def test_the_latency_cache_survives_its_actor_dying(local_ray):
 
 def test_format_selection():
     from autoprune import prune
-    from autoprune.formats import is_two_four, semi_structured_unsupported
+    from autoprune.measure.formats import is_two_four, semi_structured_unsupported
 
     assert prune.get("nm").execution_format({"n": 2, "m": 4}) == "2:4"
     assert prune.get("cast").execution_format({"n": 2, "m": 4, "permute": True}) == "2:4"
@@ -211,7 +211,7 @@ def test_format_selection():
 def test_extra_batch_sizes_are_measured_cached_and_reported(context):
     from dataclasses import replace
 
-    from autoprune.latency_cache import LocalLatencyCache
+    from autoprune.measure.cache import LocalLatencyCache
 
     settings = replace(PROFILE, batch_size=4, extra_batch_sizes=(1,))
     cached = replace(context, profile=settings, latency_cache=LocalLatencyCache())
@@ -230,7 +230,7 @@ def test_latency_is_measured_on_the_target_accelerator_type(context, local_ray):
     """The profile runs in a Ray task placed by accelerator type: its 1 CPU, not the trial's 2 threads."""
     from dataclasses import replace
 
-    from autoprune.spec import TargetHardware
+    from autoprune.config import TargetHardware
 
     settings = replace(PROFILE, target=TargetHardware(TEST_ACCELERATOR, cpu=1, gpu=0))
     result = run_trial(CONFIG, replace(context, profile=settings), threads=2)
@@ -241,8 +241,9 @@ def test_latency_is_measured_on_the_target_accelerator_type(context, local_ray):
 
 # ---- CNNs through the whole trial, with every healing method that trains -------------------------------------
 
-from autoprune import heal  # noqa: E402
 from conftest import TINY_BOTTLENECK, TINY_RESNET  # noqa: E402
+
+from autoprune import heal  # noqa: E402
 
 TRAINING_HEALS = [method.name for method in heal.HEAL_METHODS if method.trains]
 CNN_PROFILES = {  # the default layout search (both timed), a forced layout, and a low-precision profile

@@ -12,10 +12,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from autoprune.config import HealingEngine
 from autoprune.data import DataBundle, ImageSet
 from autoprune.prune.masks import Sparsifier
 from autoprune.registry import Registry
-from autoprune.spec import HealingEngine
 
 
 @dataclass(frozen=True)

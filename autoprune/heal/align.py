@@ -18,7 +18,7 @@ from torch import nn
 from autoprune.errors import AutopruneError
 from autoprune.heal import HealMethod, HealRequest, register
 from autoprune.models import internal_states
-from autoprune.training import logit_kl, optimise
+from autoprune.train.loop import logit_kl, optimise
 
 STATE_CHOICES = ("all", "last")
 NORMALIZE_CHOICES = ("relative", "none")

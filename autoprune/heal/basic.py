@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune.heal import HealMethod, HealRequest, register
-from autoprune.training import LossFn, cross_entropy, logit_kl, optimise
+from autoprune.train.loop import LossFn, cross_entropy, logit_kl, optimise
 
 
 def _no_healing(model, request: HealRequest) -> list[float]:

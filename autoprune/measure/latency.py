@@ -19,10 +19,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from autoprune.formats import DTYPES, plan_kernels
-from autoprune.latency_cache import LatencyCache, structure_signature
-from autoprune.profile import LatencyProfile, device_name, join_notes, profile_latency
-from autoprune.spec import ProfileSpec
+from autoprune.config import ProfileSpec
+from autoprune.measure.cache import LatencyCache, structure_signature
+from autoprune.measure.formats import DTYPES, plan_kernels
+from autoprune.measure.timing import LatencyProfile, device_name, join_notes, profile_latency
 
 
 @dataclass(frozen=True)

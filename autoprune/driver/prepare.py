@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from autoprune.config import DataSpec, ModelSpec
 from autoprune.data import DataBundle
 from autoprune.models import ModelSource, load_dense
-from autoprune.spec import DataSpec, ModelSpec
-from autoprune.training import cross_entropy, optimise
+from autoprune.train.loop import cross_entropy, optimise
 
 log = logging.getLogger(__name__)
 

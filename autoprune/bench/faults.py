@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from autoprune import bench_cluster
+from autoprune.bench import cluster as bench_cluster
 
 SPEC = {
     "name": "bench-faults",
@@ -72,10 +72,10 @@ class WorkerKiller:
 def run(root: Path, trials: int, echo=print) -> dict:
     import ray
 
-    from autoprune.publish import experiment_path
-    from autoprune.search import search
-    from autoprune.spec import parse_spec
-    from autoprune.tracking import KEY_TAG, TRIAL_TAG, Tracker
+    from autoprune.driver.search import search
+    from autoprune.spec.load import parse_spec
+    from autoprune.tracking.publish import experiment_path
+    from autoprune.tracking.store import KEY_TAG, TRIAL_TAG, Tracker
 
     raw = json.loads(json.dumps(SPEC))
     raw["search"]["trials"] = trials

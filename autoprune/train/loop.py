@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoprune.config import HealingEngine
 from autoprune.data import DataBundle, ImageSet
 from autoprune.prune.masks import Sparsifier
-from autoprune.spec import HealingEngine
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, inputs, labels) → loss
 
@@ -77,8 +77,8 @@ def optimise(
     """Run `steps` AdamW steps on batches sampled from `images`; returns the loss of every step.
     With a DeepSpeed `engine` the same job runs on several workers (distributed.py)."""
     if engine is not None and engine.engine == "deepspeed":
-        from autoprune.distributed import optimise_deepspeed
         from autoprune.prune.masks import Masks
+        from autoprune.train.deepspeed import optimise_deepspeed
 
         losses = optimise_deepspeed(model, engine, images=images, mean=data.mean, std=data.std, objective=objective,
                                     steps=steps, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,

@@ -6,243 +6,39 @@ starts. Unknown keys are errors, never silently dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 import yaml
 
+from autoprune.config import (
+    DATA_SOURCES,
+    DTYPES,
+    HEALING_ENGINES,
+    LATENCY_METRICS,
+    MEMORY_FORMATS,
+    SAMPLERS,
+    SPARSITY_MODES,
+    Choice,
+    DataSpec,
+    Dimension,
+    Fixed,
+    HealingEngine,
+    HealSpace,
+    MlflowSpec,
+    ModelSpec,
+    ProfileSpec,
+    PruneSpace,
+    Range,
+    SearchSettings,
+    SearchSpec,
+    SparsitySpace,
+    TargetHardware,
+)
 from autoprune.errors import SpecError
-
-SAMPLERS = ("tpe", "nsga2", "random")
-SPARSITY_MODES = ("global", "per_group", "profile", "spectral")
-DATA_SOURCES = ("reference", "imagefolder")
-DTYPES = ("float32", "float16", "bfloat16")
-HEALING_ENGINES = ("local", "deepspeed")
-MEMORY_FORMATS = ("auto", "contiguous", "channels_last")  # auto: CNNs are timed both ways, the faster is kept
-LATENCY_METRICS = ("latency_ms", "latency_p90_ms", "macs", "params")  # what the cost objective may be
-
-
-# ---- search dimensions -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fixed:
-    """A dimension held at one value (written as a plain scalar in YAML)."""
-
-    value: Any
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A categorical dimension (written as a list)."""
-
-    values: tuple
-
-
-@dataclass(frozen=True)
-class Range:
-    """A numeric interval (written as {low, high, log?, step?})."""
-
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
-
-
-Dimension = Union[Fixed, Choice, Range]
-
-
-# ---- the spec ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str  # timm model name
-    num_classes: int
-    pretrained: bool = False  # timm's pretrained weights (needs the hub, or timm's local cache)
-    checkpoint: str | None = None  # local weights file (.safetensors, or a torch state dict)
-    train_steps: int | None = None  # no weights given: train the dense model this many steps once, and cache it
-    kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    source: str = "reference"  # "reference" (built in) or "imagefolder"
-    train_dir: str | None = None  # ImageFolder tree the calibration images are drawn from
-    val_dir: str | None = None  # ImageFolder tree accuracy is measured on (healing never sees it)
-    image_size: int = 224  # ImageFolder images are resized and centre-cropped to this
-    eval_images: int | None = None  # measure accuracy on at most this many (class-balanced) images
-
-
-@dataclass(frozen=True)
-class TargetHardware:
-    """Latency measured on a node of this Ray accelerator type (say the deployment GPU), not on the healing worker."""
-
-    accelerator_type: str  # Ray's name for it, e.g. "A10G", "L4", "H100" (`ray.util.accelerators`)
-    cpu: float = 1  # what the measuring task takes on that node
-    gpu: float = 1
-
-
-@dataclass(frozen=True)
-class ProfileSpec:
-    batch_size: int = 1  # the batch whose latency is the objective
-    extra_batch_sizes: tuple[int, ...] = ()  # also measured and logged (e.g. 1 next to a serving batch)
-    dtype: str = "float32"
-    warmup: int = 10  # untimed forward passes first
-    repeats: int = 30  # timed forward passes; median and p90 come from these
-    memory_format: str = "auto"
-    compile: bool = False  # time torch.compile(model) (compilation itself is not timed)
-    target: TargetHardware | None = None  # None: on the worker that runs the trial
-
-    @property
-    def batch_sizes(self) -> tuple[int, ...]:
-        """Every batch size measured, the objective's first."""
-        return (self.batch_size, *self.extra_batch_sizes)
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    trials: int = 12
-    concurrency: int = 2  # trials running at once
-    sampler: str = "tpe"  # Optuna sampler: tpe, nsga2 or random
-    seed: int = 0  # sampler seed and every trial's seed
-    cpu: float = 1  # Ray resources per trial
-    gpu: float = 0
-    # A trial whose worker dies (or that raises: Tune cannot tell them apart) is started again this many times.
-    max_retries: int = 1
-    # Where Tune keeps trial results and checkpoints (the pruned models): a path every node reaches (NFS) or a URI
-    # (s3://bucket/prefix, gs://…); None: <workdir>/ray on the driver, enough for one machine.
-    storage: str | None = None
-
-
-@dataclass(frozen=True)
-class HealingEngine:
-    """How a trial runs its healing: in its own process (local), or as a multi-worker DeepSpeed job."""
-
-    engine: str = "local"  # local | deepspeed
-    workers: int = 2  # DeepSpeed processes per trial (Ray Train workers)
-    zero_stage: int = 2  # ZeRO stage 1, 2 or 3
-    bf16: bool = True
-    cpu: float = 1  # Ray resources per worker
-    gpu: float = 1  # 0 or a whole number: NCCL refuses two workers on one GPU
-
-
-@dataclass(frozen=True)
-class MlflowSpec:
-    experiment: str
-    registered_model: str
-    tracking_uri: str | None = None  # None: a local sqlite store in the work directory
-
-
-@dataclass(frozen=True)
-class SparsitySpace:
-    # global: one value; per_group: one per layer group; profile: knots over depth;
-    # spectral: one value, spread over the groups by the Marchenko–Pastur layer budget of the dense weights
-    mode: str = "global"
-    low: float = 0.3
-    high: float = 0.9
-    step: float | None = None
-    knots: int = 3  # profile mode only
-
-
-@dataclass(frozen=True)
-class PruneSpace:
-    methods: tuple[str, ...]
-    sparsity: SparsitySpace = field(default_factory=SparsitySpace)
-    options: Mapping[str, Mapping[str, Dimension]] = field(default_factory=dict)  # method → option → dimension
-
-
-@dataclass(frozen=True)
-class HealSpace:
-    methods: tuple[str, ...]
-    calibration_images: Dimension = field(default_factory=lambda: Fixed(256))
-    steps: Dimension = field(default_factory=lambda: Fixed(100))
-    lr: Dimension = field(default_factory=lambda: Fixed(1e-3))
-    batch_size: int = 32
-    options: Mapping[str, Mapping[str, Dimension]] = field(default_factory=dict)  # method → option → dimension
-
-
-@dataclass(frozen=True)
-class SearchSpec:
-    name: str
-    model: ModelSpec
-    data: DataSpec
-    mlflow: MlflowSpec
-    prune: PruneSpace
-    heal: HealSpace
-    objectives: Mapping[str, str] = field(default_factory=lambda: {"accuracy": "max", "latency_ms": "min"})
-    latency_target_ms: float | None = None
-    profile: ProfileSpec = field(default_factory=ProfileSpec)
-    healing: HealingEngine = field(default_factory=HealingEngine)
-    search: SearchSettings = field(default_factory=SearchSettings)
-
-    @property
-    def cost_metric(self) -> str:
-        """The objective traded against accuracy (latency_ms unless the spec says otherwise)."""
-        return next(metric for metric in self.objectives if metric != "accuracy")
-
-    def as_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
-
-
-# ---- one point of the space -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    method: str  # a registered pruning method
-    sparsity: Mapping[str, float] = field(default_factory=dict)  # group → fraction; {"all": s} for global
-    options: Mapping[str, Any] = field(default_factory=dict)
-    allocation: str = "given"  # given: as above; spectral: {"all": s} spread over the groups by the MP layer budget
-
-
-@dataclass(frozen=True)
-class HealConfig:
-    method: str  # a registered healing method
-    calibration_images: int = 0  # drawn from the training pool
-    steps: int = 0
-    lr: float = 0.0
-    batch_size: int = 32
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TrialConfig:
-    """One point of the search space, fully resolved: what `run_trial` executes."""
-
-    prune: PruneConfig
-    heal: HealConfig
-    seed: int = 0
-
-    def flat(self) -> dict[str, Any]:
-        """Dotted keys → scalars, as MLflow params and table columns."""
-        flat: dict[str, Any] = {"prune.method": self.prune.method, "heal.method": self.heal.method, "seed": self.seed}
-        flat.update({f"prune.sparsity.{group}": value for group, value in self.prune.sparsity.items()})
-        if self.prune.allocation != "given":
-            flat["prune.allocation"] = self.prune.allocation
-        flat.update({f"prune.{self.prune.method}.{key}": value for key, value in self.prune.options.items()})
-        for key in ("calibration_images", "steps", "lr", "batch_size"):
-            flat[f"heal.{key}"] = getattr(self.heal, key)
-        flat.update({f"heal.{self.heal.method}.{key}": value for key, value in self.heal.options.items()})
-        return flat
-
-    def to_json(self) -> str:
-        import json
-
-        return json.dumps(_plain(dataclasses.asdict(self)), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrialConfig":
-        import json
-
-        raw = json.loads(text)
-        return cls(PruneConfig(**raw["prune"]), HealConfig(**raw["heal"]), raw["seed"])
-
 
 # ---- loading -----------------------------------------------------------------------------------------------
 
@@ -679,12 +475,3 @@ def _at_least(minimum: int):
         return None if value >= minimum else f"must be >= {minimum}"
 
     return check
-
-
-def _plain(value: Any) -> Any:
-    """Dataclass dicts → YAML/JSON-safe plain data (tuples → lists, mapping proxies → dicts)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

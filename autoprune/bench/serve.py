@@ -50,10 +50,10 @@ def _demo_spec() -> dict:
 def run(workdir: Path, *, trials: int | None, echo=print) -> list[dict]:
     import ray
 
-    from autoprune.search import search
-    from autoprune.select import registered_versions
-    from autoprune.spec import parse_spec
-    from autoprune.tracking import Tracker
+    from autoprune.driver.search import search
+    from autoprune.spec.load import parse_spec
+    from autoprune.tracking.select import registered_versions
+    from autoprune.tracking.store import Tracker
 
     plans = []
     for key, raw in (("vit (demo)", _demo_spec()), ("resnet", CNN_SPEC)):
@@ -93,7 +93,7 @@ def run(workdir: Path, *, trials: int | None, echo=print) -> list[dict]:
 
 def _measure_fresh(model_uri: str, tracking_uri: str, latency, *, recipe: bool) -> dict:
     """Time the registered model in a new Python process, loaded as a user loads it."""
-    command = [sys.executable, "-m", "autoprune.bench_serve", "measure", model_uri, "--tracking-uri", tracking_uri,
+    command = [sys.executable, "-m", "autoprune.bench.serve", "measure", model_uri, "--tracking-uri", tracking_uri,
                "--batch-size", str(latency.batch_size), "--input-size", *map(str, latency.input_size),
                "--threads", str(latency.threads), "--repeats", str(latency.repeats)]
     if not recipe:
@@ -109,8 +109,8 @@ def measure(args) -> int:
     """In the fresh process: load the version (with or without its recipe) and time it on float32 inputs."""
     import torch
 
-    from autoprune.profile import percentile, time_model
-    from autoprune.select import load_model
+    from autoprune.measure.timing import percentile, time_model
+    from autoprune.tracking.select import load_model
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model_uri, tracking_uri=args.tracking_uri, recipe=not args.no_recipe)
@@ -165,7 +165,7 @@ def main_serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m autoprune.bench_serve")
+    parser = argparse.ArgumentParser(prog="python -m autoprune.bench.serve")
     commands = parser.add_subparsers(dest="command", required=True)
     add_arguments(commands.add_parser("run", help="the whole benchmark"))
     timing = commands.add_parser("measure", help="(internal) time one registered model in this process")

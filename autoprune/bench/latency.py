@@ -6,7 +6,7 @@ ratio, the measured speedup, efficiency = speedup ÷ MACs ratio, and the relativ
 
 Needs only torch and timm, so that it runs on any GPU box:
 
-    python -m autoprune.bench_latency --device cuda --dtype bfloat16 --batch-size 64 --json latency.json
+    python -m autoprune.bench.latency --device cuda --dtype bfloat16 --batch-size 64 --json latency.json
 
 Structured widths are cut by slicing the channels private to each block (`models.hidden_channels`: ViT / ConvNeXt
 MLP neurons, ResNet inner convs, rounded to multiples of `round_to`) and whole attention heads — the shapes that
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoprune.formats import DENSE, DTYPES, SEMI_STRUCTURED, semi_structured_layers
-from autoprune.measure import count_macs
+from autoprune.measure.formats import DENSE, DTYPES, SEMI_STRUCTURED, semi_structured_layers
+from autoprune.measure.metrics import count_macs
+from autoprune.measure.timing import profile_latency
 from autoprune.models import attention_modules, hidden_channels
-from autoprune.profile import profile_latency
 
 # name → (timm model, create kwargs, input size); CPU sizes are small enough for CI, GPU sizes are ImageNet's.
 CPU_MODELS = {
@@ -245,7 +245,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m autoprune.bench_latency", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m autoprune.bench.latency", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return main_latency(parser.parse_args(argv))
 

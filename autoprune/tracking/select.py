@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from autoprune.errors import AutopruneError, NoModelMeetsTarget
-from autoprune.tracking import PARETO_TAG, ROLE_TAG
+from autoprune.tracking.store import PARETO_TAG, ROLE_TAG
 
 
 @dataclass(frozen=True)

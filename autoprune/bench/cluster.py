@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from autoprune.loopback import mlflow_server, ray_cluster
+from autoprune.testing.loopback import mlflow_server, ray_cluster
 
 SPEC = {
     "name": "bench-cluster",
@@ -96,9 +96,9 @@ def run(root: Path, echo=print) -> list[dict]:
 
 def _search_dense_only(spec_path: Path, workdir: Path) -> None:
     """Fill the dense-weights cache (what `search` would train first) without running a search."""
-    from autoprune.dense import dense_weights
-    from autoprune.search import load_data
-    from autoprune.spec import load_spec
+    from autoprune.driver.prepare import dense_weights
+    from autoprune.driver.search import load_data
+    from autoprune.spec.load import load_spec
 
     spec = load_spec(spec_path)
     dense_weights(spec.model, spec.data, load_data(spec), cache_dir=workdir / "cache", seed=spec.search.seed)

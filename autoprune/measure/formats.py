@@ -72,8 +72,11 @@ def is_two_four(weight: torch.Tensor) -> bool:
 def semi_structured_backend():
     """The class torch converts to: cuSPARSELt by default, CUTLASS when forced or when cuSPARSELt is missing.
     Its shape rules are the ones that count (they differ: cuSPARSELt takes multiples of 16, CUTLASS of 32 × 64)."""
-    from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT, \
-        SparseSemiStructuredTensorCUTLASS
+    from torch.sparse import (
+        SparseSemiStructuredTensor,
+        SparseSemiStructuredTensorCUSPARSELT,
+        SparseSemiStructuredTensorCUTLASS,
+    )
 
     cusparselt = getattr(torch.backends, "cusparselt", None)
     available = cusparselt is not None and cusparselt.is_available()

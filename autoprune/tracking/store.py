@@ -11,17 +11,17 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from autoprune.errors import AutopruneError
+from autoprune.result import TrialRecord
 
 log = logging.getLogger(__name__)
 
 ROLE_TAG = "autoprune.role"  # "search" on parent runs, "trial" on child runs
-SEARCH_TAG = "autoprune.search"  # the spec's name
+SEARCH_TAG = "autoprune.driver.search"  # the spec's name
 TRIAL_TAG = "autoprune.trial_id"
 PARETO_TAG = "autoprune.pareto"
 KEY_TAG = "autoprune.trial_key"  # on model versions: "<parent run id>/<trial id>", what makes registration idempotent
@@ -66,17 +66,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    """A finished trial as the driver saw it: its result, or the error it failed with."""
-
-    trial_id: str
-    result: Any  # TrialResult, or None when the trial failed
-    error: str | None = None
-    model_dir: str | None = None  # the trial's checkpoint (the saved pruned model)
-    params: Mapping[str, Any] = field(default_factory=dict)  # a failed trial's configuration, as far as it is known
 
 
 def _client(tracking_uri: str):

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from autoprune.config import TrialConfig
 from autoprune.errors import AutopruneError
 from autoprune.pareto import hypervolume_2d, pareto_front
-from autoprune.report import DENSE, plot_html, plot_png
-from autoprune.spec import TrialConfig
-from autoprune.tracking import Tracker, TrialRecord
-from autoprune.trial import TrialResult
+from autoprune.result import TrialRecord, TrialResult
+from autoprune.tracking.report import DENSE, plot_html, plot_png
+from autoprune.tracking.store import Tracker
 
 TRIAL_ERROR = "trial_error"  # the result key of a trial that failed by itself (its traceback); see search._tune_trial
 

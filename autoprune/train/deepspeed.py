@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoprune.config import HealingEngine
 from autoprune.errors import AutopruneError
-from autoprune.spec import HealingEngine
 
 PLACEMENT_TIMEOUT_S = 600  # a job outside Tune waits this long for its workers' resources, then says why
 
@@ -156,7 +156,7 @@ class _Worker:
 
 def _own_device() -> torch.device:
     """Ray made this worker's GPU (if it was given one) the only one it sees: cuda:0, made current for NCCL."""
-    from autoprune.latency import assigned_device
+    from autoprune.measure.latency import assigned_device
 
     if assigned_device().type == "cuda":
         torch.cuda.set_device(0)
@@ -170,7 +170,7 @@ def _heal(job: dict, rank: int, world: int, device: torch.device) -> dict[str, A
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     from autoprune.data import normalize
-    from autoprune.training import shifted, warmup_cosine
+    from autoprune.train.loop import shifted, warmup_cosine
 
     model, masks, steps = job["model"].train().to(device), job["masks"], job["steps"]
     images, mean, std = job["images"], job["mean"], job["std"]

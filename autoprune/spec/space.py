@@ -21,9 +21,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from autoprune import heal, prune
+from autoprune.config import Choice, Dimension, Fixed, HealConfig, PruneConfig, Range, SearchSpec, TrialConfig
 from autoprune.errors import SpecError
 from autoprune.models import POOLED_GROUP, LayerGroup
-from autoprune.spec import Choice, Dimension, Fixed, HealConfig, PruneConfig, Range, SearchSpec, TrialConfig
 
 
 class SearchSpace:

@@ -24,9 +24,18 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from autoprune.formats import (
-    AUTO, CHANNELS_LAST, CONTIGUOUS, DENSE, DTYPES, MEMORY_FORMATS, SEMI_STRUCTURED, ExecutionRecipe, compiled,
-    plan_kernels, prepare_eager,
+from autoprune.measure.formats import (
+    AUTO,
+    CHANNELS_LAST,
+    CONTIGUOUS,
+    DENSE,
+    DTYPES,
+    MEMORY_FORMATS,
+    SEMI_STRUCTURED,
+    ExecutionRecipe,
+    compiled,
+    plan_kernels,
+    prepare_eager,
 )
 
 __all__ = ["LatencyProfile", "profile_latency", "time_model", "device_name", "percentile", "warm_up", "is_convolutional",

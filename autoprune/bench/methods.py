@@ -22,11 +22,11 @@ from typing import Callable, Sequence
 import torch
 
 from autoprune import heal, prune
+from autoprune.config import DataSpec, ModelSpec
 from autoprune.data import DataBundle, reference_task
-from autoprune.dense import dense_weights, model_source
-from autoprune.measure import accuracy
+from autoprune.driver.prepare import dense_weights, model_source
+from autoprune.measure.metrics import accuracy
 from autoprune.models import pooled_group
-from autoprune.spec import DataSpec, ModelSpec
 
 BENCH_MODELS = {
     "vit": ModelSpec(
@@ -162,7 +162,7 @@ class PruningBench:
 
 
 def run_pruning(bench: PruningBench, *, cache_dir: Path, echo: Callable[[str], None] = print) -> list[dict]:
-    from autoprune.spec import HealConfig, PruneConfig, ProfileSpec, TrialConfig
+    from autoprune.config import HealConfig, ProfileSpec, PruneConfig, TrialConfig
     from autoprune.trial import TrialContext, run_trial
 
     data = reference_task(seed=0)

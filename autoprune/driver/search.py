@@ -23,20 +23,28 @@ from typing import Any, Callable, Mapping
 from ray.tune import Callback
 
 from autoprune import data as datasets
-from autoprune.dense import dense_weights, model_source
+from autoprune.config import Choice, Fixed, HealConfig, PruneConfig, SearchSpec, TrialConfig
+from autoprune.driver.prepare import dense_weights, model_source
 from autoprune.errors import AutopruneError
-from autoprune.latency import assigned_device
-from autoprune.latency_cache import SharedLatencyCache
+from autoprune.measure.cache import SharedLatencyCache
+from autoprune.measure.latency import assigned_device
 from autoprune.models import layer_groups
 from autoprune.pareto import pareto_front
-from autoprune.publish import (
-    TRIAL_ERROR, error_text, experiment_path, publish_search, records_from_storage, trial_record, trial_row,
+from autoprune.result import TrialRecord, TrialResult
+from autoprune.spec.load import load_spec
+from autoprune.spec.space import SearchSpace
+from autoprune.tracking.publish import (
+    TRIAL_ERROR,
+    error_text,
+    experiment_path,
+    publish_search,
+    records_from_storage,
+    trial_record,
+    trial_row,
 )
-from autoprune.report import table
-from autoprune.space import SearchSpace
-from autoprune.spec import Choice, Fixed, HealConfig, PruneConfig, SearchSpec, TrialConfig, load_spec
-from autoprune.tracking import DEFAULT_WORKDIR, Tracker, TrialRecord, is_tracking_server, resolve_tracking_uri
-from autoprune.trial import TrialContext, TrialResult, run_trial
+from autoprune.tracking.report import table
+from autoprune.tracking.store import DEFAULT_WORKDIR, Tracker, is_tracking_server, resolve_tracking_uri
+from autoprune.trial import TrialContext, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +364,7 @@ def _check_healing_resources(spec: SearchSpec, cluster: Mapping[str, float], say
     """A trial that heals with DeepSpeed reserves its own resources and its workers' together (one placement
     group), so Tune starts it only when all of them are free. A reservation larger than the cluster would never
     start: say so before any trial. (An autoscaling cluster counts only the nodes it has now.)"""
-    from autoprune.distributed import trial_bundles
+    from autoprune.train.deepspeed import trial_bundles
 
     bundles = trial_bundles({"CPU": spec.search.cpu, "GPU": spec.search.gpu}, spec.healing)
     healing = spec.healing
@@ -528,7 +536,7 @@ def trial_resources(spec: SearchSpec):
     placement group (distributed.py places the workers in it)."""
     from ray import tune
 
-    from autoprune.distributed import trial_bundles
+    from autoprune.train.deepspeed import trial_bundles
 
     own = {"CPU": spec.search.cpu, "GPU": spec.search.gpu}
     if spec.healing.engine != "deepspeed":

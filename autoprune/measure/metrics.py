@@ -7,7 +7,6 @@ from torch import nn
 
 from autoprune.data import DataBundle, ImageSet
 
-
 EVAL_PIXELS = 64 * 224 * 224  # images × pixels per evaluation batch: activations scale with both
 
 

@@ -1,0 +1,1 @@
+"""What tests — ours and those of methods written outside this repository — use: servers on loopback."""
