@@ -1,7 +1,7 @@
 """The typed settings: a search space (`SearchSpec` and its parts) and one point of it (`TrialConfig`).
 
 Plain frozen dataclasses and the vocabulary they draw on. They import nothing from autoprune, so every stage can
-take its settings from here without depending on how a spec is read or checked (`autoprune.spec` does that).
+take its settings from here without depending on how a spec is read or checked (`autoprune.space` does that).
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def test_a_search_reserves_each_trials_workers_with_the_trial(local_ray, tmp_pat
     (what a search did when only the trial was reserved); reserved together, one trial runs at a time and the
     search ends."""
     from autoprune.driver.search import search
-    from autoprune.spec.load import parse_spec
+    from autoprune.space.load import parse_spec
 
     spec = parse_spec({
         "name": "deepspeed-search",
@@ -110,7 +110,7 @@ def test_a_search_reserves_each_trials_workers_with_the_trial(local_ray, tmp_pat
 
 def test_combinations_deepspeed_cannot_run_are_refused_when_the_spec_is_read():
     from autoprune.errors import SpecError
-    from autoprune.spec.load import parse_spec
+    from autoprune.space.load import parse_spec
 
     base = {"name": "x", "model": {"name": TINY_VIT.name, "num_classes": 10, "train_steps": 5},
             "healing": {"engine": "deepspeed", "gpu": 1},

@@ -19,7 +19,7 @@ import torch
 from autoprune.driver.search import search
 from autoprune.errors import AutopruneError, NoModelMeetsTarget
 from autoprune.models import load_model_dir
-from autoprune.spec.load import parse_spec
+from autoprune.space.load import parse_spec
 from autoprune.tracking.select import best, registered_versions
 from autoprune.tracking.store import ALIAS_FASTEST, ALIAS_MOST_ACCURATE, Tracker
 

@@ -14,7 +14,7 @@ import yaml
 from autoprune.cli import main
 from autoprune.driver.search import search
 from autoprune.errors import AutopruneError
-from autoprune.spec.load import parse_spec
+from autoprune.space.load import parse_spec
 from autoprune.tracking.publish import experiment_path
 from autoprune.tracking.store import Tracker, resolve_tracking_uri
 

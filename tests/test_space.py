@@ -13,8 +13,8 @@ from conftest import TINY_VIT
 from autoprune.driver.search import make_sampler
 from autoprune.errors import SpecError
 from autoprune.models import layer_groups
-from autoprune.spec.load import parse_spec
-from autoprune.spec.space import SearchSpace, interpolate_profile
+from autoprune.space.define import SearchSpace, interpolate_profile
+from autoprune.space.load import parse_spec
 
 DEMO = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "demo.yaml").read_text())
 GROUPS = layer_groups(TINY_VIT.create())

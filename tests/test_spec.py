@@ -10,7 +10,7 @@ import yaml
 
 from autoprune.config import Choice, Fixed, Range, TrialConfig
 from autoprune.errors import SpecError
-from autoprune.spec.load import load_spec, parse_spec
+from autoprune.space.load import load_spec, parse_spec
 
 SPECS = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
 DEMO = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "demo.yaml").read_text())

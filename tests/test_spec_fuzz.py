@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from test_spec import DEMO
 
 from autoprune.errors import SpecError
-from autoprune.spec.load import parse_spec
+from autoprune.space.load import parse_spec
 
 # What YAML can produce: scalars, lists and mappings of them.
 yaml_values = st.recursive(

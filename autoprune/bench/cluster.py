@@ -98,7 +98,7 @@ def _search_dense_only(spec_path: Path, workdir: Path) -> None:
     """Fill the dense-weights cache (what `search` would train first) without running a search."""
     from autoprune.driver.prepare import dense_weights
     from autoprune.driver.search import load_data
-    from autoprune.spec.load import load_spec
+    from autoprune.space.load import load_spec
 
     spec = load_spec(spec_path)
     dense_weights(spec.model, spec.data, load_data(spec), cache_dir=workdir / "cache", seed=spec.search.seed)

@@ -73,7 +73,7 @@ def run(root: Path, trials: int, echo=print) -> dict:
     import ray
 
     from autoprune.driver.search import search
-    from autoprune.spec.load import parse_spec
+    from autoprune.space.load import parse_spec
     from autoprune.tracking.publish import experiment_path
     from autoprune.tracking.store import KEY_TAG, TRIAL_TAG, Tracker
 

@@ -51,7 +51,7 @@ def run(workdir: Path, *, trials: int | None, echo=print) -> list[dict]:
     import ray
 
     from autoprune.driver.search import search
-    from autoprune.spec.load import parse_spec
+    from autoprune.space.load import parse_spec
     from autoprune.tracking.select import registered_versions
     from autoprune.tracking.store import Tracker
 

@@ -31,8 +31,8 @@ from autoprune.measure.latency import assigned_device
 from autoprune.models import layer_groups
 from autoprune.pareto import pareto_front
 from autoprune.result import TrialRecord, TrialResult
-from autoprune.spec.load import load_spec
-from autoprune.spec.space import SearchSpace
+from autoprune.space.define import SearchSpace
+from autoprune.space.load import load_spec
 from autoprune.tracking.publish import (
     TRIAL_ERROR,
     error_text,
