@@ -229,7 +229,10 @@ class TrialConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "TrialConfig":
-        raw = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "TrialConfig":
         return cls(PruneConfig(**raw["prune"]), HealConfig(**raw["heal"]), raw["seed"])
 
 

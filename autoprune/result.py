@@ -3,11 +3,11 @@ recorded it (`TrialRecord`: the result, or the error it failed with)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from autoprune.config import TrialConfig
+from autoprune.config import TrialConfig, plain
 from autoprune.measure.timing import LatencyProfile
 
 STAGES = ("load", "prune", "profile", "heal", "evaluate", "count", "save")  # the keys of TrialResult.timings
@@ -34,51 +34,40 @@ class TrialResult:
         return self.accuracy is not None
 
     def cost(self, metric: str) -> float:
-        """The objective traded against accuracy (`spec.LATENCY_METRICS`)."""
+        """The objective traded against accuracy (`config.LATENCY_METRICS`)."""
         return {"latency_ms": self.latency.median_ms, "latency_p90_ms": self.latency.p90_ms,
                 "macs": self.macs, "params": self.params}[metric]
 
-    def metrics(self) -> dict[str, Any]:
-        """Flat values for `tune.report`; `from_metrics` reads them back on the driver."""
-        metrics: dict[str, Any] = {
-            # An infeasible trial reports accuracy 0 so that the sampler sees it as a bad point.
-            "accuracy": self.accuracy if self.feasible else 0.0,
-            "feasible": int(self.feasible),
-            "latency_ms": self.latency.median_ms,
-            "latency_p90_ms": self.latency.p90_ms,
-            "latency_spread": self.latency.spread,
+    def to_dict(self) -> dict[str, Any]:
+        """The whole result as JSON-safe plain data (`from_dict` reads it back, equal)."""
+        return {
+            "config": plain(dataclasses.asdict(self.config)),
+            "accuracy": self.accuracy,
+            "latency": self.latency.as_dict(),
             "macs": self.macs,
             "params": self.params,
             "sparsity": self.sparsity,
-            "config_json": self.config.to_json(),
-            "latency_json": json.dumps(self.latency.as_dict()),
-            "latency_cached": int(self.latency_cached),
+            "timings": dict(self.timings),
+            "latency_cached": self.latency_cached,
+            "extra_latency": {str(batch): profile.as_dict() for batch, profile in self.extra_latency.items()},
             "node": self.node,
-            "extra_latency_json": json.dumps({batch: p.as_dict() for batch, p in self.extra_latency.items()}),
-            "latency_keys_json": json.dumps(self.latency_keys),
+            "latency_keys": {str(batch): key for batch, key in self.latency_keys.items()},
         }
-        metrics.update({f"latency_ms_batch{batch}": p.median_ms for batch, p in self.extra_latency.items()})
-        metrics.update({f"time_{stage}_s": seconds for stage, seconds in self.timings.items()})
-        return metrics
 
     @classmethod
-    def from_metrics(cls, metrics: Mapping[str, Any]) -> "TrialResult":
-        def profile(fields: dict) -> LatencyProfile:
-            return LatencyProfile(**{**fields, "input_size": tuple(fields["input_size"])})
-
-        extra = json.loads(metrics.get("extra_latency_json", "{}"))
+    def from_dict(cls, raw: Mapping[str, Any]) -> "TrialResult":
         return cls(
-            config=TrialConfig.from_json(metrics["config_json"]),
-            accuracy=metrics["accuracy"] if metrics["feasible"] else None,
-            latency=profile(json.loads(metrics["latency_json"])),
-            macs=int(metrics["macs"]),
-            params=int(metrics["params"]),
-            sparsity=float(metrics["sparsity"]),
-            timings={stage: metrics[f"time_{stage}_s"] for stage in STAGES if f"time_{stage}_s" in metrics},
-            latency_cached=bool(metrics.get("latency_cached", 0)),
-            extra_latency={int(batch): profile(fields) for batch, fields in extra.items()},
-            node=str(metrics.get("node", "")),
-            latency_keys={int(batch): key for batch, key in json.loads(metrics.get("latency_keys_json", "{}")).items()},
+            config=TrialConfig.from_dict(raw["config"]),
+            accuracy=raw["accuracy"],
+            latency=_profile(raw["latency"]),
+            macs=int(raw["macs"]),
+            params=int(raw["params"]),
+            sparsity=float(raw["sparsity"]),
+            timings=dict(raw["timings"]),
+            latency_cached=bool(raw["latency_cached"]),
+            extra_latency={int(batch): _profile(fields) for batch, fields in raw["extra_latency"].items()},
+            node=str(raw["node"]),
+            latency_keys={int(batch): key for batch, key in raw["latency_keys"].items()},
         )
 
     def latency_entries(self) -> dict[str, LatencyProfile]:
@@ -97,3 +86,7 @@ class TrialRecord:
     error: str | None = None
     model_dir: str | None = None  # the trial's checkpoint (the saved pruned model)
     params: Mapping[str, Any] = field(default_factory=dict)  # a failed trial's configuration, as far as it is known
+
+
+def _profile(fields: Mapping[str, Any]) -> LatencyProfile:
+    return LatencyProfile(**{**fields, "input_size": tuple(fields["input_size"])})

@@ -20,8 +20,9 @@ from autoprune.driver.search import search
 from autoprune.errors import AutopruneError, NoModelMeetsTarget
 from autoprune.models import load_model_dir
 from autoprune.space.load import parse_spec
+from autoprune.tracking.schema import ALIAS_FASTEST, ALIAS_MOST_ACCURATE
 from autoprune.tracking.select import best, registered_versions
-from autoprune.tracking.store import ALIAS_FASTEST, ALIAS_MOST_ACCURATE, Tracker
+from autoprune.tracking.store import Tracker
 
 pytestmark = pytest.mark.e2e
 

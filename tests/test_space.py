@@ -166,7 +166,7 @@ def test_a_trial_that_reports_its_own_error_reaches_optuna_as_failed():
     import optuna
 
     from autoprune.driver.search import latency_constrained_searcher
-    from autoprune.tracking.publish import TRIAL_ERROR
+    from autoprune.tracking.schema import TRIAL_ERROR
 
     spec = parse_spec(DEMO)
     searcher = latency_constrained_searcher(SearchSpace(spec, GROUPS), spec)

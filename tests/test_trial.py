@@ -10,7 +10,8 @@ from conftest import TEST_ACCELERATOR, TINY_VIT
 
 from autoprune.config import HealConfig, ProfileSpec, PruneConfig, TrialConfig
 from autoprune.models import load_model_dir
-from autoprune.result import STAGES, TrialResult
+from autoprune.result import STAGES
+from autoprune.tracking.schema import report, result_from_report
 from autoprune.trial import TrialContext, run_trial
 
 PROFILE = ProfileSpec(batch_size=2, warmup=1, repeats=3)
@@ -36,7 +37,7 @@ def test_a_trial_measures_everything_and_saves_its_model(context, tmp_path, exam
     assert result.macs > 0 and result.params < sum(v.numel() for v in context.dense_state.values())
     assert 0.2 < result.sparsity < 0.8
     assert set(result.timings) == set(STAGES)
-    assert TrialResult.from_metrics(result.metrics()) == result  # what Tune carries back is the whole result
+    assert result_from_report(report(result)) == result  # what Tune carries back is the whole result
     model = load_model_dir(tmp_path)
     assert model.blocks[1].mlp.fc1.out_features == context.dense_model().blocks[1].mlp.fc1.out_features // 4
 
@@ -47,7 +48,7 @@ def test_a_missed_latency_target_stops_before_healing(context):
     result = run_trial(CONFIG, replace(context, latency_target_ms=1e-6), threads=1)
     assert result.accuracy is None and not result.feasible
     assert "heal" not in result.timings and "evaluate" not in result.timings
-    assert result.metrics()["accuracy"] == 0.0 and result.metrics()["feasible"] == 0
+    assert report(result)["accuracy"] == 0.0 and report(result)["feasible"] == 0
 
 
 def test_dense_training_is_reproducible(bundle, tmp_path):
@@ -95,7 +96,7 @@ def test_identical_structures_are_timed_once(context, monkeypatch):
     again = run_trial(TrialConfig(PruneConfig("structured", {"all": 0.5}), HealConfig("none"), seed=1), cached,
                       threads=1)
     assert len(calls) == 2 and again.latency == smaller.latency
-    assert TrialResult.from_metrics(again.metrics()).latency_cached
+    assert result_from_report(report(again)).latency_cached
 
 
 def test_the_signature_tells_structures_and_settings_apart():
@@ -218,9 +219,9 @@ def test_extra_batch_sizes_are_measured_cached_and_reported(context):
     dense = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), cached, threads=1)
     assert dense.latency.batch_size == 4 and set(dense.extra_latency) == {1}
     assert dense.extra_latency[1].batch_size == 1
-    metrics = dense.metrics()
+    metrics = report(dense)
     assert metrics["latency_ms_batch1"] == dense.extra_latency[1].median_ms
-    assert TrialResult.from_metrics(metrics) == dense
+    assert result_from_report(metrics) == dense
     assert len(cached.latency_cache) == 2  # one entry per batch size
     masked = run_trial(TrialConfig(PruneConfig("magnitude", {"all": 0.5}), HealConfig("none")), cached, threads=1)
     assert masked.latency_cached and masked.extra_latency == dense.extra_latency

@@ -75,7 +75,8 @@ def run(root: Path, trials: int, echo=print) -> dict:
     from autoprune.driver.search import search
     from autoprune.space.load import parse_spec
     from autoprune.tracking.publish import experiment_path
-    from autoprune.tracking.store import KEY_TAG, TRIAL_TAG, Tracker
+    from autoprune.tracking.schema import KEY_TAG, TRIAL_TAG
+    from autoprune.tracking.store import Tracker
 
     raw = json.loads(json.dumps(SPEC))
     raw["search"]["trials"] = trials

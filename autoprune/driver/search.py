@@ -33,15 +33,9 @@ from autoprune.pareto import pareto_front
 from autoprune.result import TrialRecord, TrialResult
 from autoprune.space.define import SearchSpace
 from autoprune.space.load import load_spec
-from autoprune.tracking.publish import (
-    TRIAL_ERROR,
-    error_text,
-    experiment_path,
-    publish_search,
-    records_from_storage,
-    trial_record,
-    trial_row,
-)
+from autoprune.tracking import schema
+from autoprune.tracking.publish import error_text, experiment_path, publish_search, records_from_storage, trial_record
+from autoprune.tracking.schema import TRIAL_ERROR, trial_row
 from autoprune.tracking.report import table
 from autoprune.tracking.store import DEFAULT_WORKDIR, Tracker, is_tracking_server, resolve_tracking_uri
 from autoprune.trial import TrialContext, run_trial
@@ -201,7 +195,7 @@ def search(
     del bundle, state  # the driver's own copy: the object store holds the one the trials read
     if resumed:
         parent_id = resumed
-        dense = TrialResult.from_metrics(tracker.dense_metrics(parent_id))  # the numbers the trials were held to
+        dense = tracker.dense_result(parent_id)  # the numbers the trials were held to
         say(f"autoprune: resuming search run {parent_id}; dense top-1 {dense.accuracy:.4f},"
             f" {dense.latency.median_ms:.3f} ms on {dense.latency.device} (as measured when it started)")
     else:
@@ -436,11 +430,12 @@ def _tune_trial(params: dict, *, shared: _Shared, space: SearchSpace) -> None:
             # cannot take) would fail again if run again: it is reported as the trial's result, so that Tune's
             # restarts (search.max_retries) are kept for workers that died. Not BaseException: an interrupt or
             # a worker shutting down still ends the trial the usual way.
-            tune.report({TRIAL_ERROR: traceback.format_exc(limit=-8), "config_json": config.to_json(), **memory})
+            tune.report({**schema.failure_report(config, traceback.format_exc(limit=-8)), **memory})
             return
         result = replace(result, node=ray.get_runtime_context().get_node_id())
-        (Path(folder) / RESULT_FILE).write_text(json.dumps(result.metrics()))
-        tune.report({**result.metrics(), **memory}, checkpoint=tune.Checkpoint.from_directory(folder))
+        reported = schema.report(result)
+        (Path(folder) / RESULT_FILE).write_text(json.dumps(reported))
+        tune.report({**reported, **memory}, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def _trim_heap() -> None:

@@ -16,16 +16,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-from autoprune.config import TrialConfig
 from autoprune.errors import AutopruneError
 from autoprune.pareto import hypervolume_2d, pareto_front
 from autoprune.result import TrialRecord, TrialResult
+from autoprune.tracking import schema
 from autoprune.tracking.report import DENSE, plot_html, plot_png
+from autoprune.tracking.schema import trial_row
 from autoprune.tracking.store import Tracker
-
-TRIAL_ERROR = "trial_error"  # the result key of a trial that failed by itself (its traceback); see search._tune_trial
 
 
 def experiment_path(storage: str, run_id: str) -> str:
@@ -44,15 +43,14 @@ def trial_record(trial, downloads: Path, *, status: str | None = None) -> TrialR
         return TrialRecord(trial.trial_id, None, error=error_text(trial), params=dict(trial.config or {}))
     if status != "TERMINATED":
         return None
-    metrics = trial.last_result or {}
-    if TRIAL_ERROR in metrics or "config_json" not in metrics:
-        params = (TrialConfig.from_json(metrics["config_json"]).flat() if "config_json" in metrics
-                  else dict(trial.config or {}))
-        return TrialRecord(trial.trial_id, None, params=params,
-                           error=metrics.get(TRIAL_ERROR, "the trial ended without reporting a result"))
+    reported = trial.last_result or {}
+    result = schema.result_from_report(reported)
+    if result is None:
+        return TrialRecord(trial.trial_id, None, params=schema.failed_params(reported) or dict(trial.config or {}),
+                           error=reported.get(schema.TRIAL_ERROR, "the trial ended without reporting a result"))
     checkpoint = trial.checkpoint
     model_dir = _local_copy(checkpoint, downloads / trial.trial_id) if checkpoint else None
-    return TrialRecord(trial.trial_id, TrialResult.from_metrics(metrics), model_dir=model_dir)
+    return TrialRecord(trial.trial_id, result, model_dir=model_dir)
 
 
 def records_from_storage(path: str, downloads: Path) -> tuple[list[TrialRecord], int]:
@@ -103,26 +101,6 @@ def _local_copy(checkpoint, destination: Path) -> str:
     checkpoint.to_directory(str(partial))
     partial.rename(destination)
     return str(destination)
-
-
-def trial_row(record: TrialRecord, *, on_front: bool) -> dict[str, Any]:
-    """A trial as one row of the search's table (trials.json, the plots, the printed summary)."""
-    result = record.result
-    if result is None:
-        return {"trial": record.trial_id, "prune": "failed", "heal": "", "error": record.error, "pareto": False}
-    return {
-        "trial": record.trial_id,
-        "prune": result.config.prune.method,
-        "heal": result.config.heal.method,
-        "sparsity": result.sparsity,
-        "accuracy": result.accuracy,
-        "latency_ms": result.latency.median_ms,
-        "latency_p90_ms": result.latency.p90_ms,
-        "macs": result.macs,
-        "params": result.params,
-        "pareto": on_front,
-        **{key: value for key, value in result.config.flat().items() if key not in ("prune.method", "heal.method")},
-    }
 
 
 @dataclass(frozen=True)
@@ -176,7 +154,7 @@ def publish_run(run_id: str, *, tracking_uri: str, workdir: Path, storage: str |
     spec = tracker.search_spec(run_id)  # SearchSpec.as_dict() as the search started, overrides applied
     name, registered_model = spec["name"], spec["mlflow"]["registered_model"]
     cost_metric = next(metric for metric in spec["objectives"] if metric != "accuracy")
-    dense = TrialResult.from_metrics(tracker.dense_metrics(run_id))
+    dense = tracker.dense_result(run_id)
     path = experiment_path(storage or spec["search"]["storage"] or str(workdir / "ray"), run_id)
     records, not_ended = records_from_storage(path, workdir / "checkpoints" / run_id)
     echo(f"autoprune: publishing {len(records)} trials of search {name!r} (run {run_id}) from {path}"

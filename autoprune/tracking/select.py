@@ -7,27 +7,31 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from autoprune.errors import AutopruneError, NoModelMeetsTarget
-from autoprune.tracking.store import PARETO_TAG, ROLE_TAG
+from autoprune.tracking.schema import PARENT_TAG, PARETO_TAG, ROLE_SEARCH, ROLE_TAG, read_version_tags, run_row
+from autoprune.tracking.store import client
 
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """A registered version and the measurements it was registered with."""
+    """A registered version and the measurements it was registered with (its tags: `schema.VERSION_TAGS`; the
+    defaults stand for tags a version registered by an older autoprune lacks)."""
 
     name: str
     version: str
-    accuracy: float
-    latency_ms: float
-    latency_p90_ms: float
-    device: str
-    batch_size: int
-    dtype: str
     model_uri: str
     run_id: str
+    accuracy: float
+    latency_ms: float
+    latency_p90_ms: float = float("nan")
+    device: str = "unknown"
+    batch_size: int = 0
+    dtype: str = "unknown"
     memory_format: str = "contiguous"  # the rest of the recipe it was timed in (loading applies it)
     kernels: str = "dense"
     compiled: bool = False
     threads: int = 0  # CPU threads it was timed with (0: not recorded)
+    sparsity: float = float("nan")
+    macs: int = 0
 
     @property
     def on_gpu(self) -> bool:
@@ -48,43 +52,20 @@ class ModelChoice:
                 f" (p90 {self.latency_p90_ms:.4g} ms; {self.device}, batch {self.batch_size}, {self.dtype}{extra})")
 
 
-def _client(tracking_uri: str | None):
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
 def registered_versions(model: str, *, tracking_uri: str | None = None) -> list[ModelChoice]:
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = _client(tracking_uri).search_model_versions(f"name='{model}'")
+        versions = client(tracking_uri).search_model_versions(f"name='{model}'")
     except MlflowException as error:
         raise AutopruneError(f"cannot read registered model {model!r} at {tracking_uri!r}: {error}") from None
     choices = []
     for version in versions:
-        tags = version.tags
-        if "latency_ms" not in tags or "accuracy" not in tags:
+        measured = read_version_tags(version.tags)
+        if measured is None:
             continue  # not registered by autoprune
-        choices.append(
-            ModelChoice(
-                name=model,
-                version=str(version.version),
-                accuracy=float(tags["accuracy"]),
-                latency_ms=float(tags["latency_ms"]),
-                latency_p90_ms=float(tags.get("latency_p90_ms", "nan")),
-                device=tags.get("device", "unknown"),
-                batch_size=int(tags.get("batch_size", 0)),
-                dtype=tags.get("dtype", "unknown"),
-                model_uri=f"models:/{model}/{version.version}",
-                run_id=version.run_id or "",
-                memory_format=tags.get("memory_format", "contiguous"),
-                kernels=tags.get("kernels", "dense"),
-                compiled=tags.get("compiled", "False") == "True",
-                threads=int(tags.get("threads", 0)),
-            )
-        )
+        choices.append(ModelChoice(name=model, version=str(version.version), run_id=version.run_id or "",
+                                   model_uri=f"models:/{model}/{version.version}", **measured))
     return choices
 
 
@@ -160,36 +141,21 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None, recipe: bool 
 
 def front(*, experiment: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """The Pareto-optimal trials of the latest finished search in `experiment`, fastest first."""
-    client = _client(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
+    mlflow = client(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         raise AutopruneError(f"no MLflow experiment named {experiment!r} at {tracking_uri!r}.")
-    searches = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'search' and attributes.status = 'FINISHED'",
+    searches = mlflow.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_SEARCH}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=1,
     )
     if not searches:
         raise AutopruneError(f"experiment {experiment!r} has no finished search yet.")
     parent = searches[0].info.run_id
-    children = client.search_runs(
+    children = mlflow.search_runs(
         [found.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{PARETO_TAG}` = 'true'",
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{PARETO_TAG}` = 'true'",
         max_results=10000,
     )
-    rows = []
-    for run in children:
-        data = run.data
-        rows.append({
-            "trial": data.tags.get("autoprune.trial_id"),
-            "prune": data.params.get("prune.method"),
-            "heal": data.params.get("heal.method"),
-            "sparsity": data.metrics.get("sparsity"),
-            "accuracy": data.metrics.get("accuracy"),
-            "latency_ms": data.metrics.get("latency_ms"),
-            "latency_p90_ms": data.metrics.get("latency_p90_ms"),
-            "macs": data.metrics.get("macs"),
-            "params": int(data.metrics["params"]) if "params" in data.metrics else None,
-            "device": data.tags.get("device"),
-            "run_id": run.info.run_id,
-        })
+    rows = [run_row(run) for run in children]
     return sorted(rows, key=lambda row: row["latency_ms"])

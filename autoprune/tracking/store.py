@@ -16,21 +16,23 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from autoprune.errors import AutopruneError
-from autoprune.result import TrialRecord
+from autoprune.result import TrialRecord, TrialResult
+from autoprune.tracking import schema
+from autoprune.tracking.schema import (
+    DENSE_ARTIFACT,
+    KEY_TAG,
+    MODEL_ARTIFACT,
+    PARENT_TAG,
+    PARETO_TAG,
+    ROLE_SEARCH,
+    ROLE_TAG,
+    ROLE_TRIAL,
+    SEARCH_TAG,
+    SPEC_ARTIFACT,
+    TRIAL_TAG,
+)
 
 log = logging.getLogger(__name__)
-
-ROLE_TAG = "autoprune.role"  # "search" on parent runs, "trial" on child runs
-SEARCH_TAG = "autoprune.driver.search"  # the spec's name
-TRIAL_TAG = "autoprune.trial_id"
-PARETO_TAG = "autoprune.pareto"
-KEY_TAG = "autoprune.trial_key"  # on model versions: "<parent run id>/<trial id>", what makes registration idempotent
-ALIAS_MOST_ACCURATE = "most-accurate"
-ALIAS_FASTEST = "fastest"
-MODEL_ARTIFACT = "model"
-DENSE_ARTIFACT = "dense.json"  # on the parent run: the dense model's full result
-VERSION_TAGS = ("accuracy", "latency_ms", "latency_p90_ms", "device", "batch_size", "dtype", "memory_format",
-                "kernels", "compiled", "threads", "sparsity", "macs")
 
 LIBRARIES = ("torch", "timm", "ray", "optuna", "mlflow", "torch-pruning")
 
@@ -68,7 +70,8 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _client(tracking_uri: str):
+def client(tracking_uri: str | None):
+    """An MLflow client for runs and the registry at `tracking_uri` (None: MLflow's own default)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
@@ -80,7 +83,7 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | None = None) -> None:
         self.tracking_uri = tracking_uri
-        self.client = _client(tracking_uri)
+        self.client = client(tracking_uri)
         if artifact_location is None:
             artifact_location = local_artifacts(tracking_uri)
         try:
@@ -101,31 +104,31 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=run_name or name,
-            tags={ROLE_TAG: "search", SEARCH_TAG: name, **library_versions()},
+            tags={ROLE_TAG: ROLE_SEARCH, SEARCH_TAG: name, **library_versions()},
         )
-        self.client.log_dict(run.info.run_id, dict(spec), "spec.json")
+        self.client.log_dict(run.info.run_id, dict(spec), SPEC_ARTIFACT)
         return run.info.run_id
 
     @classmethod
     def for_search_run(cls, tracking_uri: str, run_id: str) -> "Tracker":
         """A tracker bound to the experiment of the search whose parent run is `run_id`."""
-        client = _client(tracking_uri)
+        mlflow = client(tracking_uri)
         try:
-            run = client.get_run(run_id)
+            run = mlflow.get_run(run_id)
         except Exception as error:
             raise AutopruneError(f"no MLflow run {run_id!r} at {tracking_uri!r} ({str(error)[:200]})") from None
-        if run.data.tags.get(ROLE_TAG) != "search":
+        if run.data.tags.get(ROLE_TAG) != ROLE_SEARCH:
             raise AutopruneError(f"MLflow run {run_id!r} is not a search's parent run (its role is"
                                  f" {run.data.tags.get(ROLE_TAG)!r}); pass the run id `autoprune search` printed")
-        return cls(tracking_uri, client.get_experiment(run.info.experiment_id).name)
+        return cls(tracking_uri, mlflow.get_experiment(run.info.experiment_id).name)
 
     def search_spec(self, parent_id: str) -> dict:
         """The spec a search ran with, as logged when it started."""
-        return self._load_json(parent_id, "spec.json")
+        return self._load_json(parent_id, SPEC_ARTIFACT)
 
-    def dense_metrics(self, parent_id: str) -> dict:
-        """The dense model's result as the search measured it (`TrialResult.from_metrics` reads it)."""
-        return self._load_json(parent_id, DENSE_ARTIFACT)
+    def dense_result(self, parent_id: str) -> TrialResult:
+        """The dense model's result as the search measured it when it started."""
+        return TrialResult.from_dict(self._load_json(parent_id, DENSE_ARTIFACT))
 
     def _load_json(self, run_id: str, name: str) -> dict:
         with tempfile.TemporaryDirectory() as folder:
@@ -134,19 +137,18 @@ class Tracker:
     def unfinished_search(self, name: str):
         """The newest parent run of search `name` that did not finish (its driver stopped), or None."""
         runs = self.client.search_runs(
-            [self.experiment_id], f"tags.`{ROLE_TAG}` = 'search' and tags.`{SEARCH_TAG}` = '{name}'",
+            [self.experiment_id], f"tags.`{ROLE_TAG}` = '{ROLE_SEARCH}' and tags.`{SEARCH_TAG}` = '{name}'",
             order_by=["attributes.start_time DESC"], max_results=50,
         )
         return next((run for run in runs if run.info.status != "FINISHED"), None)
 
-    def log_dense(self, parent_id: str, result) -> None:
+    def log_dense(self, parent_id: str, result: TrialResult) -> None:
         """The unpruned model's measurements, for comparison on the parent run (and in full, for a resumed or
         republished search to compare against the same numbers)."""
-        self.client.log_dict(parent_id, result.metrics(), DENSE_ARTIFACT)
-        self.client.log_metric(parent_id, "dense_accuracy", result.accuracy)
-        self.client.log_metric(parent_id, "dense_latency_ms", result.latency.median_ms)
-        self.client.log_metric(parent_id, "dense_macs", result.macs)
-        self.client.set_tag(parent_id, "device", result.latency.device)
+        self.client.log_dict(parent_id, result.to_dict(), DENSE_ARTIFACT)
+        for key, value in schema.dense_metrics(result).items():
+            self.client.log_metric(parent_id, key, value)
+        self.client.set_tag(parent_id, schema.DEVICE_TAG, result.latency.device)
 
     def log_trial(self, parent_id: str, record: TrialRecord, *, logged: Mapping[str, Any] | None = None) -> str:
         """A child run for one trial (created once; a second call returns the same run). `logged` (trial id → run,
@@ -160,7 +162,7 @@ class Tracker:
         if existing:  # begun by a driver that was stopped while writing it: completed now (writes are the same)
             run_id = existing[0].info.run_id
         else:
-            tags = {ROLE_TAG: "trial", TRIAL_TAG: record.trial_id, "mlflow.parentRunId": parent_id,
+            tags = {ROLE_TAG: ROLE_TRIAL, TRIAL_TAG: record.trial_id, PARENT_TAG: parent_id,
                     **library_versions()}
             run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{record.trial_id}",
                                             tags=tags).info.run_id
@@ -169,23 +171,15 @@ class Tracker:
         result = record.result
         if result is None:
             self._log_params(run_id, record.params)
-            self.client.set_tag(run_id, "error", (record.error or "unknown error")[:5000])
+            self.client.set_tag(run_id, schema.ERROR_TAG, (record.error or "unknown error")[:5000])
             self.client.set_terminated(run_id, status="FAILED")
             return run_id
-        metrics = {key: value for key, value in result.metrics().items() if isinstance(value, (int, float))}
-        if not result.feasible:
-            metrics.pop("accuracy")  # not measured: it stopped after missing the latency target
-        latency = result.latency
         now_ms = int(time.time() * 1000)
-        self._log_params(run_id, result.config.flat())
+        self._log_params(run_id, schema.trial_params(result))
         self.client.log_batch(
             run_id,
-            metrics=[Metric(key, float(value), now_ms, 0) for key, value in metrics.items()],
-            tags=[RunTag(key, str(value)) for key, value in {
-                "device": latency.device, "dtype": latency.dtype, "batch_size": latency.batch_size,
-                "threads": latency.threads, "feasible": result.feasible, "format": latency.format,
-                "memory_format": latency.memory_format, "compiled": latency.compiled, "ray_node": result.node,
-            }.items()],
+            metrics=[Metric(key, float(value), now_ms, 0) for key, value in schema.trial_metrics(result).items()],
+            tags=[RunTag(key, value) for key, value in schema.trial_tags(result).items()],
         )
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
@@ -202,7 +196,7 @@ class Tracker:
         return {run.data.tags[TRIAL_TAG]: run for run in self.child_runs(parent_id) if TRIAL_TAG in run.data.tags}
 
     def child_runs(self, parent_id: str, *, trial_id: str | None = None) -> list:
-        query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        query = f"tags.`{PARENT_TAG}` = '{parent_id}'"
         if trial_id is not None:
             query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
         return self.client.search_runs([self.experiment_id], filter_string=query, max_results=10000)
@@ -221,7 +215,7 @@ class Tracker:
         for run in self.child_runs(parent_id):
             self.client.set_tag(run.info.run_id, PARETO_TAG, str(run.info.run_id in front).lower())
         with tempfile.TemporaryDirectory() as folder:
-            table = Path(folder) / "trials.json"
+            table = Path(folder) / schema.TRIALS_ARTIFACT
             table.write_text(json.dumps(list(rows), indent=1, default=str))
             self.client.log_artifact(parent_id, str(table))
         for path in artifacts.values():
@@ -252,34 +246,15 @@ class Tracker:
                 versions.append(existing[key])
                 continue
             self.client.log_artifacts(run_id, record.model_dir, MODEL_ARTIFACT)
-            result = record.result
-            latency = result.latency
-            tags = {
-                KEY_TAG: key,
-                "accuracy": result.accuracy,
-                "latency_ms": latency.median_ms,
-                "latency_p90_ms": latency.p90_ms,
-                "device": latency.device,
-                "batch_size": latency.batch_size,
-                "dtype": latency.dtype,
-                # the recipe it was timed in, which loading and serving apply (the model folder holds it too)
-                "memory_format": latency.memory_format,
-                "kernels": latency.format,
-                "compiled": latency.compiled,
-                "threads": latency.threads,
-                "sparsity": result.sparsity,
-                "macs": result.macs,
-                "config": result.config.to_json(),
-            }
             source = f"{self.client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
             versions.append(
                 self.client.create_model_version(
-                    model_name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+                    model_name, source, run_id=run_id, tags=schema.version_tags(record.result, key)
                 )
             )
         if versions:
             most_accurate = max(versions, key=lambda v: (float(v.tags["accuracy"]), -float(v.tags["latency_ms"])))
             fastest = min(versions, key=lambda v: (float(v.tags["latency_ms"]), -float(v.tags["accuracy"])))
-            self.client.set_registered_model_alias(model_name, ALIAS_MOST_ACCURATE, most_accurate.version)
-            self.client.set_registered_model_alias(model_name, ALIAS_FASTEST, fastest.version)
+            self.client.set_registered_model_alias(model_name, schema.ALIAS_MOST_ACCURATE, most_accurate.version)
+            self.client.set_registered_model_alias(model_name, schema.ALIAS_FASTEST, fastest.version)
         return versions
