@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from autoprune.errors import AutopruneError
 from autoprune.models import HiddenChannels, hidden_channels, observe_inputs
-from autoprune.prune import PruneMethod, PruneRequest, register
+from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
 from autoprune.prune.nm import check_pattern
 

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from autoprune.errors import AutopruneError
 from autoprune.models import LayerGroup
-from autoprune.prune import PruneMethod, PruneRequest, register
+from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import SCHEDULES, Masks, cubic_schedule, on_device, remove_lowest
 
 RECOMPUTE_STEP = 0.005  # progressive: recompute masks when the scheduled sparsity has moved by half a point

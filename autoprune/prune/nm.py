@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from autoprune.errors import AutopruneError
-from autoprune.prune import PruneMethod, PruneRequest, register
+from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
 
 

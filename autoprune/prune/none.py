@@ -1,6 +1,6 @@
 """The dense model unchanged: the reference point on every front."""
 
-from autoprune.prune import PruneMethod, PruneRequest, register
+from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
 
 

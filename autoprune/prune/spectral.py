@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from autoprune.models import LayerGroup, is_attention_layer
-from autoprune.prune import PruneMethod, PruneRequest, register
+from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks, remove_lowest
 
 # ---- Tracy–Widom (β = 1) -------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.models import attention_modules, block_of, fix_attention_metadata, is_attention_layer
-from autoprune.prune import PruneMethod, PruneRequest, register
+from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
 
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from autoprune.errors import AutopruneError
 from autoprune.models import HiddenChannels, fix_attention_metadata, hidden_channels, observe_inputs
-from autoprune.prune import PruneMethod, PruneRequest, register
+from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
 from autoprune.prune.structured import dependency_graph
 
