@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.heal import HealMethod, HealRequest, register
+from autoprune.heal.base import HealMethod, HealRequest, register
 from autoprune.models import internal_states
-from autoprune.train.loop import logit_kl, optimise
+from autoprune.train import logit_kl, optimise
 
 STATE_CHOICES = ("all", "last")
 NORMALIZE_CHOICES = ("relative", "none")

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.heal import HealMethod, HealRequest, register
-from autoprune.train.loop import LossFn, cross_entropy, logit_kl, optimise
+from autoprune.heal.base import HealMethod, HealRequest, register
+from autoprune.train import LossFn, cross_entropy, logit_kl, optimise
 
 
 def _no_healing(model, request: HealRequest) -> list[float]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.heal import HealMethod, HealRequest, register
+from autoprune.heal.base import HealMethod, HealRequest, register
 
 
 @torch.no_grad()

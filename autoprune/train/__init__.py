@@ -1,2 +1,49 @@
-"""Optimisation for healing and for the dense model: one loop (`loop`), run in the trial's process or by
-DeepSpeed workers in the trial's placement group (`deepspeed`)."""
+"""Optimisation for healing and for the dense model: one step loop (`loop.run_steps`), run in the trial's process
+(`loop.optimise`) or by DeepSpeed workers in the trial's placement group (`deepspeed.optimise_deepspeed`).
+
+`optimise` below is where the two meet: it takes the healing engine and picks one. loop.py knows nothing of
+DeepSpeed; deepspeed.py uses loop.py's step loop, batches and schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from autoprune.config import HealingEngine
+from autoprune.data import DataBundle, ImageSet
+from autoprune.prune.masks import Masks, Sparsifier
+from autoprune.train import loop
+from autoprune.train.deepspeed import optimise_deepspeed
+from autoprune.train.loop import LossFn, Objective, cross_entropy, logit_kl
+
+
+def optimise(
+    model: nn.Module,
+    *,
+    images: ImageSet,
+    data: DataBundle,
+    objective: Objective,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = 0.05,
+    masks: Sparsifier | None = None,
+    device: torch.device | str = "cpu",
+    engine: HealingEngine | None = None,
+) -> list[float]:
+    """Run `steps` AdamW steps on batches sampled from `images`; returns the loss of every step. In this process
+    (`loop.optimise`) unless `engine` is DeepSpeed's: then on its workers, and the trained `model` is left on
+    `device` in eval mode, as the local run leaves it."""
+    if engine is None or engine.engine != "deepspeed":
+        return loop.optimise(model, images=images, data=data, objective=objective, steps=steps, lr=lr,
+                             batch_size=batch_size, seed=seed, weight_decay=weight_decay, masks=masks, device=device)
+    losses = optimise_deepspeed(model, engine, images=images, mean=data.mean, std=data.std, objective=objective,
+                                steps=steps, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
+                                masks=masks if masks is not None else Masks())
+    model.to(device).eval()
+    return losses
+
+
+__all__ = ["LossFn", "Objective", "cross_entropy", "logit_kl", "optimise"]

@@ -1,8 +1,10 @@
 """Healing as a multi-worker DeepSpeed job, for models whose healing does not fit one GPU.
 
-A trial that selects `healing: {engine: deepspeed}` runs the same optimisation as `training.optimise` — the same
-objective, batches, schedule and masks — on `workers` Ray actors, each a DeepSpeed engine (ZeRO stage 0–3, bf16 or
-fp32; NCCL on GPUs, gloo on CPUs). DeepSpeed is the training engine only: its removed compression module is not used.
+A trial that selects `healing: {engine: deepspeed}` runs the same optimisation as `loop.optimise` — the same
+objective, batches, schedule, masks and step loop (`loop.run_steps`, with DeepSpeed's backward and step plugged in)
+— on `workers` Ray actors, each a DeepSpeed engine (ZeRO stage 0–3, bf16 or fp32; NCCL on GPUs, gloo on CPUs).
+`autoprune.train.optimise` sends a job here when its engine is DeepSpeed's. DeepSpeed is the training engine only:
+its removed compression module is not used.
 
 Where the workers run. A trial reserves its own resources and its workers' as one placement group (`bundles`, which
 the search gives Tune), and the workers are placed in that group's bundles: a trial starts only when its workers
@@ -37,6 +39,7 @@ from torch import nn
 
 from autoprune.config import HealingEngine
 from autoprune.errors import AutopruneError
+from autoprune.train.loop import batch_sampler, run_steps, warmup_cosine
 
 PLACEMENT_TIMEOUT_S = 600  # a job outside Tune waits this long for its workers' resources, then says why
 
@@ -54,8 +57,8 @@ def trial_bundles(trial: dict[str, float], engine: HealingEngine) -> list[dict[s
 
 def optimise_deepspeed(model: nn.Module, engine: HealingEngine, *, images, mean, std, objective, steps: int,
                        lr: float, batch_size: int, seed: int, weight_decay: float, masks) -> list[float]:
-    """Run `training.optimise`'s job on `engine.workers` DeepSpeed workers; load the healed weights into `model`
-    (on the CPU) and return the loss of every step."""
+    """Run `loop.optimise`'s job on `engine.workers` DeepSpeed workers; load the healed weights into `model`
+    (on the CPU) and return the loss of every step. (`autoprune.train.optimise` calls this for a DeepSpeed engine.)"""
     import cloudpickle
     import ray
 
@@ -169,13 +172,9 @@ def _heal(job: dict, rank: int, world: int, device: torch.device) -> dict[str, A
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-    from autoprune.data import normalize
-    from autoprune.train.loop import shifted, warmup_cosine
-
     model, masks, steps = job["model"].train().to(device), job["masks"], job["steps"]
-    images, mean, std = job["images"], job["mean"], job["std"]
-    labels = images.labels
-    global_batch = max(world, min(job["batch_size"], len(labels)))
+    images = job["images"]
+    global_batch = max(world, min(job["batch_size"], len(images.labels)))
     per_worker = global_batch // world
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=job["lr"], weight_decay=job["weight_decay"])
@@ -201,6 +200,14 @@ def _heal(job: dict, rank: int, world: int, device: torch.device) -> dict[str, A
     def student(batch: torch.Tensor) -> torch.Tensor:  # the loss functions call `model(inputs)`
         return engine(batch.to(dtype)).float()
 
+    def before_step(progress: float) -> None:
+        with _gathered(module, zero_stage):
+            masks.before_step(module, progress)
+
+    def update(loss: torch.Tensor) -> None:
+        engine.backward(loss)
+        engine.step()  # the optimiser, then the schedule
+
     def hold_masks() -> None:
         """Zero the pruned weights in the module and in the optimiser's fp32 masters (all ranks take part)."""
         with _gathered(module, zero_stage):
@@ -211,24 +218,17 @@ def _heal(job: dict, rank: int, world: int, device: torch.device) -> dict[str, A
             if master is not None:  # None: no separate master copy (ZeRO off, fp32): the module's weight is it
                 safe_set_full_fp32_param(weight, master * mask.to(master.device, master.dtype))
 
-    generator = torch.Generator().manual_seed(job["seed"])
-    max_shift = max(1, images.source.shape[-1] // 16)
-    losses = []
-    mine = slice(rank * per_worker, (rank + 1) * per_worker)
-    for step in range(steps):
-        with _gathered(module, zero_stage):
-            masks.before_step(module, step / steps)
-        index = torch.randint(0, len(labels), (global_batch,), generator=generator)
-        batch = shifted(normalize(images.take(index).to(device), mean, std), generator, max_shift)
-        loss = loss_fn(student, batch[mine], labels[index][mine].to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss.item()} at step {step} (lr={job['lr']:g}).")
-        engine.backward(loss)
-        engine.step()  # the optimiser, then the schedule
-        hold_masks()
-        mean_loss = loss.detach().float().clone()
-        dist.all_reduce(mean_loss)
-        losses.append(float(mean_loss) / world)
+    def mean_over_workers(loss: torch.Tensor) -> float:
+        total = loss.detach().float().clone()
+        dist.all_reduce(total)
+        return float(total) / world
+
+    # every worker draws the same global batch and trains on its own rows of it
+    next_batch = batch_sampler(images, job["mean"], job["std"], batch_size=global_batch, seed=job["seed"],
+                               device=device, share=slice(rank * per_worker, (rank + 1) * per_worker))
+    losses = run_steps(steps, next_batch=next_batch, loss_of=lambda inputs, labels: loss_fn(student, inputs, labels),
+                       step=update, before_step=before_step, after_step=hold_masks, record=mean_over_workers,
+                       lr=job["lr"])
     job["objective"].release()
 
     state = {name: _full_fp32(p, safe_get_full_fp32_param) for name, p in module.named_parameters()}

@@ -1,10 +1,15 @@
 """The optimisation loop shared by dense training and healing: sampled mini-batches, AdamW, one-cycle schedule.
 
-The pruning method's masks (or gradual sparsifier) are consulted before and after every step, so that pruned weights
-stay zero and the achieved sparsity stays at its target however long the model heals.
+`run_steps` is the one step loop: every step consults the pruning method's masks (or gradual sparsifier) before
+and after the update, samples a batch, computes the loss, refuses a non-finite one and records it. What updates
+the weights is pluggable: `optimise` here runs it in this process with AdamW and a warm-up/cosine schedule;
+deepspeed.py runs it in each DeepSpeed worker with the engine's backward and step (and holds the masks in the
+optimiser's fp32 master weights too). Masks are held after every step, so pruned weights stay zero and the
+achieved sparsity stays at its target however long the model heals. This module knows nothing of DeepSpeed: the
+choice between the two is `autoprune.train.optimise`'s.
 
 What is minimised is an `Objective`: it is bound to the model being trained on the device it trains on, which is
-where a teacher goes and where hooks are attached. A DeepSpeed worker binds its own copy (distributed.py), so an
+where a teacher goes and where hooks are attached. A DeepSpeed worker binds its own copy (deepspeed.py), so an
 objective never carries a model already placed on another process's GPU.
 
 Images stay uint8 until a batch is on the device; it is normalised there.
@@ -13,17 +18,17 @@ Images stay uint8 until a batch is on the device; it is normalised there.
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.config import HealingEngine
-from autoprune.data import DataBundle, ImageSet
-from autoprune.prune.masks import Sparsifier
+from autoprune.data import DataBundle, ImageSet, normalize
+from autoprune.prune.masks import Masks, Sparsifier
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, inputs, labels) → loss
+Batch = tuple[torch.Tensor, torch.Tensor]  # (normalised inputs, labels), on the training device
 
 
 class Objective(Protocol):
@@ -59,6 +64,51 @@ def shifted(images: torch.Tensor, generator: torch.Generator, max_shift: int) ->
     return padded[..., dy : dy + size[0], dx : dx + size[1]]
 
 
+def batch_sampler(images: ImageSet, mean: Sequence[float], std: Sequence[float], *, batch_size: int, seed: int,
+                  device: torch.device, share: slice = slice(None)) -> Callable[[], Batch]:
+    """Batches of `batch_size` images drawn with replacement from one generator seeded with `seed`, normalised on
+    `device` and shifted. `share`: the rows of each batch this process trains on (a DeepSpeed worker's part of the
+    global batch; all of it by default), so that every worker draws the same batches as a single process would."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = images.labels
+    max_shift = max(1, images.source.shape[-1] // 16)
+
+    def next_batch() -> Batch:
+        index = torch.randint(0, len(labels), (batch_size,), generator=generator)
+        batch = shifted(normalize(images.take(index).to(device), mean, std), generator, max_shift)
+        return batch[share], labels[index][share].to(device)
+
+    return next_batch
+
+
+def run_steps(
+    steps: int,
+    *,
+    next_batch: Callable[[], Batch],
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],  # (inputs, labels) → loss
+    step: Callable[[torch.Tensor], None],
+    before_step: Callable[[float], None] = lambda progress: None,
+    after_step: Callable[[], None] = lambda: None,
+    record: Callable[[torch.Tensor], float] = lambda loss: float(loss.detach()),
+    lr: float,
+) -> list[float]:
+    """The step loop, `steps` times: `before_step(progress)` (a gradual method moves its sparsity along its
+    schedule), a batch, its loss (a non-finite one stops the run), `step(loss)` (backward and the optimiser's
+    update), `after_step()` (the masks are held). Returns what `record` makes of every step's loss (by default
+    its value; a DeepSpeed worker averages it over the workers). `lr` is named when the loss diverges."""
+    losses = []
+    for index in range(steps):
+        before_step(index / steps)
+        inputs, labels = next_batch()
+        loss = loss_of(inputs, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()} at step {index} (lr={lr:g}).")
+        step(loss)
+        after_step()
+        losses.append(record(loss))
+    return losses
+
+
 def optimise(
     model: nn.Module,
     *,
@@ -72,56 +122,36 @@ def optimise(
     weight_decay: float = 0.05,
     masks: Sparsifier | None = None,
     device: torch.device | str = "cpu",
-    engine: HealingEngine | None = None,
 ) -> list[float]:
-    """Run `steps` AdamW steps on batches sampled from `images`; returns the loss of every step.
-    With a DeepSpeed `engine` the same job runs on several workers (distributed.py)."""
-    if engine is not None and engine.engine == "deepspeed":
-        from autoprune.prune.masks import Masks
-        from autoprune.train.deepspeed import optimise_deepspeed
-
-        losses = optimise_deepspeed(model, engine, images=images, mean=data.mean, std=data.std, objective=objective,
-                                    steps=steps, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
-                                    masks=masks if masks is not None else Masks())
-        model.to(device).eval()
-        return losses
+    """Run `steps` AdamW steps in this process on batches sampled from `images`; returns the loss of every step.
+    (`autoprune.train.optimise` takes a healing engine, and runs the same job on DeepSpeed workers when asked.)"""
     device = torch.device(device)
+    held = masks if masks is not None else Masks()  # none: nothing to hold
     model.train().to(device)
     loss_fn = objective.bind(model, device)
-    try:
-        return _steps(model, images, data, loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                      weight_decay=weight_decay, masks=masks, device=device)
-    finally:
-        objective.release()
-        model.eval()
-
-
-def _steps(model, images: ImageSet, data: DataBundle, loss_fn: LossFn, *, steps, lr, batch_size, seed,
-           weight_decay, masks, device) -> list[float]:
-    generator = torch.Generator().manual_seed(seed)
-    labels = images.labels
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
-    max_shift = max(1, images.source.shape[-1] // 16)
-    losses = []
-    for step in range(steps):
-        if masks is not None:
-            masks.before_step(model, step / steps)  # a gradual method moves its sparsity along its schedule
-        index = torch.randint(0, len(labels), (min(batch_size, len(labels)),), generator=generator)
-        batch = shifted(data.normalize(images.take(index).to(device)), generator, max_shift)
-        loss = loss_fn(model, batch, labels[index].to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss.item()} at step {len(losses)} (lr={lr:g}).")
+
+    def update(loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        if masks is not None:
-            masks.after_step(model)
-        losses.append(float(loss.detach()))
-    optimizer.zero_grad(set_to_none=True)  # leave no gradients behind: they hold as much memory as the weights
-    return losses
+
+    try:
+        return run_steps(
+            steps, lr=lr, step=update,
+            next_batch=batch_sampler(images, data.mean, data.std, batch_size=min(batch_size, len(images.labels)),
+                                     seed=seed, device=device),
+            loss_of=lambda inputs, labels: loss_fn(model, inputs, labels),
+            before_step=lambda progress: held.before_step(model, progress),
+            after_step=lambda: held.after_step(model),
+        )
+    finally:
+        optimizer.zero_grad(set_to_none=True)  # leave no gradients behind: they hold as much memory as the weights
+        objective.release()
+        model.eval()
 
 
 def warmup_cosine(steps: int, warmup_fraction: float = 0.1) -> Callable[[int], float]:
