@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real timm models (random init), the reference task, and one local Ray for the session."""
+"""Shared fixtures: the tiny real timm models and the reference task (from `autoprune.testing.models`), and one
+local Ray for the session."""
 
 from __future__ import annotations
 
@@ -9,43 +10,33 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing outside is 
 import pytest
 import torch
 
-from autoprune.data import reference_task
 from autoprune.models import ModelSource
-
-TINY_VIT = ModelSource(
-    "vit_tiny_patch16_224",
-    10,
-    {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "avg",
-     "class_token": False},
+from autoprune.testing.models import (  # noqa: F401 (test modules import these from here)
+    FAMILIES,
+    TINY_BOTTLENECK,
+    TINY_RESNET,
+    TINY_VIT,
+    briefly_trained,
+    example_inputs,
+    reference_bundle,
 )
-TINY_RESNET = ModelSource("resnet18", 10, {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)})
+
 TEST_ACCELERATOR = "autoprune-test"
-TINY_BOTTLENECK = ModelSource("resnet50", 10, {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)})
-
-
-def briefly_trained(source: ModelSource, data) -> torch.nn.Module:
-    """A real dense model for healing tests: 150 steps on the reference task."""
-    from autoprune.train.loop import cross_entropy, optimise
-
-    torch.manual_seed(0)
-    model = source.create()
-    optimise(model, images=data.train, data=data, objective=cross_entropy(), steps=150, lr=3e-3, batch_size=64, seed=0)
-    return model.eval()
 
 
 @pytest.fixture(scope="session")
 def bundle():
-    return reference_task(seed=0)
+    return reference_bundle(seed=0)
 
 
-@pytest.fixture(params=[TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
+@pytest.fixture(params=list(FAMILIES.values()), ids=list(FAMILIES))
 def source(request) -> ModelSource:
     return request.param
 
 
 @pytest.fixture
 def example(bundle) -> torch.Tensor:
-    return bundle.normalize(bundle.eval.images[:4])
+    return example_inputs(bundle)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Pruning methods: a conformance contract every registered method passes, then each method's defining property."""
+"""Pruning methods: the contract in `autoprune.testing.contracts` every registered method passes, then each
+method's defining property."""
 
 from __future__ import annotations
 
@@ -9,61 +10,18 @@ import torch
 from conftest import TINY_BOTTLENECK, TINY_RESNET, TINY_VIT
 
 from autoprune import prune
-from autoprune.measure.metrics import achieved_sparsity, count_params, prunable_weight_count
-from autoprune.models import layer_groups, load_model_dir, pooled_group, prunable_layers, save_model
+from autoprune.models import layer_groups
 from autoprune.prune.nm import nm_mask
 from autoprune.prune.variance import Welford
-
-TARGET = 0.5
-
-
-def _prune(source, method_name, example, sparsity=TARGET, pooled=False, options=None):
-    torch.manual_seed(0)
-    model = source.create().eval()
-    dense = copy.deepcopy(model)
-    groups = (pooled_group(model),) if pooled else layer_groups(model)
-    method = prune.get(method_name)
-    request = prune.PruneRequest(groups, {g.name: sparsity for g in groups}, {**method.options, **(options or {})},
-                                 example, calibration=example)
-    masks = method.apply(model, request).finish(model)  # a gradual method jumps to its final sparsity
-    return dense, model, masks
-
-
-def _sparsity(dense, model):
-    layers = [name for name, _ in prunable_layers(dense)]
-    return achieved_sparsity(model, layers, prunable_weight_count(dense, layers)[1])
-
+from autoprune.testing import contracts
+from autoprune.testing.contracts import prune_fresh as _prune  # (source, method, example, sparsity, pooled, options)
 
 # ---- the contract every registered method passes -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("method_name", prune.list_methods())
-def test_conformance(method_name, source, example, tmp_path):
-    dense, model, masks = _prune(source, method_name, example)
-    method = prune.get(method_name)
-    with torch.no_grad():
-        out = model(example)
-    assert out.shape == dense(example).shape
-
-    achieved = _sparsity(dense, model)
-    if method_name == "none":
-        assert achieved == pytest.approx(0.0, abs=1e-6)
-    elif method.structured:
-        assert 0.1 < achieved <= TARGET + 0.05  # only block-internal channels go; the residual stream stays
-        assert count_params(model) < count_params(dense)
-        assert not masks
-    elif method.uses_sparsity:
-        assert achieved == pytest.approx(TARGET, abs=0.01)
-    else:  # N:M fixes its own sparsity, 1 − n/m on every layer it can pattern
-        assert 0.3 < achieved <= 0.5 + 1e-6
-
-    _, again, _ = _prune(source, method_name, example)  # deterministic for a seed
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), name
-
-    save_model(model, source, tmp_path)  # saves and reloads with equal outputs, no pickle
-    with torch.no_grad():
-        assert torch.allclose(load_model_dir(tmp_path)(example), out, atol=1e-6)
+def test_conformance(method_name, source, bundle, tmp_path):
+    contracts.check_prune_method(method_name, source, bundle, tmp_path)
 
 
 # ---- each method's defining property ----------------------------------------------------------------------
@@ -294,16 +252,4 @@ def test_heads_can_be_kept(example):
 def test_conformance_through_a_trial_that_heals(method_name, source, bundle):
     """Each method, on the ViT and on the CNN, through the whole trial: prune, profile (the default layout search),
     a training heal, evaluate — what a search runs, not only the pruning step."""
-    from autoprune.config import HealConfig, ProfileSpec, PruneConfig, TrialConfig
-    from autoprune.trial import TrialContext, run_trial
-
-    torch.manual_seed(0)
-    context = TrialContext(source, source.create().state_dict(), bundle, ProfileSpec(batch_size=2, warmup=1, repeats=3))
-    method = prune.get(method_name)
-    sparsity = {"all": TARGET} if method.uses_sparsity else {}
-    config = TrialConfig(PruneConfig(method_name, sparsity),
-                         HealConfig("finetune", calibration_images=32, steps=3, lr=1e-3, batch_size=8))
-    result = run_trial(config, context, threads=1)
-    assert result.feasible and 0 <= result.accuracy <= 1 and result.latency.median_ms > 0
-    if method_name != "none":
-        assert result.sparsity > 0.1
+    contracts.check_prune_method_in_trial(method_name, source, bundle)
