@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "search": "autoprune.driver.search",
-    "SearchOutcome": "autoprune.driver.search",
+    "SearchOutcome": "autoprune.driver.outcome",
     "best": "autoprune.tracking.select",
     "front": "autoprune.tracking.select",
     "load_model": "autoprune.tracking.select",

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import TINY_VIT
 
-from autoprune.driver.search import make_sampler
+from autoprune.driver.sampling import make_sampler
 from autoprune.errors import SpecError
 from autoprune.models import layer_groups
 from autoprune.space.define import SearchSpace, interpolate_profile
@@ -132,7 +132,7 @@ def test_a_fixed_seed_samples_the_same_configurations():
 
 
 def test_the_latency_target_reaches_optuna_as_a_constraint():
-    from autoprune.driver.search import CONSTRAINT_ATTR, latency_constrained_searcher
+    from autoprune.driver.sampling import CONSTRAINT_ATTR, latency_constrained_searcher
 
     raw = copy.deepcopy(DEMO)
     raw["latency_target_ms"] = 2.0
@@ -152,7 +152,7 @@ def test_the_latency_target_reaches_optuna_as_a_constraint():
 def test_a_trial_without_a_measured_latency_does_not_count_as_meeting_the_target():
     import optuna
 
-    from autoprune.driver.search import CONSTRAINT_ATTR, _trial_constraints
+    from autoprune.driver.sampling import CONSTRAINT_ATTR, _trial_constraints
 
     failed = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL)
     assert _trial_constraints(failed)[0] > 0  # > 0: infeasible
@@ -165,7 +165,7 @@ def test_a_trial_that_reports_its_own_error_reaches_optuna_as_failed():
     searcher must tell Optuna FAIL, not COMPLETE or PRUNED, so the sampler does not count it as a measured point."""
     import optuna
 
-    from autoprune.driver.search import latency_constrained_searcher
+    from autoprune.driver.sampling import latency_constrained_searcher
     from autoprune.tracking.schema import TRIAL_ERROR
 
     spec = parse_spec(DEMO)

@@ -96,8 +96,7 @@ def run(root: Path, echo=print) -> list[dict]:
 
 def _search_dense_only(spec_path: Path, workdir: Path) -> None:
     """Fill the dense-weights cache (what `search` would train first) without running a search."""
-    from autoprune.driver.prepare import dense_weights
-    from autoprune.driver.search import load_data
+    from autoprune.driver.prepare import dense_weights, load_data
     from autoprune.space.load import load_spec
 
     spec = load_spec(spec_path)

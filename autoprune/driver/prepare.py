@@ -1,4 +1,5 @@
-"""The dense model's weights, resolved once on the driver: timm pretrained, a local checkpoint, or trained.
+"""What every trial shares, prepared once on the driver: the data (`load_data`) and the dense model's weights
+(`dense_weights`: timm pretrained, a local checkpoint, or trained).
 
 With `model.train_steps` (the embedded default), the dense model is trained once on the spec's data and cached
 under the work directory, keyed by everything that determines the result, so later searches start at once.
@@ -9,14 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from autoprune.config import DataSpec, ModelSpec
+from autoprune import data as datasets
+from autoprune.config import Choice, DataSpec, Fixed, ModelSpec, SearchSpec
 from autoprune.data import DataBundle
+from autoprune.measure.cache import SharedLatencyCache
 from autoprune.models import ModelSource, load_dense
-from autoprune.train.loop import cross_entropy, optimise
+from autoprune.train import cross_entropy, optimise
+from autoprune.trial import TrialContext
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +82,45 @@ def _train(dense, data: DataBundle, steps: int, seed: int) -> None:
         weight_decay=RECIPE["weight_decay"],
         seed=seed,
     )
+
+
+def load_data(spec: SearchSpec, *, cache_dir: str | Path | None = None, echo=None) -> datasets.DataBundle:
+    """The search's data; with `cache_dir`, ImageFolder images decoded once are read from there next time."""
+    if spec.data.source == "reference":
+        bundle = datasets.reference_task(seed=spec.search.seed)
+        if spec.data.eval_images:
+            bundle = replace(bundle, eval=bundle.eval.subset(spec.data.eval_images, seed=spec.search.seed))
+        return bundle
+    return datasets.image_folder(
+        train_dir=spec.data.train_dir,
+        val_dir=spec.data.val_dir,
+        image_size=spec.data.image_size,
+        train_images=largest_calibration_budget(spec),
+        eval_images=spec.data.eval_images,
+        seed=spec.search.seed,
+        cache_dir=cache_dir,
+        echo=echo,
+    )
+
+
+def largest_calibration_budget(spec: SearchSpec) -> int:
+    """How many training images the search may ask for at most: only those are read from an ImageFolder."""
+    dimension = spec.heal.calibration_images
+    if isinstance(dimension, Fixed):
+        return int(dimension.value)
+    return int(max(dimension.values) if isinstance(dimension, Choice) else dimension.high)
+
+
+def shared_context(spec: SearchSpec, source: ModelSource, workdir: Path, say) -> tuple[Any, SharedLatencyCache]:
+    """The data, the dense weights and the latency cache, put into Ray's object store once: the dense baseline and
+    every trial read that one copy (its images zero-copy). Returns its reference and the cache."""
+    import ray
+
+    say(f"autoprune: {spec.name}: loading data and the dense model {spec.model.name}")
+    cache_dir = workdir / "cache"
+    bundle = load_data(spec, cache_dir=cache_dir, echo=lambda line: say(f"autoprune: data.{line}"))
+    state = dense_weights(spec.model, spec.data, bundle, cache_dir=cache_dir, seed=spec.search.seed)
+    latency_cache = SharedLatencyCache.start()
+    context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms, latency_cache=latency_cache,
+                           healing_engine=spec.healing)
+    return ray.put(context), latency_cache  # the driver's own copies go when this returns
