@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
 SAMPLERS = ("tpe", "nsga2", "random")
-SPARSITY_MODES = ("global", "per_group", "profile", "spectral")
+SPARSITY_MODES = ("global", "per_group", "depth", "spectral")
 DATA_SOURCES = ("reference", "imagefolder")
 DTYPES = ("float32", "float16", "bfloat16")
 HEALING_ENGINES = ("local", "deepspeed")
@@ -134,13 +134,13 @@ class MlflowSpec:
 
 @dataclass(frozen=True)
 class SparsitySpace:
-    # global: one value; per_group: one per layer group; profile: knots over depth;
+    # global: one value; per_group: one per layer group; depth: knots over depth;
     # spectral: one value, spread over the groups by the Marchenko–Pastur layer budget of the dense weights
     mode: str = "global"
     low: float = 0.3
     high: float = 0.9
     step: float | None = None
-    knots: int = 3  # profile mode only
+    knots: int = 3  # depth mode only
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from conftest import TINY_VIT
 from autoprune.driver.sampling import make_sampler
 from autoprune.errors import SpecError
 from autoprune.models import layer_groups
-from autoprune.space.define import SearchSpace, interpolate_profile
+from autoprune.space.define import SearchSpace, interpolate_knots
 from autoprune.space.load import parse_spec
 
 DEMO = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "demo.yaml").read_text())
@@ -80,12 +80,12 @@ def test_per_group_mode_has_one_dimension_per_group():
 
 
 def test_profile_mode_interpolates_knots_over_depth():
-    params, config = _sample(_space(mode="profile", knots=2), {"prune.method": "magnitude", "heal.method": "none"})
+    params, config = _sample(_space(mode="depth", knots=2), {"prune.method": "magnitude", "heal.method": "none"})
     values = list(config.prune.sparsity.values())
     assert values[0] == pytest.approx(params["prune.sparsity.knot0"])
     assert values[-1] == pytest.approx(params["prune.sparsity.knot1"])
-    assert interpolate_profile([0.2, 0.8], 4) == pytest.approx([0.2, 0.4, 0.6, 0.8])
-    assert interpolate_profile([0.1, 0.9, 0.1], 5) == pytest.approx([0.1, 0.5, 0.9, 0.5, 0.1])
+    assert interpolate_knots([0.2, 0.8], 4) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert interpolate_knots([0.1, 0.9, 0.1], 5) == pytest.approx([0.1, 0.5, 0.9, 0.5, 0.1])
 
 
 def test_spectral_mode_samples_one_value_for_the_trial_to_spread():
@@ -106,14 +106,14 @@ def test_a_mode_a_method_cannot_take_is_a_spec_error():
 
 def test_more_knots_than_groups_is_a_spec_error():
     with pytest.raises(SpecError, match="knots"):
-        _space(mode="profile", knots=len(GROUPS) + 1)
+        _space(mode="depth", knots=len(GROUPS) + 1)
 
 
 def _sequence(seed: int, trials: int = 14) -> list[dict]:
     """What Ray Tune's OptunaSearch suggests, one trial at a time, fed a deterministic result per config."""
     from ray.tune.search.optuna import OptunaSearch
 
-    space = _space(mode="profile", knots=2)
+    space = _space(mode="depth", knots=2)
     searcher = OptunaSearch(space=space.define, metric=["accuracy", "latency_ms"], mode=["max", "min"],
                             sampler=make_sampler("tpe", seed))
     suggested = []

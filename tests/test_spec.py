@@ -53,7 +53,7 @@ def _broken(path: str, value) -> dict:
         ("space.prune.methods", ["magnitude", "magnitde"], ["space.prune.methods[1]", "'magnitde'", "structured"]),
         ("space.heal.methods", ["starfsh"], ["space.heal.methods[0]", "'starfsh'", "distill"]),
         ("space.prune.sparsity.high", 1.5, ["space.prune.sparsity.high", "0 <= value < 1", "1.5"]),
-        ("space.prune.sparsity.mode", "layerwise", ["space.prune.sparsity.mode", "global, per_group, profile"]),
+        ("space.prune.sparsity.mode", "layerwise", ["space.prune.sparsity.mode", "global, per_group, depth"]),
         ("space.heal.steps", {"low": 50, "high": 10}, ["space.heal.steps", "low < high"]),
         ("space.heal.lr", {"low": 0.1, "hi": 1}, ["space.heal.lr", "hi", "unknown key"]),
         ("space.heal.calibration_images", [], ["space.heal.calibration_images", "empty list"]),
@@ -163,3 +163,26 @@ def test_trial_config_round_trips_through_json():
                                                                                          {"alpha": 0.5}), seed=3)
     assert TrialConfig.from_json(config.to_json()) == config
     assert config.flat()["prune.sparsity.blocks.0.mlp"] == 0.5
+
+
+def test_sparsity_mode_profile_is_read_as_depth_with_a_warning():
+    raw = _broken("space.prune.sparsity.mode", "profile")
+    with pytest.warns(FutureWarning, match="'profile' is now called 'depth'"):
+        spec = parse_spec(raw)
+    assert spec.prune.sparsity.mode == "depth"
+    assert parse_spec(_broken("space.prune.sparsity.mode", "depth")) == spec
+
+
+def test_a_spec_built_in_python_is_validated_like_yaml():
+    from dataclasses import replace
+
+    from autoprune.space.load import validate
+
+    spec = parse_spec(DEMO)
+    assert validate(spec) == spec  # a valid spec comes back equal: written as YAML and read back
+    with pytest.raises(SpecError, match=r"search.trials: must be > 0, but got 0"):
+        validate(replace(spec, search=replace(spec.search, trials=0)))
+    with pytest.raises(SpecError, match=r"space.prune.methods\[0\]: 'obs' is not a registered pruning method"):
+        validate(replace(spec, prune=replace(spec.prune, methods=("obs",))))
+    with pytest.raises(SpecError, match=r"space.heal.steps.*`low < high` must hold"):
+        validate(replace(spec, heal=replace(spec.heal, steps=Range(50, 10))))

@@ -28,7 +28,7 @@ from autoprune.errors import AutopruneError
 from autoprune.models import layer_groups
 from autoprune.result import TrialRecord, TrialResult
 from autoprune.space.define import SearchSpace
-from autoprune.space.load import load_spec
+from autoprune.space.load import load_spec, validate
 from autoprune.tracking.publish import Published, experiment_path, publish_search, records_from_storage
 from autoprune.tracking.store import DEFAULT_WORKDIR, Tracker, is_tracking_server, resolve_tracking_uri
 
@@ -49,7 +49,8 @@ def search(
     search whose driver stopped: a parent run id, or "latest" (the newest unfinished search of this spec's name)."""
     started = time.perf_counter()
     say = echo or (lambda line: None)
-    spec = _with_overrides(load_spec(spec) if not isinstance(spec, SearchSpec) else spec, trials, storage)
+    spec = load_spec(spec) if not isinstance(spec, SearchSpec) else spec
+    spec = validate(_with_overrides(spec, trials, storage))  # a spec built in Python, and the overrides, too
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tracker = _tracker(spec, tracking_uri, workdir)

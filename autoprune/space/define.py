@@ -7,7 +7,7 @@ they read well in MLflow and a resumed search finds the same distributions.
 Per-layer sparsity comes in three parametrisations:
 - global: one value, pooled over every prunable layer (one magnitude threshold for all);
 - per_group: one value per layer group (a ViT block's attention or MLP, a CNN stage);
-- profile: a few knots spread over depth, linearly interpolated to every group, so that deep models need not
+- depth: a few knots spread over depth, linearly interpolated to every group, so that deep models need not
   search a hundred dimensions;
 - spectral: one value, which the trial spreads over the groups by the Marchenko–Pastur layer budget of the dense
   weights (it needs the weights, so it is resolved there, not here).
@@ -33,7 +33,7 @@ class SearchSpace:
         sparsity = spec.prune.sparsity
         if not groups:
             raise SpecError(f"model {spec.model.name!r} has no prunable Linear/Conv2d layers.")
-        if sparsity.mode == "profile" and sparsity.knots > len(groups):
+        if sparsity.mode == "depth" and sparsity.knots > len(groups):
             raise SpecError(
                 f"space.prune.sparsity.knots: {sparsity.knots} knots for {len(groups)} layer groups;"
                 f" use at most {len(groups)} (or mode: per_group)."
@@ -98,7 +98,7 @@ class SearchSpace:
             return {POOLED_GROUP: values[0]}
         if mode == "per_group":
             return dict(zip(self.group_names, values))
-        return dict(zip(self.group_names, interpolate_profile(values, len(self.groups))))
+        return dict(zip(self.group_names, interpolate_knots(values, len(self.groups))))
 
 
 def _budget_keys(pruning: prune.PruneMethod, options: Mapping[str, Any], healing: heal.HealMethod) -> tuple[str, ...]:
@@ -108,7 +108,7 @@ def _budget_keys(pruning: prune.PruneMethod, options: Mapping[str, Any], healing
     return (("calibration_images",) if images else ()) + (("steps", "lr") if healing.trains else ())
 
 
-def interpolate_profile(knots: list[float], groups: int) -> list[float]:
+def interpolate_knots(knots: list[float], groups: int) -> list[float]:
     """Knots evenly spread from the first to the last group, linearly interpolated in between."""
     if groups == 1:
         return [knots[0]]

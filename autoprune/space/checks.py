@@ -1,0 +1,72 @@
+"""Rules across sections, checked once the sections are read: what the objectives may be, which methods fit the
+sparsity mode and the healing engine, and where a fraction of a GPU would spoil a measurement or a job."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from autoprune import heal, prune
+from autoprune.config import LATENCY_METRICS, HealingEngine, ProfileSpec, SearchSettings, SparsitySpace
+from autoprune.errors import SpecError
+
+
+def whole_gpus(settings: SearchSettings, profile: ProfileSpec, healing: HealingEngine,
+                      objectives: Mapping[str, Any], origin: str) -> None:
+    """A GPU shared by several trials while one of them is timed measures the others' work too; NCCL refuses two
+    DeepSpeed workers on one GPU. Fractions are refused where they would do that."""
+    times_latency = any(metric.startswith("latency") for metric in objectives)
+    shares = []
+    if profile.target is None and times_latency:
+        shares.append(("search.resources.gpu", settings.gpu,
+                       "trials time their latency on their own GPU; a fraction lets other trials run on it meanwhile"
+                       " (give whole GPUs, or measure on `profile.target`)"))
+    if profile.target is not None:
+        shares.append(("profile.target.gpu", profile.target.gpu,
+                       "latency is timed on it; a fraction lets other work share it meanwhile"))
+    if healing.engine == "deepspeed":
+        shares.append(("healing.gpu", healing.gpu, "NCCL cannot run two DeepSpeed workers on one GPU"))
+    for key, value, why in shares:
+        if value != int(value):
+            raise SpecError(f"{origin}: {key}: must be 0 or a whole number of GPUs, but got {value:g}: {why}.")
+
+
+def deepspeed_combinations(healing: HealingEngine, prune_methods: Sequence[str], heal_methods: Sequence[str],
+                     origin: str) -> None:
+    """Combinations a DeepSpeed healing job cannot run, refused before anything starts."""
+    for index, method in enumerate(heal_methods):
+        if healing.zero_stage > heal.get(method).max_zero_stage:
+            raise SpecError(
+                f"{origin}: healing.zero_stage: {healing.zero_stage} does not work with"
+                f" space.heal.methods[{index}] {method!r} (at most ZeRO stage {heal.get(method).max_zero_stage});"
+                f" lower the stage or drop the method."
+            )
+    for index, method in enumerate(prune_methods):
+        if not prune.get(method).distributable:
+            raise SpecError(
+                f"{origin}: space.prune.methods[{index}]: {method!r} cannot heal with `healing.engine: deepspeed`"
+                f" ({prune.get(method).distributable_why}); drop the method or heal locally."
+            )
+
+
+def objectives(objectives: Mapping[str, Any], origin: str) -> None:
+    if objectives.get("accuracy") != "max":
+        raise SpecError(f"{origin}: objectives: must contain `accuracy: max`, but got {dict(objectives)!r}.")
+    costs = [metric for metric in objectives if metric != "accuracy"]
+    if len(costs) != 1 or costs[0] not in LATENCY_METRICS:
+        raise SpecError(
+            f"{origin}: objectives: besides accuracy, name exactly one cost to minimise from"
+            f" {', '.join(LATENCY_METRICS)}, but got {costs!r}."
+        )
+    if objectives[costs[0]] != "min":
+        raise SpecError(f"{origin}: objectives.{costs[0]}: must be `min`, but got {objectives[costs[0]]!r}.")
+
+
+def sparsity_mode(sparsity: SparsitySpace, methods: Sequence[str], origin: str) -> None:
+    """Each method that takes a sparsity must take the space's way of spreading it."""
+    for method in methods:
+        allowed = prune.get(method).sparsity_modes
+        if prune.get(method).uses_sparsity and sparsity.mode not in allowed:
+            raise SpecError(
+                f"{origin}: space.prune.sparsity.mode: {sparsity.mode!r} does not apply to method {method!r},"
+                f" which takes: {', '.join(allowed)}."
+            )
