@@ -171,7 +171,7 @@ class SearchSpec:
     objectives: Mapping[str, str] = field(default_factory=lambda: {"accuracy": "max", "latency_ms": "min"})
     latency_target_ms: float | None = None
     profile: ProfileSpec = field(default_factory=ProfileSpec)
-    healing: HealingEngine = field(default_factory=HealingEngine)
+    heal_runtime: HealingEngine = field(default_factory=HealingEngine)  # how healing runs (space.heal: which)
     search: SearchSettings = field(default_factory=SearchSettings)
 
     @property

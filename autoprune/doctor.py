@@ -79,7 +79,7 @@ def _software(add) -> None:
         except metadata.PackageNotFoundError:
             needed = package != "deepspeed"
             add("environment", package, FAILED if needed else WARNING,
-                "not installed" + ("" if needed else " (only `healing.engine: deepspeed` needs it)"))
+                "not installed" + ("" if needed else " (only `heal_runtime.engine: deepspeed` needs it)"))
 
 
 def _cudnn_version(number: int) -> str:

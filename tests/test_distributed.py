@@ -91,7 +91,7 @@ def test_a_search_reserves_each_trials_workers_with_the_trial(local_ray, tmp_pat
         "model": {"name": TINY_VIT.name, "num_classes": 10, "train_steps": 50, "kwargs": dict(TINY_VIT.kwargs)},
         "data": {"source": "reference", "eval_images": 100},
         "profile": {"batch_size": 4, "warmup": 1, "repeats": 3},
-        "healing": {"engine": "deepspeed", "workers": 2, "zero_stage": 2, "bf16": False, "cpu": 0.5, "gpu": 0},
+        "heal_runtime": {"engine": "deepspeed", "workers": 2, "zero_stage": 2, "bf16": False, "cpu": 0.5, "gpu": 0},
         "search": {"trials": 2, "concurrency": 2, "sampler": "random", "seed": 0, "resources": {"cpu": 1},
                    "storage": str(tmp_path / "storage")},
         "mlflow": {"experiment": "deepspeed-search", "registered_model": "deepspeed-search-model"},
@@ -113,10 +113,10 @@ def test_combinations_deepspeed_cannot_run_are_refused_when_the_spec_is_read():
     from autoprune.space.load import parse_spec
 
     base = {"name": "x", "model": {"name": TINY_VIT.name, "num_classes": 10, "train_steps": 5},
-            "healing": {"engine": "deepspeed", "gpu": 1},
+            "heal_runtime": {"engine": "deepspeed", "gpu": 1},
             "space": {"prune": {"methods": ["magnitude", "feather"]}, "heal": {"methods": ["distill"]}}}
-    with pytest.raises(SpecError, match=r"space.prune.methods\[1\]: 'feather' cannot heal with `healing.engine: deepspeed`"):
+    with pytest.raises(SpecError, match=r"space.prune.methods\[1\]: 'feather' cannot heal with `heal_runtime.engine: deepspeed`"):
         parse_spec(base)
-    with pytest.raises(SpecError, match="healing.gpu: must be 0 or a whole number of GPUs, but got 0.5: NCCL"):
-        parse_spec({**base, "healing": {"engine": "deepspeed", "gpu": 0.5},
+    with pytest.raises(SpecError, match="heal_runtime.gpu: must be 0 or a whole number of GPUs, but got 0.5: NCCL"):
+        parse_spec({**base, "heal_runtime": {"engine": "deepspeed", "gpu": 0.5},
                     "space": {"prune": {"methods": ["magnitude"]}, "heal": {"methods": ["distill"]}}})

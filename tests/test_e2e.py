@@ -259,7 +259,7 @@ def test_a_failing_trial_is_recorded_with_its_error_and_the_search_goes_on(local
 @pytest.mark.faults
 @pytest.mark.parametrize(("section", "value", "message"), [
     ("profile", {"target": {"accelerator_type": "H100"}}, "accelerator type 'H100' \\(it has: autoprune-test\\)"),
-    ("healing", {"engine": "deepspeed", "workers": 2, "cpu": 0.5, "gpu": 1}, "needs 2 GPU at once .* has 0"),
+    ("heal_runtime", {"engine": "deepspeed", "workers": 2, "cpu": 0.5, "gpu": 1}, "needs 2 GPU at once .* has 0"),
 ], ids=["missing-accelerator-type", "deepspeed-workers-too-big"])
 def test_a_search_that_could_never_be_scheduled_stops_before_any_trial(local_ray, tmp_path, section, value,
                                                                         message):

@@ -71,9 +71,9 @@ def _broken(path: str, value) -> dict:
         ("objectives", {"accuracy": "max", "energy": "min"}, ["objectives", "energy", "latency_ms"]),
         ("profile.dtype", "int8", ["profile.dtype", "'int8'", "bfloat16"]),
         ("search.max_retries", -1, ["search.max_retries", "must be >= 0", "-1"]),
-        ("healing.engine", "horovod", ["healing.engine", "'horovod'", "local, deepspeed"]),
-        ("healing.zero_stage", 4, ["healing.zero_stage", "4", "0, 1, 2, 3"]),
-        ("healing.workers", 0, ["healing.workers", "must be > 0"]),
+        ("heal_runtime.engine", "horovod", ["heal_runtime.engine", "'horovod'", "local, deepspeed"]),
+        ("heal_runtime.zero_stage", 4, ["heal_runtime.zero_stage", "4", "0, 1, 2, 3"]),
+        ("heal_runtime.workers", 0, ["heal_runtime.workers", "must be > 0"]),
         ("profile.memory_format", "nhwc", ["profile.memory_format", "'nhwc'", "auto, contiguous, channels_last"]),
         ("profile.compile", "yes", ["profile.compile", "expected bool", "'yes'"]),
         ("profile.extra_batch_sizes", [1, 0], ["profile.extra_batch_sizes[1]", "positive integer", "0"]),
@@ -109,14 +109,14 @@ def test_profile_settings_parse():
 
 
 def test_deepspeed_healing_parses_and_rejects_a_stage_a_method_cannot_take():
-    raw = _broken("healing", {"engine": "deepspeed", "workers": 4, "zero_stage": 3, "bf16": True, "gpu": 1})
+    raw = _broken("heal_runtime", {"engine": "deepspeed", "workers": 4, "zero_stage": 3, "bf16": True, "gpu": 1})
     raw["space"]["heal"]["methods"] = ["distill"]
-    healing = parse_spec(raw).healing
+    healing = parse_spec(raw).heal_runtime
     assert (healing.engine, healing.workers, healing.zero_stage, healing.bf16) == ("deepspeed", 4, 3, True)
     raw["space"]["heal"]["methods"] = ["distill", "align"]
-    with pytest.raises(SpecError, match=r"healing.zero_stage: 3 does not work with space.heal.methods\[1\] 'align'"):
+    with pytest.raises(SpecError, match=r"heal_runtime.zero_stage: 3 does not work with space.heal.methods\[1\] 'align'"):
         parse_spec(raw)
-    assert parse_spec(DEMO).healing.engine == "local"
+    assert parse_spec(DEMO).heal_runtime.engine == "local"
 
 
 @pytest.mark.parametrize(("path", "uri"), [
@@ -186,3 +186,14 @@ def test_a_spec_built_in_python_is_validated_like_yaml():
         validate(replace(spec, prune=replace(spec.prune, methods=("obs",))))
     with pytest.raises(SpecError, match=r"space.heal.steps.*`low < high` must hold"):
         validate(replace(spec, heal=replace(spec.heal, steps=Range(50, 10))))
+
+
+def test_the_section_healing_is_read_as_heal_runtime_with_a_warning():
+    raw = copy.deepcopy(DEMO)
+    raw["healing"] = {"engine": "deepspeed", "workers": 4, "gpu": 1}
+    with pytest.warns(FutureWarning, match="`healing:` is now called `heal_runtime:`"):
+        spec = parse_spec(raw)
+    assert (spec.heal_runtime.engine, spec.heal_runtime.workers) == ("deepspeed", 4)
+    raw["heal_runtime"] = {"engine": "local"}
+    with pytest.raises(SpecError, match="healing: is the old name of `heal_runtime`; give one of them, not both"):
+        parse_spec(raw)

@@ -27,16 +27,16 @@ def check_healing_resources(spec: SearchSpec, cluster: Mapping[str, float], say:
     """A trial that heals with DeepSpeed reserves its own resources and its workers' together (one placement
     group), so Tune starts it only when all of them are free. A reservation larger than the cluster would never
     start: say so before any trial. (An autoscaling cluster counts only the nodes it has now.)"""
-    bundles = trial_bundles({"CPU": spec.search.cpu, "GPU": spec.search.gpu}, spec.healing)
-    healing = spec.healing
+    bundles = trial_bundles({"CPU": spec.search.cpu, "GPU": spec.search.gpu}, spec.heal_runtime)
+    healing = spec.heal_runtime
     fits = []
     for resource, trial, per_worker in (("CPU", spec.search.cpu, healing.cpu), ("GPU", spec.search.gpu, healing.gpu)):
         needed = sum(bundle.get(resource, 0) for bundle in bundles)
         if needed > cluster.get(resource, 0):
             raise AutopruneError(
-                f"healing: a trial needs {needed:g} {resource} at once (search.resources {trial:g} + healing.workers"
+                f"heal_runtime: a trial needs {needed:g} {resource} at once (search.resources {trial:g} + heal_runtime.workers"
                 f" {healing.workers} × {per_worker:g}) but this Ray cluster has {cluster.get(resource, 0):g}. Lower"
-                f" healing.workers / healing.{resource.lower()}, or add nodes."
+                f" heal_runtime.workers / heal_runtime.{resource.lower()}, or add nodes."
             )
         if needed:
             fits.append(int(cluster.get(resource, 0) // needed))
@@ -50,5 +50,5 @@ def check_cluster(spec: SearchSpec, cluster: Mapping[str, float], say: Callable[
     """Every check of the spec against the cluster's resources."""
     if spec.profile.target is not None:
         check_target_hardware(spec.profile.target.accelerator_type, cluster)
-    if spec.healing.engine != "local":
+    if spec.heal_runtime.engine != "local":
         check_healing_resources(spec, cluster, say)

@@ -122,5 +122,5 @@ def shared_context(spec: SearchSpec, source: ModelSource, workdir: Path, say) ->
     state = dense_weights(spec.model, spec.data, bundle, cache_dir=cache_dir, seed=spec.search.seed)
     latency_cache = SharedLatencyCache.start()
     context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms, latency_cache=latency_cache,
-                           healing_engine=spec.healing)
+                           healing_engine=spec.heal_runtime)
     return ray.put(context), latency_cache  # the driver's own copies go when this returns

@@ -70,6 +70,6 @@ def trial_resources(spec: SearchSpec):
     from ray import tune
 
     own = {"CPU": spec.search.cpu, "GPU": spec.search.gpu}
-    if spec.healing.engine != "deepspeed":
+    if spec.heal_runtime.engine != "deepspeed":
         return {key.lower(): value for key, value in own.items()}
-    return tune.PlacementGroupFactory(trial_bundles(own, spec.healing), strategy="PACK")
+    return tune.PlacementGroupFactory(trial_bundles(own, spec.heal_runtime), strategy="PACK")

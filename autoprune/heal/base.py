@@ -46,7 +46,7 @@ class HealMethod:
     trains: bool = True  # False: no optimiser steps, the search samples no steps or learning rate
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
     choices: Mapping[str, tuple] = field(default_factory=dict)  # option name → its valid values, where they are few
-    max_zero_stage: int = 3  # the highest DeepSpeed ZeRO stage its loss works under (healing.engine: deepspeed)
+    max_zero_stage: int = 3  # the highest DeepSpeed ZeRO stage its loss works under (heal_runtime.engine: deepspeed)
 
 
 HEAL_METHODS: Registry[HealMethod] = Registry("healing method")

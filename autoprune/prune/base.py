@@ -47,7 +47,7 @@ class PruneMethod:
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
     choices: Mapping[str, tuple] = field(default_factory=dict)  # option name → its valid values, where they are few
     check: Callable[[Mapping[str, Any]], str | None] | None = None  # a problem with a set of options, or None
-    # Whether its healing can run as a multi-worker DeepSpeed job (healing.engine: deepspeed), and if not, why.
+    # Whether its healing can run as a multi-worker DeepSpeed job (heal_runtime.engine: deepspeed), and if not, why.
     distributable: bool = True
     distributable_why: str = ""
 

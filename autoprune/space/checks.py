@@ -24,7 +24,7 @@ def whole_gpus(settings: SearchSettings, profile: ProfileSpec, healing: HealingE
         shares.append(("profile.target.gpu", profile.target.gpu,
                        "latency is timed on it; a fraction lets other work share it meanwhile"))
     if healing.engine == "deepspeed":
-        shares.append(("healing.gpu", healing.gpu, "NCCL cannot run two DeepSpeed workers on one GPU"))
+        shares.append(("heal_runtime.gpu", healing.gpu, "NCCL cannot run two DeepSpeed workers on one GPU"))
     for key, value, why in shares:
         if value != int(value):
             raise SpecError(f"{origin}: {key}: must be 0 or a whole number of GPUs, but got {value:g}: {why}.")
@@ -36,14 +36,14 @@ def deepspeed_combinations(healing: HealingEngine, prune_methods: Sequence[str],
     for index, method in enumerate(heal_methods):
         if healing.zero_stage > heal.get(method).max_zero_stage:
             raise SpecError(
-                f"{origin}: healing.zero_stage: {healing.zero_stage} does not work with"
+                f"{origin}: heal_runtime.zero_stage: {healing.zero_stage} does not work with"
                 f" space.heal.methods[{index}] {method!r} (at most ZeRO stage {heal.get(method).max_zero_stage});"
                 f" lower the stage or drop the method."
             )
     for index, method in enumerate(prune_methods):
         if not prune.get(method).distributable:
             raise SpecError(
-                f"{origin}: space.prune.methods[{index}]: {method!r} cannot heal with `healing.engine: deepspeed`"
+                f"{origin}: space.prune.methods[{index}]: {method!r} cannot heal with `heal_runtime.engine: deepspeed`"
                 f" ({prune.get(method).distributable_why}); drop the method or heal locally."
             )
 

@@ -105,7 +105,8 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
     checks.objectives(objectives, origin)
     target = root.take("latency_target_ms", float, None, check=positive)
     profile = _profile(root.section("profile"))
-    healing = _healing(root.section("healing"))
+    # `healing:` was its name, beside `space.heal:` (which names the methods): still read, with a warning
+    healing = _heal_runtime(_renamed(root, "healing", "heal_runtime").section("heal_runtime"))
     settings = _search(root.section("search"))
     checks.whole_gpus(settings, profile, healing, objectives, origin)
     mlflow = _mlflow(root.section("mlflow"), name)
@@ -117,8 +118,18 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
     space.done()
     root.done()
     return SearchSpec(name=name, model=model, data=data, mlflow=mlflow, prune=prune_space, heal=heal_space,
-                      objectives=objectives, latency_target_ms=target, profile=profile, healing=healing,
+                      objectives=objectives, latency_target_ms=target, profile=profile, heal_runtime=healing,
                       search=settings)
+
+
+def _renamed(root: Section, old: str, new: str) -> Section:
+    """Read a section under its old name as the new one, with a warning; both at once is an error."""
+    if old in root.raw:
+        if new in root.raw:
+            raise root.fail(old, f"is the old name of `{new}`; give one of them, not both.")
+        warnings.warn(f"{root.origin}: `{old}:` is now called `{new}:`; read as `{new}:`.", FutureWarning, stacklevel=4)
+        root.raw = {new if key == old else key: value for key, value in root.raw.items()}
+    return root
 
 
 def _model(section: Section) -> ModelSpec:
@@ -191,7 +202,7 @@ def _target_hardware(section: Section) -> TargetHardware | None:
     return spec
 
 
-def _healing(section: Section) -> HealingEngine:
+def _heal_runtime(section: Section) -> HealingEngine:
     spec = HealingEngine(
         engine=section.take("engine", str, "local", choices=HEALING_ENGINES),
         workers=section.take("workers", int, 2, check=positive),

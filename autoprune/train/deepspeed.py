@@ -1,6 +1,6 @@
 """Healing as a multi-worker DeepSpeed job, for models whose healing does not fit one GPU.
 
-A trial that selects `healing: {engine: deepspeed}` runs the same optimisation as `loop.optimise` — the same
+A trial that selects `heal_runtime: {engine: deepspeed}` runs the same optimisation as `loop.optimise` — the same
 objective, batches, schedule, masks and step loop (`loop.run_steps`, with DeepSpeed's backward and step plugged in)
 — on `workers` Ray actors, each a DeepSpeed engine (ZeRO stage 0–3, bf16 or fp32; NCCL on GPUs, gloo on CPUs).
 `autoprune.train.optimise` sends a job here when its engine is DeepSpeed's. DeepSpeed is the training engine only:
@@ -108,9 +108,9 @@ def _placement(engine: HealingEngine):
         ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             raise AutopruneError(
-                f"healing: {engine.workers} DeepSpeed workers of {worker_bundle(engine)} each could not be placed in"
+                f"heal_runtime: {engine.workers} DeepSpeed workers of {worker_bundle(engine)} each could not be placed in"
                 f" {PLACEMENT_TIMEOUT_S} s (this Ray cluster has {ray.available_resources()} free). Lower"
-                " healing.workers / healing.cpu / healing.gpu, or add nodes.")
+                " heal_runtime.workers / heal_runtime.cpu / heal_runtime.gpu, or add nodes.")
         yield group, 0
     finally:
         remove_placement_group(group)
