@@ -50,7 +50,7 @@ class TrialContext:
     data: DataBundle
     profile: ProfileSpec = field(default_factory=ProfileSpec)
     latency_target_ms: float | None = None
-    latency_cache: LatencyCache | None = None  # identical structures are timed once (see latency_cache.py)
+    latency_cache: LatencyCache | None = None  # identical structures are timed once (see measure/cache.py)
     healing_engine: HealingEngine | None = None  # None: heal in the trial's process
 
     def dense_model(self) -> torch.nn.Module:

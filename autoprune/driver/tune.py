@@ -66,7 +66,7 @@ def run_tune(spec: SearchSpec, space: SearchSpace, context_ref, publisher, *, st
 
 def trial_resources(spec: SearchSpec):
     """What Tune reserves for a trial: its own resources, and with DeepSpeed healing its workers' as well, in one
-    placement group (distributed.py places the workers in it)."""
+    placement group (train/deepspeed.py places the workers in it)."""
     from ray import tune
 
     own = {"CPU": spec.search.cpu, "GPU": spec.search.gpu}

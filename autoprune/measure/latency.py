@@ -1,9 +1,9 @@
 """A trial's latency, as the spec's `profile` section asks for it: which batch sizes, on which hardware, and
 measured once per structure.
 
-profile.py times one model once; this module decides what to time:
+timing.py times one model once; this module decides what to time:
 - every batch size of the spec (the objective's first), each looked up in the search's latency cache before it
-  is timed (latency_cache.py);
+  is timed (cache.py);
 - on the trial's own worker, or — when the spec names a `target` accelerator type — in a Ray task placed on a
   node of that type, so that a search can heal on its training GPUs and measure on its deployment GPU;
 - a 2:4 model on hardware without sparse kernels (or without a layer they take) runs the dense kernels, so it

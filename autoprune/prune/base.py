@@ -53,7 +53,7 @@ class PruneMethod:
 
 
     def execution_format(self, options: Mapping[str, Any]) -> str:
-        """How the pruned model runs when timed (see formats.py)."""
+        """How the pruned model runs when timed (see measure/formats.py)."""
         two_four = self.semi_structured and (options.get("n"), options.get("m")) == (2, 4)
         return "2:4" if two_four else "dense"
 

@@ -35,7 +35,7 @@ class ModelChoice:
 
     @property
     def on_gpu(self) -> bool:
-        return not self.device.startswith("cpu")  # profile.device_name: "cpu: <model> (N threads)" or a GPU's name
+        return not self.device.startswith("cpu")  # measure.timing.device_name: "cpu: <model> (N threads)" or a GPU's name
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
