@@ -271,7 +271,7 @@ def _trial_on_worker(source, method: str, options: dict, healing: str, dtype: st
 
     from autoprune.config import HealConfig, PruneConfig, TrialConfig
     from autoprune.measure.latency import assigned_device
-    from autoprune.models import load_model_dir
+    from autoprune.saved import load_model_dir
     from autoprune.trial import run_trial
 
     device = assigned_device()

@@ -1,31 +1,21 @@
-"""timm models: building the dense model, the per-family adapter, and the saved-model format.
+"""timm models: building the dense model and the per-family adapter.
 
 Everything that knows about a model family's layout lives here (layer groups, which layers a method may touch,
-attention metadata after removal), so that pruning methods stay family-agnostic.
-
-A saved model is a folder with `weights.safetensors` and `structure.json` (timm name, create kwargs, every
-tensor's shape, and the execution recipe its latency was measured in). Loading rebuilds the timm model, resizes
-the layers that pruning shrank, loads the weights — no pickled code is ever executed — and, unless told not to,
-prepares it in its recipe (dtype, memory format, 2:4 kernels, compilation), so that it runs as it was measured.
+attention metadata after removal), so that pruning methods stay family-agnostic. Saving and loading a pruned
+model is saved.py's.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.measure.formats import ExecutionRecipe
-
-SAVED_FORMAT = "autoprune.model/1"
-WEIGHTS_FILE = "weights.safetensors"
-STRUCTURE_FILE = "structure.json"
 
 # Layer groups, by the first pattern a layer's name matches: a ViT block's attention and MLP, a ResNet stage,
 # a ConvNeXt / generic stage. The group is the unit that per-layer sparsity searches over.
@@ -220,122 +210,3 @@ def observe_inputs(model: nn.Module, watched: Mapping[str, nn.Module], images: t
     finally:
         for handle in handles:
             handle.remove()
-
-
-# ---- saved models ------------------------------------------------------------------------------------------
-
-
-def save_model(model: nn.Module, source: ModelSource, directory: str | Path, *,
-               recipe: ExecutionRecipe | None = None) -> Path:
-    """Write `weights.safetensors` (float32, as trained) + `structure.json`, with the `recipe` the model's latency
-    was measured in; `load_model_dir` rebuilds the same model from them and prepares it in that recipe."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE))
-    structure = {
-        "format": SAVED_FORMAT,
-        "timm_name": source.name,
-        "num_classes": source.num_classes,
-        "kwargs": dict(source.kwargs),
-        "shapes": {key: list(value.shape) for key, value in state.items()},
-        # Head counts cannot be read off the shapes (fewer heads and narrower heads look alike).
-        "attention_heads": {name: module.num_heads for name, module in attention_modules(model)},
-    }
-    if recipe is not None:
-        structure["execution"] = recipe.as_dict()
-    (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
-    return directory
-
-
-def saved_recipe(directory: str | Path) -> ExecutionRecipe | None:
-    """The execution recipe a saved model was measured in (None for models saved without one)."""
-    structure = json.loads((Path(directory) / STRUCTURE_FILE).read_text())
-    return ExecutionRecipe.from_dict(structure["execution"]) if "execution" in structure else None
-
-
-def load_model_dir(directory: str | Path, *, recipe: bool = True, device: str | torch.device | None = None) -> nn.Module:
-    """Rebuild a saved (possibly physically pruned) model in eval mode, without unpickling anything.
-
-    With `recipe` (the default) it is prepared in the recipe its latency was measured in — dtype, memory format,
-    2:4 kernels, compiled — on `device` (default: the kind it was measured on, when this machine has one); inputs
-    may stay float32, a hook casts them. `recipe=False` gives the plain float32 model on the CPU (to train on)."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    try:
-        structure = json.loads((directory / STRUCTURE_FILE).read_text())
-    except FileNotFoundError:
-        raise AutopruneError(f"{str(directory)!r} holds no {STRUCTURE_FILE}; it is not an autoprune model.") from None
-    if structure.get("format") != SAVED_FORMAT:
-        raise AutopruneError(f"{str(directory)!r}: unknown saved-model format {structure.get('format')!r}.")
-    source = ModelSource(structure["timm_name"], structure["num_classes"], structure["kwargs"])
-    model = source.create(pretrained=False)
-    _resize_to(model, {key: torch.Size(shape) for key, shape in structure["shapes"].items()})
-    modules = dict(model.named_modules())
-    for name, heads in structure.get("attention_heads", {}).items():
-        modules[name].num_heads = heads
-    fix_attention_metadata(model)
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
-    model.eval()
-    if not recipe or "execution" not in structure:
-        return model
-    return _prepared(model, ExecutionRecipe.from_dict(structure["execution"]), device)
-
-
-def _prepared(model: nn.Module, recipe: ExecutionRecipe, device) -> nn.Module:
-    import logging
-
-    from autoprune.measure.formats import DTYPES as dtypes
-    from autoprune.measure.formats import SEMI_STRUCTURED, plan_kernels, prepare
-
-    if device is None:
-        device = recipe.device if recipe.device != "cuda" or torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type != recipe.device:
-        logging.getLogger(__name__).warning(
-            "this model was measured on %s and is loaded on %s: it will not run at its measured latency",
-            recipe.device, device.type)
-    if recipe.kernels == SEMI_STRUCTURED:
-        kernels, reason = plan_kernels(model, SEMI_STRUCTURED, device, dtypes[recipe.dtype])
-        if kernels != SEMI_STRUCTURED:
-            logging.getLogger(__name__).warning("2:4 kernels unavailable here (%s)", reason)
-            recipe = ExecutionRecipe(recipe.dtype, recipe.memory_format, kernels, recipe.compiled, recipe.device)
-    return prepare(model, recipe, device)
-
-
-def _resize_to(model: nn.Module, shapes: Mapping[str, torch.Size]) -> None:
-    """Give every layer the tensor shapes that pruning left it with, updating the attributes forward uses."""
-    for name, module in _modules_with_state(model):
-        prefix = f"{name}." if name else ""
-        for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            shape = shapes.get(prefix + key)
-            if tensor is None or shape is None or tensor.shape == shape:
-                continue
-            empty = torch.empty(shape, dtype=tensor.dtype)
-            if isinstance(tensor, nn.Parameter):
-                setattr(module, key, nn.Parameter(empty, requires_grad=tensor.requires_grad))
-            else:
-                module.register_buffer(key, empty)
-        weight = getattr(module, "weight", None)
-        if weight is None:
-            continue
-        if isinstance(module, nn.Linear):
-            module.out_features, module.in_features = weight.shape
-        elif isinstance(module, nn.Conv2d):
-            depthwise = module.groups > 1 and module.groups == module.in_channels
-            module.out_channels = weight.shape[0]
-            module.groups = weight.shape[0] if depthwise else module.groups
-            module.in_channels = weight.shape[1] * module.groups
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.num_features = weight.shape[0]
-        elif isinstance(module, nn.LayerNorm):
-            module.normalized_shape = tuple(weight.shape)
-
-
-def _modules_with_state(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, module in model.named_modules():
-        if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
-            yield name, module

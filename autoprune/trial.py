@@ -28,17 +28,10 @@ from autoprune.data import DataBundle
 from autoprune.measure.cache import LatencyCache
 from autoprune.measure.latency import Latencies, measure_latency
 from autoprune.measure.metrics import accuracy, achieved_sparsity, count_macs, count_params, prunable_weight_count
-from autoprune.models import (
-    POOLED_GROUP,
-    LayerGroup,
-    ModelSource,
-    layer_groups,
-    pooled_group,
-    prunable_layers,
-    save_model,
-)
+from autoprune.models import POOLED_GROUP, LayerGroup, ModelSource, layer_groups, pooled_group, prunable_layers
 from autoprune.prune.spectral import spectral_allocation
 from autoprune.result import TrialResult
+from autoprune.saved import save_model
 
 
 @dataclass(frozen=True)

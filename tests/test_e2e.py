@@ -18,7 +18,7 @@ import torch
 
 from autoprune.driver.search import search
 from autoprune.errors import AutopruneError, NoModelMeetsTarget
-from autoprune.models import load_model_dir
+from autoprune.saved import load_model_dir
 from autoprune.space.load import parse_spec
 from autoprune.tracking.schema import ALIAS_FASTEST, ALIAS_MOST_ACCURATE
 from autoprune.tracking.select import best, registered_versions

@@ -8,7 +8,8 @@ from conftest import TINY_RESNET, TINY_VIT
 from safetensors.torch import save_file
 
 from autoprune.errors import AutopruneError
-from autoprune.models import ModelSource, layer_groups, load_dense, load_model_dir, prunable_layers
+from autoprune.models import ModelSource, layer_groups, load_dense, prunable_layers
+from autoprune.saved import load_model_dir
 
 
 def _state(source):

@@ -9,8 +9,8 @@ import torch
 from conftest import TEST_ACCELERATOR, TINY_VIT
 
 from autoprune.config import HealConfig, ProfileSpec, PruneConfig, TrialConfig
-from autoprune.models import load_model_dir
 from autoprune.result import STAGES
+from autoprune.saved import load_model_dir
 from autoprune.tracking.schema import report, result_from_report
 from autoprune.trial import TrialContext, run_trial
 
@@ -285,7 +285,7 @@ def test_the_saved_model_loads_in_the_recipe_it_was_timed_in(bundle, tmp_path):
     gives the trial's outputs within bfloat16's tolerance; `recipe=False` gives the float32 model to train on."""
     from dataclasses import replace
 
-    from autoprune.models import saved_recipe
+    from autoprune.saved import saved_recipe
 
     torch.manual_seed(0)
     context = TrialContext(TINY_RESNET, TINY_RESNET.create().state_dict(), bundle,

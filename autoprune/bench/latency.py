@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoprune.measure.formats import DENSE, DTYPES, SEMI_STRUCTURED, semi_structured_layers
+from autoprune.measure.formats import DENSE, SEMI_STRUCTURED, TORCH_DTYPES, semi_structured_layers
 from autoprune.measure.metrics import count_macs
 from autoprune.measure.timing import profile_latency
 from autoprune.models import attention_modules, hidden_channels
@@ -178,7 +178,7 @@ def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict
         for fmt, ratio, model, execution in variants:
             if execution == SEMI_STRUCTURED:
                 # what the 2:4 kernels would execute: half the MACs of the layers they take (pattern and shape)
-                converted = [layer for _, layer in semi_structured_layers(model, DTYPES[bench.dtype])]
+                converted = [layer for _, layer in semi_structured_layers(model, TORCH_DTYPES[bench.dtype])]
                 macs = dense_macs - _linear_macs(model, converted, input_size) // 2
             else:
                 macs = count_macs(model, input_size)

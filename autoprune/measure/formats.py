@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from autoprune.config import DTYPES, MEMORY_FORMATS
+
 DENSE, SEMI_STRUCTURED = "dense", "2:4"
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the spec's dtype names (config) → torch's
 CONTIGUOUS, CHANNELS_LAST, AUTO = "contiguous", "channels_last", "auto"
-MEMORY_FORMATS = (CONTIGUOUS, CHANNELS_LAST, AUTO)
+assert set(MEMORY_FORMATS) == {CONTIGUOUS, CHANNELS_LAST, AUTO}  # the spec's names (config), as constants here
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def prepare(model: nn.Module, recipe: ExecutionRecipe, device: torch.device | st
 def prepare_eager(model: nn.Module, recipe: ExecutionRecipe, device: torch.device | str) -> nn.Module:
     """`prepare` without the compilation."""
     device = torch.device(device)
-    dtype = DTYPES[recipe.dtype]
+    dtype = TORCH_DTYPES[recipe.dtype]
     model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
     layout = torch.channels_last if recipe.memory_format == CHANNELS_LAST else torch.contiguous_format
     if recipe.memory_format == CHANNELS_LAST:

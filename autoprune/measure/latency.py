@@ -21,7 +21,7 @@ from torch import nn
 
 from autoprune.config import ProfileSpec
 from autoprune.measure.cache import LatencyCache, structure_signature
-from autoprune.measure.formats import DTYPES, plan_kernels
+from autoprune.measure.formats import TORCH_DTYPES, plan_kernels
 from autoprune.measure.timing import LatencyProfile, device_name, join_notes, profile_latency
 
 
@@ -52,7 +52,7 @@ def measure_latency(
     fallback = ""
     if settings.target is None:
         where = device_name(device, torch.get_num_threads())
-        runs_as, fallback = plan_kernels(model, fmt, device, DTYPES[settings.dtype])
+        runs_as, fallback = plan_kernels(model, fmt, device, TORCH_DTYPES[settings.dtype])
     else:
         where, runs_as = f"Ray accelerator type {settings.target.accelerator_type}", fmt
     # A 2:4 model that will run dense kernels here is the dense structure's twin: it shares that measurement.

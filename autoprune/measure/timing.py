@@ -32,6 +32,7 @@ from autoprune.measure.formats import (
     DTYPES,
     MEMORY_FORMATS,
     SEMI_STRUCTURED,
+    TORCH_DTYPES,
     ExecutionRecipe,
     compiled,
     plan_kernels,
@@ -124,7 +125,7 @@ def profile_latency(
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    kernels, note = plan_kernels(model, execution_format, device, DTYPES[dtype])
+    kernels, note = plan_kernels(model, execution_format, device, TORCH_DTYPES[dtype])
     layouts = [memory_format] if memory_format != AUTO else (
         [CONTIGUOUS, CHANNELS_LAST] if is_convolutional(model) else [CONTIGUOUS])
     shape = (batch_size, *input_size)
@@ -161,7 +162,7 @@ def is_convolutional(model: nn.Module) -> bool:
 def _timed(model, recipe: ExecutionRecipe, shape, warmup, repeats, device) -> tuple[list[float], ExecutionRecipe, str]:
     """Warm up and time a copy of `model` prepared in `recipe`: (timings, the recipe that really ran, note)."""
     runner, recipe, note = runnable(model, recipe, device, shape)
-    inputs = torch.randn(shape, device=device, dtype=DTYPES[recipe.dtype])
+    inputs = torch.randn(shape, device=device, dtype=TORCH_DTYPES[recipe.dtype])
     if recipe.memory_format == CHANNELS_LAST:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     return time_model(runner, inputs, warmup=warmup, repeats=repeats), recipe, note
@@ -185,7 +186,7 @@ def runnable(model: nn.Module, recipe: ExecutionRecipe, device: torch.device,
     fail: a 2:4 model that fails there runs on dense kernels, a compile that fails runs eager, and the note says
     why. A compile that captured no graph (dynamo gave up) is recorded as not compiled."""
     note = ""
-    example = torch.randn(shape, device=device, dtype=DTYPES[recipe.dtype])
+    example = torch.randn(shape, device=device, dtype=TORCH_DTYPES[recipe.dtype])
     try:
         runner = _first_call(prepare_eager(copy.deepcopy(model), recipe, device), example)
     except Exception as error:  # noqa: BLE001 — any kernel failure: time the dense kernels and say why

@@ -30,8 +30,9 @@ import torch
 
 from autoprune import heal, prune
 from autoprune.measure.metrics import achieved_sparsity, count_params, prunable_weight_count
-from autoprune.models import ModelSource, layer_groups, load_model_dir, pooled_group, prunable_layers, save_model
+from autoprune.models import ModelSource, layer_groups, pooled_group, prunable_layers
 from autoprune.registry import Registry
+from autoprune.saved import load_model_dir, save_model
 from autoprune.testing.models import briefly_trained, example_inputs
 
 if TYPE_CHECKING:

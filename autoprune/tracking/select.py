@@ -129,7 +129,7 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None, recipe: bool 
     `recipe=False` gives the plain float32 model. Nothing is unpickled."""
     import mlflow
 
-    from autoprune.models import load_model_dir
+    from autoprune.saved import load_model_dir
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if tracking_uri:
