@@ -123,9 +123,12 @@ def _resize_to(model: nn.Module, shapes: Mapping[str, torch.Size]) -> None:
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = weight.shape
         elif isinstance(module, nn.Conv2d):
+            # A depthwise conv keeps its channel multiplier (out = multiplier × groups, e.g. FastViT's 2×): the
+            # groups follow the output channels divided by it, never the output channels themselves.
             depthwise = module.groups > 1 and module.groups == module.in_channels
+            multiplier = module.out_channels // module.groups
             module.out_channels = weight.shape[0]
-            module.groups = weight.shape[0] if depthwise else module.groups
+            module.groups = weight.shape[0] // multiplier if depthwise else module.groups
             module.in_channels = weight.shape[1] * module.groups
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.num_features = weight.shape[0]

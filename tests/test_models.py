@@ -85,3 +85,23 @@ def test_a_folder_without_structure_is_not_a_model(tmp_path):
 def test_an_unknown_timm_name_is_one_line_with_similar_names():
     with pytest.raises(AutopruneError, match=r"model.name: 'vit_tinyy_patch16' is not a timm model\. Similar names: .*vit"):
         ModelSource("vit_tinyy_patch16", 10).create()
+
+
+def test_a_depthwise_conv_with_a_channel_multiplier_reloads(tmp_path):
+    """FastViT's depthwise convs have twice as many outputs as inputs (groups = inputs): reloading set groups to the
+    outputs, so a saved fastvit did not run, whatever the method."""
+    import torch
+
+    from autoprune.saved import load_model_dir, save_model
+
+    source = ModelSource("fastvit_t8", 10, {})
+    torch.manual_seed(0)
+    model = source.create().eval()
+    images = torch.randn(1, 3, 64, 64)
+    save_model(model, source, tmp_path)
+    again = load_model_dir(tmp_path)
+    multiplied = [m for m in again.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1
+                  and m.groups == m.in_channels and m.out_channels > m.in_channels]
+    assert multiplied, "fastvit_t8 no longer has a depthwise conv with a channel multiplier: this test tests nothing"
+    with torch.no_grad():
+        assert torch.allclose(again(images), model(images), atol=1e-5)
