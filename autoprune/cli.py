@@ -1,4 +1,4 @@
-"""`autoprune search | best | serve | front | publish | demo | methods | doctor | bench`.
+"""`autoprune search | best | serve | front | publish | demo | methods | check | doctor | bench`.
 
 Usage errors exit with status 2 (argparse); failures the user can fix print one line and exit 1; `--debug` shows
 the traceback.
@@ -85,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="list the registered pruning and healing methods")
 
+    check = commands.add_parser("check", help="what each pruning method does to a timm model (random weights, CPU,"
+                                              " seconds): works, removes nothing, refuses or fails, and why")
+    check.add_argument("model", help="timm model name")
+    check.add_argument("--num-classes", type=int, default=1000)
+    check.add_argument("--kwargs", default="{}", help="timm.create_model arguments as JSON, e.g. '{\"img_size\": 64}'")
+    check.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                       help="input size (default: the model's own)")
+    check.add_argument("--methods", nargs="+", help="pruning methods to check (default: all registered)")
+    check.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5],
+                       help="what a method that takes a sparsity is asked for (default: 0.3 0.5)")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+
     doctor = commands.add_parser("doctor", help="check this machine and cluster end to end (GPUs, 2:4 kernels, NCCL,"
                                                 " Ray, MLflow, storage, a tiny trial per path); run it first")
     doctor.add_argument("--address", help="Ray cluster to check (default: a local Ray)")
@@ -94,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure the tables the README quotes")
     tables = bench.add_subparsers(dest="table", required=True,
-                                  metavar="{healing,pruning,latency,serve,data,cluster,faults}")
+                                  metavar="{healing,pruning,latency,serve,data,cluster,faults,families}")
     for name, text in (("healing", "recovery per healing method, sparsity and budget"),
                        ("pruning", "every pruning method at matched sparsity with the same healing")):
         table = tables.add_parser(name, help=text)
@@ -126,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_faults.add_arguments(tables.add_parser("faults", help="a search where trials fail at random and a worker"
                                                                 " is killed: nothing lost, records agree"))
+    from autoprune.bench import families as bench_families
+
+    bench_families.add_arguments(tables.add_parser("families", help="`autoprune check` over the smallest model of each"
+                                                                    " timm family, every method at 50%"))
     return parser
 
 
@@ -239,6 +255,10 @@ def _methods(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.table == "families":
+        from autoprune.bench.families import main_families
+
+        return main_families(args)
     if args.table == "latency":
         from autoprune.bench.latency import main_latency
 
@@ -274,8 +294,26 @@ def _doctor(args) -> int:
     return main_doctor(args)
 
 
+def _check(args) -> int:
+    from autoprune.check import check_model, table
+    from autoprune.models import ModelSource
+
+    try:
+        kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as error:
+        raise AutopruneError(f"--kwargs: not JSON ({error}): {args.kwargs!r}") from None
+    if not isinstance(kwargs, dict):
+        raise AutopruneError(f"--kwargs: expected a JSON object, but got {args.kwargs!r}")
+    source = ModelSource(args.model, args.num_classes, kwargs)
+    echo = None if args.json else (lambda line: print(f"autoprune: {line}", file=sys.stderr))
+    result = check_model(source, input_size=args.input_size, methods=args.methods, sparsities=args.sparsities,
+                         echo=echo)
+    print(json.dumps(result.as_dict()) if args.json else table(result))
+    return 0
+
+
 COMMANDS = {"search": _search, "publish": _publish, "best": _best, "serve": _serve, "front": _front, "demo": _demo,
-            "methods": _methods, "doctor": _doctor, "bench": _bench}
+            "methods": _methods, "check": _check, "doctor": _doctor, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,7 +79,7 @@ def test_per_group_mode_has_one_dimension_per_group():
     assert set(config.prune.sparsity) == {g.name for g in GROUPS}
 
 
-def test_profile_mode_interpolates_knots_over_depth():
+def test_depth_mode_interpolates_knots_over_depth():
     params, config = _sample(_space(mode="depth", knots=2), {"prune.method": "magnitude", "heal.method": "none"})
     values = list(config.prune.sparsity.values())
     assert values[0] == pytest.approx(params["prune.sparsity.knot0"])

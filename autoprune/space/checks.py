@@ -11,7 +11,7 @@ from autoprune.errors import SpecError
 
 
 def whole_gpus(settings: SearchSettings, profile: ProfileSpec, healing: HealingEngine,
-                      objectives: Mapping[str, Any], origin: str) -> None:
+               objectives: Mapping[str, Any], origin: str) -> None:
     """A GPU shared by several trials while one of them is timed measures the others' work too; NCCL refuses two
     DeepSpeed workers on one GPU. Fractions are refused where they would do that."""
     times_latency = any(metric.startswith("latency") for metric in objectives)
@@ -31,7 +31,7 @@ def whole_gpus(settings: SearchSettings, profile: ProfileSpec, healing: HealingE
 
 
 def deepspeed_combinations(healing: HealingEngine, prune_methods: Sequence[str], heal_methods: Sequence[str],
-                     origin: str) -> None:
+                           origin: str) -> None:
     """Combinations a DeepSpeed healing job cannot run, refused before anything starts."""
     for index, method in enumerate(heal_methods):
         if healing.zero_stage > heal.get(method).max_zero_stage:

@@ -1,0 +1,206 @@
+"""`autoprune check MODEL`: what each pruning method does to a given timm model, found out in seconds on a CPU.
+
+Users bring their own model. Before a search spends trials on it, each registered pruning method is tried on it
+with random weights at a few sparsities, and the outcome is one of:
+
+- works: it pruned (achieved sparsity > 0), the model saves and reloads with equal outputs, and it still trains;
+- removes nothing: it ran without error but left every prunable weight in place (a search would spend its trials
+  on unchanged models);
+- refuses: the method said it cannot prune this model (its own error, with the reason);
+- fails: anything else went wrong — it crashed, or its model does not reload or train; the reason is kept.
+
+For each it reports the achieved sparsity, the MACs and parameter ratios (dense ÷ pruned: above 1 means smaller),
+the largest output difference after save → reload, and whether one backward pass works. Nothing is healed and
+nothing is timed: this says what a method can do to the structure, not how accurate or fast the result is.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoprune import prune
+from autoprune.errors import AutopruneError
+from autoprune.measure.metrics import achieved_sparsity, count_macs, count_params, prunable_weight_count
+from autoprune.models import ModelSource, layer_groups, pooled_group, prunable_layers
+from autoprune.saved import load_model_dir, save_model
+
+WORKS, REMOVES_NOTHING, REFUSES, FAILS = "works", "removes nothing", "refuses", "fails"
+SPARSITIES = (0.3, 0.5)  # what a method that takes a sparsity is asked for
+RELOAD_TOLERANCE = 1e-4  # largest output difference after save → reload that still counts as equal
+CALIBRATION_IMAGES = 16  # random images for the methods that gather statistics
+
+
+@dataclass(frozen=True)
+class MethodCheck:
+    """One method at one sparsity on the model: the outcome and what was measured (None where it failed first)."""
+
+    method: str
+    sparsity: float | None  # what it was asked for; None for a method that fixes its own (N:M)
+    outcome: str  # WORKS, REMOVES_NOTHING, REFUSES or FAILS
+    reason: str = ""
+    achieved_sparsity: float | None = None
+    macs_ratio: float | None = None  # dense ÷ pruned
+    params_ratio: float | None = None
+    reload_max_abs_diff: float | None = None
+    trains: bool | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """Every method's checks on one model, and the layer groups a `per_group` search would use."""
+
+    model: str
+    input_size: tuple[int, int, int]
+    groups: tuple[str, ...]
+    checks: tuple[MethodCheck, ...] = field(default_factory=tuple)
+
+    def working(self, method: str) -> bool:
+        """Whether `method` worked at every sparsity it was checked at."""
+        mine = [check for check in self.checks if check.method == method]
+        return bool(mine) and all(check.outcome == WORKS for check in mine)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_model(source: ModelSource, *, input_size: tuple[int, int, int] | None = None,
+                methods: Sequence[str | prune.PruneMethod] | None = None, sparsities: Sequence[float] = SPARSITIES,
+                seed: int = 0, echo=None) -> ModelCheck:
+    """Try every registered pruning method (or `methods`: names, or methods not registered yet) on `source` with
+    random weights. `input_size` defaults to the model's own (timm's pretrained config); `echo` receives a line per
+    check as it finishes."""
+    torch.manual_seed(seed)
+    dense = source.create(pretrained=False).eval()
+    input_size = tuple(input_size or _default_input_size(dense))
+    if methods is None:
+        methods = [name for name in prune.list_methods() if name != "none"]
+    # an unknown name is an error before anything runs, with the registered ones listed
+    resolved = [prune.get(method) if isinstance(method, str) else method for method in methods]
+    checks = []
+    for method in resolved:
+        for sparsity in (sparsities if method.uses_sparsity else (None,)):
+            check = _check_one(dense, source, method, sparsity, input_size, seed)
+            checks.append(check)
+            if echo is not None:
+                echo(row_text(check))
+    return ModelCheck(source.name, input_size, tuple(group.name for group in layer_groups(dense)), tuple(checks))
+
+
+def _check_one(dense: nn.Module, source: ModelSource, method: prune.PruneMethod, sparsity: float | None,
+               input_size: tuple[int, int, int], seed: int) -> MethodCheck:
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    example = torch.randn((2, *input_size), generator=generator)
+    model = copy.deepcopy(dense)
+    layers = [name for name, _ in prunable_layers(dense)]
+    asked = sparsity if sparsity is not None else 0.0
+    try:
+        groups = (pooled_group(model),)
+        request = prune.PruneRequest(
+            groups=groups,
+            sparsity={group.name: asked for group in groups},
+            options=dict(method.options),
+            example_inputs=example,
+            calibration=torch.randn((CALIBRATION_IMAGES, *input_size), generator=generator),
+            seed=seed,
+        )
+        method.apply(model, request).finish(model)
+        model.eval()
+        achieved = achieved_sparsity(model, layers, prunable_weight_count(dense, layers)[1])
+        measured = {
+            "achieved_sparsity": achieved,
+            "macs_ratio": count_macs(dense, input_size) / max(1, count_macs(model, input_size)),
+            "params_ratio": count_params(dense) / max(1, count_params(model)),
+        }
+        if achieved < 1e-3:
+            return MethodCheck(method.name, sparsity, REMOVES_NOTHING, "no prunable weight was removed or zeroed",
+                               **measured, seconds=time.perf_counter() - started)
+        measured["reload_max_abs_diff"] = _reload_difference(model, source, example)
+        measured["trains"] = _trains(model, example)
+    except AutopruneError as error:  # the method's own refusal: it says why
+        return MethodCheck(method.name, sparsity, REFUSES, _reason(error), seconds=time.perf_counter() - started)
+    except Exception as error:  # a crash, in the method or in the model it left: say how, and go on checking
+        return MethodCheck(method.name, sparsity, FAILS, _reason(error), seconds=time.perf_counter() - started)
+    problems = []
+    if not measured["reload_max_abs_diff"] <= RELOAD_TOLERANCE:
+        problems.append(f"reloads with outputs {measured['reload_max_abs_diff']:.2g} apart")
+    if not measured["trains"]:
+        problems.append("its loss or gradients are not finite")
+    outcome = FAILS if problems else WORKS
+    return MethodCheck(method.name, sparsity, outcome, "; ".join(problems), **measured,
+                       seconds=time.perf_counter() - started)
+
+
+def _reload_difference(model: nn.Module, source: ModelSource, example: torch.Tensor) -> float:
+    """Largest output difference between the pruned model and the one saved and loaded back (a model that does not
+    reload raises, and the check fails with that reason)."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_model(model, source, folder)
+        again = load_model_dir(folder, recipe=False)
+    with torch.no_grad():
+        return float((model(example) - again(example)).abs().max())
+
+
+def _trains(model: nn.Module, example: torch.Tensor) -> bool:
+    """One forward and backward pass on random labels: finite loss, and every gradient finite."""
+    model = copy.deepcopy(model).train()
+    logits = model(example)
+    loss = F.cross_entropy(logits, torch.zeros(len(example), dtype=torch.long))
+    loss.backward()
+    grads = [param.grad for param in model.parameters() if param.grad is not None]
+    return bool(torch.isfinite(loss)) and bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def _default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The size the model was built for: a patch embedding's image size (which `img_size=` changes), else timm's
+    pretrained config (224 × 224 for most)."""
+    config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    channels, height, width = config.get("input_size", (3, 224, 224))
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None:
+        height, width = (built, built) if isinstance(built, int) else tuple(built)
+    return int(channels), int(height), int(width)
+
+
+def _reason(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    text = lines[0][:200] if lines else ""
+    return text if isinstance(error, AutopruneError) else f"{type(error).__name__}: {text}".rstrip(": ")
+
+
+COLUMNS = ("method", "sparsity", "outcome", "achieved", "MACs ×", "params ×", "reload diff", "trains", "s", "reason")
+
+
+def row_text(check: MethodCheck) -> str:
+    return " | ".join(_cells(check))
+
+
+def _cells(check: MethodCheck) -> list[str]:
+    def number(value, fmt):
+        return "—" if value is None else fmt.format(value)
+
+    return [check.method, "own" if check.sparsity is None else f"{check.sparsity:.2f}", check.outcome,
+            number(check.achieved_sparsity, "{:.2f}"), number(check.macs_ratio, "{:.2f}"),
+            number(check.params_ratio, "{:.2f}"), number(check.reload_max_abs_diff, "{:.1e}"),
+            number(check.trains, "{}"), f"{check.seconds:.1f}", check.reason]
+
+
+def table(result: ModelCheck) -> str:
+    """The checks as a fixed-width (markdown-compatible) table, with the model and its groups above."""
+    rows = [list(COLUMNS), *(_cells(check) for check in result.checks)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    head = (f"{result.model} at {'x'.join(map(str, result.input_size))}: {len(result.groups)} layer groups"
+            f" ({', '.join(result.groups[:6])}{', …' if len(result.groups) > 6 else ''})")
+    return "\n".join([head, "", line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *map(line, rows[1:])])

@@ -1,0 +1,103 @@
+"""`autoprune check`: every pruning method tried on a model, each outcome classified with its reason, on a CNN with
+BatchNorm and a ViT; a method that removes nothing, refuses or crashes is reported, never raised."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_RESNET, TINY_VIT
+
+from autoprune import prune
+from autoprune.check import FAILS, REFUSES, REMOVES_NOTHING, WORKS, check_model, table
+from autoprune.cli import main
+from autoprune.errors import AutopruneError
+from autoprune.prune.masks import Masks
+
+
+@pytest.mark.parametrize("source", [TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
+def test_every_registered_method_works_on_the_tiny_models(source):
+    result = check_model(source, input_size=(3, 32, 32))
+    methods = {check.method for check in result.checks}
+    assert methods == set(prune.list_methods()) - {"none"}
+    for check in result.checks:
+        assert check.outcome == WORKS, (check.method, check.sparsity, check.reason)
+        assert check.achieved_sparsity > 0.1 and check.reload_max_abs_diff <= 1e-4 and check.trains
+    structured = [c for c in result.checks if c.method == "structured"]
+    assert all(c.macs_ratio > 1.0 and c.params_ratio > 1.0 for c in structured)  # it removed units
+    magnitude = [c for c in result.checks if c.method == "magnitude"]
+    assert [round(c.achieved_sparsity, 2) for c in magnitude] == [0.3, 0.5] and all(c.macs_ratio == 1 for c in magnitude)
+    assert result.groups and result.working("structured") and "structured" in table(result)
+
+
+def _method(name, apply):
+    return prune.PruneMethod(name=name, apply=apply, description="a test method, not registered")
+
+
+def _refuse(model, request):
+    raise AutopruneError("this model has no units of my kind")
+
+
+def _crash(model, request):
+    raise IndexError("list index out of range")
+
+
+def _no_op(model, request):
+    return Masks()
+
+
+def _breaks_training(model, request):
+    with torch.no_grad():
+        first = next(layer for layer in model.modules() if isinstance(layer, torch.nn.Linear))
+        first.weight.zero_()
+        first.weight[0, 0] = float("inf")  # prunes (zeros) almost all of it, and poisons what is left
+    return Masks()
+
+
+def test_a_method_that_removes_nothing_refuses_crashes_or_breaks_the_model_is_reported_as_such():
+    methods = [_method("no_op", _no_op), _method("refuse", _refuse), _method("crash", _crash),
+               _method("poison", _breaks_training)]
+    result = check_model(TINY_VIT, input_size=(3, 32, 32), methods=methods, sparsities=(0.5,))
+    outcome = {check.method: check for check in result.checks}
+    assert outcome["no_op"].outcome == REMOVES_NOTHING and outcome["no_op"].macs_ratio == 1.0
+    assert outcome["refuse"].outcome == REFUSES and outcome["refuse"].reason == "this model has no units of my kind"
+    assert outcome["crash"].outcome == FAILS and outcome["crash"].reason == "IndexError: list index out of range"
+    assert outcome["poison"].outcome == FAILS and "not finite" in outcome["poison"].reason
+    assert not result.working("crash") and not result.working("never checked")
+
+
+def test_an_unknown_method_is_an_error_before_anything_runs():
+    with pytest.raises(AutopruneError, match="'obs' is not a registered pruning method"):
+        check_model(TINY_VIT, input_size=(3, 32, 32), methods=["magnitude", "obs"])
+
+
+def test_the_cli_prints_json_and_takes_the_model_size_from_its_kwargs(capsys):
+    kwargs = json.dumps(dict(TINY_VIT.kwargs))
+    assert main(["check", TINY_VIT.name, "--num-classes", "10", "--kwargs", kwargs, "--methods", "structured", "nm",
+                 "--sparsities", "0.5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["input_size"] == [3, 32, 32]  # the patch embedding's size, not timm's default 224
+    assert [(c["method"], c["outcome"]) for c in printed["checks"]] == [("structured", WORKS), ("nm", WORKS)]
+    assert main(["check", TINY_VIT.name, "--kwargs", "[1]"]) == 1  # not an object: one line, exit 1
+    assert "--kwargs: expected a JSON object" in capsys.readouterr().err
+
+
+def test_the_families_bench_tabulates_check_per_family_and_states_the_targets():
+    from autoprune.bench import families
+
+    tiny = {"vit": (TINY_VIT.name, dict(TINY_VIT.kwargs), (3, 32, 32)),
+            "resnet": (TINY_RESNET.name, dict(TINY_RESNET.kwargs), (3, 32, 32)),
+            "missing": ("no_such_model", {}, (3, 32, 32))}
+    said = []
+    rows = families.run(tiny, methods=["structured", "magnitude"], echo=said.append)
+    assert [(r["family"], r["method"]) for r in rows] == [("vit", "structured"), ("vit", "magnitude"),
+                                                         ("resnet", "structured"), ("resnet", "magnitude"),
+                                                         ("missing", "—")]
+    assert rows[-1]["outcome"] == FAILS and "not a timm model" in rows[-1]["reason"] and len(said) == 3
+    text = families.markdown(rows)
+    assert "| vit | vit_tiny_patch16_224 | 1.00× |" in text  # magnitude masks: the dense MACs
+    vit_reached = rows[0]["macs_ratio"] >= 1.3  # the tiny ViT's MLPs and heads shrink; the tiny ResNet less so
+    reached = sum(r["method"] == "structured" and r["outcome"] == WORKS and r["macs_ratio"] >= 1.3 for r in rows)
+    assert vit_reached and f"on {reached} of 2 families" in families.verdict(rows)
+    assert "without a refusal: 1 (target: 0)" in families.verdict(rows)
