@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
                      help="continue a search whose driver stopped: its run id (printed when it started), or nothing"
                           " for the newest unfinished search of this spec; ended trials are kept, the others run")
+    run.add_argument("--drop-unusable-methods", action="store_true",
+                     help="leave out a pruning method that cannot prune the spec's model (see `autoprune check`)"
+                          " instead of stopping with an error")
     _add_store_flags(run)
 
     publish = commands.add_parser("publish", help="(re)publish a search's trials, front and models to MLflow from"
@@ -164,7 +167,8 @@ def _search(args) -> int:
     from autoprune.driver.search import search
 
     outcome = search(args.spec, address=args.address, tracking_uri=args.tracking_uri, workdir=args.workdir,
-                     trials=args.trials, storage=args.storage, resume=args.resume)
+                     trials=args.trials, storage=args.storage, resume=args.resume,
+                     drop_unusable_methods=args.drop_unusable_methods)
     return 0 if outcome.front else 1
 
 

@@ -101,3 +101,33 @@ def test_the_families_bench_tabulates_check_per_family_and_states_the_targets():
     reached = sum(r["method"] == "structured" and r["outcome"] == WORKS and r["macs_ratio"] >= 1.3 for r in rows)
     assert vit_reached and f"on {reached} of 2 families" in families.verdict(rows)
     assert "without a refusal: 1 (target: 0)" in families.verdict(rows)
+
+
+def _regnet_spec(methods):
+    from test_spec import DEMO
+
+    from autoprune.space.load import parse_spec
+
+    raw = {**DEMO, "model": {"name": "regnetx_002", "num_classes": 10, "train_steps": 10}}
+    raw["space"] = {**DEMO["space"], "prune": {"methods": methods, "sparsity": {"low": 0.3, "high": 0.6}}}
+    return parse_spec(raw)
+
+
+def test_a_search_refuses_a_method_that_cannot_prune_its_model_before_anything_starts(tmp_path):
+    from autoprune.driver.preflight import check_methods
+    from autoprune.driver.prepare import model_source
+    from autoprune.driver.search import search
+    from autoprune.errors import SpecError
+
+    spec = _regnet_spec(["magnitude", "structured", "vbp"])
+    with pytest.raises(SpecError, match=r"on regnetx_002 at sparsity 0.6: structured removes nothing .*; vbp refuses"
+                                        r" \(vbp found no hidden units.*--drop-unusable-methods"):
+        search(spec, workdir=tmp_path, echo=None)
+    assert not list(tmp_path.iterdir())  # nothing was started: no store, no Ray folder, no cache
+    said = []
+    kept = check_methods(spec, model_source(spec.model), said.append, drop_unusable=True)
+    assert kept.prune.methods == ("magnitude",) and "dropping structured, vbp" in said[0]
+    with pytest.raises(SpecError, match="structured removes nothing"):  # nothing left to search with
+        check_methods(_regnet_spec(["structured"]), model_source(spec.model), said.append, drop_unusable=True)
+    assert check_methods(_regnet_spec(["magnitude", "nm"]), model_source(spec.model), said.append).prune.methods \
+        == ("magnitude", "nm")

@@ -1,12 +1,16 @@
-"""Checks against the running Ray cluster, before any trial starts: a search that could never be scheduled is
-an error now, not a hang later."""
+"""Checks before any trial starts: against the running Ray cluster (a search that could never be scheduled is an
+error now, not a hang later) and against the model (a pruning method that cannot prune it is an error now, not a
+search of unchanged models)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Mapping
 
 from autoprune.config import SearchSpec
-from autoprune.errors import AutopruneError
+from autoprune.data import REFERENCE_IMAGE_SIZE
+from autoprune.errors import AutopruneError, SpecError
+from autoprune.models import ModelSource
 from autoprune.train.deepspeed import trial_bundles
 
 
@@ -52,3 +56,32 @@ def check_cluster(spec: SearchSpec, cluster: Mapping[str, float], say: Callable[
         check_target_hardware(spec.profile.target.accelerator_type, cluster)
     if spec.heal_runtime.engine != "local":
         check_healing_resources(spec, cluster, say)
+
+
+def check_methods(spec: SearchSpec, source: ModelSource, say: Callable[[str], None], *,
+                  drop_unusable: bool = False) -> SearchSpec:
+    """`autoprune check` on the spec's model for the spec's pruning methods, before anything starts: a method that
+    would remove nothing from this model, refuses it or fails on it is a spec error naming the method, the model and
+    why — or, with `drop_unusable`, is dropped from the search with a warning. Each method is tried with its default
+    options at the space's highest sparsity, on random weights (structure, not accuracy, decides this)."""
+    from autoprune.check import WORKS, check_model
+
+    methods = [method for method in spec.prune.methods if method != "none"]  # the dense reference removes nothing
+    if not methods:
+        return spec
+    size = spec.data.image_size if spec.data.source == "imagefolder" else REFERENCE_IMAGE_SIZE
+    result = check_model(source, input_size=(3, size, size), methods=methods, sparsities=(spec.prune.sparsity.high,))
+    unusable = {check.method: check for check in result.checks if check.outcome != WORKS}
+    if not unusable:
+        return spec
+    why = "; ".join(f"{name} {check.outcome}" + (f" ({check.reason})" if check.reason else "")
+                    for name, check in unusable.items())
+    kept = tuple(method for method in spec.prune.methods if method not in unusable)
+    if not drop_unusable or not [method for method in kept if method != "none"]:
+        raise SpecError(
+            f"space.prune.methods: on {spec.model.name} at sparsity {spec.prune.sparsity.high:g}: {why}."
+            f" Drop {'it' if len(unusable) == 1 else 'them'} from the spec"
+            + (", or pass --drop-unusable-methods to search with the others" if not drop_unusable else "")
+            + f" (`autoprune check {spec.model.name}` shows every method on this model).")
+    say(f"autoprune: dropping {', '.join(unusable)} from this search: on {spec.model.name}: {why}")
+    return replace(spec, prune=replace(spec.prune, methods=kept))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from autoprune.config import SearchSpec
 from autoprune.driver.outcome import SearchOutcome, summary_text, time_accounting, ui_command
-from autoprune.driver.preflight import check_cluster
+from autoprune.driver.preflight import check_cluster, check_methods
 from autoprune.driver.prepare import model_source, shared_context
 from autoprune.driver.progress import TrialPublisher
 from autoprune.driver.resume import resumable_parent
@@ -43,20 +43,23 @@ def search(
     storage: str | None = None,
     resume: str | None = None,
     echo: Callable[[str], None] | None = print,
+    drop_unusable_methods: bool = False,
 ) -> SearchOutcome:
     """Run a search end to end. Everything is validated before Ray starts; `echo` shows progress (None: quiet).
     `storage` overrides the spec's `search.storage` (where trials write their checkpoints). `resume` continues a
-    search whose driver stopped: a parent run id, or "latest" (the newest unfinished search of this spec's name)."""
+    search whose driver stopped: a parent run id, or "latest" (the newest unfinished search of this spec's name).
+    A pruning method that cannot prune the spec's model is an error, or with `drop_unusable_methods` left out."""
     started = time.perf_counter()
     say = echo or (lambda line: None)
     spec = load_spec(spec) if not isinstance(spec, SearchSpec) else spec
     spec = validate(_with_overrides(spec, trials, storage))  # a spec built in Python, and the overrides, too
+    source = model_source(spec.model)
+    spec = check_methods(spec, source, say, drop_unusable=drop_unusable_methods)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tracker = _tracker(spec, tracking_uri, workdir)
     storage = spec.search.storage or str(workdir / "ray")
     resumed = resumable_parent(tracker, spec, resume, storage) if resume else None
-    source = model_source(spec.model)
     space = SearchSpace(spec, layer_groups(source.create()))  # the spec's groups exist in the model (no weights needed)
 
     ray = _start_ray(address)
