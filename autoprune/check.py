@@ -85,18 +85,19 @@ def check_model(source: ModelSource, *, input_size: tuple[int, int, int] | None 
         methods = [name for name in prune.list_methods() if name != "none"]
     # an unknown name is an error before anything runs, with the registered ones listed
     resolved = [prune.get(method) if isinstance(method, str) else method for method in methods]
+    dense_size = {"macs": count_macs(dense, input_size), "params": count_params(dense)}  # counted once
     checks = []
     for method in resolved:
         for sparsity in (sparsities if method.uses_sparsity else (None,)):
-            check = _check_one(dense, source, method, sparsity, input_size, seed)
+            check = _check_one(dense, dense_size, source, method, sparsity, input_size, seed)
             checks.append(check)
             if echo is not None:
                 echo(row_text(check))
     return ModelCheck(source.name, input_size, tuple(group.name for group in layer_groups(dense)), tuple(checks))
 
 
-def _check_one(dense: nn.Module, source: ModelSource, method: prune.PruneMethod, sparsity: float | None,
-               input_size: tuple[int, int, int], seed: int) -> MethodCheck:
+def _check_one(dense: nn.Module, dense_size: dict[str, int], source: ModelSource, method: prune.PruneMethod,
+               sparsity: float | None, input_size: tuple[int, int, int], seed: int) -> MethodCheck:
     started = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -119,8 +120,8 @@ def _check_one(dense: nn.Module, source: ModelSource, method: prune.PruneMethod,
         achieved = achieved_sparsity(model, layers, prunable_weight_count(dense, layers)[1])
         measured = {
             "achieved_sparsity": achieved,
-            "macs_ratio": count_macs(dense, input_size) / max(1, count_macs(model, input_size)),
-            "params_ratio": count_params(dense) / max(1, count_params(model)),
+            "macs_ratio": dense_size["macs"] / max(1, count_macs(model, input_size)),
+            "params_ratio": dense_size["params"] / max(1, count_params(model)),
         }
         if achieved < 1e-3:
             return MethodCheck(method.name, sparsity, REMOVES_NOTHING, "no prunable weight was removed or zeroed",
