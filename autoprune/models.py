@@ -7,7 +7,6 @@ model is saved.py's.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,18 +15,6 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-
-# Layer groups, by the first pattern a layer's name matches: a ViT block's attention and MLP, a ResNet stage,
-# a ConvNeXt / generic stage. The group is the unit that per-layer sparsity searches over.
-_GROUP_PATTERNS = (
-    re.compile(r"^(blocks\.\d+\.(?:attn|mlp))\."),
-    re.compile(r"^(blocks\.\d+)\."),
-    re.compile(r"^(layer\d+)\."),
-    re.compile(r"^(stages\.\d+)\."),
-)
-# A block: the span inside which structured removal may act without touching the residual stream.
-_BLOCK_PATTERN = re.compile(r"^(blocks\.\d+|layer\d+\.\d+|stages\.\d+\.blocks\.\d+)\.")
-
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -100,12 +87,19 @@ def load_dense(
     return model.eval()
 
 
+def classifier_layers(model: nn.Module) -> set[nn.Module]:
+    """The classifier's modules (timm's `get_classifier()`: one head, or several such as a distillation head)."""
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    return {module for head in heads if isinstance(head, nn.Module) for module in head.modules()}
+
+
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Linear and Conv2d layers a method may prune: all but the classifier and the image stem."""
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    classifier = classifier_layers(model)
     layers = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or module is classifier:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or module in classifier:
             continue
         # The stem (patch embedding / first conv) sees raw pixels; pruning it costs much and saves little.
         if isinstance(module, nn.Conv2d) and module.in_channels == 3 and not layers:
@@ -115,35 +109,108 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def layer_groups(model: nn.Module) -> tuple[LayerGroup, ...]:
-    """The model's prunable layers, grouped by block part (ViT) or stage (CNN), in depth order."""
+    """The model's prunable layers grouped by stage, in depth order: the unit that per-layer sparsity searches over.
+
+    Stages are the ones timm exposes (`feature_info`: the module at the end of each stage). A layer belongs to the
+    first stage that ends at or after it; the layers after the last stage (a head's convs) form their own group. A
+    stage that is a single transformer block is split into its direct children (a ViT block's `attn` and `mlp`),
+    since attention and MLP take sparsity very differently. Models without `feature_info` get one group per
+    top-level module."""
+    layers = [name for name, _ in prunable_layers(model)]
+    ends = _stage_ends(model)
+    if not ends:
+        return _grouped(layers, lambda name: name.split(".")[0])
+    groups: list[LayerGroup] = []
+    remaining = list(layers)
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    for stage, last in ends:
+        members = [name for name in remaining if order[name] <= last]
+        remaining = remaining[len(members):]
+        if members:
+            groups.extend(_split_block(model, stage, members))
+    if remaining:
+        groups.extend(_grouped(remaining, lambda name: name.split(".")[0]))
+    return tuple(groups)
+
+
+def _stage_ends(model: nn.Module) -> list[tuple[str, int]]:
+    """timm's stage modules, each with the position (in `named_modules` order) of its last submodule."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, (list, tuple)) or not all(isinstance(entry, dict) for entry in info):
+        return []
+    names = [name for name, _ in model.named_modules()]
+    ends = []
+    for entry in info:
+        stage = entry.get("module")
+        if stage not in names:
+            continue
+        inside = [index for index, name in enumerate(names) if name == stage or name.startswith(f"{stage}.")]
+        ends.append((stage, max(inside)))
+    return sorted(ends, key=lambda end: end[1])
+
+
+def _split_block(model: nn.Module, stage: str, members: list[str]) -> list[LayerGroup]:
+    """One group for a stage; a transformer block (one stage holding an attention module as a direct child) is
+    split by its children."""
+    inside = all(name.startswith(f"{stage}.") for name in members)
+    children = dict(model.get_submodule(stage).named_children()) if inside else {}
+    if any(is_attention(child) for child in children.values()):
+        return _grouped(members, lambda name: ".".join(name.split(".")[: stage.count(".") + 2]))
+    return [LayerGroup(stage if inside else _span_name(members), tuple(members))]
+
+
+def _grouped(layers: list[str], key) -> list[LayerGroup]:
     groups: dict[str, list[str]] = {}
-    for name, _ in prunable_layers(model):
-        match = next((m for m in (p.match(name) for p in _GROUP_PATTERNS) if m), None)
-        groups.setdefault(match.group(1) if match else name.split(".")[0], []).append(name)
-    return tuple(LayerGroup(name, tuple(layers)) for name, layers in groups.items())
+    for name in layers:
+        groups.setdefault(key(name), []).append(name)
+    return [LayerGroup(name, tuple(members)) for name, members in groups.items()]
+
+
+def _span_name(layers: list[str]) -> str:
+    """A name for layers that span several modules: their common prefix and the range they cover (`blocks.3-4`,
+    `stem-stages.0`)."""
+    first, last = layers[0].split("."), layers[-1].split(".")
+    common = 0
+    while common < min(len(first), len(last)) - 1 and first[common] == last[common]:
+        common += 1
+
+    def part(path: list[str]) -> str:  # a container and its index (`stages.0`), or one module name
+        indexed = common + 1 < len(path) and path[common + 1].isdigit() and not path[common].isdigit()
+        return ".".join(path[common: common + 2]) if indexed else path[common]
+
+    span = part(first) if part(first) == part(last) else f"{part(first)}-{part(last)}"
+    return ".".join(first[:common] + [span])
 
 
 def pooled_group(model: nn.Module) -> LayerGroup:
     return LayerGroup(POOLED_GROUP, tuple(name for name, _ in prunable_layers(model)))
 
 
-def block_of(layer_name: str) -> str | None:
-    """The residual block a layer belongs to (None outside blocks)."""
-    match = _BLOCK_PATTERN.match(layer_name)
-    return match.group(1) if match else None
-
-
-_STATE_PATTERN = re.compile(r"^(blocks\.\d+|layer\d+|stages\.\d+)$")
-
-
 def internal_states(model: nn.Module) -> list[str]:
-    """The modules whose outputs are the network's internal state, in depth order: each ViT block's residual-stream
-    output, each ResNet / ConvNeXt stage's output. What alignment healing matches against the dense model."""
-    return [name for name, _ in model.named_modules() if _STATE_PATTERN.match(name)]
+    """The modules whose outputs are the network's internal state, in depth order: timm's stage outputs (each ViT
+    block's residual-stream output, each CNN stage's output). What alignment healing matches against the dense
+    model; where pruning changed a state's width (a plain CNN without residuals) alignment skips it."""
+    return [stage for stage, _ in _stage_ends(model)]
 
 
-def is_attention_layer(layer_name: str) -> bool:
-    return ".attn." in layer_name
+def is_attention(module: nn.Module) -> bool:
+    """A multi-head attention module: the innermost module that holds a head count or, for timm's attentions
+    without one (EfficientViT's LiteMLA), is one by its kind. Innermost, because blocks that wrap an attention
+    (MaxViT's PartitionAttention, Swin's blocks) hold MLPs too."""
+    return _looks_like_attention(module) and not any(
+        _looks_like_attention(inner) for inner in module.modules() if inner is not module)
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    heads = getattr(module, "num_heads", getattr(module, "heads", None))
+    kind = type(module).__name__
+    return isinstance(heads, int) or "Attention" in kind or kind.endswith("MLA")
+
+
+def attention_layers(model: nn.Module) -> set[str]:
+    """The prunable layers inside attention modules (their q/k/v and output projections)."""
+    inside = {f"{name}." for name, module in model.named_modules() if name and is_attention(module)}
+    return {name for name, _ in prunable_layers(model) if any(name.startswith(prefix) for prefix in inside)}
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -103,12 +103,13 @@ def test_the_families_bench_tabulates_check_per_family_and_states_the_targets():
     assert "without a refusal: 1 (target: 0)" in families.verdict(rows)
 
 
-def _regnet_spec(methods):
+def _repvgg_spec(methods):
+    """RepVGG: every conv feeds a residual sum, so no channel is block-internal."""
     from test_spec import DEMO
 
     from autoprune.space.load import parse_spec
 
-    raw = {**DEMO, "model": {"name": "regnetx_002", "num_classes": 10, "train_steps": 10}}
+    raw = {**DEMO, "model": {"name": "repvgg_a0", "num_classes": 10, "train_steps": 10}}
     raw["space"] = {**DEMO["space"], "prune": {"methods": methods, "sparsity": {"low": 0.3, "high": 0.6}}}
     return parse_spec(raw)
 
@@ -119,15 +120,16 @@ def test_a_search_refuses_a_method_that_cannot_prune_its_model_before_anything_s
     from autoprune.driver.search import search
     from autoprune.errors import SpecError
 
-    spec = _regnet_spec(["magnitude", "structured", "vbp"])
-    with pytest.raises(SpecError, match=r"on regnetx_002 at sparsity 0.6: structured removes nothing .*; vbp refuses"
-                                        r" \(vbp found no hidden units.*--drop-unusable-methods"):
+    spec = _repvgg_spec(["magnitude", "structured", "vbp"])
+    with pytest.raises(SpecError, match=r"on repvgg_a0 at sparsity 0.6: structured refuses \(structured: ByobNet has no"
+                                        r" block-internal channels.*; vbp refuses \(vbp: ByobNet has no hidden"
+                                        r" channels.*--drop-unusable-methods"):
         search(spec, workdir=tmp_path, echo=None)
     assert not list(tmp_path.iterdir())  # nothing was started: no store, no Ray folder, no cache
     said = []
     kept = check_methods(spec, model_source(spec.model), said.append, drop_unusable=True)
     assert kept.prune.methods == ("magnitude",) and "dropping structured, vbp" in said[0]
-    with pytest.raises(SpecError, match="structured removes nothing"):  # nothing left to search with
-        check_methods(_regnet_spec(["structured"]), model_source(spec.model), said.append, drop_unusable=True)
-    assert check_methods(_regnet_spec(["magnitude", "nm"]), model_source(spec.model), said.append).prune.methods \
+    with pytest.raises(SpecError, match="structured refuses"):  # nothing left to search with
+        check_methods(_repvgg_spec(["structured"]), model_source(spec.model), said.append, drop_unusable=True)
+    assert check_methods(_repvgg_spec(["magnitude", "nm"]), model_source(spec.model), said.append).prune.methods \
         == ("magnitude", "nm")

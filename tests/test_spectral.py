@@ -55,7 +55,8 @@ def test_the_regimes_match_the_paper():
     assert regime(0.3) == (1.0, 1.0, 0.50)
     assert regime(0.5) == (1.25, 1.25, 0.70)
     assert regime(0.75) == (1.0, 2.0, 0.85)
-    weights = layer_weights({"blocks.0.attn.qkv": 2.0, "blocks.0.mlp.fc1": 1.0, "blocks.0.mlp.fc2": 0.0}, 0.3)
+    weights = layer_weights({"blocks.0.attn.qkv": 2.0, "blocks.0.mlp.fc1": 1.0, "blocks.0.mlp.fc2": 0.0}, 0.3,
+                            {"blocks.0.attn.qkv"})
     assert weights["blocks.0.attn.qkv"] > 1 > weights["blocks.0.mlp.fc2"] >= 0.1
 
 

@@ -66,6 +66,8 @@ class Alignment:
                 target = teacher(inputs)
             terms = []
             for name in self.names:
+                if student_states[name].shape != teacher_states[name].shape:
+                    continue  # a state whose width pruning changed (a plain CNN's stage output) has no counterpart
                 error = (student_states[name] - teacher_states[name]).pow(2).sum()
                 if self.normalize == "relative":
                     error = error / teacher_states[name].pow(2).sum().clamp_min(1e-12)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Collection
 
 import numpy as np
 import torch
 from torch import nn
 
-from autoprune.models import LayerGroup, is_attention_layer
+from autoprune.models import LayerGroup, attention_layers
 from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks, remove_lowest
 
@@ -89,15 +90,16 @@ def regime(sparsity: float) -> tuple[float, float, float]:
     return 1.0, 2.0, 0.85  # the layer-type budget: attention protected, MLPs pruned harder
 
 
-def layer_weights(edges: dict[str, float], sparsity: float) -> dict[str, float]:
-    """w_ℓ = max(0.1, 1 + β_ℓ·d(s)·z_ℓ) from the layers' standardised spectral edges z_ℓ."""
+def layer_weights(edges: dict[str, float], sparsity: float, attention: Collection[str] = ()) -> dict[str, float]:
+    """w_ℓ = max(0.1, 1 + β_ℓ·d(s)·z_ℓ) from the layers' standardised spectral edges z_ℓ (β by whether the layer is
+    one of the `attention` layers)."""
     values = np.array(list(edges.values()))
     spread = values.std()
     z = (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
     beta_attention, beta_other, s_d = regime(sparsity)
     decay = max(0.0, 1 - sparsity / s_d)
     return {
-        name: max(0.1, 1 + (beta_attention if is_attention_layer(name) else beta_other) * decay * z_l)
+        name: max(0.1, 1 + (beta_attention if name in attention else beta_other) * decay * z_l)
         for name, z_l in zip(edges, z)
     }
 
@@ -107,11 +109,12 @@ def mp_budget_masks(model: nn.Module, request: PruneRequest) -> Masks:
     modules = dict(model.named_modules())
     options = request.options
     masks: dict[str, torch.Tensor] = {}
+    attention = attention_layers(model)
     for group in request.groups:
         sparsity = request.sparsity[group.name]
         edges = {name: spectral_edge(modules[name].weight, alpha=options["alpha"], beta=options["beta"])
                  for name in group.layers}
-        budget = layer_weights(edges, sparsity)
+        budget = layer_weights(edges, sparsity, attention)
         scores = [modules[name].weight.abs() / budget[name] for name in group.layers]
         masks.update(zip(group.layers, remove_lowest(scores, sparsity)))
     result = Masks(masks)
@@ -127,7 +130,7 @@ def spectral_allocation(model: nn.Module, groups: tuple[LayerGroup, ...], sparsi
     modules = dict(model.named_modules())
     layers = [name for group in groups for name in group.layers]
     budget = layer_weights({name: spectral_edge(modules[name].weight, alpha=alpha, beta=beta) for name in layers},
-                           sparsity)
+                           sparsity, attention_layers(model))
     keep = dict(zip(layers, remove_lowest([modules[name].weight.abs() / budget[name] for name in layers], sparsity)))
     return {group.name: 1.0 - sum(int(keep[name].sum()) for name in group.layers)
             / sum(keep[name].numel() for name in group.layers) for group in groups}

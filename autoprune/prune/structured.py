@@ -1,13 +1,17 @@
-"""Structured removal of MLP hidden neurons and conv channels, which physically shrinks the model.
+"""Structured removal of hidden neurons, channels and attention heads, which physically shrinks the model.
 
-Torch-Pruning's dependency graph does the surgery: removing a layer's output channels also removes the coupled
-inputs of the layers that consume them (and the norms in between). Only *block-internal* channels are removed
-(a ViT block's MLP hidden neurons, a ResNet/ConvNeXt block's inner convs); channels that feed the residual
-stream are coupled across the whole network and stay.
+Which channels may go is read off Torch-Pruning's dependency graph (prune/channels.py), for any timm family:
+every *internal* channel group — written by one layer and read inside one block (a ViT / Mixer MLP's hidden
+neurons, a ResNet, RegNet or ConvNeXt block's inner convs, an inverted residual's expansion through its depthwise
+conv and squeeze-excitation, a VGG conv, a DenseNet bottleneck) — loses the share of its channels that its
+writer's layer group asks for; the graph removes the coupled inputs, norms and depthwise convs with them.
+Channels that feed a residual stream are coupled across a whole stage and stay. A model with no internal channel
+at all (RepVGG: every conv feeds a residual sum) is refused, with that reason.
 
-Attention heads (option `heads`, on by default) go whole: a head's q, k and v rows of `qkv` and its columns of
-`proj` are sliced out inside the one attention module, which needs no dependency graph (Torch-Pruning 1.6.1's head
-pruner removed no heads of timm 1.0.31's Attention in our trials).
+Attention heads (option `heads`, on by default) go whole where timm's attention layout is known (ViT's
+`Attention`, Swin's `WindowAttention`): a head's q, k and v rows of `qkv`, its columns of `proj` and its column of
+a relative-position bias table are sliced out inside the one module. Other attentions keep their heads; their
+MLPs are still pruned.
 
 What to remove is kept separate from how (the dependency graph). Option `importance` scores a channel group or a
 head by its weights' squared L2 norm (`l2`), L1 norm (`l1`), or first-order Taylor estimate of the loss change,
@@ -18,25 +22,14 @@ model's own predictions. `round_to` keeps every pruned width a multiple of it (8
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.models import attention_modules, block_of, fix_attention_metadata, is_attention_layer
+from autoprune.models import fix_attention_metadata
+from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
 from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
-
-
-def _out_channels_fn(module: nn.Module):
-    import torch_pruning as tp
-
-    return tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
-
-
-def _width(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
@@ -45,36 +38,54 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     if request.example_inputs is None:
         raise AutopruneError("structured pruning needs example inputs to trace the model.")
     round_to = int(request.options["round_to"])
-    graph = dependency_graph(model, request.example_inputs)
-    modules = dict(model.named_modules())
-    names = {module: name for name, module in modules.items()}
+    ratios = {layer: request.sparsity[group.name] for group in request.groups for layer in group.layers}
     kind = request.options["importance"]
     if kind == "taylor":
         _loss_gradients(model, request.calibration)
+    if request.options["heads"]:
+        for name, attention in head_prunable_attention(model):
+            ratio = ratios.get(f"{name}.qkv")
+            if ratio:
+                remove_heads(attention, ratio, WEIGHT_SCORES[kind])
+    graph = dependency_graph(model, request.example_inputs)
+    groups = [group for group in channel_groups(model, graph) if group.internal]
+    if not groups:
+        raise AutopruneError(
+            f"structured: {type(model).__name__} has no block-internal channels to remove (every conv/linear output"
+            " feeds a residual sum or an attention); use an unstructured method (magnitude, nm) for it.")
     importance = (tp.importance.GroupTaylorImportance() if kind == "taylor"
                   else tp.importance.GroupMagnitudeImportance(p=1 if kind == "l1" else 2))
-    for group in request.groups:
-        ratio = request.sparsity[group.name]
-        if request.options["heads"]:
-            for name, attention in attention_modules(model):
-                if f"{name}.qkv" in group.layers and isinstance(getattr(attention, "proj", None), nn.Linear):
-                    remove_heads(attention, ratio, WEIGHT_SCORES[kind])
-        for name in group.layers:
-            root = modules[name]
-            if is_attention_layer(name) or not _is_block_internal(graph, root, name, names):
-                continue
-            width = _width(root)
-            keep = max(round_to, int(round(width * (1 - ratio) / round_to)) * round_to)
-            if keep >= width:
-                continue
-            with torch.no_grad():
-                everything = graph.get_pruning_group(root, _out_channels_fn(root), idxs=list(range(width)))
-                scores = importance(everything)
-                drop = torch.argsort(scores)[: width - keep].tolist()
-                graph.get_pruning_group(root, _out_channels_fn(root), idxs=drop).prune()
+    for group in groups:
+        ratio = next((ratios[name] for name in group.producers if name in ratios), None)  # the root's first
+        per_slice = group.width // group.slices
+        keep = max(round_to, int(round(per_slice * (1 - ratio) / round_to)) * round_to) if ratio else per_slice
+        if keep >= per_slice:
+            continue
+        with torch.no_grad():
+            try:
+                scores = importance(group.dependencies)
+                remove(graph, model, group, slice_positions(scores, group.slices, keep))
+            except Exception as error:  # an operation the graph does not model (GhostNet's channel slicing, …)
+                raise AutopruneError(
+                    f"structured: removing channels of {group.root} in {type(model).__name__} failed"
+                    f" ({type(error).__name__}: {error}); this model's layout is not supported by structured removal."
+                ) from None
     fix_attention_metadata(model)
     model.zero_grad(set_to_none=True)
+    _must_still_run(model, request.example_inputs)
     return Masks()
+
+
+def _must_still_run(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """A layout the graph misread shows at the first forward; say so here, not in the middle of healing."""
+    try:
+        with torch.no_grad():
+            model(example_inputs[:1])
+    except Exception as error:
+        raise AutopruneError(
+            f"structured: {type(model).__name__} no longer runs after its channels were removed"
+            f" ({type(error).__name__}: {error}); this model's layout is not supported by structured removal."
+        ) from None
 
 
 # Per-weight scores whose sum over a head is its importance (the same criteria as the channel groups').
@@ -96,19 +107,20 @@ def _loss_gradients(model: nn.Module, images: torch.Tensor | None, batch_size: i
         nn.functional.cross_entropy(logits, logits.argmax(1), reduction="sum").div(len(images)).backward()
 
 
-def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
-    """Torch-Pruning's dependency graph of `model`. It traces with autograd, so it is built with gradients on."""
-    import torch_pruning as tp
+# timm attention layouts whose heads remove_heads knows how to slice (module path, class name).
+HEAD_PRUNABLE = {("timm.layers.attention", "Attention"), ("timm.models.swin_transformer", "WindowAttention")}
 
-    with warnings.catch_warnings():  # unwrapped parameters such as pos_embed are never pruned here
-        warnings.simplefilter("ignore")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+
+def head_prunable_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, module) for name, module in model.named_modules()
+            if (type(module).__module__, type(module).__name__) in HEAD_PRUNABLE
+            and isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(getattr(module, "proj", None), nn.Linear)]
 
 
 @torch.no_grad()
 def remove_heads(attention: nn.Module, ratio: float, score=WEIGHT_SCORES["l2"]) -> None:
     """Remove round(ratio × heads) heads (at least one stays) of least summed `score` over their qkv rows and proj
-    columns."""
+    columns (and their relative-position bias, where the attention has one)."""
     heads, qkv, proj = attention.num_heads, attention.qkv, attention.proj
     head_dim = qkv.out_features // (3 * heads)
     keep_count = max(1, heads - int(round(ratio * heads)))
@@ -125,29 +137,21 @@ def remove_heads(attention: nn.Module, ratio: float, score=WEIGHT_SCORES["l2"]) 
     qkv.out_features = qkv.weight.shape[0]
     proj.weight = nn.Parameter(proj_by_head[:, keep].reshape(proj.out_features, -1).clone())
     proj.in_features = proj.weight.shape[1]
+    table = getattr(attention, "relative_position_bias_table", None)  # Swin: one bias column per head
+    if isinstance(table, nn.Parameter) and table.shape[-1] == heads:
+        attention.relative_position_bias_table = nn.Parameter(table[:, keep].clone())
     attention.num_heads = keep_count
     attention.head_dim = head_dim
     if hasattr(attention, "attn_dim"):
         attention.attn_dim = keep_count * head_dim
 
 
-def _is_block_internal(graph, root: nn.Module, name: str, names: dict[nn.Module, str]) -> bool:
-    """True when removing `root`'s output channels touches only layers of its own block."""
-    block = block_of(name)
-    if block is None:
-        return False
-    probe = graph.get_pruning_group(root, _out_channels_fn(root), idxs=[0])
-    touched = {names.get(dep.target.module) for dep, _ in probe} | {names.get(dep.source.module) for dep, _ in probe}
-    touched.discard(None)  # Torch-Pruning's own op nodes (reshape, add, …) have no module name
-    return all(block_of(other) == block for other in touched)
-
-
 register(
     PruneMethod(
         "structured",
         remove_channels,
-        "Remove block-internal MLP neurons / conv channels and ViT attention heads of least importance (L2, L1 or"
-        " Taylor): a physically smaller model.",
+        "Remove block-internal channels (MLP neurons, inner / expansion convs, found by the dependency graph) and"
+        " attention heads of least importance (L2, L1 or Taylor): a physically smaller model.",
         structured=True,
         options={"round_to": 1, "heads": True, "importance": "l2"},
         choices={"importance": ("l2", "l1", "taylor")},

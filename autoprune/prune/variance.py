@@ -6,25 +6,32 @@ expectation exactly (b2 += W2[:, P] μ_P), and costs only the variance that a_j 
 pass with Welford/Chan's streaming update (numerically stable), over every token of every image.
 The removal itself is physical (Torch-Pruning's dependency graph), so the model gets smaller and faster.
 
-The paper prunes ViT MLP neurons (timm `Mlp`: fc1 → act → fc2). The CNN version here is the analogue on a ResNet
-block's inner channels (conv_k → bn_k → act → conv_k+1), with statistics over every position: a removed channel
-becomes the constant map μ_c, whose effect on conv_k+1's output is folded into that conv's bias or, as ResNet
-convs have none, into the following BatchNorm's running mean. With zero padding a constant map's effect differs
-where the kernel overhangs the border, so the fold uses its average over the output positions: each output
-channel's mean is kept (exactly, for a constant channel); single positions move a little.
+The paper prunes ViT MLP neurons (timm `Mlp`: fc1 → act → fc2). Here the units are every internal channel group
+that the dependency graph finds (prune/channels.py) — a ViT / Mixer MLP's hidden neurons, a ResNet / RegNet /
+ConvNeXt block's inner channels, an inverted residual's expansion channels (conv_pw → bn → act → depthwise conv →
+bn → act → SE → conv_pwl) — with statistics at the input of each layer that reads them, over every position. A
+removed channel becomes the constant map μ_c; its effect on each reader's output is folded into that reader's bias
+or, for convs without one, into the BatchNorm right after it (its running mean). A squeeze-excitation's reducing
+conv reads the channels pooled, and gets its own fold. Channels are ranked by the variance their main reader (the
+one reading every position) sees. With zero padding a constant map's effect differs where the kernel overhangs
+the border, so the fold uses its average over the output positions: each output channel's mean is kept (exactly,
+for a constant channel); single positions move a little. A unit whose readers have neither a bias nor a
+BatchNorm after them, or are grouped convs, is left as it is.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from autoprune.errors import AutopruneError
-from autoprune.models import HiddenChannels, fix_attention_metadata, hidden_channels, observe_inputs
+from autoprune.models import fix_attention_metadata, observe_inputs
 from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
-from autoprune.prune.structured import dependency_graph
+from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
 
 
 class Welford:
@@ -56,11 +63,11 @@ class Welford:
         return self.m2 / max(self.count - 1, 1)
 
 
-def post_activation_statistics(model: nn.Module, units: list[HiddenChannels], images: torch.Tensor,
-                               batch_size: int = 64) -> dict[str, Welford]:
-    """Per-channel statistics of each unit's hidden activation (its consumer's input), over every token / position."""
+def input_statistics(model: nn.Module, readers: list[str], images: torch.Tensor,
+                     batch_size: int = 64) -> dict[str, Welford]:
+    """Per-channel statistics of each reader's input, over every token / position."""
     modules = dict(model.named_modules())
-    stats = {unit.consumer: Welford() for unit in units}
+    stats = {name: Welford() for name in readers}
 
     def record(name, module, hidden):
         if hidden.dim() == 4:  # N × C × H × W: every position is a sample of each channel
@@ -68,7 +75,7 @@ def post_activation_statistics(model: nn.Module, units: list[HiddenChannels], im
             hidden = hidden.movedim(1, -1)
         stats[name].update(hidden.reshape(-1, hidden.shape[-1]))
 
-    observe_inputs(model, {unit.consumer: modules[unit.consumer] for unit in units}, images, record, batch_size)
+    observe_inputs(model, {name: modules[name] for name in readers}, images, record, batch_size)
     return stats
 
 
@@ -84,47 +91,64 @@ def mean_shift(consumer: nn.Module, removed: torch.Tensor, mean: torch.Tensor, s
 
 
 def variance_prune(model: nn.Module, request: PruneRequest) -> Masks:
-    import torch_pruning as tp
-
     if request.calibration is None or len(request.calibration) == 0:
         raise AutopruneError("vbp needs calibration images for its activation statistics (calibration_images > 0).")
+    if request.example_inputs is None:
+        raise AutopruneError("vbp needs example inputs to trace the model.")
     ratios = {layer: request.sparsity[group.name] for group in request.groups for layer in group.layers}
-    modules = dict(model.named_modules())
-    units = [unit for unit in hidden_channels(model) if unit.producer in ratios and _can_fold(modules, unit)]
-    if not units:
-        raise AutopruneError("vbp found no hidden units to prune in this model (ViT MLPs or ResNet block convs).")
-    stats = post_activation_statistics(model, units, request.calibration)
     graph = dependency_graph(model, request.example_inputs)
-    for unit in units:
-        producer, consumer = modules[unit.producer], modules[unit.consumer]
-        width = consumer.weight.shape[1]
-        keep = max(1, int(round(width * (1 - ratios[unit.producer]))))
-        if keep >= width:
+    units = [(unit, folds) for unit in channel_groups(model, graph) if unit.internal and unit.root in ratios
+             for folds in [_fold_targets(model, graph, unit)] if folds is not None]
+    if not units:
+        raise AutopruneError(
+            f"vbp: {type(model).__name__} has no hidden channels whose mean can be folded into what reads them"
+            " (an MLP's hidden neurons, a block's inner or expansion channels read by a layer with a bias or a"
+            " BatchNorm after it).")
+    stats = input_statistics(model, [reader for unit, _ in units for reader in unit.consumers], request.calibration)
+    for unit, folds in units:
+        per_slice = unit.width // unit.slices
+        keep = max(1, int(round(per_slice * (1 - ratios[unit.root]))))
+        if keep >= per_slice:
             continue
-        removed = torch.argsort(stats[unit.consumer].variance)[: width - keep]
-        shift = mean_shift(consumer, removed, stats[unit.consumer].mean[removed].to(consumer.weight.dtype),
-                           stats[unit.consumer].spatial)
+        # Rank by the variance the main reader sees (the one reading every position, not a pooled summary).
+        main = max(unit.consumers, key=lambda reader: math.prod(stats[reader].spatial))
+        removed = torch.tensor(slice_positions(stats[main].variance, unit.slices, keep), dtype=torch.long)
         with torch.no_grad():
-            if consumer.bias is not None:
-                consumer.bias += shift  # the removed units' expected contribution
-            else:  # BN(x + shift) in eval mode = BN with running_mean − shift
-                modules[unit.consumer_norm].running_mean -= shift
-        prune_out = tp.prune_linear_out_channels if isinstance(producer, nn.Linear) else tp.prune_conv_out_channels
-        graph.get_pruning_group(producer, prune_out, idxs=removed.tolist()).prune()
+            for reader, (layer, norm) in folds.items():
+                shift = mean_shift(layer, removed, stats[reader].mean[removed].to(layer.weight.dtype),
+                                   stats[reader].spatial)
+                if layer.bias is not None:
+                    layer.bias += shift  # the removed channels' expected contribution
+                else:  # BN(x + shift) in eval mode = BN with running_mean − shift
+                    norm.running_mean -= shift
+        remove(graph, model, unit, removed.tolist())
     fix_attention_metadata(model)
     return Masks()
 
 
-def _can_fold(modules: dict[str, nn.Module], unit: HiddenChannels) -> bool:
-    return modules[unit.consumer].bias is not None or unit.consumer_norm is not None
+def _fold_targets(model: nn.Module, graph, unit) -> dict[str, tuple[nn.Module, nn.Module | None]] | None:
+    """Each reader of the unit with where its removed inputs' mean goes (its bias, or the BatchNorm right after
+    it); None when a reader has neither, or is a grouped conv (its weights do not index the channels one to one)."""
+    modules = dict(model.named_modules())
+    folds = {}
+    for reader in unit.consumers:
+        layer = modules[reader]
+        if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+            return None
+        after = [node.module for node in graph.module2node[layer].outputs]
+        norm = after[0] if len(after) == 1 and isinstance(after[0], nn.modules.batchnorm._BatchNorm) else None
+        if layer.bias is None and norm is None:
+            return None
+        folds[reader] = (layer, norm)
+    return folds
 
 
 register(
     PruneMethod(
         "vbp",
         variance_prune,
-        "Variance-Based Pruning: remove the lowest-variance MLP neurons (ViT) or block-internal channels (CNN), fold"
-        " their means into what follows.",
+        "Variance-Based Pruning: remove the lowest-variance hidden channels (MLP neurons, inner / expansion convs),"
+        " fold their means into what reads them.",
         structured=True,
         needs_calibration=True,
     )

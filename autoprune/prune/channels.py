@@ -1,0 +1,199 @@
+"""Which channels of a model can be removed together, read off Torch-Pruning's dependency graph.
+
+Removing a layer's output channels must also remove the inputs that read them, in every layer that does (norms,
+depthwise convs, concatenations, residual sums). Torch-Pruning finds those couplings by tracing the model, for any
+family, and groups them; this module sorts its groups into two kinds:
+
+- **internal**: channels written by one layer (or by the parallel projections of one module, like a gated MLP's
+  two `fc1`s) and read inside one block: a ViT or Mixer MLP's hidden neurons, a ResNet / RegNet / ConvNeXt block's
+  inner convs, an inverted residual's expansion (through its depthwise conv and squeeze-excitation), every conv of
+  a VGG, a DenseNet layer's bottleneck. Removing them makes that block smaller and leaves every other width as it
+  was.
+- **stream**: channels summed from several writers (a residual stream, re-parameterisable branches) or
+  concatenated (DenseNet's features). Removing one touches a whole stage; structured removal leaves them.
+
+Several writers joined by a product stay internal (a squeeze-excitation gate, a gated MLP's two `fc1`s); joined
+by a sum they are a stream.
+
+Attention modules are single opaque nodes of the graph: a group that reaches one is not internal (their q/k/v
+widths are tied to head counts; heads go whole, see structured.remove_heads). The classifier's outputs (the
+classes) are never removed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprune.errors import AutopruneError
+from autoprune.models import classifier_layers, is_attention
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that can only be removed together, with who writes and who reads them."""
+
+    root: str  # the layer whose output channels index the group (what `remove` takes indices of)
+    producers: tuple[str, ...]  # layers that write these channels (the root first; not depthwise convs)
+    consumers: tuple[str, ...]  # layers that read them (Conv2d / Linear inputs; not depthwise convs)
+    width: int
+    # Grouped convs among its layers split the channels into this many equal slices; a removal takes the same
+    # positions out of every slice, or the convs' weights would no longer line up with their groups.
+    slices: int
+    internal: bool
+    dependencies: Any  # Torch-Pruning's group over all channels (scored by its importance criteria)
+
+
+def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
+    """Torch-Pruning's dependency graph of `model`, with every attention module as one opaque node (its insides are
+    not traced: they are heads, reshapes and splits whose widths are tied together, and tracing them can take
+    minutes). The graph traces with autograd, so it is built with gradients on."""
+    import torch_pruning as tp
+
+    opaque = {type(module): _Opaque() for module in model.modules() if is_attention(module)}
+    with warnings.catch_warnings():  # unwrapped parameters such as pos_embed are never pruned here
+        warnings.simplefilter("ignore")
+        try:
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, verbose=False, customized_pruners=opaque)
+        except Exception as error:  # an operation Torch-Pruning's tracer does not follow
+            raise AutopruneError(
+                f"Torch-Pruning cannot trace {type(model).__name__}'s channels ({type(error).__name__}: {error});"
+                " methods that remove channels cannot prune it, use an unstructured method (magnitude, nm)."
+            ) from None
+
+
+class _Opaque:
+    """The graph's handler for an attention module: its channel counts, and a refusal to remove any (a group that
+    reaches an attention is never internal, so this is never called by structured removal)."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        raise RuntimeError(f"{type(layer).__name__} channels are not removed through the dependency graph")
+
+    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        raise RuntimeError(f"{type(layer).__name__} channels are not removed through the dependency graph")
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return _io_widths(layer)[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return _io_widths(layer)[0]
+
+    def get_in_channel_groups(self, layer: nn.Module) -> int:
+        return 1
+
+    def get_out_channel_groups(self, layer: nn.Module) -> int:
+        return 1
+
+
+def _io_widths(layer: nn.Module) -> tuple[int, int]:
+    """An attention's input width (its first projection's) and output width (its last's)."""
+    projections = [m for m in layer.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    first, last = projections[0], projections[-1]
+    return (first.in_features if isinstance(first, nn.Linear) else first.in_channels,
+            last.out_features if isinstance(last, nn.Linear) else last.out_channels)
+
+
+def channel_groups(model: nn.Module, graph) -> list[ChannelGroup]:
+    """The groups of `model`'s Conv2d / Linear output channels that may be internal, in model order, each with
+    what the graph says of it. Roots whose channels plainly reach a residual sum or an attention are not
+    expanded into groups at all: Torch-Pruning's index bookkeeping for such streams (through every reshape of a
+    token sequence) can take minutes, and structured removal leaves them anyway."""
+    import torch_pruning as tp
+
+    names = {module: name for name, module in model.named_modules()}
+    classifier = classifier_layers(model)
+    found, visited = [], set()
+    for module, node in list(graph.module2node.items()):
+        if (not isinstance(module, (nn.Conv2d, nn.Linear)) or module in classifier or module in visited
+                or module not in names or _depthwise(module) or _reaches_stream(node)):
+            continue
+        group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels,
+                                        list(range(_width(module))))
+        writers, readers, slices, joined, split, summed, attends = [], [], set(), False, False, False, False
+        for dependency, _ in group:
+            target, kind = dependency.target.module, dependency.target.type
+            joined |= kind == tp.ops.OPTYPE.CONCAT
+            # a layer's outputs split into parts that meet again (a GLU's value and gate halves): Torch-Pruning
+            # would remove a channel from one half only
+            split |= kind in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND)
+            summed |= _is_sum(dependency.target)
+            attends |= isinstance(target, nn.Module) and is_attention(target)
+            if not isinstance(target, (nn.Conv2d, nn.Linear)) or target not in names or _depthwise(target):
+                continue
+            if isinstance(target, nn.Conv2d) and target.groups > 1:
+                slices.add(target.groups)
+            if graph.is_out_channel_pruning_fn(dependency.handler):
+                writers.append(names[target])
+                visited.add(target)
+            elif graph.is_in_channel_pruning_fn(dependency.handler):
+                readers.append(names[target])
+        parts = next(iter(slices)) if len(slices) == 1 else 1
+        divisible = len(slices) <= 1 and _width(module) // parts > 1
+        # concatenated features (DenseNet's growth channels) are left: Torch-Pruning's scores over a concatenation
+        # do not line up with its indices (an IndexError in 1.6.1)
+        internal = divisible and not (summed or split or joined or attends) and bool(writers) and bool(readers)
+        found.append(ChannelGroup(names[module], _unique(writers), _unique(readers), _width(module), parts, internal,
+                                  group))
+    return found
+
+
+def _reaches_stream(root, limit: int = 4000) -> bool:
+    """Whether the channels of `root` (a graph node) plainly meet a residual sum or an attention: a walk over the
+    nodes they pass through unchanged (norms, activations, depthwise convs, products, reshapes), stopping at the
+    layers that write or read them. Cheap: no index bookkeeping."""
+    seen, frontier = {root}, [root]
+    while frontier:
+        node = frontier.pop()
+        for neighbour in node.outputs if node is root else node.inputs + node.outputs:  # not the root's inputs
+            if neighbour in seen:
+                continue
+            seen.add(neighbour)
+            module = neighbour.module
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and not _depthwise(module):
+                continue  # a writer or a reader: the channels end here
+            if _is_sum(neighbour) or (isinstance(module, nn.Module) and is_attention(module)) or len(seen) > limit:
+                return True
+            frontier.append(neighbour)
+    return False
+
+
+def _is_sum(node) -> bool:
+    """A residual sum (or summed branches): the channels are a stream, written in several places."""
+    return str(getattr(node.module, "_grad_fn", "")) in _SUMS
+
+
+_SUMS = {"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1"}  # autograd's names for + and −
+
+
+def remove(graph, model: nn.Module, group: ChannelGroup, channels: list[int]) -> None:
+    """Remove `channels` (indices of the root's outputs) and everything coupled to them."""
+    root = dict(model.named_modules())[group.root]
+    prune_out = graph.get_pruner_of_module(root).prune_out_channels
+    graph.get_pruning_group(root, prune_out, idxs=sorted(channels)).prune()
+
+
+def slice_positions(scores: torch.Tensor, slices: int, keep: int) -> list[int]:
+    """The channels to remove so that `keep` positions of each of `slices` equal slices stay: the positions of least
+    score summed over the slices, taken out of every slice."""
+    per_slice = scores.reshape(slices, -1)
+    width = per_slice.shape[1]
+    drop = torch.argsort(per_slice.sum(0))[: width - keep].tolist()
+    return [s * width + position for s in range(slices) for position in drop]
+
+
+def _depthwise(module: nn.Module) -> bool:
+    """A depthwise conv couples its inputs to its outputs one to one: it neither writes nor reads a group."""
+    return isinstance(module, nn.Conv2d) and 1 < module.groups == module.out_channels == module.in_channels
+
+
+def _width(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _unique(names: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))

@@ -1,0 +1,87 @@
+"""Structured removal and VBP beyond ViT and ResNet: channel groups read off the dependency graph, on tiny real timm
+models of the kinds users bring (windowed attention, inverted residuals with squeeze-excitation, grouped convs,
+concatenated features, all-residual RepVGG)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_RESNET
+
+from autoprune.check import REFUSES, WORKS, check_model
+from autoprune.config import HealConfig, ProfileSpec, PruneConfig, TrialConfig
+from autoprune.models import ModelSource, internal_states, layer_groups
+from autoprune.prune.channels import channel_groups, dependency_graph, slice_positions
+from autoprune.trial import TrialContext, run_trial
+
+TINY_SWIN = ModelSource("swin_tiny_patch4_window7_224", 10, {"img_size": 32, "embed_dim": 16, "depths": (1, 1),
+                                                             "num_heads": (2, 4), "window_size": 4})
+TINY_MOBILENET = ModelSource("mobilenetv3_small_050", 10)  # inverted residuals, SE gates, hard-swish
+TINY_REGNET = ModelSource("regnetx_002", 10)  # grouped convs
+TINY_DENSENET = ModelSource("densenet121", 10, {"block_config": (2, 2)})  # concatenated features
+INPUT = (3, 32, 32)
+
+
+@pytest.mark.parametrize("source, vbp", [(TINY_SWIN, WORKS), (TINY_MOBILENET, WORKS), (TINY_REGNET, WORKS),
+                                         (TINY_DENSENET, REFUSES)], ids=["swin", "mobilenetv3", "regnet", "densenet"])
+def test_structured_removal_shrinks_each_kind_and_the_result_reloads_and_trains(source, vbp):
+    result = check_model(source, input_size=INPUT, methods=["structured", "vbp"], sparsities=(0.5,))
+    structured, variance = result.checks
+    assert structured.outcome == WORKS, structured.reason
+    assert structured.macs_ratio > 1.3 and structured.params_ratio > 1.2
+    assert structured.reload_max_abs_diff < 1e-4 and structured.trains
+    assert variance.outcome == vbp, variance.reason
+    if vbp == WORKS:
+        assert variance.macs_ratio > 1.1 and variance.reload_max_abs_diff < 1e-4 and variance.trains
+    else:  # DenseNet's bottlenecks are read by convs with no bias and no BatchNorm after them: nothing to fold into
+        assert "no hidden channels whose mean can be folded" in variance.reason
+
+
+def test_a_model_whose_every_channel_feeds_a_residual_sum_is_refused_with_the_reason():
+    result = check_model(ModelSource("repvgg_a0", 10), input_size=INPUT, methods=["structured"], sparsities=(0.5,))
+    assert result.checks[0].outcome == REFUSES
+    assert "no block-internal channels" in result.checks[0].reason
+
+
+def _groups(source: ModelSource):
+    model = source.create().eval()
+    return {group.root: group for group in channel_groups(model, dependency_graph(model, torch.randn(2, *INPUT)))}
+
+
+def test_channels_are_internal_inside_a_block_and_a_stream_where_blocks_sum_them():
+    resnet = _groups(TINY_RESNET)
+    assert resnet["layer1.0.conv1"].internal and resnet["layer1.0.conv1"].consumers == ("layer1.0.conv2",)
+    assert "layer2.0.downsample.0" not in resnet or not resnet["layer2.0.downsample.0"].internal
+    # an SE gate writes into the expansion channels it gates (a product, not a sum): they stay internal
+    mobilenet = _groups(TINY_MOBILENET)
+    gated = [group for group in mobilenet.values() if any(name.endswith("se.conv_expand") for name in group.producers)]
+    assert gated and all(group.internal and len(group.producers) == 2 for group in gated)
+    regnet = _groups(TINY_REGNET)
+    assert any(group.internal and group.slices > 1 for group in regnet.values())  # grouped convs: equal slices
+
+
+def test_grouped_removal_takes_the_same_positions_out_of_every_slice():
+    scores = torch.tensor([5.0, 1.0, 3.0, 9.0, 4.0, 2.0])  # two slices of three: position 1 is weakest overall
+    assert slice_positions(scores, 2, 2) == [1, 4]
+    assert slice_positions(scores, 1, 4) == [1, 5]
+
+
+def test_layer_groups_and_internal_states_come_from_the_stages_timm_exposes():
+    model = TINY_MOBILENET.create()
+    names = [group.name for group in layer_groups(model)]
+    assert names[:2] == ["blocks.0", "blocks.1"] and names[-1] == "conv_head"
+    assert any("-" in name for name in names)  # a stage of two modules is named by its span
+    assert internal_states(model) == [entry["module"] for entry in model.feature_info]
+    swin = [group.name for group in layer_groups(TINY_SWIN.create())]
+    assert swin == ["layers.0", "layers.1"]
+
+
+@pytest.mark.parametrize("source", [TINY_SWIN, TINY_MOBILENET], ids=["swin", "mobilenetv3"])
+def test_a_new_family_goes_through_a_whole_trial_with_a_training_heal(source, bundle, tmp_path):
+    torch.manual_seed(0)
+    context = TrialContext(source, source.create().state_dict(), bundle, ProfileSpec(batch_size=2, warmup=1, repeats=3))
+    config = TrialConfig(PruneConfig("structured", {"all": 0.5}),
+                         HealConfig("distill", calibration_images=32, steps=2, lr=1e-3, batch_size=8))
+    result = run_trial(config, context, save_dir=tmp_path, threads=1)
+    assert result.feasible and 0 <= result.accuracy <= 1
+    assert result.params < sum(v.numel() for k, v in context.dense_state.items() if "num_batches" not in k)
