@@ -47,9 +47,12 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
             ratio = ratios.get(f"{name}.qkv")
             if ratio:
                 remove_heads(attention, ratio, WEIGHT_SCORES[kind])
+    gated = [(name, mlp) for name, mlp in gated_mlps(model) if ratios.get(f"{name}.fc1")]
+    for name, mlp in gated:
+        remove_gated_hidden(mlp, ratios[f"{name}.fc1"], round_to, WEIGHT_SCORES[kind])
     graph = dependency_graph(model, request.example_inputs)
     groups = [group for group in channel_groups(model, graph) if group.internal]
-    if not groups:
+    if not groups and not gated:
         raise AutopruneError(
             f"structured: {type(model).__name__} has no block-internal channels to remove (every conv/linear output"
             " feeds a residual sum or an attention); use an unstructured method (magnitude, nm) for it.")
@@ -144,6 +147,39 @@ def remove_heads(attention: nn.Module, ratio: float, score=WEIGHT_SCORES["l2"]) 
     attention.head_dim = head_dim
     if hasattr(attention, "attn_dim"):
         attention.attn_dim = keep_count * head_dim
+
+
+def gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """timm's GluMlp (EVA-02, …): one fc1 whose output is split into a value half and a gate half, which the
+    dependency graph cannot follow (it would remove a channel from one half only)."""
+    return [(name, module) for name, module in model.named_modules()
+            if (type(module).__module__, type(module).__name__) == ("timm.layers.mlp", "GluMlp")
+            and isinstance(module.fc1, nn.Linear) and isinstance(module.fc2, nn.Linear)]
+
+
+@torch.no_grad()
+def remove_gated_hidden(mlp: nn.Module, ratio: float, round_to: int = 1, score=WEIGHT_SCORES["l2"]) -> None:
+    """Remove a GluMlp's hidden channels of least summed `score` over their value row, gate row (of fc1), norm and
+    fc2 column: row j and row hidden + j of fc1 go together."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    hidden = fc2.in_features
+    keep_count = max(round_to, int(round(hidden * (1 - ratio) / round_to)) * round_to)
+    if keep_count >= hidden:
+        return
+    halves = score(fc1.weight).sum(1).view(2, hidden).sum(0)
+    keep = torch.sort(torch.argsort(halves + score(fc2.weight).sum(0), descending=True)[:keep_count]).values
+    rows = torch.cat([keep, keep + hidden])
+    fc1.weight = nn.Parameter(fc1.weight[rows].clone())
+    if fc1.bias is not None:
+        fc1.bias = nn.Parameter(fc1.bias[rows].clone())
+    fc1.out_features = len(rows)
+    norm = mlp.norm
+    if isinstance(norm, nn.LayerNorm):
+        norm.weight = nn.Parameter(norm.weight[keep].clone())
+        norm.bias = nn.Parameter(norm.bias[keep].clone()) if norm.bias is not None else None
+        norm.normalized_shape = (keep_count,)
+    fc2.weight = nn.Parameter(fc2.weight[:, keep].clone())
+    fc2.in_features = keep_count
 
 
 register(
