@@ -4,6 +4,8 @@ concatenated features, all-residual RepVGG)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import TINY_RESNET
@@ -25,7 +27,7 @@ INPUT = (3, 32, 32)
 
 
 @pytest.mark.parametrize("source, vbp", [(TINY_SWIN, WORKS), (TINY_MOBILENET, WORKS), (TINY_REGNET, WORKS),
-                                         (TINY_DENSENET, REFUSES), (TINY_EVA, REFUSES)],
+                                         (TINY_DENSENET, REFUSES), (TINY_EVA, WORKS)],
                          ids=["swin", "mobilenetv3", "regnet", "densenet", "eva02"])
 def test_structured_removal_shrinks_each_kind_and_the_result_reloads_and_trains(source, vbp):
     result = check_model(source, input_size=INPUT, methods=["structured", "vbp"], sparsities=(0.5,))
@@ -37,7 +39,7 @@ def test_structured_removal_shrinks_each_kind_and_the_result_reloads_and_trains(
     if vbp == WORKS:
         assert variance.macs_ratio > 1.1 and variance.reload_max_abs_diff < 1e-4 and variance.trains
     else:  # DenseNet's bottlenecks are read by convs with no bias and no BatchNorm after them: nothing to fold
-        # into; a GluMlp's hidden channels are split into halves that VBP does not handle
+        # into
         assert "no hidden channels whose mean can be folded" in variance.reason
 
 
@@ -89,3 +91,29 @@ def test_a_new_family_goes_through_a_whole_trial_with_a_training_heal(source, bu
     result = run_trial(config, context, save_dir=tmp_path, threads=1)
     assert result.feasible and 0 <= result.accuracy <= 1
     assert result.params < sum(v.numel() for k, v in context.dense_state.items() if "num_batches" not in k)
+
+
+def test_vbp_on_a_gated_mlp_keeps_the_mlp_output_expectation(bundle):
+    """A GluMlp's hidden channel is value × gate: VBP removes the lowest-variance products and folds their mean
+    into fc2's bias, so the MLP's mean output over the calibration images is kept."""
+    from autoprune import prune
+
+    torch.manual_seed(0)
+    model = TINY_EVA.create().eval()
+    dense = copy.deepcopy(model)
+    images = bundle.normalize(bundle.train.images[:64])
+    groups = layer_groups(model)
+    prune.get("vbp").apply(model, prune.PruneRequest(
+        groups, {g.name: 0.5 if g.name == "blocks.0.mlp" else 0.0 for g in groups}, {}, images[:2], calibration=images))
+
+    def mean_mlp_output(network):
+        captured = []
+        handle = network.blocks[0].mlp.register_forward_hook(lambda m, i, o: captured.append(o.reshape(-1, o.shape[-1])))
+        with torch.no_grad():
+            network(images)
+        handle.remove()
+        return torch.cat(captured).double().mean(0)
+
+    assert model.blocks[0].mlp.fc2.in_features == dense.blocks[0].mlp.fc2.in_features // 2
+    assert model.blocks[0].mlp.fc1.out_features == 2 * model.blocks[0].mlp.fc2.in_features
+    assert torch.allclose(mean_mlp_output(model), mean_mlp_output(dense), atol=1e-5)

@@ -160,14 +160,21 @@ def gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
 @torch.no_grad()
 def remove_gated_hidden(mlp: nn.Module, ratio: float, round_to: int = 1, score=WEIGHT_SCORES["l2"]) -> None:
     """Remove a GluMlp's hidden channels of least summed `score` over their value row, gate row (of fc1), norm and
-    fc2 column: row j and row hidden + j of fc1 go together."""
+    fc2 column."""
     fc1, fc2 = mlp.fc1, mlp.fc2
     hidden = fc2.in_features
     keep_count = max(round_to, int(round(hidden * (1 - ratio) / round_to)) * round_to)
     if keep_count >= hidden:
         return
     halves = score(fc1.weight).sum(1).view(2, hidden).sum(0)
-    keep = torch.sort(torch.argsort(halves + score(fc2.weight).sum(0), descending=True)[:keep_count]).values
+    keep_gated_hidden(mlp, torch.argsort(halves + score(fc2.weight).sum(0), descending=True)[:keep_count])
+
+
+@torch.no_grad()
+def keep_gated_hidden(mlp: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only the hidden channels `keep` of a GluMlp: row j and row hidden + j of fc1 go together."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    hidden, keep = fc2.in_features, torch.sort(keep).values
     rows = torch.cat([keep, keep + hidden])
     fc1.weight = nn.Parameter(fc1.weight[rows].clone())
     if fc1.bias is not None:
@@ -177,9 +184,9 @@ def remove_gated_hidden(mlp: nn.Module, ratio: float, round_to: int = 1, score=W
     if isinstance(norm, nn.LayerNorm):
         norm.weight = nn.Parameter(norm.weight[keep].clone())
         norm.bias = nn.Parameter(norm.bias[keep].clone()) if norm.bias is not None else None
-        norm.normalized_shape = (keep_count,)
+        norm.normalized_shape = (len(keep),)
     fc2.weight = nn.Parameter(fc2.weight[:, keep].clone())
-    fc2.in_features = keep_count
+    fc2.in_features = len(keep)
 
 
 register(

@@ -31,6 +31,7 @@ from autoprune.errors import AutopruneError
 from autoprune.models import fix_attention_metadata, observe_inputs
 from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.masks import Masks
+from autoprune.prune.structured import gated_mlps, keep_gated_hidden
 from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
 
 
@@ -99,12 +100,23 @@ def variance_prune(model: nn.Module, request: PruneRequest) -> Masks:
     graph = dependency_graph(model, request.example_inputs)
     units = [(unit, folds) for unit in channel_groups(model, graph) if unit.internal and unit.root in ratios
              for folds in [_fold_targets(model, graph, unit)] if folds is not None]
-    if not units:
+    gated = [(name, mlp) for name, mlp in gated_mlps(model) if f"{name}.fc1" in ratios and mlp.fc2.bias is not None]
+    if not units and not gated:
         raise AutopruneError(
             f"vbp: {type(model).__name__} has no hidden channels whose mean can be folded into what reads them"
             " (an MLP's hidden neurons, a block's inner or expansion channels read by a layer with a bias or a"
             " BatchNorm after it).")
-    stats = input_statistics(model, [reader for unit, _ in units for reader in unit.consumers], request.calibration)
+    readers = [reader for unit, _ in units for reader in unit.consumers] + [f"{name}.fc2" for name, _ in gated]
+    stats = input_statistics(model, readers, request.calibration)
+    for name, mlp in gated:  # a gated MLP's hidden channel is value × gate; the graph cannot follow its halves
+        width = mlp.fc2.in_features
+        keep = max(1, int(round(width * (1 - ratios[f"{name}.fc1"]))))
+        if keep < width:
+            order = torch.argsort(stats[f"{name}.fc2"].variance)
+            removed, kept = order[: width - keep], order[width - keep:]
+            with torch.no_grad():
+                mlp.fc2.bias += mlp.fc2.weight[:, removed] @ stats[f"{name}.fc2"].mean[removed].to(mlp.fc2.weight.dtype)
+            keep_gated_hidden(mlp, kept)
     for unit, folds in units:
         per_slice = unit.width // unit.slices
         keep = max(1, int(round(per_slice * (1 - ratios[unit.root]))))
