@@ -16,6 +16,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 
+
 @dataclass(frozen=True)
 class ModelSource:
     """How to build the dense architecture; the weights travel separately (a state dict in Ray's object store)."""

@@ -108,7 +108,8 @@ def test_vbp_on_a_gated_mlp_keeps_the_mlp_output_expectation(bundle):
 
     def mean_mlp_output(network):
         captured = []
-        handle = network.blocks[0].mlp.register_forward_hook(lambda m, i, o: captured.append(o.reshape(-1, o.shape[-1])))
+        handle = network.blocks[0].mlp.register_forward_hook(
+            lambda m, i, o: captured.append(o.reshape(-1, o.shape[-1])))
         with torch.no_grad():
             network(images)
         handle.remove()

@@ -27,8 +27,8 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.models import fix_attention_metadata
-from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
 from autoprune.prune.base import PruneMethod, PruneRequest, register
+from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
 from autoprune.prune.masks import Masks
 
 
@@ -117,7 +117,8 @@ HEAD_PRUNABLE = {("timm.layers.attention", "Attention"), ("timm.models.swin_tran
 def head_prunable_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules()
             if (type(module).__module__, type(module).__name__) in HEAD_PRUNABLE
-            and isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(getattr(module, "proj", None), nn.Linear)]
+            and isinstance(getattr(module, "qkv", None), nn.Linear)
+            and isinstance(getattr(module, "proj", None), nn.Linear)]
 
 
 @torch.no_grad()

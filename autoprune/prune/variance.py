@@ -30,9 +30,9 @@ from torch.nn import functional as F
 from autoprune.errors import AutopruneError
 from autoprune.models import fix_attention_metadata, observe_inputs
 from autoprune.prune.base import PruneMethod, PruneRequest, register
+from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
 from autoprune.prune.masks import Masks
 from autoprune.prune.structured import gated_mlps, keep_gated_hidden
-from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
 
 
 class Welford:
