@@ -118,3 +118,17 @@ def test_vbp_on_a_gated_mlp_keeps_the_mlp_output_expectation(bundle):
     assert model.blocks[0].mlp.fc2.in_features == dense.blocks[0].mlp.fc2.in_features // 2
     assert model.blocks[0].mlp.fc1.out_features == 2 * model.blocks[0].mlp.fc2.in_features
     assert torch.allclose(mean_mlp_output(model), mean_mlp_output(dense), atol=1e-5)
+
+
+def test_cast_prunes_the_layers_a_model_applies_without_calling_them(bundle):
+    """EVA's attention applies its qkv weight with F.linear (its own bias), so no input reaches a hook: that layer
+    gets its N:M pattern under an identity covariance instead of failing the method."""
+    from autoprune import prune
+
+    model = TINY_EVA.create().eval()
+    images = bundle.normalize(bundle.train.images[:16])
+    groups = layer_groups(model)
+    method = prune.get("cast")
+    method.apply(model, prune.PruneRequest(groups, {}, dict(method.options), images[:2], calibration=images))
+    kept = (model.blocks[0].attn.qkv.weight != 0).reshape(-1, 4).sum(1)
+    assert torch.all(kept == 2)  # 2:4 in every group of the layer no hook saw

@@ -164,6 +164,11 @@ def cast_masks(model: nn.Module, request: PruneRequest) -> Masks:
               if modules[name].weight[0].numel() % m == 0 and getattr(modules[name], "groups", 1) == 1}
     layouts = fold_permutations(model, layers, request.calibration, m) if request.options["permute"] else {}
     covariances = group_covariances(model, layers, request.calibration, m)
+    for name, layer in layers.items():
+        # A layer its model applies with F.linear on its weight (BEiT's and EVA's qkv, with their own bias) is never
+        # entered as a module, so no input was seen: the identity covariance makes its pattern the magnitude one.
+        if name not in covariances:
+            covariances[name] = torch.eye(m, dtype=torch.float64).expand(layer.weight[0].numel() // m, m, m)
     patterns = keep_patterns(n, m, seed=request.seed)
     result = Masks({name: cast_mask(layer.weight, covariances[name], patterns) for name, layer in layers.items()},
                    layouts=layouts)
