@@ -13,7 +13,7 @@ from typing import Any, Mapping, Union
 
 SAMPLERS = ("tpe", "nsga2", "random")
 SPARSITY_MODES = ("global", "per_group", "depth", "spectral")
-DATA_SOURCES = ("reference", "imagefolder")
+DATA_SOURCES = ("reference", "imagefolder", "torchvision")
 DTYPES = ("float32", "float16", "bfloat16")
 HEALING_ENGINES = ("local", "deepspeed")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")  # auto: CNNs are timed both ways, the faster is kept
@@ -65,10 +65,13 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: str = "reference"  # "reference" (built in) or "imagefolder"
+    source: str = "reference"  # "reference" (built in), "imagefolder" or "torchvision" (a dataset already on disk)
     train_dir: str | None = None  # ImageFolder tree the calibration images are drawn from
     val_dir: str | None = None  # ImageFolder tree accuracy is measured on (healing never sees it)
-    image_size: int = 224  # ImageFolder images are resized and centre-cropped to this
+    # torchvision's class name (FashionMNIST, CIFAR10, …): its train split calibrates, its test split measures
+    dataset: str | None = None
+    root: str | None = None  # the folder that torchvision class reads (never downloaded)
+    image_size: int = 224  # ImageFolder images are resized and centre-cropped to this; torchvision images resized
     eval_images: int | None = None  # measure accuracy on at most this many (class-balanced) images
 
 

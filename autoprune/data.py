@@ -1,4 +1,5 @@
-"""Image data for a search: the built-in reference task and ImageFolder trees, held as uint8 tensors.
+"""Image data for a search: the built-in reference task, ImageFolder trees and torchvision datasets already on disk,
+held as uint8 tensors.
 
 The driver builds one :class:`DataBundle` per search and puts it into Ray's object store once, so trials need no
 dataset access. At ImageNet scale the images are gigabytes, so:
@@ -222,6 +223,114 @@ def image_folder(
             " both must hold the same class sub-folders."
         )
     return DataBundle(train=train, eval=evaluation, num_classes=len(train_classes), mean=mean, std=std)
+
+
+def torchvision_dataset(
+    *,
+    name: str,
+    root: str | Path,
+    image_size: int,
+    train_images: int,
+    eval_images: int | None,
+    seed: int = 0,
+    staging_dir: str | Path | None = None,
+) -> DataBundle:
+    """A torchvision dataset already on disk (FashionMNIST, MNIST, KMNIST, CIFAR10, CIFAR100, SVHN, …), read by its
+    own torchvision class and never downloaded: its train split for calibration, its test split for accuracy.
+
+    Class-balanced random subsets of `train_images` and at most `eval_images` images are kept, made RGB (grey
+    images repeated) and resized to `image_size` (antialiased: these are small squares), normalised by the train
+    subset's per-channel mean and std. MNIST-family files lying flat in `root` (as Debian's
+    `dataset-fashion-mnist` ships them, gzipped, in /usr/share/datasets/fashion-mnist) are first laid out the way
+    torchvision reads them, in `staging_dir`.
+    """
+    from torchvision import datasets
+
+    kind = getattr(datasets, name, None)
+    if not isinstance(kind, type) or not issubclass(kind, datasets.VisionDataset):
+        known = sorted(n for n in dir(datasets) if isinstance(getattr(datasets, n), type) and n[0].isupper())
+        raise AutopruneError(f"data.dataset: {name!r} is not a torchvision dataset; e.g. {', '.join(known[:12])}.")
+    root = Path(root)
+    if issubclass(kind, datasets.MNIST):
+        root = _mnist_layout(kind, root, staging_dir)
+    splits = []
+    for role, train, count in (("train", True, train_images), ("eval", False, eval_images)):
+        try:
+            dataset = kind(str(root), download=False, **_split_argument(kind, train))
+        except RuntimeError as error:  # torchvision: "Dataset not found. You can use download=True to download it"
+            raise AutopruneError(
+                f"data.root: {str(root)!r} does not hold torchvision's {name} ({error}); autoprune never downloads"
+                " data: put the dataset's files there (for FashionMNIST: `apt-get install dataset-fashion-mnist`"
+                " and root: /usr/share/datasets/fashion-mnist)."
+            ) from None
+        labels = torch.as_tensor(np.asarray(getattr(dataset, "targets", getattr(dataset, "labels", None))))
+        index = ImageSet(torch.arange(len(labels)), labels).subset(count or len(labels), seed=seed)
+        images = _rgb_resized(_raw_images(dataset, index.images.numpy()), image_size)
+        splits.append((ImageSet(images, index.labels), len(getattr(dataset, "classes", ())) or int(labels.max()) + 1))
+    (train, classes), (evaluation, _) = splits
+    pixels = train.images.float().div(255).transpose(0, 1).reshape(3, -1)
+    return DataBundle(train=train, eval=evaluation, num_classes=classes,
+                      mean=tuple(pixels.mean(1).tolist()), std=tuple(pixels.std(1).clamp_min(1e-3).tolist()))
+
+
+def _split_argument(kind: type, train: bool) -> dict:
+    import inspect
+
+    parameters = inspect.signature(kind.__init__).parameters
+    if "train" in parameters:
+        return {"train": train}
+    if "split" in parameters:
+        return {"split": "train" if train else "test"}
+    raise AutopruneError(f"data.dataset: {kind.__name__} has neither a train flag nor a train/test split.")
+
+
+def _mnist_layout(kind: type, root: Path, staging_dir: str | Path | None) -> Path:
+    """`root` as torchvision's MNIST classes read it (root/NAME/raw/the idx files, uncompressed); files that lie
+    flat in `root`, gzipped or not, are copied there once, decompressed."""
+    import gzip
+    import shutil
+    import tempfile
+
+    wanted = [Path(url).name.removesuffix(".gz") for url, _ in kind.resources]
+    if all((root / kind.__name__ / "raw" / file).is_file() for file in wanted):
+        return root
+    flat = {file: next((root / f"{file}{suffix}" for suffix in ("", ".gz") if (root / f"{file}{suffix}").is_file()),
+                       None) for file in wanted}
+    if any(path is None for path in flat.values()):
+        return root  # neither layout: torchvision's own error says what is missing
+    staged = Path(staging_dir or tempfile.mkdtemp(prefix="autoprune-data-")) / "torchvision"
+    raw = staged / kind.__name__ / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for file, source in flat.items():
+        if not (raw / file).is_file():
+            partial = raw / f"{file}.{os.getpid()}.partial"
+            with (gzip.open(source) if source.suffix == ".gz" else open(source, "rb")) as src, open(partial, "wb") as out:
+                shutil.copyfileobj(src, out)
+            partial.replace(raw / file)
+    return staged
+
+
+def _raw_images(dataset, rows: np.ndarray) -> torch.Tensor:
+    """The chosen images as uint8, N×H×W or N×H×W×C (from the dataset's array where it has one, else one by one)."""
+    data = getattr(dataset, "data", None)
+    if data is not None and len(data) == len(dataset):
+        return torch.as_tensor(np.asarray(data)[rows])
+    return torch.stack([torch.as_tensor(np.asarray(dataset[int(row)][0])) for row in rows])
+
+
+def _rgb_resized(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    if images.dim() == 3:  # grey: N×H×W
+        images = images.unsqueeze(1)
+    elif images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # N×H×W×C (CIFAR) rather than N×C×H×W (SVHN)
+        images = images.movedim(-1, 1)
+    images = images.expand(-1, 3, -1, -1)  # grey channels repeated (a view)
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        batch = images[start:start + chunk].float()
+        if batch.shape[-1] != size or batch.shape[-2] != size:
+            batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start:start + chunk] = batch.round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 DECODE_RECIPE = 1  # bump when the resize / crop below changes, so that stale cached decodes are not reused

@@ -69,7 +69,7 @@ def check_methods(spec: SearchSpec, source: ModelSource, say: Callable[[str], No
     methods = [method for method in spec.prune.methods if method != "none"]  # the dense reference removes nothing
     if not methods:
         return spec
-    size = spec.data.image_size if spec.data.source == "imagefolder" else REFERENCE_IMAGE_SIZE
+    size = REFERENCE_IMAGE_SIZE if spec.data.source == "reference" else spec.data.image_size
     result = check_model(source, input_size=(3, size, size), methods=methods, sparsities=(spec.prune.sparsity.high,))
     unusable = {check.method: check for check in result.checks if check.outcome != WORKS}
     if not unusable:

@@ -85,12 +85,18 @@ def _train(dense, data: DataBundle, steps: int, seed: int) -> None:
 
 
 def load_data(spec: SearchSpec, *, cache_dir: str | Path | None = None, echo=None) -> datasets.DataBundle:
-    """The search's data; with `cache_dir`, ImageFolder images decoded once are read from there next time."""
+    """The search's data; with `cache_dir`, ImageFolder images decoded once are read from there next time (and a
+    torchvision dataset's flat files are laid out there)."""
     if spec.data.source == "reference":
         bundle = datasets.reference_task(seed=spec.search.seed)
         if spec.data.eval_images:
             bundle = replace(bundle, eval=bundle.eval.subset(spec.data.eval_images, seed=spec.search.seed))
         return bundle
+    if spec.data.source == "torchvision":
+        return datasets.torchvision_dataset(
+            name=spec.data.dataset, root=spec.data.root, image_size=spec.data.image_size,
+            train_images=largest_calibration_budget(spec), eval_images=spec.data.eval_images, seed=spec.search.seed,
+            staging_dir=cache_dir)
     return datasets.image_folder(
         train_dir=spec.data.train_dir,
         val_dir=spec.data.val_dir,

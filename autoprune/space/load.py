@@ -157,12 +157,17 @@ def _data(section: Section) -> DataSpec:
         source=section.take("source", str, "reference", choices=DATA_SOURCES),
         train_dir=section.take("train_dir", str, None),
         val_dir=section.take("val_dir", str, None),
+        dataset=section.take("dataset", str, None),
+        root=section.take("root", str, None),
         image_size=section.take("image_size", int, 224, check=positive),
         eval_images=section.take("eval_images", int, None, check=positive),
     )
     section.done()
     if spec.source == "imagefolder" and not (spec.train_dir and spec.val_dir):
         raise SpecError(f"{section.origin}: data: `source: imagefolder` needs both `train_dir` and `val_dir`.")
+    if spec.source == "torchvision" and not (spec.dataset and spec.root):
+        raise SpecError(f"{section.origin}: data: `source: torchvision` needs `dataset` (a torchvision class name such"
+                        " as FashionMNIST) and `root` (the folder that holds it; nothing is downloaded).")
     return spec
 
 
