@@ -93,30 +93,35 @@ def test_a_new_family_goes_through_a_whole_trial_with_a_training_heal(source, bu
     assert result.params < sum(v.numel() for k, v in context.dense_state.items() if "num_batches" not in k)
 
 
-def test_vbp_on_a_gated_mlp_keeps_the_mlp_output_expectation(bundle):
-    """A GluMlp's hidden channel is value × gate: VBP removes the lowest-variance products and folds their mean
-    into fc2's bias, so the MLP's mean output over the calibration images is kept."""
+@pytest.mark.parametrize("source, group, mlp", [(TINY_EVA, "blocks.0.mlp", "blocks.0.mlp"),
+                                               (TINY_SWIN, "layers.0", "layers.0.blocks.0.mlp")],
+                         ids=["gated-mlp", "swin-mlp"])
+def test_vbp_keeps_the_mlp_output_expectation(source, group, mlp, bundle):
+    """A GluMlp's hidden channel is value × gate; a Swin MLP sits in windowed attention blocks: either way VBP
+    removes the lowest-variance hidden channels and folds their mean into fc2's bias, so the MLP's mean output is
+    kept."""
     from autoprune import prune
 
     torch.manual_seed(0)
-    model = TINY_EVA.create().eval()
+    model = source.create().eval()
     dense = copy.deepcopy(model)
     images = bundle.normalize(bundle.train.images[:64])
     groups = layer_groups(model)
     prune.get("vbp").apply(model, prune.PruneRequest(
-        groups, {g.name: 0.5 if g.name == "blocks.0.mlp" else 0.0 for g in groups}, {}, images[:2], calibration=images))
+        groups, {g.name: 0.5 if g.name == group else 0.0 for g in groups}, {}, images[:2], calibration=images))
 
     def mean_mlp_output(network):
         captured = []
-        handle = network.blocks[0].mlp.register_forward_hook(
+        handle = network.get_submodule(mlp).register_forward_hook(
             lambda m, i, o: captured.append(o.reshape(-1, o.shape[-1])))
         with torch.no_grad():
             network(images)
         handle.remove()
         return torch.cat(captured).double().mean(0)
 
-    assert model.blocks[0].mlp.fc2.in_features == dense.blocks[0].mlp.fc2.in_features // 2
-    assert model.blocks[0].mlp.fc1.out_features == 2 * model.blocks[0].mlp.fc2.in_features
+    pruned, original = model.get_submodule(mlp), dense.get_submodule(mlp)
+    assert pruned.fc2.in_features == original.fc2.in_features // 2
+    assert pruned.fc1.out_features == pruned.fc1.out_features // pruned.fc2.in_features * pruned.fc2.in_features
     assert torch.allclose(mean_mlp_output(model), mean_mlp_output(dense), atol=1e-5)
 
 
@@ -132,3 +137,15 @@ def test_cast_prunes_the_layers_a_model_applies_without_calling_them(bundle):
     method.apply(model, prune.PruneRequest(groups, {}, dict(method.options), images[:2], calibration=images))
     kept = (model.blocks[0].attn.qkv.weight != 0).reshape(-1, 4).sum(1)
     assert torch.all(kept == 2)  # 2:4 in every group of the layer no hook saw
+
+
+def test_a_linear_reading_channels_last_tokens_is_measured_per_channel():
+    """MaxViT's and CoAtNet's MLPs read N × H × W × C: a Linear's channels are its last dim, not dim 1 (statistics
+    per row of H were taken for channels before, and VBP removed almost nothing from MaxViT)."""
+    from autoprune.prune.variance import input_statistics
+
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(6, 2))
+    images = torch.randn(8, 5, 4, 6) * torch.arange(1, 7)  # channel c varies with scale c + 1
+    stats = input_statistics(model, ["1"], images)["1"]
+    assert stats.variance.shape == (6,) and stats.count == 8 * 5 * 4
+    assert torch.argsort(stats.variance).tolist() == list(range(6))

@@ -71,9 +71,9 @@ def input_statistics(model: nn.Module, readers: list[str], images: torch.Tensor,
     stats = {name: Welford() for name in readers}
 
     def record(name, module, hidden):
-        if hidden.dim() == 4:  # N × C × H × W: every position is a sample of each channel
+        if isinstance(module, nn.Conv2d):  # N × C × H × W: every position is a sample of each channel
             stats[name].spatial = tuple(hidden.shape[2:])
-            hidden = hidden.movedim(1, -1)
+            hidden = hidden.movedim(1, -1)  # a Linear reads the last dim, whatever comes before (N × H × W × C too)
         stats[name].update(hidden.reshape(-1, hidden.shape[-1]))
 
     observe_inputs(model, {name: modules[name] for name in readers}, images, record, batch_size)
