@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "random", "tpe_grouped", "gp")
 SPARSITY_MODES = ("global", "per_group", "depth", "spectral")
 DATA_SOURCES = ("reference", "imagefolder", "torchvision")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -105,7 +105,7 @@ class ProfileSpec:
 class SearchSettings:
     trials: int = 12
     concurrency: int = 2  # trials running at once
-    sampler: str = "tpe"  # Optuna sampler: tpe, nsga2 or random
+    sampler: str = "tpe"  # Optuna sampler: tpe, nsga2, random, tpe_grouped or gp (see driver/sampling.py)
     seed: int = 0  # sampler seed and every trial's seed
     cpu: float = 1  # Ray resources per trial
     gpu: float = 0

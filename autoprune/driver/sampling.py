@@ -1,5 +1,5 @@
 """Optuna's side of the search: the sampler, and the searcher that tells it which trials met the latency target
-(Optuna's constrained TPE / NSGA-II then concentrate where the target is met)."""
+(Optuna's constrained TPE / GP / NSGA-II then concentrate where the target is met)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,31 @@ from autoprune.config import SearchSpec
 from autoprune.space.define import SearchSpace
 from autoprune.tracking.schema import TRIAL_ERROR
 
-CONSTRAINT_ATTR = "constraint"  # Optuna user attribute: (latency − target,), feasible when ≤ 0
+LATENCY_CONSTRAINT = "latency_over_target_ms"  # Optuna constraint (trial.set_constraint): feasible when ≤ 0
+NO_LATENCY = 1.0  # the excess given to a completed trial that measured no latency: it has not shown it meets the target
 
 
-def make_sampler(name: str, seed: int, *, constrained: bool = False):
-    """Optuna's sampler; `constrained` makes TPE / NSGA-II prefer trials that met the latency target."""
+def make_sampler(name: str, seed: int, *, trials: int | None = None):
+    """Optuna's sampler. The constrained ones (all but random) read each trial's latency constraint, which the
+    searcher sets on the trial (Optuna's `trial.set_constraint`), so TPE / NSGA-II / GP prefer configurations that
+    met the target. `trials` (the search's budget) sizes the random start-up of the small-budget samplers."""
     import optuna
 
-    constraints = {"constraints_func": _trial_constraints} if constrained else {}
+    startup = max(3, (trials or 30) // 5)  # a fifth of the budget at random, at least 3 (Optuna's default: 10)
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, **constraints),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, **constraints),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        # TPE for tens of trials: joint (multivariate) densities, grouped by the conditional space's branches
+        # (each method's options), a short random start, and a constant liar so concurrent trials spread out.
+        "tpe_grouped": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                                          n_startup_trials=startup, constant_liar=True,
+                                                          warn_independent_sampling=False),
+        # Gaussian-process Bayesian optimisation (constrained, several objectives), made for 10–100-trial budgets.
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
+                                                warn_independent_sampling=False),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),  # samples blindly: constraints do not apply
     }
     return samplers[name]()
-
-
-def _trial_constraints(trial) -> tuple[float, ...]:
-    # A trial with no measured latency (it failed before reporting one) has not shown that it meets the target.
-    return tuple(trial.user_attrs.get(CONSTRAINT_ATTR, (1.0,)))
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
@@ -42,8 +48,10 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if result and TRIAL_ERROR in result:  # a trial that failed and said so: Optuna records it as FAIL
             result, error = None, True
         target = self.target_ms
-        if target is not None and result and "latency_ms" in result and trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr(CONSTRAINT_ATTR, (float(result["latency_ms"]) - target,))
+        if target is not None and trial_id in self._ot_trials:
+            # A trial with no measured latency (it stopped before reporting one) has not shown it meets the target.
+            excess = float(result["latency_ms"]) - target if result and "latency_ms" in result else NO_LATENCY
+            self._ot_trials[trial_id].set_constraint(LATENCY_CONSTRAINT, excess)
         super().on_trial_complete(trial_id, result, error)
 
 
@@ -55,6 +63,6 @@ def latency_constrained_searcher(space: SearchSpace, spec: SearchSpec) -> Constr
         space=space.define,
         metric=["accuracy", spec.cost_metric],
         mode=["max", "min"],
-        sampler=make_sampler(spec.search.sampler, spec.search.seed, constrained=target is not None),
+        sampler=make_sampler(spec.search.sampler, spec.search.seed, trials=spec.search.trials),
         target_ms=target,
     )
