@@ -304,7 +304,8 @@ def _mnist_layout(kind: type, root: Path, staging_dir: str | Path | None) -> Pat
     for file, source in flat.items():
         if not (raw / file).is_file():
             partial = raw / f"{file}.{os.getpid()}.partial"
-            with (gzip.open(source) if source.suffix == ".gz" else open(source, "rb")) as src, open(partial, "wb") as out:
+            opener = gzip.open if source.suffix == ".gz" else open
+            with opener(source, "rb") as src, open(partial, "wb") as out:
                 shutil.copyfileobj(src, out)
             partial.replace(raw / file)
     return staged
