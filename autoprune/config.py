@@ -111,6 +111,8 @@ class SearchSettings:
     gpu: float = 0
     # A trial whose worker dies (or that raises: Tune cannot tell them apart) is started again this many times.
     max_retries: int = 1
+    # A trial whose measured latency is not below the dense model's stops after profiling (it cannot join the front).
+    stop_unless_faster: bool = True
     # Where Tune keeps trial results and checkpoints (the pruned models): a path every node reaches (NFS) or a URI
     # (s3://bucket/prefix, gs://…); None: <workdir>/ray on the driver, enough for one machine.
     storage: str | None = None

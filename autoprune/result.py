@@ -15,7 +15,8 @@ STAGES = ("load", "prune", "profile", "heal", "evaluate", "count", "save")  # th
 
 @dataclass(frozen=True)
 class TrialResult:
-    """What a trial measured. `accuracy` is None when the trial missed the latency target and stopped early."""
+    """What a trial measured. `accuracy` is None when the trial stopped after profiling, unhealed: it missed the
+    latency target, or was not faster than the dense model; `stopped` says which."""
 
     config: TrialConfig
     accuracy: float | None
@@ -28,6 +29,7 @@ class TrialResult:
     extra_latency: Mapping[int, LatencyProfile] = field(default_factory=dict)  # the spec's other batch sizes
     node: str = ""  # the Ray node the trial ran on (set by the search; empty outside Ray)
     latency_keys: Mapping[int, str] = field(default_factory=dict)  # batch size → its latency-cache key
+    stopped: str = ""  # why it stopped after profiling, unhealed (empty: it healed and was evaluated)
 
     @property
     def feasible(self) -> bool:
@@ -52,6 +54,7 @@ class TrialResult:
             "extra_latency": {str(batch): profile.as_dict() for batch, profile in self.extra_latency.items()},
             "node": self.node,
             "latency_keys": {str(batch): key for batch, key in self.latency_keys.items()},
+            "stopped": self.stopped,
         }
 
     @classmethod
@@ -68,6 +71,7 @@ class TrialResult:
             extra_latency={int(batch): _profile(fields) for batch, fields in raw["extra_latency"].items()},
             node=str(raw["node"]),
             latency_keys={int(batch): key for batch, key in raw["latency_keys"].items()},
+            stopped=str(raw.get("stopped", "")),  # absent from results saved before it existed
         )
 
     def latency_entries(self) -> dict[str, LatencyProfile]:

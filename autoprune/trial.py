@@ -45,6 +45,9 @@ class TrialContext:
     latency_target_ms: float | None = None
     latency_cache: LatencyCache | None = None  # identical structures are timed once (see measure/cache.py)
     healing_engine: HealingEngine | None = None  # None: heal in the trial's process
+    # The dense model's latency on this search's workers: a trial not faster than it stops after profiling, as it
+    # cannot join the front (None: every trial heals).
+    dense_latency_ms: float | None = None
 
     def dense_model(self) -> torch.nn.Module:
         model = self.source.create(pretrained=False)
@@ -110,8 +113,8 @@ def run_trial(
             latency = profile()
 
     top1 = None
-    target = context.latency_target_ms
-    if latency is None or target is None or latency.objective.median_ms <= target:
+    stopped = "" if latency is None else _stop_reason(latency.objective.median_ms, context, config.prune.method)
+    if not stopped:
         with stage("heal"):
             healing.apply(
                 model,
@@ -146,7 +149,19 @@ def run_trial(
             save_model(model, context.source, save_dir, recipe=latency.objective.recipe)
 
     return TrialResult(config, top1, latency.objective, macs, params, sparsity, timings,
-                       latency_cached=latency.cached, extra_latency=latency.extra, latency_keys=latency.keys)
+                       latency_cached=latency.cached, extra_latency=latency.extra, latency_keys=latency.keys,
+                       stopped=stopped)
+
+
+def _stop_reason(latency_ms: float, context: TrialContext, method: str) -> str:
+    """Why a profiled trial is not worth healing ('' when it is): healing costs minutes, profiling seconds. The
+    dense reference (`none`) is always healed: fine-tuned, it may beat the dense model's accuracy."""
+    target, dense = context.latency_target_ms, context.dense_latency_ms
+    if target is not None and latency_ms > target:
+        return f"missed the latency target ({latency_ms:.3f} ms > {target:g} ms)"
+    if dense is not None and latency_ms >= dense and method != "none":
+        return f"not faster than the dense model ({latency_ms:.3f} ms ≥ {dense:.3f} ms): it cannot join the front"
+    return ""
 
 
 def _allocate(model: torch.nn.Module, config: PruneConfig) -> tuple[tuple[LayerGroup, ...], dict[str, float]]:

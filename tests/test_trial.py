@@ -9,7 +9,7 @@ import torch
 from conftest import TEST_ACCELERATOR, TINY_VIT
 
 from autoprune.config import HealConfig, ProfileSpec, PruneConfig, TrialConfig
-from autoprune.result import STAGES
+from autoprune.result import STAGES, TrialResult
 from autoprune.saved import load_model_dir
 from autoprune.tracking.schema import report, result_from_report
 from autoprune.trial import TrialContext, run_trial
@@ -49,6 +49,26 @@ def test_a_missed_latency_target_stops_before_healing(context):
     assert result.accuracy is None and not result.feasible
     assert "heal" not in result.timings and "evaluate" not in result.timings
     assert report(result)["accuracy"] == 0.0 and report(result)["feasible"] == 0
+    assert result.stopped.startswith("missed the latency target")
+
+
+def test_a_trial_not_faster_than_the_dense_model_stops_before_healing(context):
+    """Masks on dense kernels cannot beat the dense model's latency, so they cannot join the front: the trial stops
+    after profiling (seconds) instead of healing (minutes), says why, and reaches the sampler as a bad point. A
+    structurally smaller model is healed; so is the dense reference itself."""
+    from dataclasses import replace
+
+    dense_ms = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), context, threads=1).latency.median_ms
+    masked = TrialConfig(PruneConfig("magnitude", {"all": 0.5}), CONFIG.heal)
+    result = run_trial(masked, replace(context, dense_latency_ms=dense_ms * 0.999), threads=1)
+    assert not result.feasible and "heal" not in result.timings
+    assert result.stopped.startswith("not faster than the dense model")
+    assert TrialResult.from_dict(result.to_dict()).stopped == result.stopped  # it travels with the result
+    healed = run_trial(masked, replace(context, dense_latency_ms=1e9), threads=1)
+    assert healed.feasible and not healed.stopped and "heal" in healed.timings
+    reference = run_trial(TrialConfig(PruneConfig("none"), CONFIG.heal), replace(context, dense_latency_ms=1e-6),
+                          threads=1)
+    assert reference.feasible
 
 
 def test_dense_training_is_reproducible(bundle, tmp_path):

@@ -70,7 +70,7 @@ class TrialPublisher(Callback):
             return f"{head} trial {record.trial_id} FAILED: {(record.error or '').splitlines()[-1][:160]}"
         result = record.result
         this = (f"{result.config.prune.method}/{result.config.heal.method} sparsity {result.sparsity:.2f}: "
-                + (f"top-1 {result.accuracy:.4f}" if result.feasible else "missed the latency target")
+                + (f"top-1 {result.accuracy:.4f}" if result.feasible else (result.stopped or "stopped unhealed"))
                 + f" @ {result.latency.median_ms:.3f} ms" + (" (same structure timed before)" if result.latency_cached else ""))
         front = pareto_front(self.records, self.spec.cost_metric, dense=self.dense)
         if front:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from ray.tune.search.optuna import OptunaSearch
 
 from autoprune.config import SearchSpec
@@ -25,15 +27,16 @@ def make_sampler(name: str, seed: int, *, trials: int | None = None):
         # TPE for tens of trials: joint (multivariate) densities, grouped by the conditional space's branches
         # (each method's options), a short random start, and a constant liar so concurrent trials spread out.
         "tpe_grouped": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                                          n_startup_trials=startup, constant_liar=True,
-                                                          warn_independent_sampling=False),
+                                                          n_startup_trials=startup, constant_liar=True),
         # Gaussian-process Bayesian optimisation (constrained, several objectives), made for 10–100-trial budgets.
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
                                                 warn_independent_sampling=False),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),  # samples blindly: constraints do not apply
     }
-    return samplers[name]()
+    with warnings.catch_warnings():  # TPE's `group` is marked experimental; it is what the conditional space needs
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return samplers[name]()
 
 
 class ConstrainedOptunaSearch(OptunaSearch):

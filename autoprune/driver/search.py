@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from autoprune import prune
 from autoprune.config import SearchSpec
 from autoprune.driver.outcome import SearchOutcome, summary_text, time_accounting, ui_command
 from autoprune.driver.preflight import check_cluster, check_methods
@@ -73,7 +74,8 @@ def search(
     _remember_latencies(latency_cache, [dense, *(record.result for record in earlier)])
     publisher = TrialPublisher(tracker, parent_id, spec, say, dense, downloads=downloads, earlier=earlier)
     tune_started = time.perf_counter()
-    run_tune(spec, space, context_ref, publisher, storage=storage, run_name=parent_id, resume=bool(resumed))
+    run_tune(spec, space, context_ref, publisher, storage=storage, run_name=parent_id, resume=bool(resumed),
+             dense_latency_ms=_stop_unless_faster_than(spec, dense, say))
     tune_seconds = time.perf_counter() - tune_started
 
     # Tune's storage, not what the callback saw, is the record: it also holds a resumed search's earlier trials.
@@ -115,6 +117,22 @@ def _start_ray(address: str | None):
         # Worker output stays in Ray's logs: trial errors reach the user through the progress lines and MLflow.
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     return ray
+
+
+def _stop_unless_faster_than(spec: SearchSpec, dense: TrialResult, say) -> float | None:
+    """The dense latency a trial must beat to be healed (search.stop_unless_faster), and which methods cannot: those
+    that keep the dense shapes and, on this device, run on dense kernels."""
+    if not spec.search.stop_unless_faster or spec.cost_metric not in ("latency_ms", "latency_p90_ms"):
+        return None
+    on_gpu = dense.latency.device != "cpu"
+    dense_kernels = [name for name in spec.prune.methods if name != "none" and not prune.get(name).structured
+                     and not (prune.get(name).semi_structured and on_gpu)]
+    if dense_kernels:
+        say(f"autoprune: {', '.join(dense_kernels)} keep the dense shapes and run on dense kernels on"
+            f" {dense.latency.device}: their trials cannot be faster than the dense model"
+            f" ({dense.latency.median_ms:.3f} ms) and stop after profiling (search.stop_unless_faster: false heals"
+            " them anyway)")
+    return dense.latency.median_ms
 
 
 def _dense_and_parent_run(spec: SearchSpec, tracker: Tracker, context_ref: Any, resumed: str | None,

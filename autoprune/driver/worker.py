@@ -40,11 +40,13 @@ class SharedContext:
     put there (a context given to Tune itself would be put a second time)."""
 
     ref: Any
+    dense_latency_ms: float | None = None  # measured after the context was put: see TrialContext
 
     def get(self) -> TrialContext:
         import ray
 
-        return ray.get(self.ref)
+        context = ray.get(self.ref)
+        return replace(context, dense_latency_ms=self.dense_latency_ms)  # the data is shared, not copied
 
 
 def tune_trial(params: dict, *, shared: SharedContext, space: SearchSpace) -> None:

@@ -228,6 +228,7 @@ def _search(section: Section) -> SearchSettings:
         sampler=section.take("sampler", str, "tpe", choices=SAMPLERS),
         seed=section.take("seed", int, 0, check=non_negative),
         max_retries=section.take("max_retries", int, 1, check=non_negative),
+        stop_unless_faster=section.take("stop_unless_faster", bool, True),
         cpu=resources.take("cpu", float, 1.0, check=positive),
         gpu=resources.take("gpu", float, 0.0, check=non_negative),
         storage=no_credentials(section, "storage", section.take("storage", str, None, check=storage_path)),

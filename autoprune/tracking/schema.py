@@ -84,6 +84,7 @@ def trial_tags(result: TrialResult) -> dict[str, str]:
         DEVICE_TAG: latency.device, "dtype": latency.dtype, "batch_size": latency.batch_size,
         "threads": latency.threads, "feasible": result.feasible, "format": latency.format,
         "memory_format": latency.memory_format, "compiled": latency.compiled, "ray_node": result.node,
+        "stopped": result.stopped,
     }.items()}
 
 
