@@ -64,9 +64,14 @@ def test_every_trial_is_a_child_run_with_its_metrics(outcome, tracker):
     front_ids = {record.trial_id for record in outcome.front}
     for run in children:
         metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
-        for key in ("accuracy", "latency_ms", "latency_p90_ms", "macs", "params", "sparsity",
-                    "time_prune_s", "time_profile_s", "time_evaluate_s", "latency_ms_batch1"):
+        for key in ("latency_ms", "latency_p90_ms", "macs", "params", "sparsity", "time_prune_s", "time_profile_s",
+                    "latency_ms_batch1"):
             assert key in metrics, key
+        # healed and evaluated, or stopped after profiling with the reason (not faster than the dense model)
+        healed = metrics["feasible"] == 1
+        assert healed == ("accuracy" in metrics) == ("time_evaluate_s" in metrics) == (tags["stopped"] == "")
+        if params["prune.method"] == "magnitude":  # dense shapes, dense kernels: it cannot be faster
+            assert not healed and tags["stopped"].startswith("not faster than the dense model")
         assert tags["memory_format"] == "contiguous" and tags["compiled"] == "False"  # a ViT: no layout to try
         assert params["prune.method"] in {"magnitude", "structured"}
         assert tags["device"].startswith("cpu: ") and tags["version.torch"] == metadata.version("torch")
@@ -78,6 +83,7 @@ def test_masked_trials_reuse_the_dense_measurement(outcome):
     assert masked, "the fixed seed should sample at least one magnitude trial"
     for result in masked:  # same shapes, same kernels: timed once, on the dense model, via the shared cache
         assert result.latency_cached and result.latency == outcome.dense.latency
+        assert not result.feasible and "heal" not in result.timings  # so it stopped there, unhealed
     assert outcome.accounting["latency_reused"] >= len(masked)
 
 
