@@ -325,3 +325,23 @@ def test_the_saved_model_loads_in_the_recipe_it_was_timed_in(bundle, tmp_path):
         expected, got = trained(images), served(images)  # float32 inputs: the served model casts them
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), expected, atol=0.05 * expected.abs().max().item())
+
+
+def test_the_search_names_the_methods_that_cannot_be_faster_on_its_device(context):
+    from dataclasses import replace
+
+    from test_spec import DEMO
+
+    from autoprune.driver.search import _stop_unless_faster_than
+    from autoprune.space.load import parse_spec
+
+    dense = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), context, threads=1)
+    assert dense.latency.device.startswith("cpu")
+    spec = parse_spec({**DEMO, "space": {**DEMO["space"], "prune": {
+        **DEMO["space"]["prune"], "methods": ["magnitude", "nm", "structured", "vbp", "none"]}}})
+    said = []
+    assert _stop_unless_faster_than(spec, dense, said.append) == dense.latency.median_ms
+    assert "magnitude, nm run with the dense shapes on dense kernels" in said[0]
+    assert "structured" not in said[0] and "vbp" not in said[0]
+    off = replace(spec, search=replace(spec.search, stop_unless_faster=False))
+    assert _stop_unless_faster_than(off, dense, said.append) is None and len(said) == 1

@@ -124,14 +124,13 @@ def _stop_unless_faster_than(spec: SearchSpec, dense: TrialResult, say) -> float
     that keep the dense shapes and, on this device, run on dense kernels."""
     if not spec.search.stop_unless_faster or spec.cost_metric not in ("latency_ms", "latency_p90_ms"):
         return None
-    on_gpu = dense.latency.device != "cpu"
+    on_gpu = not dense.latency.device.startswith("cpu")  # the device reads "cpu: <model> (<n> threads)" on a CPU
     dense_kernels = [name for name in spec.prune.methods if name != "none" and not prune.get(name).structured
                      and not (prune.get(name).semi_structured and on_gpu)]
     if dense_kernels:
-        say(f"autoprune: {', '.join(dense_kernels)} keep the dense shapes and run on dense kernels on"
-            f" {dense.latency.device}: their trials cannot be faster than the dense model"
-            f" ({dense.latency.median_ms:.3f} ms) and stop after profiling (search.stop_unless_faster: false heals"
-            " them anyway)")
+        say(f"autoprune: on {dense.latency.device}, {', '.join(dense_kernels)} run with the dense shapes on dense"
+            f" kernels: their trials cannot be faster than the dense model ({dense.latency.median_ms:.3f} ms) and"
+            " stop after profiling (search.stop_unless_faster: false heals them anyway)")
     return dense.latency.median_ms
 
 
