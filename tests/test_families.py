@@ -149,3 +149,17 @@ def test_a_linear_reading_channels_last_tokens_is_measured_per_channel():
     stats = input_statistics(model, ["1"], images)["1"]
     assert stats.variance.shape == (6,) and stats.count == 8 * 5 * 4
     assert torch.argsort(stats.variance).tolist() == list(range(6))
+
+
+def test_structured_checks_its_result_without_moving_batchnorm_statistics():
+    """The forward that checks the pruned model still runs is an eval-mode one: a model handed over in training
+    mode keeps its mode and its BatchNorm running statistics."""
+    from autoprune import prune
+
+    model = TINY_MOBILENET.create().train()
+    before = model.bn1.running_mean.clone()  # the stem's norm: its conv is never pruned
+    groups = layer_groups(model)
+    method = prune.get("structured")
+    method.apply(model, prune.PruneRequest(groups, {g.name: 0.5 for g in groups}, dict(method.options),
+                                           torch.randn(2, *INPUT)))
+    assert model.training and torch.equal(model.bn1.running_mean, before)

@@ -168,7 +168,8 @@ def cast_masks(model: nn.Module, request: PruneRequest) -> Masks:
         # A layer its model applies with F.linear on its weight (BEiT's and EVA's qkv, with their own bias) is never
         # entered as a module, so no input was seen: the identity covariance makes its pattern the magnitude one.
         if name not in covariances:
-            covariances[name] = torch.eye(m, dtype=torch.float64).expand(layer.weight[0].numel() // m, m, m)
+            identity = torch.eye(m, dtype=torch.float64, device=layer.weight.device)
+            covariances[name] = identity.expand(layer.weight[0].numel() // m, m, m)
     patterns = keep_patterns(n, m, seed=request.seed)
     result = Masks({name: cast_mask(layer.weight, covariances[name], patterns) for name, layer in layers.items()},
                    layouts=layouts)

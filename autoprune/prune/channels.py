@@ -49,12 +49,13 @@ class ChannelGroup:
 
 
 def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
-    """Torch-Pruning's dependency graph of `model`, with every attention module as one opaque node (its insides are
-    not traced: they are heads, reshapes and splits whose widths are tied together, and tracing them can take
-    minutes). The graph traces with autograd, so it is built with gradients on."""
+    """Torch-Pruning's dependency graph of `model`, with every attention module as one opaque node: its layers are
+    not nodes of their own (their widths are tied to head counts), and a group that reaches it is not internal.
+    The graph traces with autograd (through the attention's functional operations too), with gradients on."""
     import torch_pruning as tp
 
     opaque = {type(module): _Opaque() for module in model.modules() if is_attention(module)}
+    training = model.training  # Torch-Pruning traces in eval mode and leaves the model there
     with warnings.catch_warnings():  # unwrapped parameters such as pos_embed are never pruned here
         warnings.simplefilter("ignore")
         try:
@@ -65,6 +66,8 @@ def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
                 f"Torch-Pruning cannot trace {type(model).__name__}'s channels ({type(error).__name__}: {error});"
                 " methods that remove channels cannot prune it, use an unstructured method (magnitude, nm)."
             ) from None
+        finally:
+            model.train(training)
 
 
 class _Opaque:

@@ -59,9 +59,11 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     importance = (tp.importance.GroupTaylorImportance() if kind == "taylor"
                   else tp.importance.GroupMagnitudeImportance(p=1 if kind == "l1" else 2))
     for group in groups:
-        ratio = next((ratios[name] for name in group.producers if name in ratios), None)  # the root's first
+        if not all(name in ratios for name in group.producers):
+            continue  # written by a layer that stays whole (the stem), even if an SE gate also writes it
+        ratio = ratios[group.producers[0]]
         per_slice = group.width // group.slices
-        keep = max(round_to, int(round(per_slice * (1 - ratio) / round_to)) * round_to) if ratio else per_slice
+        keep = max(round_to, int(round(per_slice * (1 - ratio) / round_to)) * round_to)
         if keep >= per_slice:
             continue
         with torch.no_grad():
@@ -80,15 +82,19 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
 
 
 def _must_still_run(model: nn.Module, example_inputs: torch.Tensor) -> None:
-    """A layout the graph misread shows at the first forward; say so here, not in the middle of healing."""
+    """A layout the graph misread shows at the first forward; say so here, not in the middle of healing. (In eval
+    mode: a training-mode forward would move BatchNorm's running statistics.)"""
+    training = model.training
     try:
         with torch.no_grad():
-            model(example_inputs[:1])
+            model.eval()(example_inputs[:1])
     except Exception as error:
         raise AutopruneError(
             f"structured: {type(model).__name__} no longer runs after its channels were removed"
             f" ({type(error).__name__}: {error}); this model's layout is not supported by structured removal."
         ) from None
+    finally:
+        model.train(training)
 
 
 # Per-weight scores whose sum over a head is its importance (the same criteria as the channel groups').

@@ -98,7 +98,8 @@ def variance_prune(model: nn.Module, request: PruneRequest) -> Masks:
         raise AutopruneError("vbp needs example inputs to trace the model.")
     ratios = {layer: request.sparsity[group.name] for group in request.groups for layer in group.layers}
     graph = dependency_graph(model, request.example_inputs)
-    units = [(unit, folds) for unit in channel_groups(model, graph) if unit.internal and unit.root in ratios
+    units = [(unit, folds) for unit in channel_groups(model, graph)
+             if unit.internal and all(name in ratios for name in unit.producers)
              for folds in [_fold_targets(model, graph, unit)] if folds is not None]
     gated = [(name, mlp) for name, mlp in gated_mlps(model) if f"{name}.fc1" in ratios and mlp.fc2.bias is not None]
     if not units and not gated:
@@ -119,12 +120,13 @@ def variance_prune(model: nn.Module, request: PruneRequest) -> Masks:
             keep_gated_hidden(mlp, kept)
     for unit, folds in units:
         per_slice = unit.width // unit.slices
-        keep = max(1, int(round(per_slice * (1 - ratios[unit.root]))))
+        keep = max(1, int(round(per_slice * (1 - ratios[unit.producers[0]]))))
         if keep >= per_slice:
             continue
         # Rank by the variance the main reader sees (the one reading every position, not a pooled summary).
         main = max(unit.consumers, key=lambda reader: math.prod(stats[reader].spatial))
-        removed = torch.tensor(slice_positions(stats[main].variance, unit.slices, keep), dtype=torch.long)
+        removed = torch.tensor(slice_positions(stats[main].variance, unit.slices, keep), dtype=torch.long,
+                               device=stats[main].mean.device)  # indexes the statistics and weights, on the device
         with torch.no_grad():
             for reader, (layer, norm) in folds.items():
                 shift = mean_shift(layer, removed, stats[reader].mean[removed].to(layer.weight.dtype),
