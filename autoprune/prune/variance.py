@@ -98,9 +98,10 @@ def variance_prune(model: nn.Module, request: PruneRequest) -> Masks:
         raise AutopruneError("vbp needs example inputs to trace the model.")
     ratios = {layer: request.sparsity[group.name] for group in request.groups for layer in group.layers}
     graph = dependency_graph(model, request.example_inputs)
+    modules = dict(model.named_modules())
     units = [(unit, folds) for unit in channel_groups(model, graph)
              if unit.internal and all(name in ratios for name in unit.producers)
-             for folds in [_fold_targets(model, graph, unit)] if folds is not None]
+             for folds in [_fold_targets(modules, graph, unit)] if folds is not None]
     gated = [(name, mlp) for name, mlp in gated_mlps(model) if f"{name}.fc1" in ratios and mlp.fc2.bias is not None]
     if not units and not gated:
         raise AutopruneError(
@@ -140,10 +141,9 @@ def variance_prune(model: nn.Module, request: PruneRequest) -> Masks:
     return Masks()
 
 
-def _fold_targets(model: nn.Module, graph, unit) -> dict[str, tuple[nn.Module, nn.Module | None]] | None:
+def _fold_targets(modules: dict[str, nn.Module], graph, unit) -> dict[str, tuple[nn.Module, nn.Module | None]] | None:
     """Each reader of the unit with where its removed inputs' mean goes (its bias, or the BatchNorm right after
     it); None when a reader has neither, or is a grouped conv (its weights do not index the channels one to one)."""
-    modules = dict(model.named_modules())
     folds = {}
     for reader in unit.consumers:
         layer = modules[reader]
