@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure the tables the README quotes")
     tables = bench.add_subparsers(dest="table", required=True,
-                                  metavar="{healing,pruning,latency,serve,data,cluster,faults,families}")
+                                  metavar="{healing,pruning,latency,serve,data,cluster,faults,families,search}")
     for name, text in (("healing", "recovery per healing method, sparsity and budget"),
                        ("pruning", "every pruning method at matched sparsity with the same healing")):
         table = tables.add_parser(name, help=text)
@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_families.add_arguments(tables.add_parser("families", help="`autoprune check` over the smallest model of each"
                                                                     " timm family, every method at 50%"))
+    from autoprune.bench import search as bench_search
+
+    bench_search.add_arguments(tables.add_parser("search", help="hypervolume against trials per sampler, and a grid,"
+                                                                " over seeds, on the reference task and Fashion-MNIST"))
     return parser
 
 
@@ -279,6 +283,10 @@ def _bench(args) -> int:
         from autoprune.bench.cluster import main_cluster
 
         return main_cluster(args)
+    if args.table == "search":
+        from autoprune.bench.search import main_search
+
+        return main_search(args)
     if args.table == "faults":
         from autoprune.bench.faults import main_faults
 

@@ -21,10 +21,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from importlib import resources
 from pathlib import Path
 
-import yaml
+from autoprune.bench import demo_spec
 
 CNN_SPEC = {
     "name": "bench-serve-cnn",
@@ -42,11 +41,6 @@ TARGET = 0.10  # served latency within 10% of the registered one
 ROUNDS = 3  # fresh processes per version and way of loading it
 
 
-def _demo_spec() -> dict:
-    with resources.as_file(resources.files("autoprune.search_spaces") / "demo.yaml") as path:
-        return yaml.safe_load(Path(path).read_text())
-
-
 def run(workdir: Path, *, trials: int | None, echo=print) -> list[dict]:
     import ray
 
@@ -56,7 +50,7 @@ def run(workdir: Path, *, trials: int | None, echo=print) -> list[dict]:
     from autoprune.tracking.store import Tracker
 
     plans = []
-    for key, raw in (("vit (demo)", _demo_spec()), ("resnet", CNN_SPEC)):
+    for key, raw in (("vit (demo)", demo_spec()), ("resnet", CNN_SPEC)):
         echo(f"bench serve: searching {key}")
         outcome = search(parse_spec(raw), workdir=workdir / raw["name"], trials=trials, echo=None)
         tracker = Tracker(outcome.tracking_uri, outcome.spec.mlflow.experiment)

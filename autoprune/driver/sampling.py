@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any, Mapping, Sequence
 
 from ray.tune.search.optuna import OptunaSearch
 
@@ -58,14 +59,17 @@ class ConstrainedOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def latency_constrained_searcher(space: SearchSpace, spec: SearchSpec) -> ConstrainedOptunaSearch:
+def latency_constrained_searcher(space: SearchSpace, spec: SearchSpec, *,
+                                 first_points: Sequence[Mapping[str, Any]] = ()) -> ConstrainedOptunaSearch:
     """The search's Optuna searcher over `space`: accuracy up, the spec's cost down, the latency target (if any)
-    as a constraint."""
+    as a constraint. `first_points` (Optuna parameters, say a grid's) are evaluated first, in order; a parameter
+    a point leaves out is sampled."""
     target = spec.latency_target_ms
     return ConstrainedOptunaSearch(
         space=space.define,
         metric=["accuracy", spec.cost_metric],
         mode=["max", "min"],
         sampler=make_sampler(spec.search.sampler, spec.search.seed, trials=spec.search.trials),
+        points_to_evaluate=[dict(point) for point in first_points] or None,  # Optuna's enqueue_trial
         target_ms=target,
     )

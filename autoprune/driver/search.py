@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from autoprune import prune
 from autoprune.config import SearchSpec
@@ -45,11 +45,14 @@ def search(
     resume: str | None = None,
     echo: Callable[[str], None] | None = print,
     drop_unusable_methods: bool = False,
+    first_points: Sequence[Mapping[str, Any]] = (),
 ) -> SearchOutcome:
     """Run a search end to end. Everything is validated before Ray starts; `echo` shows progress (None: quiet).
     `storage` overrides the spec's `search.storage` (where trials write their checkpoints). `resume` continues a
     search whose driver stopped: a parent run id, or "latest" (the newest unfinished search of this spec's name).
-    A pruning method that cannot prune the spec's model is an error, or with `drop_unusable_methods` left out."""
+    A pruning method that cannot prune the spec's model is an error, or with `drop_unusable_methods` left out.
+    `first_points` are Optuna parameters (`prune.method`, `prune.sparsity.knot0`, …) the first trials take, in order
+    (a grid, configurations known to be good); what a point leaves out is sampled."""
     started = time.perf_counter()
     say = echo or (lambda line: None)
     spec = load_spec(spec) if not isinstance(spec, SearchSpec) else spec
@@ -75,7 +78,7 @@ def search(
     publisher = TrialPublisher(tracker, parent_id, spec, say, dense, downloads=downloads, earlier=earlier)
     tune_started = time.perf_counter()
     run_tune(spec, space, context_ref, publisher, storage=storage, run_name=parent_id, resume=bool(resumed),
-             dense_latency_ms=_stop_unless_faster_than(spec, dense, say))
+             dense_latency_ms=_stop_unless_faster_than(spec, dense, say), first_points=first_points)
     tune_seconds = time.perf_counter() - tune_started
 
     # Tune's storage, not what the callback saw, is the record: it also holds a resumed search's earlier trials.

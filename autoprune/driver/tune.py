@@ -7,6 +7,7 @@ Two places reach into Tune's private state, each pinned by a test: a restored Tu
 from __future__ import annotations
 
 import os
+from typing import Mapping, Sequence
 
 from autoprune.config import SearchSpec
 from autoprune.driver.sampling import latency_constrained_searcher
@@ -17,7 +18,7 @@ from autoprune.train.deepspeed import trial_bundles
 
 
 def run_tune(spec: SearchSpec, space: SearchSpace, context_ref, publisher, *, storage: str, run_name: str,
-             resume: bool = False, dense_latency_ms: float | None = None):
+             resume: bool = False, dense_latency_ms: float | None = None, first_points: Sequence[Mapping] = ()):
     import optuna
     from ray import tune
 
@@ -38,7 +39,7 @@ def run_tune(spec: SearchSpec, space: SearchSpace, context_ref, publisher, *, st
         # client; this driver's publisher takes their place. (`_local_tuner` is Tune's own: a test resumes.)
         tuner._local_tuner.get_run_config().callbacks = [publisher]
         return tuner.fit()
-    searcher = latency_constrained_searcher(space, spec)
+    searcher = latency_constrained_searcher(space, spec, first_points=first_points)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

@@ -49,7 +49,7 @@ class SearchSpace:
         """Optuna define-by-run: suggest this trial's parameters (the fixed ones are filled in by `to_config`)."""
         prune_method = _suggest(trial, "prune.method", Choice(self.spec.prune.methods))
         if prune.get(prune_method).uses_sparsity:
-            for name in self._sparsity_parameters():
+            for name in self.sparsity_parameters():
                 sparsity = self.spec.prune.sparsity
                 trial.suggest_float(name, sparsity.low, sparsity.high, step=sparsity.step)
         prune_options = {option: _suggest(trial, f"prune.{prune_method}.{option}", dimension)
@@ -83,7 +83,8 @@ class SearchSpace:
             seed=self.spec.search.seed,
         )
 
-    def _sparsity_parameters(self) -> list[str]:
+    def sparsity_parameters(self) -> list[str]:
+        """The Optuna parameters of a method that takes a sparsity (global, per group, or depth knots)."""
         mode = self.spec.prune.sparsity
         if mode.mode in ("global", "spectral"):
             return ["prune.sparsity"]
@@ -92,7 +93,7 @@ class SearchSpace:
         return [f"prune.sparsity.knot{index}" for index in range(mode.knots)]
 
     def _resolve_sparsity(self, params: Mapping[str, Any]) -> dict[str, float]:
-        values = [float(params[name]) for name in self._sparsity_parameters()]
+        values = [float(params[name]) for name in self.sparsity_parameters()]
         mode = self.spec.prune.sparsity.mode
         if mode in ("global", "spectral"):
             return {POOLED_GROUP: values[0]}
