@@ -1,4 +1,4 @@
-"""`autoprune search | best | serve | front | publish | demo | methods | check | doctor | bench`.
+"""`autoprune search | best | serve | front | publish | retarget | demo | methods | check | doctor | bench`.
 
 Usage errors exit with status 2 (argparse); failures the user can fix print one line and exit 1; `--debug` shows
 the traceback.
@@ -44,10 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
                      help="continue a search whose driver stopped: its run id (printed when it started), or nothing"
                           " for the newest unfinished search of this spec; ended trials are kept, the others run")
+    run.add_argument("--warm-start", metavar="RUN",
+                     help="begin from an earlier search's trials (its run id; same MLflow and storage): Optuna is told"
+                          " what they measured where model, data and device match, else they are run again first")
     run.add_argument("--drop-unusable-methods", action="store_true",
                      help="leave out a pruning method that cannot prune the spec's model (see `autoprune check`)"
                           " instead of stopping with an error")
     _add_store_flags(run)
+
+    retarget = commands.add_parser("retarget", help="time a finished search's healed models on another device and"
+                                                    " publish that device's front (no healing)")
+    retarget.add_argument("run", help="the search's run id (printed when it started)")
+    retarget.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="time on a CPU worker or on a GPU"
+                                                                                   " worker (default: cpu)")
+    retarget.add_argument("--cpus", type=int, default=1, help="CPUs (threads) of the timing worker (default: 1)")
+    retarget.add_argument("--accelerator-type", help="time on a GPU of this Ray accelerator type (e.g. L4, A10G)")
+    retarget.add_argument("--address", help="Ray cluster to time on (default: a local Ray)")
+    retarget.add_argument("--storage", help="the search's storage, if not the spec's search.storage or <workdir>/ray")
+    _add_store_flags(retarget)
 
     publish = commands.add_parser("publish", help="(re)publish a search's trials, front and models to MLflow from"
                                                   " Ray Tune's storage (after MLflow was unreachable)")
@@ -117,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         table.add_argument("--seeds", type=int, default=3)
         table.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=["vit", "vit_narrow", "cnn"],
                            help="which benchmark models (default: vit cnn)")
+        if name == "healing":
+            table.add_argument("--data", default="reference", choices=["reference", "fashion-mnist"],
+                               help="the task (default: reference; fashion-mnist reads Debian's dataset-fashion-mnist)")
         if name == "pruning":
             table.add_argument("--heal", default="distill", help="the healing every method gets (default: distill;"
                                                                  " `none` compares the pruning criteria alone)")
@@ -172,8 +189,17 @@ def _search(args) -> int:
 
     outcome = search(args.spec, address=args.address, tracking_uri=args.tracking_uri, workdir=args.workdir,
                      trials=args.trials, storage=args.storage, resume=args.resume,
-                     drop_unusable_methods=args.drop_unusable_methods)
+                     drop_unusable_methods=args.drop_unusable_methods, warm_start_from=args.warm_start)
     return 0 if outcome.front else 1
+
+
+def _retarget(args) -> int:
+    from autoprune.driver.retarget import retarget
+
+    done = retarget(args.run, tracking_uri=_tracking_uri(args), workdir=Path(args.workdir), device=args.device,
+                    cpus=args.cpus, accelerator_type=args.accelerator_type, address=args.address,
+                    storage=args.storage)
+    return 0 if done.published.front else 1
 
 
 def _publish(args) -> int:
@@ -296,7 +322,7 @@ def _bench(args) -> int:
     common = dict(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,
                   quick=args.quick, models=args.models)
     if args.table == "healing":
-        return main_healing(**common)
+        return main_healing(**common, data=args.data)
     return main_pruning(**common, heal_method=args.heal)
 
 
@@ -324,8 +350,8 @@ def _check(args) -> int:
     return 0
 
 
-COMMANDS = {"search": _search, "publish": _publish, "best": _best, "serve": _serve, "front": _front, "demo": _demo,
-            "methods": _methods, "check": _check, "doctor": _doctor, "bench": _bench}
+COMMANDS = {"search": _search, "publish": _publish, "retarget": _retarget, "best": _best, "serve": _serve,
+            "front": _front, "demo": _demo, "methods": _methods, "check": _check, "doctor": _doctor, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

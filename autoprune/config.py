@@ -102,6 +102,16 @@ class ProfileSpec:
 
 
 @dataclass(frozen=True)
+class Halving:
+    """`search.halving`: successive halving on two objectives (autoprune/halving.py). A trial that trains heals
+    first with these fractions of its steps, and goes on only while no trial at least as fast was more accurate
+    at the same rung by more than `margin` (top-1, 0–1)."""
+
+    rungs: tuple[float, ...] = (1 / 9, 1 / 3)
+    margin: float = 0.01
+
+
+@dataclass(frozen=True)
 class SearchSettings:
     trials: int = 12
     concurrency: int = 2  # trials running at once
@@ -113,6 +123,7 @@ class SearchSettings:
     max_retries: int = 1
     # A trial whose measured latency is not below the dense model's stops after profiling (it cannot join the front).
     stop_unless_faster: bool = True
+    halving: Halving | None = None  # None: every trial heals its whole budget
     # Where Tune keeps trial results and checkpoints (the pruned models): a path every node reaches (NFS) or a URI
     # (s3://bucket/prefix, gs://…); None: <workdir>/ray on the driver, enough for one machine.
     storage: str | None = None

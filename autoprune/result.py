@@ -15,8 +15,9 @@ STAGES = ("load", "prune", "profile", "heal", "evaluate", "count", "save")  # th
 
 @dataclass(frozen=True)
 class TrialResult:
-    """What a trial measured. `accuracy` is None when the trial stopped after profiling, unhealed: it missed the
-    latency target, or was not faster than the dense model; `stopped` says which."""
+    """What a trial measured. `accuracy` is None when the trial stopped before its full healing: after profiling
+    (it missed the latency target, or was not faster than the dense model), or at a rung of successive halving
+    (`rungs` then holds its accuracy at each rung); `stopped` says why."""
 
     config: TrialConfig
     accuracy: float | None
@@ -29,11 +30,22 @@ class TrialResult:
     extra_latency: Mapping[int, LatencyProfile] = field(default_factory=dict)  # the spec's other batch sizes
     node: str = ""  # the Ray node the trial ran on (set by the search; empty outside Ray)
     latency_keys: Mapping[int, str] = field(default_factory=dict)  # batch size → its latency-cache key
-    stopped: str = ""  # why it stopped after profiling, unhealed (empty: it healed and was evaluated)
+    stopped: str = ""  # why it stopped before its full healing (empty: it healed and was evaluated)
+    rungs: tuple[tuple[int, float], ...] = ()  # (healing steps, top-1) at each rung it was judged at (halving.py)
 
     @property
     def feasible(self) -> bool:
         return self.accuracy is not None
+
+    @property
+    def healing_steps(self) -> int:
+        """The optimiser steps this trial spent healing: its rungs', and its full budget's if it got there."""
+        return sum(steps for steps, _ in self.rungs) + (self.config.heal.steps if self.feasible else 0)
+
+    @property
+    def best_known_accuracy(self) -> float | None:
+        """Its accuracy; for a trial stopped at a rung, the accuracy it had there (a smaller budget's)."""
+        return self.accuracy if self.feasible or not self.rungs else self.rungs[-1][1]
 
     def cost(self, metric: str) -> float:
         """The objective traded against accuracy (`config.LATENCY_METRICS`)."""
@@ -55,6 +67,7 @@ class TrialResult:
             "node": self.node,
             "latency_keys": {str(batch): key for batch, key in self.latency_keys.items()},
             "stopped": self.stopped,
+            "rungs": [list(rung) for rung in self.rungs],
         }
 
     @classmethod
@@ -72,6 +85,7 @@ class TrialResult:
             node=str(raw["node"]),
             latency_keys={int(batch): key for batch, key in raw["latency_keys"].items()},
             stopped=str(raw.get("stopped", "")),  # absent from results saved before it existed
+            rungs=tuple((int(steps), float(top1)) for steps, top1 in raw.get("rungs", ())),
         )
 
     def latency_entries(self) -> dict[str, LatencyProfile]:
@@ -89,7 +103,8 @@ class TrialRecord:
     result: TrialResult | None  # None when the trial failed
     error: str | None = None
     model_dir: str | None = None  # the trial's checkpoint (the saved pruned model)
-    params: Mapping[str, Any] = field(default_factory=dict)  # a failed trial's configuration, as far as it is known
+    # The sampler's parameters of the trial (Tune's config); of a failed trial, its configuration as far as known
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _profile(fields: Mapping[str, Any]) -> LatencyProfile:

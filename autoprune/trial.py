@@ -25,6 +25,7 @@ import torch
 from autoprune import heal, prune
 from autoprune.config import HealingEngine, ProfileSpec, PruneConfig, TrialConfig
 from autoprune.data import DataBundle
+from autoprune.halving import RungJudge, rungs_of
 from autoprune.measure.cache import LatencyCache
 from autoprune.measure.latency import Latencies, measure_latency
 from autoprune.measure.metrics import accuracy, achieved_sparsity, count_macs, count_params, prunable_weight_count
@@ -48,6 +49,7 @@ class TrialContext:
     # The dense model's latency on this search's workers: a trial not faster than it stops after profiling, as it
     # cannot join the front (None: every trial heals).
     dense_latency_ms: float | None = None
+    judge: RungJudge | None = None  # successive halving (halving.py); None: every trial heals its whole budget
 
     def dense_model(self) -> torch.nn.Module:
         model = self.source.create(pretrained=False)
@@ -112,27 +114,44 @@ def run_trial(
         with stage("profile"):
             latency = profile()
 
+    def heal_for(target: torch.nn.Module, steps: int) -> None:
+        healing.apply(
+            target,
+            heal.HealRequest(
+                calibration=calibration,
+                data=data,
+                steps=steps,
+                lr=config.heal.lr,
+                batch_size=config.heal.batch_size,
+                masks=masks,
+                teacher=dense,
+                options={**healing.options, **config.heal.options},
+                seed=config.seed,
+                device=device,
+                engine=context.healing_engine,
+            ),
+        )
+        masks.finish(target)  # a gradual method ends at its final sparsity (fixed masks: re-applied)
+
     top1 = None
+    rungs: list[tuple[int, float]] = []
     stopped = "" if latency is None else _stop_reason(latency.objective.median_ms, context, config.prune.method)
+    judge = context.judge if healing.trains and latency is not None else None  # a gradual method: no rungs
+    for fraction, steps in rungs_of(config.heal.steps, judge.halving.rungs) if judge and not stopped else ():
+        # Each rung heals a copy afresh with its own steps: its accuracy is this trial's at a smaller budget.
+        rung_model = copy.deepcopy(model)
+        with stage("heal"):
+            heal_for(rung_model, steps)
+        with stage("evaluate"):
+            rungs.append((steps, accuracy(rung_model, data.eval, data, device=device)))
+        del rung_model
+        if not judge.promote(fraction, rungs[-1][1], latency.objective.median_ms):
+            stopped = (f"outdone after {steps} of {config.heal.steps} healing steps (top-1 {rungs[-1][1]:.4f}): a"
+                       " trial at least as fast was more accurate at that rung")
+            break
     if not stopped:
         with stage("heal"):
-            healing.apply(
-                model,
-                heal.HealRequest(
-                    calibration=calibration,
-                    data=data,
-                    steps=config.heal.steps,
-                    lr=config.heal.lr,
-                    batch_size=config.heal.batch_size,
-                    masks=masks,
-                    teacher=dense,
-                    options={**healing.options, **config.heal.options},
-                    seed=config.seed,
-                    device=device,
-                    engine=context.healing_engine,
-                ),
-            )
-            masks.finish(model)  # a gradual method ends at its final sparsity (fixed masks: re-applied)
+            heal_for(model, config.heal.steps)
         if latency is None:
             with stage("profile"):
                 latency = profile()
@@ -150,7 +169,7 @@ def run_trial(
 
     return TrialResult(config, top1, latency.objective, macs, params, sparsity, timings,
                        latency_cached=latency.cached, extra_latency=latency.extra, latency_keys=latency.keys,
-                       stopped=stopped)
+                       stopped=stopped, rungs=tuple(rungs))
 
 
 def _stop_reason(latency_ms: float, context: TrialContext, method: str) -> str:
@@ -181,6 +200,6 @@ def _stopwatch(timings: dict[str, float]):
         try:
             yield
         finally:
-            timings[name] = time.perf_counter() - start
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start  # rungs heal more than once
 
     return stage

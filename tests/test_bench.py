@@ -110,3 +110,43 @@ def test_the_faults_bench_reads_worker_memory_per_process_in_trial_order():
               "workers": rows}
     printed = text(report)
     assert "| 6 | 5 | 1 | 1 | 0 | yes | NO | 2 | 9 |" in printed and "| 1 | 5 | 700 | 900 | 910 | +0.0 |" in printed
+
+
+def test_the_search_bench_grid_covers_uniform_sparsity_by_method_within_the_space():
+    """The grid baseline: every method that takes a sparsity at evenly spaced values of the demo's range (on its
+    step), N:M once, all healed alike; each point is a valid configuration of the space."""
+    from autoprune.bench import search as bench_search
+    from autoprune.models import layer_groups
+    from autoprune.space.define import SearchSpace
+    from autoprune.space.load import parse_spec
+
+    spec = parse_spec(bench_search.arm_spec("reference", "grid", 0, 24))
+    space = SearchSpace(spec, layer_groups(TINY_VIT.create()))
+    points = bench_search.grid_points(space, 24)
+    assert len(points) == 22  # magnitude, structured, vbp × 7 sparsities + nm
+    sparsities = sorted({p["prune.sparsity.knot0"] for p in points if "prune.sparsity.knot0" in p})
+    assert sparsities == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert all(p.get("prune.sparsity.knot0") == p.get("prune.sparsity.knot1") for p in points)  # uniform
+    for point in points:
+        config = space.to_config(point)
+        assert config.heal.method == "distill" and config.heal.steps == 49 and config.heal.calibration_images == 256
+
+
+def test_the_search_bench_summary_reads_hypervolume_curves_and_trials_to_reach_the_best():
+    from autoprune.bench import search as bench_search
+
+    def run(arm, seed, trials):
+        return {"task": "reference", "arm": arm, "seed": seed, "wall_s": 1.0, "dense_accuracy": 0.99,
+                "dense_latency_ms": 4.0, "device": "cpu", "trials": trials}
+
+    slow = {"accuracy": 0.95, "latency_ms": 3.0, "stopped": "", "steps": 10}
+    fast = {"accuracy": 0.90, "latency_ms": 2.0, "stopped": "", "steps": 10}
+    masked = {"accuracy": None, "latency_ms": 4.0, "stopped": "not faster than the dense model", "steps": 0}
+    runs = [run("tpe", 0, [slow, fast] + [masked] * 6), run("random", 0, [masked] * 6 + [slow, masked])]
+    summary = bench_search.summarise(runs)["reference"]
+    assert summary["reference"] == (0.85, 4.0)
+    tpe, random = summary["arms"]["tpe"], summary["arms"]["random"]
+    best = (4.0 - 3.0) * (0.95 - 0.85) + (3.0 - 2.0) * (0.90 - 0.85)
+    assert tpe["curve"][8][0] == pytest.approx(best) and tpe["trials_to_95"] == 2 and tpe["steps_to_95"] == 20
+    assert random["reached"] == 0 and random["cannot_join_share"] == 7 / 8
+    assert "| tpe | 1 |" in bench_search.markdown(bench_search.summarise(runs))

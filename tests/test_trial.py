@@ -327,12 +327,16 @@ def test_the_saved_model_loads_in_the_recipe_it_was_timed_in(bundle, tmp_path):
     assert torch.allclose(got.float(), expected, atol=0.05 * expected.abs().max().item())
 
 
-def test_the_search_names_the_methods_that_cannot_be_faster_on_its_device(context):
+def test_the_search_leaves_out_the_methods_that_cannot_be_faster_on_its_device(context):
+    """On a CPU, masks and 2:4 run the dense kernels: no trial of theirs can beat the dense model's latency, so the
+    search leaves them out of its space and says so; with nothing left that could be faster, it stops with the
+    reason; `stop_unless_faster: false` keeps them (and heals their trials)."""
     from dataclasses import replace
 
     from test_spec import DEMO
 
-    from autoprune.driver.search import _stop_unless_faster_than
+    from autoprune.driver.search import _methods_that_can_be_faster, _stop_unless_faster_than
+    from autoprune.errors import AutopruneError
     from autoprune.space.load import parse_spec
 
     dense = run_trial(TrialConfig(PruneConfig("none"), HealConfig("none")), context, threads=1)
@@ -340,8 +344,12 @@ def test_the_search_names_the_methods_that_cannot_be_faster_on_its_device(contex
     spec = parse_spec({**DEMO, "space": {**DEMO["space"], "prune": {
         **DEMO["space"]["prune"], "methods": ["magnitude", "nm", "structured", "vbp", "none"]}}})
     said = []
-    assert _stop_unless_faster_than(spec, dense, said.append) == dense.latency.median_ms
-    assert "magnitude, nm run with the dense shapes on dense kernels" in said[0]
-    assert "structured" not in said[0] and "vbp" not in said[0]
+    assert _stop_unless_faster_than(spec, dense) == dense.latency.median_ms
+    assert _methods_that_can_be_faster(spec, dense, said.append).prune.methods == ("structured", "vbp", "none")
+    assert "magnitude, nm run with the dense shapes on dense kernels" in said[0] and "leaves them out" in said[0]
+    masked_only = replace(spec, prune=replace(spec.prune, methods=("magnitude", "none")))
+    with pytest.raises(AutopruneError, match="no trial could be faster than the dense model. Add a method"):
+        _methods_that_can_be_faster(masked_only, dense, said.append)
     off = replace(spec, search=replace(spec.search, stop_unless_faster=False))
-    assert _stop_unless_faster_than(off, dense, said.append) is None and len(said) == 1
+    assert _stop_unless_faster_than(off, dense) is None
+    assert _methods_that_can_be_faster(off, dense, said.append) is off and len(said) == 1

@@ -13,3 +13,20 @@ def demo_spec() -> dict:
 
     with resources.as_file(resources.files("autoprune.search_spaces") / "demo.yaml") as path:
         return yaml.safe_load(Path(path).read_text())
+
+
+# Real Fashion-MNIST as Debian's `dataset-fashion-mnist` ships it (read through torchvision, never downloaded).
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_HOWTO = ("on Debian/Ubuntu: `sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist` (it puts"
+                 f" the files in {FASHION_ROOT})")
+
+
+def fashion_mnist_data(**overrides) -> dict:
+    """`data:` of a spec that reads Fashion-MNIST at 32×32 (the demo ViT's input), 2,000 test images."""
+    return {"source": "torchvision", "dataset": "FashionMNIST", "root": FASHION_ROOT, "image_size": 32,
+            "eval_images": 2000, **overrides}
+
+
+def fashion_mnist_present() -> bool:
+    return (Path(FASHION_ROOT) / "train-images-idx3-ubyte.gz").is_file() or (
+        Path(FASHION_ROOT) / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()

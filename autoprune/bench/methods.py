@@ -25,6 +25,7 @@ from autoprune import heal, prune
 from autoprune.config import DataSpec, ModelSpec
 from autoprune.data import DataBundle, reference_task
 from autoprune.driver.prepare import dense_weights, model_source
+from autoprune.errors import AutopruneError
 from autoprune.measure.metrics import accuracy
 from autoprune.models import pooled_group
 
@@ -43,6 +44,7 @@ BENCH_MODELS = {
     "cnn": ModelSpec("resnet18", 10, train_steps=600, kwargs={"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}),
 }
 HEAL_METHODS = ("none", "recalibrate", "finetune", "distill", "align", "align_logits")
+FASHION_TRAIN_IMAGES = 10_000
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,30 @@ class HealingBench:
     options: dict = field(default_factory=dict)  # heal method → option overrides
 
 
+def bench_data(name: str, cache_dir: Path) -> tuple[DataSpec, DataBundle]:
+    """The healing benchmark's task: the reference digits, or real Fashion-MNIST (10,000 training images: the
+    dense models train on them, the calibration sets are drawn from them)."""
+    if name == "reference":
+        return DataSpec(), reference_task(seed=0)
+    from autoprune.bench import FASHION_HOWTO, fashion_mnist_data, fashion_mnist_present
+    from autoprune.data import torchvision_dataset
+
+    if not fashion_mnist_present():
+        raise AutopruneError(f"bench healing --data fashion-mnist: the files are not here; {FASHION_HOWTO}.")
+    spec = DataSpec(**fashion_mnist_data())
+    return spec, torchvision_dataset(name=spec.dataset, root=spec.root, image_size=spec.image_size,
+                                     train_images=FASHION_TRAIN_IMAGES, eval_images=spec.eval_images,
+                                     staging_dir=cache_dir)
+
+
 def run_healing(bench: HealingBench, *, cache_dir: Path, echo: Callable[[str], None] = print) -> list[dict]:
-    data = reference_task(seed=0)
+    data_spec, data = bench_data(bench.data, cache_dir)
     rows = []
     for model_name in bench.models:
         spec = BENCH_MODELS[model_name]
         source = model_source(spec)
         dense = source.create()
-        dense.load_state_dict(dense_weights(spec, DataSpec(), data, cache_dir=cache_dir))
+        dense.load_state_dict(dense_weights(spec, data_spec, data, cache_dir=cache_dir))
         dense.eval()
         dense_accuracy = accuracy(dense, data.eval, data)
         echo(f"{model_name}: dense top-1 {dense_accuracy:.4f}")
@@ -80,7 +98,7 @@ def run_healing(bench: HealingBench, *, cache_dir: Path, echo: Callable[[str], N
                         started = time.perf_counter()
                         top1 = _heal_once(dense, data, bench, method, sparsity, images, seed)
                         rows.append({
-                            "model": model_name, "method": bench.prune_method, "heal": method,
+                            "model": model_name, "data": bench.data, "method": bench.prune_method, "heal": method,
                             "sparsity": sparsity, "calibration_fraction": fraction, "calibration_images": images,
                             "seed": seed, "accuracy": top1, "dense_accuracy": dense_accuracy,
                             "steps": bench.steps if heal.get(method).trains else 0, "lr": bench.lr,
@@ -114,7 +132,7 @@ def healing_markdown(rows: list[dict]) -> str:
         columns = list(dict.fromkeys((r["sparsity"], r["calibration_fraction"]) for r in mine))
         dense = mine[0]["dense_accuracy"]
         images = {(r["sparsity"], r["calibration_fraction"]): r["calibration_images"] for r in mine}
-        out.append(f"**{model}** (dense top-1 {dense:.3f}; magnitude pruning, global threshold; cell: top-1 mean ± std"
+        out.append(f"**{model}** on {mine[0].get('data', 'reference')} (dense top-1 {dense:.3f}; magnitude pruning, global threshold; cell: top-1 mean ± std"
                    f" over {len({r['seed'] for r in mine})} seeds, and the share of dense accuracy recovered)\n")
         out.append("| heal | " + " | ".join(f"{s:.0%} sparse, {f:.0%} calib ({images[(s, f)]} img)" for s, f in columns)
                    + " |")
@@ -133,10 +151,11 @@ def healing_markdown(rows: list[dict]) -> str:
 
 
 def main_healing(*, json_path: str | None, cache_dir: str, seeds: int, quick: bool,
-                 models: Sequence[str] = ("vit", "cnn")) -> int:
-    bench = HealingBench(models=tuple(models), seeds=tuple(range(seeds)))
+                 models: Sequence[str] = ("vit", "cnn"), data: str = "reference") -> int:
+    bench = HealingBench(models=tuple(models), seeds=tuple(range(seeds)), data=data)
     if quick:  # a smoke run: one model, one setting
-        bench = HealingBench(models=("vit",), sparsities=(0.75,), calibration_fractions=(0.01,), seeds=(0,), steps=20)
+        bench = HealingBench(models=("vit",), sparsities=(0.75,), calibration_fractions=(0.01,), seeds=(0,), steps=20,
+                             data=data)
     return _emit(run_healing(bench, cache_dir=Path(cache_dir)), healing_markdown, json_path)
 
 

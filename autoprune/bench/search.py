@@ -26,20 +26,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from autoprune.bench import demo_spec
+from autoprune.bench import FASHION_HOWTO, demo_spec, fashion_mnist_data, fashion_mnist_present
 from autoprune.pareto import hypervolume_2d
 
-FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 # task → (what it changes in the demo's spec, the accuracy floor of its hypervolume's reference point)
 TASKS: dict[str, tuple[dict, float]] = {
     "reference": ({}, 0.85),
     # 4,096 training images (the largest calibration budget is what a search reads), 2,000 test images
-    "fashion-mnist": ({"data": {"source": "torchvision", "dataset": "FashionMNIST", "root": FASHION_ROOT,
-                                "image_size": 32, "eval_images": 2000},
-                       "heal": {"calibration_images": [256, 4096]}}, 0.65),
+    "fashion-mnist": ({"data": fashion_mnist_data(), "heal": {"calibration_images": [256, 4096]}}, 0.65),
 }
 SAMPLERS = ("random", "tpe", "tpe_grouped", "gp")
-ARMS = (*SAMPLERS, "grid")
+HALVING = "+halving"  # an arm `SAMPLER+halving` heals its trials in rungs (search.halving: true)
+ARMS = (*SAMPLERS, "grid", *(f"{sampler}{HALVING}" for sampler in SAMPLERS[1:]))
+DEFAULT_ARMS = (*SAMPLERS, "grid")
 TRIALS = 24  # the budget every arm is held to…
 RANDOM_TRIALS = 72  # …and random search's long run (its first 24 trials are its 24-trial run: it samples blindly)
 CHECKPOINTS = (8, 12, 16, 24, 48, 72)
@@ -54,7 +53,9 @@ def arm_spec(task: str, arm: str, seed: int, trials: int) -> dict:
     raw["name"] = f"bench-search-{task}-{arm}-{seed}"
     raw["data"] = {**raw["data"], **changes.get("data", {})}
     raw["space"]["heal"] = {**raw["space"]["heal"], **changes.get("heal", {})}
-    raw["search"] = {**raw["search"], "trials": trials, "seed": seed, "sampler": "random" if arm == "grid" else arm}
+    sampler = arm.removesuffix(HALVING)
+    raw["search"] = {**raw["search"], "trials": trials, "seed": seed, "halving": arm.endswith(HALVING),
+                     "sampler": "random" if arm == "grid" else sampler}
     raw["mlflow"] = {"experiment": f"bench-search-{task}", "registered_model": f"bench-search-{task}"}
     return raw
 
@@ -90,7 +91,6 @@ def grid_points(space, trials: int) -> list[dict]:
 
 def run_arm(task: str, arm: str, seed: int, trials: int, workdir: Path) -> dict:
     """One search; the trials as the benchmark reads them, in the order Tune created them."""
-    from autoprune import heal
     from autoprune.driver.search import search
     from autoprune.models import layer_groups
     from autoprune.space.define import SearchSpace
@@ -112,10 +112,9 @@ def run_arm(task: str, arm: str, seed: int, trials: int, workdir: Path) -> dict:
             rows.append({"failed": True})
             continue
         config = result.config
-        healed = not result.stopped and heal.get(config.heal.method).trains
         rows.append({"method": config.prune.method, "heal": config.heal.method, "sparsity": result.sparsity,
                      "accuracy": result.accuracy, "latency_ms": result.latency.median_ms, "stopped": result.stopped,
-                     "steps": config.heal.steps if healed else 0})
+                     "steps": result.healing_steps, "rungs": [list(rung) for rung in result.rungs]})
     return {"task": task, "arm": arm, "seed": seed, "wall_s": time.perf_counter() - started,
             "dense_accuracy": outcome.dense.accuracy, "dense_latency_ms": outcome.dense.latency.median_ms,
             "device": outcome.dense.latency.device, "trials": rows}
@@ -153,6 +152,7 @@ def summarise(runs: list[dict]) -> dict:
                 "trials_to_95": _mean_of([r[0] for r in reached if r is not None]),
                 "steps_to_95": _mean_of([r[1] for r in reached if r is not None]),
                 "cannot_join_share": cannot / max(1, sum(trials)),
+                "steps": statistics.mean(sum(r.get("steps", 0) for r in run["trials"]) for run in of_arm),
                 "failed": sum(sum(1 for r in run["trials"] if r.get("failed")) for run in of_arm),
                 "wall_s": statistics.mean(run["wall_s"] for run in of_arm),
             }
@@ -183,15 +183,17 @@ def markdown(summary: dict) -> str:
                   f" latency {latency:.3f} ms, {found['device']}; mean ± std over seeds)", ""]
         shown = [n for n in CHECKPOINTS if any(n in arm["curve"] for arm in found["arms"].values())]
         lines.append("| arm | seeds | " + " | ".join(f"HV @ {n}" for n in shown)
-                     + " | trials to 95% of best | healing steps to 95% | cannot join the front | failed | wall s |")
-        lines.append("|---" * (len(shown) + 7) + "|")
+                     + " | trials to 95% of best | healing steps to 95% | healing steps, all | cannot join the front"
+                     + " | failed | wall s |")
+        lines.append("|---" * (len(shown) + 8) + "|")
         for name, arm in found["arms"].items():
             cells = [f"{arm['curve'][n][0]:.4f} ± {arm['curve'][n][1]:.4f}" if n in arm["curve"] else "–"
                      for n in shown]
             label = f"grid ({arm['trials']:.0f} points)" if name == "grid" else name
             lines.append(f"| {label} | {arm['seeds']} | " + " | ".join(cells)
                          + f" | {arm['trials_to_95']:.1f} ({arm['reached']}/{arm['seeds']} reach it)"
-                         + f" | {arm['steps_to_95']:.0f} | {arm['cannot_join_share']:.0%} | {arm['failed']}"
+                         + f" | {arm['steps_to_95']:.0f} | {arm['steps']:.0f} | {arm['cannot_join_share']:.0%}"
+                         + f" | {arm['failed']}"
                          + f" | {arm['wall_s']:.0f} |")
         lines.append("")
     return "\n".join(lines)
@@ -226,9 +228,8 @@ def run(path: Path, *, tasks: list[str], arms: list[str], seeds: int, workdir: P
 
 
 def available_tasks(wanted: list[str], echo=print) -> list[str]:
-    if "fashion-mnist" in wanted and not (Path(FASHION_ROOT) / "train-images-idx3-ubyte.gz").is_file():
-        echo(f"bench search: Fashion-MNIST is not in {FASHION_ROOT}; on Debian/Ubuntu: `sudo apt-get update &&"
-             " sudo apt-get install -y dataset-fashion-mnist`. Running the reference task only.")
+    if "fashion-mnist" in wanted and not fashion_mnist_present():
+        echo(f"bench search: Fashion-MNIST is not here; {FASHION_HOWTO}. Running the reference task only.")
         wanted = [task for task in wanted if task != "fashion-mnist"]
     return wanted
 
@@ -237,7 +238,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", required=True,
                         help="the runs, kept as they finish; a second call with the same file adds what is missing")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS),
+                        help=f"default: {' '.join(DEFAULT_ARMS)}; SAMPLER{HALVING} heals in rungs")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--trials", type=int, default=TRIALS, help=f"each arm's budget (default {TRIALS})")
     parser.add_argument("--random-trials", type=int, default=RANDOM_TRIALS,

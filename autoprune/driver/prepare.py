@@ -19,6 +19,7 @@ import torch
 from autoprune import data as datasets
 from autoprune.config import Choice, DataSpec, Fixed, ModelSpec, SearchSpec
 from autoprune.data import DataBundle
+from autoprune.halving import SharedRungJudge
 from autoprune.measure.cache import SharedLatencyCache
 from autoprune.models import ModelSource, load_dense
 from autoprune.train import cross_entropy, optimise
@@ -48,7 +49,9 @@ def dense_weights(model: ModelSpec, data_spec: DataSpec, data: DataBundle, *, ca
 
     key = json.dumps(
         {"model": source.name, "classes": source.num_classes, "kwargs": dict(source.kwargs),
-         "data": data_spec.__dict__, "steps": model.train_steps, "seed": seed, "recipe": RECIPE_VERSION},
+         "data": data_spec.__dict__, "steps": model.train_steps, "seed": seed, "recipe": RECIPE_VERSION,
+         # a torchvision or ImageFolder task reads as many training images as the largest calibration budget
+         "train_images": len(data.train)},
         sort_keys=True, default=str,
     )
     path = Path(cache_dir) / f"dense-{source.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
@@ -117,9 +120,11 @@ def largest_calibration_budget(spec: SearchSpec) -> int:
     return int(max(dimension.values) if isinstance(dimension, Choice) else dimension.high)
 
 
-def shared_context(spec: SearchSpec, source: ModelSource, workdir: Path, say) -> tuple[Any, SharedLatencyCache]:
-    """The data, the dense weights and the latency cache, put into Ray's object store once: the dense baseline and
-    every trial read that one copy (its images zero-copy). Returns its reference and the cache."""
+def shared_context(spec: SearchSpec, source: ModelSource, workdir: Path,
+                   say) -> tuple[Any, SharedLatencyCache, SharedRungJudge | None]:
+    """The data, the dense weights, the latency cache and the rung judge (with `search.halving`), put into Ray's
+    object store once: the dense baseline and every trial read that one copy (its images zero-copy). Returns its
+    reference, the cache and the judge."""
     import ray
 
     say(f"autoprune: {spec.name}: loading data and the dense model {spec.model.name}")
@@ -127,6 +132,7 @@ def shared_context(spec: SearchSpec, source: ModelSource, workdir: Path, say) ->
     bundle = load_data(spec, cache_dir=cache_dir, echo=lambda line: say(f"autoprune: data.{line}"))
     state = dense_weights(spec.model, spec.data, bundle, cache_dir=cache_dir, seed=spec.search.seed)
     latency_cache = SharedLatencyCache.start()
+    judge = SharedRungJudge.start(spec.search.halving) if spec.search.halving else None
     context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms, latency_cache=latency_cache,
-                           healing_engine=spec.heal_runtime)
-    return ray.put(context), latency_cache  # the driver's own copies go when this returns
+                           healing_engine=spec.heal_runtime, judge=judge)
+    return ray.put(context), latency_cache, judge  # the driver's own copies go when this returns

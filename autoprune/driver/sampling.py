@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 from ray.tune.search.optuna import OptunaSearch
 
 from autoprune.config import SearchSpec
+from autoprune.driver.warm import Completed
 from autoprune.space.define import SearchSpace
 from autoprune.tracking.schema import TRIAL_ERROR
 
@@ -57,6 +58,16 @@ class ConstrainedOptunaSearch(OptunaSearch):
             excess = float(result["latency_ms"]) - target if result and "latency_ms" in result else NO_LATENCY
             self._ot_trials[trial_id].set_constraint(LATENCY_CONSTRAINT, excess)
         super().on_trial_complete(trial_id, result, error)
+
+    def tell_earlier(self, completed: Sequence[Completed]) -> None:
+        """Earlier trials (a warm start from a search that measured the same way) as completed Optuna trials."""
+        import optuna
+
+        for trial in completed:
+            constraints = None if self.target_ms is None else {LATENCY_CONSTRAINT: trial.latency_ms - self.target_ms}
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=dict(trial.params), distributions=dict(trial.distributions), values=list(trial.values),
+                constraints=constraints))
 
 
 def latency_constrained_searcher(space: SearchSpace, spec: SearchSpec, *,

@@ -24,8 +24,10 @@ from autoprune.driver.prepare import model_source, shared_context
 from autoprune.driver.progress import TrialPublisher
 from autoprune.driver.resume import resumable_parent
 from autoprune.driver.tune import run_tune
+from autoprune.driver.warm import earlier_search, warm_start
 from autoprune.driver.worker import dense_baseline
 from autoprune.errors import AutopruneError
+from autoprune.halving import SharedRungJudge, rungs_of
 from autoprune.models import layer_groups
 from autoprune.result import TrialRecord, TrialResult
 from autoprune.space.define import SearchSpace
@@ -46,13 +48,15 @@ def search(
     echo: Callable[[str], None] | None = print,
     drop_unusable_methods: bool = False,
     first_points: Sequence[Mapping[str, Any]] = (),
+    warm_start_from: str | None = None,
 ) -> SearchOutcome:
     """Run a search end to end. Everything is validated before Ray starts; `echo` shows progress (None: quiet).
     `storage` overrides the spec's `search.storage` (where trials write their checkpoints). `resume` continues a
     search whose driver stopped: a parent run id, or "latest" (the newest unfinished search of this spec's name).
     A pruning method that cannot prune the spec's model is an error, or with `drop_unusable_methods` left out.
     `first_points` are Optuna parameters (`prune.method`, `prune.sparsity.knot0`, …) the first trials take, in order
-    (a grid, configurations known to be good); what a point leaves out is sampled."""
+    (a grid, configurations known to be good); what a point leaves out is sampled. `warm_start_from` (an earlier
+    search's parent run id, in the same MLflow and storage) seeds the sampler with its trials (driver/warm.py)."""
     started = time.perf_counter()
     say = echo or (lambda line: None)
     spec = load_spec(spec) if not isinstance(spec, SearchSpec) else spec
@@ -63,23 +67,37 @@ def search(
     workdir.mkdir(parents=True, exist_ok=True)
     tracker = _tracker(spec, tracking_uri, workdir)
     storage = spec.search.storage or str(workdir / "ray")
+    if resume and warm_start_from:
+        raise AutopruneError("--resume continues a search with its own history; --warm-start begins a new one from"
+                             " another's: give one of them")
     resumed = resumable_parent(tracker, spec, resume, storage) if resume else None
+    earlier_run = (earlier_search(warm_start_from, tracker=tracker, storage=storage,
+                                  downloads=workdir / "checkpoints" / warm_start_from) if warm_start_from else None)
     space = SearchSpace(spec, layer_groups(source.create()))  # the spec's groups exist in the model (no weights needed)
 
     ray = _start_ray(address)
     check_cluster(spec, ray.cluster_resources(), say)
-    context_ref, latency_cache = shared_context(spec, source, workdir, say)
-    dense, parent_id = _dense_and_parent_run(spec, tracker, context_ref, resumed, say)
-    setup_seconds = time.perf_counter() - started
+    context_ref, latency_cache, judge = shared_context(spec, source, workdir, say)
+    try:
+        dense, parent_id = _dense_and_parent_run(spec, tracker, context_ref, resumed, say)
+        setup_seconds = time.perf_counter() - started
 
-    path, downloads = experiment_path(storage, parent_id), workdir / "checkpoints" / parent_id
-    earlier = records_from_storage(path, downloads)[0] if resumed else []
-    _remember_latencies(latency_cache, [dense, *(record.result for record in earlier)])
-    publisher = TrialPublisher(tracker, parent_id, spec, say, dense, downloads=downloads, earlier=earlier)
-    tune_started = time.perf_counter()
-    run_tune(spec, space, context_ref, publisher, storage=storage, run_name=parent_id, resume=bool(resumed),
-             dense_latency_ms=_stop_unless_faster_than(spec, dense, say), first_points=first_points)
-    tune_seconds = time.perf_counter() - tune_started
+        path, downloads = experiment_path(storage, parent_id), workdir / "checkpoints" / parent_id
+        earlier = records_from_storage(path, downloads)[0] if resumed else []
+        _remember_latencies(latency_cache, [dense, *(record.result for record in earlier)])
+        _remember_rungs(judge, [record.result for record in earlier], say)
+        if not resumed:  # a resumed search's sampler keeps the space it started with
+            spec = _methods_that_can_be_faster(spec, dense, say)
+            space = SearchSpace(spec, space.groups)
+        warm = warm_start(earlier_run, spec=spec, space=space, dense=dense, say=say) if earlier_run else None
+        publisher = TrialPublisher(tracker, parent_id, spec, say, dense, downloads=downloads, earlier=earlier)
+        tune_started = time.perf_counter()
+        run_tune(spec, space, context_ref, publisher, storage=storage, run_name=parent_id, resume=bool(resumed),
+                 dense_latency_ms=_stop_unless_faster_than(spec, dense),
+                 first_points=[*(warm.points if warm else ()), *first_points], earlier=warm.completed if warm else ())
+        tune_seconds = time.perf_counter() - tune_started
+    finally:  # the search's small actors end with it (one Python session may run many searches)
+        _stop(latency_cache, judge)
 
     # Tune's storage, not what the callback saw, is the record: it also holds a resumed search's earlier trials.
     records, _ = records_from_storage(path, downloads)
@@ -122,19 +140,49 @@ def _start_ray(address: str | None):
     return ray
 
 
-def _stop_unless_faster_than(spec: SearchSpec, dense: TrialResult, say) -> float | None:
-    """The dense latency a trial must beat to be healed (search.stop_unless_faster), and which methods cannot: those
-    that keep the dense shapes and, on this device, run on dense kernels."""
+def _stop_unless_faster_than(spec: SearchSpec, dense: TrialResult) -> float | None:
+    """The dense latency a trial must beat to be healed (search.stop_unless_faster; None: every trial heals)."""
     if not spec.search.stop_unless_faster or spec.cost_metric not in ("latency_ms", "latency_p90_ms"):
         return None
+    return dense.latency.median_ms
+
+
+def _methods_that_can_be_faster(spec: SearchSpec, dense: TrialResult, say) -> SearchSpec:
+    """With search.stop_unless_faster, the spec without the pruning methods that keep the dense shapes and, on the
+    device the dense model was measured on, run dense kernels: none of their trials could be faster than the dense
+    model, so each would be a trial spent to learn nothing. Says which were left out, and why."""
+    if _stop_unless_faster_than(spec, dense) is None:
+        return spec
     on_gpu = not dense.latency.device.startswith("cpu")  # the device reads "cpu: <model> (<n> threads)" on a CPU
     dense_kernels = [name for name in spec.prune.methods if name != "none" and not prune.get(name).structured
                      and not (prune.get(name).semi_structured and on_gpu)]
-    if dense_kernels:
-        say(f"autoprune: on {dense.latency.device}, {', '.join(dense_kernels)} run with the dense shapes on dense"
-            f" kernels: their trials cannot be faster than the dense model ({dense.latency.median_ms:.3f} ms) and"
-            " stop after profiling (search.stop_unless_faster: false heals them anyway)")
-    return dense.latency.median_ms
+    if not dense_kernels:
+        return spec
+    kept = tuple(name for name in spec.prune.methods if name not in dense_kernels)
+    if not [name for name in kept if name != "none"]:
+        raise AutopruneError(
+            f"space.prune.methods: on {dense.latency.device}, {', '.join(dense_kernels)} run with the dense shapes"
+            " on dense kernels, so no trial could be faster than the dense model. Add a method that removes"
+            " channels (structured, vbp), time on a GPU with 2:4 kernels for nm, or set search.stop_unless_faster:"
+            " false to heal them anyway.")
+    say(f"autoprune: on {dense.latency.device}, {', '.join(dense_kernels)} run with the dense shapes on dense kernels:"
+        f" no trial of theirs could be faster than the dense model ({dense.latency.median_ms:.3f} ms), so this"
+        " search leaves them out (search.stop_unless_faster: false keeps and heals them)")
+    return replace(spec, prune=replace(spec.prune, methods=kept))
+
+
+def _remember_rungs(judge: SharedRungJudge | None, results: list[TrialResult | None], say) -> None:
+    """Successive halving: what a resumed search's trials showed at their rungs is what later ones are judged
+    against. Says how trials are judged."""
+    if judge is None:
+        return
+    rungs = ", ".join(f"{fraction:.0%}" for fraction in judge.halving.rungs)
+    say(f"autoprune: successive halving: a trial that trains heals first {rungs} of its steps, and goes on while no"
+        f" trial at least as fast was more accurate at that rung by more than {judge.halving.margin:g}")
+    for result in results:
+        if result is not None and result.rungs:
+            for (fraction, _), (_, top1) in zip(rungs_of(result.config.heal.steps, judge.halving.rungs), result.rungs):
+                judge.promote(fraction, top1, result.latency.median_ms)
 
 
 def _dense_and_parent_run(spec: SearchSpec, tracker: Tracker, context_ref: Any, resumed: str | None,
@@ -158,6 +206,14 @@ def _dense_and_parent_run(spec: SearchSpec, tracker: Tracker, context_ref: Any, 
     tracker.log_dense(parent_id, dense)
     say(f"autoprune: search run {parent_id} (if this driver stops: autoprune search SPEC --resume {parent_id})")
     return dense, parent_id
+
+
+def _stop(*helpers) -> None:
+    import ray
+
+    for helper in helpers:
+        if helper is not None:
+            ray.kill(helper.actor)
 
 
 def _remember_latencies(latency_cache, results: list[TrialResult | None]) -> None:

@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 from autoprune.config import SearchSpec
 from autoprune.driver.sampling import latency_constrained_searcher
+from autoprune.driver.warm import Completed
 from autoprune.driver.worker import SharedContext, tune_trial
 from autoprune.space.define import SearchSpace
 from autoprune.tracking.publish import experiment_path
@@ -18,7 +19,8 @@ from autoprune.train.deepspeed import trial_bundles
 
 
 def run_tune(spec: SearchSpec, space: SearchSpace, context_ref, publisher, *, storage: str, run_name: str,
-             resume: bool = False, dense_latency_ms: float | None = None, first_points: Sequence[Mapping] = ()):
+             resume: bool = False, dense_latency_ms: float | None = None, first_points: Sequence[Mapping] = (),
+             earlier: Sequence[Completed] = ()):
     import optuna
     from ray import tune
 
@@ -40,6 +42,7 @@ def run_tune(spec: SearchSpec, space: SearchSpace, context_ref, publisher, *, st
         tuner._local_tuner.get_run_config().callbacks = [publisher]
         return tuner.fit()
     searcher = latency_constrained_searcher(space, spec, first_points=first_points)
+    searcher.tell_earlier(earlier)  # a warm start's trials, measured as this search measures
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

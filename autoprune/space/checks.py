@@ -61,6 +61,15 @@ def objectives(objectives: Mapping[str, Any], origin: str) -> None:
         raise SpecError(f"{origin}: objectives.{costs[0]}: must be `min`, but got {objectives[costs[0]]!r}.")
 
 
+def halving_objective(settings, objectives: Mapping[str, Any], origin: str) -> None:
+    """Successive halving judges trials at their rungs by accuracy and measured latency: the search's cost must be
+    a latency."""
+    cost = next(metric for metric in objectives if metric != "accuracy")
+    if settings.halving is not None and cost not in ("latency_ms", "latency_p90_ms"):
+        raise SpecError(f"{origin}: search.halving: judges trials by accuracy and latency, but the objective here is"
+                        f" {cost!r}; use latency_ms / latency_p90_ms, or leave search.halving out.")
+
+
 def sparsity_mode(sparsity: SparsitySpace, methods: Sequence[str], origin: str) -> None:
     """Each method that takes a sparsity must take the space's way of spreading it."""
     for method in methods:

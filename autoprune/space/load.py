@@ -25,6 +25,7 @@ from autoprune.config import (
     Choice,
     DataSpec,
     Fixed,
+    Halving,
     HealingEngine,
     HealSpace,
     MlflowSpec,
@@ -109,6 +110,7 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
     healing = _heal_runtime(_renamed(root, "healing", "heal_runtime").section("heal_runtime"))
     settings = _search(root.section("search"))
     checks.whole_gpus(settings, profile, healing, objectives, origin)
+    checks.halving_objective(settings, objectives, origin)
     mlflow = _mlflow(root.section("mlflow"), name)
     space = root.section("space", required=True)
     prune_space = _prune_space(space.section("prune", required=True))
@@ -229,6 +231,7 @@ def _search(section: Section) -> SearchSettings:
         seed=section.take("seed", int, 0, check=non_negative),
         max_retries=section.take("max_retries", int, 1, check=non_negative),
         stop_unless_faster=section.take("stop_unless_faster", bool, True),
+        halving=_halving(section),
         cpu=resources.take("cpu", float, 1.0, check=positive),
         gpu=resources.take("gpu", float, 0.0, check=non_negative),
         storage=no_credentials(section, "storage", section.take("storage", str, None, check=storage_path)),
@@ -236,6 +239,23 @@ def _search(section: Section) -> SearchSettings:
     resources.done()
     section.done()
     return spec
+
+
+def _halving(search: Section) -> Halving | None:
+    """`search.halving`: true (the default rungs and margin), false / absent, or {rungs: [...], margin: ...}."""
+    raw = search.raw.get("halving") if isinstance(search.raw, dict) else None
+    if raw is None or isinstance(raw, bool):
+        search.take("halving", bool, False)
+        return Halving() if raw else None
+    section = search.section("halving")
+    rungs = section.take("rungs", list, list(Halving.rungs))
+    if not rungs or any(not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r < 1 for r in rungs):
+        raise section.fail("rungs", f"must be fractions of the healing steps, each between 0 and 1 (say [0.11, 0.33]),"
+                                    f" but got {rungs!r}.")
+    halving = Halving(rungs=tuple(sorted(float(r) for r in rungs)),
+                      margin=section.take("margin", float, Halving.margin, check=non_negative))
+    section.done()
+    return halving
 
 
 def _mlflow(section: Section, name: str) -> MlflowSpec:

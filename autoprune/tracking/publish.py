@@ -50,7 +50,7 @@ def trial_record(trial, downloads: Path, *, status: str | None = None) -> TrialR
                            error=reported.get(schema.TRIAL_ERROR, "the trial ended without reporting a result"))
     checkpoint = trial.checkpoint
     model_dir = _local_copy(checkpoint, downloads / trial.trial_id) if checkpoint else None
-    return TrialRecord(trial.trial_id, result, model_dir=model_dir)
+    return TrialRecord(trial.trial_id, result, model_dir=model_dir, params=dict(trial.config or {}))
 
 
 def records_from_storage(path: str, downloads: Path) -> tuple[list[TrialRecord], int]:
@@ -112,10 +112,11 @@ class Published:
 
 def publish_search(
     tracker: Tracker, parent_id: str, *, name: str, cost_metric: str, registered_model: str, dense: TrialResult,
-    records: Sequence[TrialRecord], metrics: Mapping[str, float] | None = None,
+    records: Sequence[TrialRecord], metrics: Mapping[str, float] | None = None, aliases: bool = True,
 ) -> Published:
     """Every trial as a child run (those already there are kept), the front tagged, the table, plots and summary
-    metrics on the parent run, the front registered; `metrics` adds to the parent's summary."""
+    metrics on the parent run, the front registered (with `aliases`, the most accurate and the fastest of them
+    get the registered model's aliases); `metrics` adds to the parent's summary."""
     records = list(records)
     logged = tracker.trial_runs(parent_id)
     run_ids = {record.trial_id: tracker.log_trial(parent_id, record, logged=logged) for record in records}
@@ -142,7 +143,8 @@ def publish_search(
         }
         tracker.finish_search(parent_id, rows=rows, front_run_ids=[run_ids[r.trial_id] for r in front],
                               artifacts=plots, metrics=summary)
-    versions = tracker.register(registered_model, parent_id, [(run_ids[r.trial_id], r) for r in front])
+    versions = tracker.register(registered_model, parent_id, [(run_ids[r.trial_id], r) for r in front],
+                                aliases=aliases)
     return Published(front=front, run_ids=run_ids, versions=[str(v.version) for v in versions])
 
 

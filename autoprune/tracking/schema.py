@@ -68,6 +68,8 @@ def trial_metrics(result: TrialResult) -> dict[str, float]:
     }
     if result.feasible:
         metrics["accuracy"] = result.accuracy
+    metrics["healing_steps"] = result.healing_steps
+    metrics.update({f"accuracy_rung{index}": top1 for index, (_, top1) in enumerate(result.rungs, start=1)})
     metrics.update({f"latency_ms_batch{batch}": p.median_ms for batch, p in result.extra_latency.items()})
     metrics.update({f"time_{stage}_s": seconds for stage, seconds in result.timings.items()})
     return metrics
@@ -93,9 +95,9 @@ def dense_metrics(result: TrialResult) -> dict[str, float]:
 
 
 def report(result: TrialResult) -> dict[str, Any]:
-    """What a trial reports to Tune: the whole result, and flat values for Optuna. An infeasible trial reports
-    accuracy 0, so that the sampler sees it as a bad point."""
-    return {**trial_metrics(result), "accuracy": result.accuracy if result.feasible else 0.0,
+    """What a trial reports to Tune: the whole result, and flat values for Optuna. A trial stopped at a rung reports
+    the accuracy it had there (what the sampler knows of it); one stopped unhealed reports 0, a bad point."""
+    return {**trial_metrics(result), "accuracy": result.best_known_accuracy or 0.0,
             RESULT_KEY: json.dumps(result.to_dict())}
 
 

@@ -226,8 +226,10 @@ class Tracker:
 
     # ---- registry ------------------------------------------------------------------------------------------
 
-    def register(self, model_name: str, parent_id: str, entries: Sequence[tuple[str, TrialRecord]]) -> list:
-        """Register each (child run id, record) as a version of `model_name`; aliases to the extremes.
+    def register(self, model_name: str, parent_id: str, entries: Sequence[tuple[str, TrialRecord]], *,
+                 aliases: bool = True) -> list:
+        """Register each (child run id, record) as a version of `model_name`; with `aliases`, the registered
+        model's aliases go to the extremes among them.
 
         A trial already registered (same parent run and trial id) is not registered again.
         """
@@ -252,7 +254,7 @@ class Tracker:
                     model_name, source, run_id=run_id, tags=schema.version_tags(record.result, key)
                 )
             )
-        if versions:
+        if versions and aliases:
             most_accurate = max(versions, key=lambda v: (float(v.tags["accuracy"]), -float(v.tags["latency_ms"])))
             fastest = min(versions, key=lambda v: (float(v.tags["latency_ms"]), -float(v.tags["accuracy"])))
             self.client.set_registered_model_alias(model_name, schema.ALIAS_MOST_ACCURATE, most_accurate.version)

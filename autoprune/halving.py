@@ -1,0 +1,91 @@
+"""Successive halving on two objectives: a trial heals in rungs and goes on only while it is near the front.
+
+Ray Tune's schedulers and Optuna's pruners rank trials by one number; a pruning search has two (accuracy and
+latency), and its latency is known before healing starts. So a trial whose healing trains is first healed with a
+fraction of its steps (the rungs: 1/9, then 1/3 of them, by default), evaluated, and judged against every result
+seen at that rung so far, in the way of multi-objective successive halving (MO-ASHA): it goes on unless a trial at
+least as fast was more accurate at the same rung by more than `margin`. Each rung heals a copy of the pruned model
+afresh, with its own schedule over its steps, so that a rung's accuracy is that of the same trial with a smaller
+budget, and a trial promoted to the end is exactly the trial that would have run without rungs. Judging is
+asynchronous (as ASHA's): the first trials at a rung have little to be judged against and go on.
+
+The judge is one small Ray actor in a search (`SharedRungJudge`), a plain object without Ray (`LocalRungJudge`).
+A judge that is gone never stops a trial.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol, Sequence
+
+from autoprune.config import Halving
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT_S = 60
+MIN_RUNG_STEPS = 2  # a rung of fewer steps than this says nothing about the trial
+
+
+def rungs_of(steps: int, fractions: Sequence[float]) -> list[tuple[float, int]]:
+    """(fraction, healing steps) of each rung a trial of `steps` steps passes through before its full healing.
+    A rung shorter than MIN_RUNG_STEPS, or not shorter than the full healing, or no longer than the rung before
+    it, is left out."""
+    rungs: list[tuple[float, int]] = []
+    for fraction in sorted(fractions):
+        count = round(steps * fraction)
+        if MIN_RUNG_STEPS <= count < steps and (not rungs or count > rungs[-1][1]):
+            rungs.append((fraction, count))
+    return rungs
+
+
+def outdone(accuracy: float, latency_ms: float, others: Sequence[tuple[float, float]], margin: float) -> bool:
+    """Whether a trial at least as fast as (`accuracy`, `latency_ms`) was more accurate by more than `margin`."""
+    return any(other_latency <= latency_ms and other_accuracy > accuracy + margin
+               for other_accuracy, other_latency in others)
+
+
+class RungJudge(Protocol):
+    halving: Halving
+
+    def promote(self, fraction: float, accuracy: float, latency_ms: float) -> bool:
+        """Record a trial's result at the rung of this fraction of its steps; whether it goes on healing."""
+
+
+class LocalRungJudge:
+    """The results seen at each rung (keyed by the rung's fraction of the steps), within one process."""
+
+    def __init__(self, halving: Halving) -> None:
+        self.halving = halving
+        self.seen: dict[float, list[tuple[float, float]]] = {}
+
+    def promote(self, fraction: float, accuracy: float, latency_ms: float) -> bool:
+        others = self.seen.setdefault(round(fraction, 6), [])
+        verdict = not outdone(accuracy, latency_ms, others, self.halving.margin)
+        others.append((accuracy, latency_ms))  # a stopped trial's result is a competitor as well
+        return verdict
+
+
+class SharedRungJudge:
+    """A handle on one Ray actor that judges every trial of a search; it pickles, so trial workers can use it."""
+
+    def __init__(self, actor, halving: Halving) -> None:
+        self.actor, self.halving = actor, halving
+
+    @classmethod
+    def start(cls, halving: Halving) -> "SharedRungJudge":
+        import ray
+
+        # num_cpus=0: a comparison must not take a trial's CPU slot. Restarted (empty) if it dies.
+        actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(LocalRungJudge).remote(halving)
+        return cls(actor, halving)
+
+    def promote(self, fraction: float, accuracy: float, latency_ms: float) -> bool:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            return ray.get(self.actor.promote.remote(fraction, accuracy, latency_ms),
+                           timeout=CALL_TIMEOUT_S)
+        except (RayActorError, GetTimeoutError) as error:
+            log.warning("rung judge unavailable (%s): the trial goes on", type(error).__name__)
+            return True

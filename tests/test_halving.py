@@ -1,0 +1,148 @@
+"""Successive halving on two objectives: the rungs, the rule, the spec, a trial healed in rungs (a ViT and a CNN
+with BatchNorm), and a real search whose trials are judged by one shared judge."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import TINY_RESNET, TINY_VIT
+
+from autoprune.config import Halving, HealConfig, ProfileSpec, PruneConfig, TrialConfig
+from autoprune.errors import SpecError
+from autoprune.halving import LocalRungJudge, outdone, rungs_of
+from autoprune.models import POOLED_GROUP
+from autoprune.space.load import parse_spec
+from autoprune.testing.models import briefly_trained
+from autoprune.tracking.schema import report, result_from_report, trial_metrics
+from autoprune.trial import TrialContext, run_trial
+
+
+def test_rungs_are_fractions_of_each_trials_own_steps():
+    ninth, third = Halving().rungs
+    assert rungs_of(120, (ninth, third)) == [(ninth, 13), (third, 40)]
+    assert rungs_of(20, (ninth, third)) == [(ninth, 2), (third, 7)]
+    assert rungs_of(9, (ninth, third)) == [(third, 3)]  # one step says nothing: that rung is left out
+    assert rungs_of(3, (ninth, third)) == []
+    assert rungs_of(10, (0.5, 0.52, 0.99)) == [(0.5, 5)]  # no rung as long as the one before, or as the whole
+
+
+def test_a_trial_goes_on_unless_one_at_least_as_fast_was_more_accurate_by_the_margin():
+    assert not outdone(0.80, 2.0, [], margin=0.01)
+    assert outdone(0.80, 2.0, [(0.90, 1.5)], margin=0.01)  # faster and more accurate
+    assert outdone(0.80, 2.0, [(0.90, 2.0)], margin=0.01)  # as fast and more accurate
+    assert not outdone(0.80, 2.0, [(0.805, 1.5)], margin=0.01)  # within the margin: near the front
+    assert not outdone(0.80, 2.0, [(0.99, 2.5)], margin=0.01)  # more accurate, but slower: a trade-off
+    judge = LocalRungJudge(Halving(rungs=(0.5,), margin=0.0))
+    assert judge.promote(0.5, 0.7, 3.0)  # the first has nothing to be judged against
+    assert judge.promote(0.5, 0.6, 2.0)  # faster
+    assert not judge.promote(0.5, 0.5, 2.5)  # slower than the second and less accurate
+    assert judge.promote(0.25, 0.1, 9.0)  # another rung has its own results
+
+
+def _demo_raw(**search) -> dict:
+    from autoprune.bench import demo_spec
+
+    raw = demo_spec()
+    raw["search"].update(search)
+    return raw
+
+
+def test_the_spec_takes_halving_as_true_or_as_rungs_and_margin():
+    assert parse_spec(_demo_raw()).search.halving is None
+    assert parse_spec(_demo_raw(halving=True)).search.halving == Halving()
+    assert parse_spec(_demo_raw(halving={"rungs": [0.5, 0.25], "margin": 0.02})).search.halving == Halving((0.25, 0.5),
+                                                                                                           0.02)
+    with pytest.raises(SpecError, match=r"search.halving.rungs: must be fractions .* got \[1.5\]"):
+        parse_spec(_demo_raw(halving={"rungs": [1.5]}))
+    with pytest.raises(SpecError, match="search.halving.rung: unknown key; valid keys here: margin, rungs"):
+        parse_spec(_demo_raw(halving={"rung": [0.5]}))
+    raw = _demo_raw(halving=True)
+    raw["objectives"] = {"accuracy": "max", "macs": "min"}
+    with pytest.raises(SpecError, match="search.halving: judges trials by accuracy and latency, but the objective"):
+        parse_spec(raw)
+
+
+PROFILE = ProfileSpec(batch_size=2, warmup=1, repeats=3)
+CASES = {  # a ViT, and a CNN with BatchNorm (whose statistics a rung's copy must not share with the trial's model)
+    "vit": (TINY_VIT, TrialConfig(PruneConfig("structured", {POOLED_GROUP: 0.5}, {"round_to": 1}),
+                                  HealConfig("distill", calibration_images=64, steps=9, lr=1e-3, batch_size=16,
+                                             options={"alpha": 0.5, "temperature": 2.0, "label_smoothing": 0.1}))),
+    "cnn": (TINY_RESNET, TrialConfig(PruneConfig("vbp", {POOLED_GROUP: 0.5}),
+                                     HealConfig("finetune", calibration_images=64, steps=9, lr=1e-3, batch_size=16,
+                                                options={"label_smoothing": 0.1}))),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, bundle):
+    source, config = CASES[request.param]
+    dense = briefly_trained(source, bundle, steps=60)
+    return TrialContext(source, dense.state_dict(), bundle, PROFILE), config
+
+
+def test_a_promoted_trial_is_the_trial_without_rungs(case):
+    """Each rung heals a copy afresh: a trial that goes on to its whole budget ends exactly where it would have
+    without rungs, and its rungs are recorded and count as healing spent."""
+    context, config = case
+    plain = run_trial(config, context, threads=1)
+    judged = run_trial(config, replace(context, judge=LocalRungJudge(Halving())), threads=1)
+    assert judged.rungs and [steps for steps, _ in judged.rungs] == [3]  # 9 steps: 1/9 is one step, left out
+    assert judged.accuracy == plain.accuracy and judged.latency.median_ms > 0
+    assert judged.healing_steps == 3 + 9 and plain.healing_steps == 9
+    assert trial_metrics(judged)["accuracy_rung1"] == judged.rungs[0][1]
+
+
+def test_an_outdone_trial_stops_at_its_rung_with_the_accuracy_it_had_there(case):
+    context, config = case
+    judge = LocalRungJudge(Halving(rungs=(1 / 3,), margin=0.0))
+    judge.promote(1 / 3, 1.0, 1e-6)  # a trial faster and perfectly accurate at that rung came first
+    result = run_trial(config, replace(context, judge=judge), threads=1)
+    assert result.accuracy is None and not result.feasible
+    assert result.stopped.startswith("outdone after 3 of 9 healing steps")
+    (steps, top1), = result.rungs
+    assert steps == 3 and 0 <= top1 <= 1 and result.healing_steps == 3
+    assert report(result)["accuracy"] == top1  # what the sampler is told: its accuracy at the rung
+    assert result_from_report(report(result)) == result
+
+
+def test_a_trial_that_does_not_train_is_not_judged(case):
+    context, config = case
+    judge = LocalRungJudge(Halving(margin=0.0))
+    judge.promote(1 / 3, 1.0, 1e-6)
+    untrained = replace(config, heal=HealConfig("none", calibration_images=64))  # VBP still reads images
+    result = run_trial(untrained, replace(context, judge=judge), threads=1)
+    assert result.feasible and result.rungs == () and result.healing_steps == 0
+
+
+@pytest.mark.e2e
+def test_a_search_with_halving_judges_every_trial_by_one_judge(local_ray, tmp_path):
+    """A real search (Ray, Optuna, MLflow): trials heal in rungs, the rung accuracies are child-run metrics, and
+    a trial stopped at its rung was outdone by another trial's result at that rung."""
+    from test_e2e import SPEC
+
+    from autoprune.driver.search import search
+    from autoprune.tracking.store import Tracker
+
+    raw = {**SPEC, "name": "e2e-halving", "mlflow": {"experiment": "e2e-halving", "registered_model": "e2e-halving"},
+           "search": {**SPEC["search"], "trials": 6, "halving": {"rungs": [0.5], "margin": 0.0}},
+           "space": {"prune": {"methods": ["structured"], "sparsity": {"mode": "global", "low": 0.3, "high": 0.8}},
+                     "heal": {**SPEC["space"]["heal"], "methods": ["distill"], "steps": 8}}}
+    lines: list[str] = []
+    outcome = search(parse_spec(raw), workdir=tmp_path, echo=lines.append)
+    assert any("successive halving" in line for line in lines)
+    results = [record.result for record in outcome.records]
+    assert len(results) == 6 and all(r is not None and [s for s, _ in r.rungs] == [4] for r in results)
+    for result in results:
+        if not result.feasible:
+            assert result.stopped.startswith("outdone after 4 of 8") and result.healing_steps == 4
+            assert any(other.rungs[0][1] > result.rungs[0][1] and other.latency.median_ms <= result.latency.median_ms
+                       for other in results if other is not result)
+        else:
+            assert result.healing_steps == 12
+    metrics = [run.data.metrics for run in Tracker(outcome.tracking_uri, "e2e-halving").child_runs(
+        outcome.parent_run_id)]
+    assert sorted(m["accuracy_rung1"] for m in metrics) == sorted(r.rungs[0][1] for r in results)
+    assert all("healing_steps" in m for m in metrics)
+    assert torch.isfinite(torch.tensor([m["accuracy_rung1"] for m in metrics])).all()
