@@ -41,6 +41,12 @@ def test_best_on_an_empty_store_says_what_to_do(tmp_path, capsys):
     assert "run `autoprune search` first" in capsys.readouterr().err
 
 
+def test_retarget_of_an_unknown_run_is_a_one_line_error(tmp_path, capsys):
+    assert main(["retarget", "nope", "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "no MLflow run 'nope'" in err and "Traceback" not in err
+
+
 def test_methods_lists_the_registries(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out

@@ -172,16 +172,39 @@ def test_every_sampler_searches_the_conditional_space_under_a_latency_target(sam
     raw = copy.deepcopy(DEMO)
     raw["latency_target_ms"] = 2.0
     raw["search"]["sampler"] = sampler
-    raw["search"]["trials"] = 5
+    raw["search"]["trials"] = 10
     spec = parse_spec(raw)
     space = SearchSpace(spec, GROUPS)
     searcher = latency_constrained_searcher(space, spec)
-    for index in range(5):
+    for index in range(10):  # past the coarse start (7 points here) of the small-budget samplers
         config = space.to_config(searcher.suggest(f"t{index}"))
         assert config.prune.method in spec.prune.methods
         sparsity = sum(config.prune.sparsity.values()) / max(len(config.prune.sparsity), 1)
         searcher.on_trial_complete(f"t{index}", {"accuracy": 1 - sparsity / 2, "latency_ms": 3.0 - 2 * sparsity})
-    assert len(searcher._ot_study.trials) == 5
+    assert len(searcher._ot_study.trials) == 10
+
+
+def test_the_small_budget_samplers_begin_with_a_coarse_start_over_method_and_sparsity():
+    """tpe_grouped and gp spend their first trials on each method at a few uniform sparsities spread over the range,
+    healed with the largest budget (more healing costs no accuracy); the healing method is left to the sampler."""
+    from autoprune.driver.sampling import latency_constrained_searcher
+
+    raw = copy.deepcopy(DEMO)
+    raw["search"].update(sampler="tpe_grouped", trials=24)
+    spec = parse_spec(raw)
+    space = SearchSpace(spec, GROUPS)
+    points = space.coarse_start(24)
+    sparse = [m for m in spec.prune.methods if m != "nm"]
+    assert [p["prune.method"] for p in points] == sparse * 2 + ["nm"]  # 24 / 4 / 3 → 2 sparsities each, nm once
+    assert sorted({p["prune.sparsity.knot0"] for p in points if "prune.sparsity.knot0" in p}) == [0.45, 0.75]
+    assert all(p["heal.steps"] == 120 and p["heal.calibration_images"] == 256 for p in points)
+    searcher = latency_constrained_searcher(space, spec)
+    for index, point in enumerate(points):
+        config = space.to_config(searcher.suggest(f"t{index}"))
+        assert config.prune.method == point["prune.method"] and config.heal.calibration_images == 256
+        searcher.on_trial_complete(f"t{index}", {"accuracy": 0.5, "latency_ms": 1.0})
+    random_spec = parse_spec({**raw, "search": {**raw["search"], "sampler": "random"}})
+    assert not latency_constrained_searcher(space, random_spec)._points_to_evaluate  # random search stays random
 
 
 def test_a_trial_that_reports_its_own_error_reaches_optuna_as_failed():

@@ -147,7 +147,7 @@ def summarise(runs: list[dict]) -> dict:
             cannot = sum(sum(1 for r in run["trials"] if "not faster" in r.get("stopped", "")) for run in of_arm)
             arms[arm] = {
                 "seeds": len(of_arm), "trials": statistics.mean(trials), "curve": curve,
-                "final": (statistics.mean(hypervolume(run["trials"], reference) for run in of_arm)),
+                "final": statistics.mean(hypervolume(run["trials"], reference) for run in of_arm),
                 "reached": sum(1 for r in reached if r is not None),
                 "trials_to_95": _mean_of([r[0] for r in reached if r is not None]),
                 "steps_to_95": _mean_of([r[1] for r in reached if r is not None]),
@@ -183,15 +183,15 @@ def markdown(summary: dict) -> str:
                   f" latency {latency:.3f} ms, {found['device']}; mean ± std over seeds)", ""]
         shown = [n for n in CHECKPOINTS if any(n in arm["curve"] for arm in found["arms"].values())]
         lines.append("| arm | seeds | " + " | ".join(f"HV @ {n}" for n in shown)
-                     + " | trials to 95% of best | healing steps to 95% | healing steps, all | cannot join the front"
-                     + " | failed | wall s |")
-        lines.append("|---" * (len(shown) + 8) + "|")
+                     + " | HV at the end | trials to 95% of best | healing steps to 95% | healing steps, all"
+                     + " | cannot join the front | failed | wall s |")
+        lines.append("|---" * (len(shown) + 9) + "|")
         for name, arm in found["arms"].items():
             cells = [f"{arm['curve'][n][0]:.4f} ± {arm['curve'][n][1]:.4f}" if n in arm["curve"] else "–"
                      for n in shown]
             label = f"grid ({arm['trials']:.0f} points)" if name == "grid" else name
             lines.append(f"| {label} | {arm['seeds']} | " + " | ".join(cells)
-                         + f" | {arm['trials_to_95']:.1f} ({arm['reached']}/{arm['seeds']} reach it)"
+                         + f" | {arm['final']:.4f} | {arm['trials_to_95']:.1f} ({arm['reached']}/{arm['seeds']} reach it)"
                          + f" | {arm['steps_to_95']:.0f} | {arm['steps']:.0f} | {arm['cannot_join_share']:.0%}"
                          + f" | {arm['failed']}"
                          + f" | {arm['wall_s']:.0f} |")

@@ -13,6 +13,9 @@ from autoprune.driver.warm import Completed
 from autoprune.space.define import SearchSpace
 from autoprune.tracking.schema import TRIAL_ERROR
 
+# The samplers made for tens of trials begin with SearchSpace.coarse_start (method × a few uniform sparsities at the
+# largest healing budget) rather than with random trials.
+COARSE_START = ("tpe_grouped", "gp")
 LATENCY_CONSTRAINT = "latency_over_target_ms"  # Optuna constraint (trial.set_constraint): feasible when ≤ 0
 NO_LATENCY = 1.0  # the excess given to a completed trial that measured no latency: it has not shown it meets the target
 
@@ -76,6 +79,8 @@ def latency_constrained_searcher(space: SearchSpace, spec: SearchSpec, *,
     as a constraint. `first_points` (Optuna parameters, say a grid's) are evaluated first, in order; a parameter
     a point leaves out is sampled."""
     target = spec.latency_target_ms
+    if spec.search.sampler in COARSE_START:
+        first_points = [*first_points, *space.coarse_start(spec.search.trials)]
     return ConstrainedOptunaSearch(
         space=space.define,
         metric=["accuracy", spec.cost_metric],

@@ -83,6 +83,22 @@ class SearchSpace:
             seed=self.spec.search.seed,
         )
 
+    def coarse_start(self, trials: int) -> list[dict[str, Any]]:
+        """The first points of a small-budget search: each method that takes a sparsity at a few uniform
+        sparsities spread over the range (about a quarter of `trials` in all), every other method once, each
+        with the largest healing budget the space allows — more healing does not cost accuracy, and healing is
+        not an objective — and the healing method, learning rate and options left to the sampler. A random start
+        spends these trials on points that tell the sampler less: half of them heal little."""
+        sparse = [m for m in self.spec.prune.methods if prune.get(m).uses_sparsity]
+        others = [m for m in self.spec.prune.methods if not prune.get(m).uses_sparsity]
+        per_method = max(2, min(5, round(trials / 4 / max(1, len(sparse)))))
+        sparsity = self.spec.prune.sparsity
+        values = [_on_step(sparsity.low + (sparsity.high - sparsity.low) * (k + 0.5) / per_method, sparsity.low,
+                           sparsity.step) for k in range(per_method)]
+        budget = {f"heal.{key}": _largest(getattr(self.spec.heal, key)) for key in ("calibration_images", "steps")}
+        return ([{"prune.method": m, **dict.fromkeys(self.sparsity_parameters(), v), **budget}
+                 for v in values for m in sparse] + [{"prune.method": m, **budget} for m in others])
+
     def sparsity_parameters(self) -> list[str]:
         """The Optuna parameters of a method that takes a sparsity (global, per group, or depth knots)."""
         mode = self.spec.prune.sparsity
@@ -107,6 +123,16 @@ def _budget_keys(pruning: prune.PruneMethod, options: Mapping[str, Any], healing
     steps and lr if its healing trains."""
     images = pruning.needs_images(options) or healing.uses_calibration
     return (("calibration_images",) if images else ()) + (("steps", "lr") if healing.trains else ())
+
+
+def _on_step(value: float, low: float, step: float | None) -> float:
+    return round(low + round((value - low) / step) * step, 6) if step else value
+
+
+def _largest(dimension: Dimension) -> Any:
+    if isinstance(dimension, Fixed):
+        return dimension.value
+    return max(dimension.values) if isinstance(dimension, Choice) else dimension.high
 
 
 def interpolate_knots(knots: list[float], groups: int) -> list[float]:
