@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "search": "autoprune.driver.search",
+    "retarget": "autoprune.driver.retarget",
     "SearchOutcome": "autoprune.driver.outcome",
     "best": "autoprune.tracking.select",
     "front": "autoprune.tracking.select",

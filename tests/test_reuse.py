@@ -101,8 +101,9 @@ def test_retarget_times_the_healed_models_on_another_device_and_registers_its_fr
     """The same CPU with two threads is another device as the profiles name it: every healed model is timed there,
     keeps its accuracy, and that device's front is registered with its device; `best --device` picks among them;
     the aliases stay with the search that healed the models."""
-    from autoprune.driver.retarget import RETARGET_TAG, retarget
+    from autoprune.driver.retarget import retarget
     from autoprune.saved import load_model_dir
+    from autoprune.tracking.schema import RETARGET_TAG
     from autoprune.tracking.select import best, registered_versions
 
     outcome, workdir = first
@@ -111,6 +112,10 @@ def test_retarget_times_the_healed_models_on_another_device_and_registers_its_fr
     tracker = Tracker(outcome.tracking_uri, "e2e-warm")
     aliases = {alias: tracker.client.get_model_version_by_alias(model, alias).version
                for alias in ("most-accurate", "fastest")}
+    for wrong, error in (({"device": "cuda"}, "this Ray cluster has no GPU"),
+                         ({"accelerator_type": "H100"}, "no node of that type in this Ray cluster")):
+        with pytest.raises(AutopruneError, match=error):  # said at once, not a task waiting forever
+            retarget(outcome.parent_run_id, tracking_uri=outcome.tracking_uri, workdir=workdir, echo=None, **wrong)
     done = retarget(outcome.parent_run_id, tracking_uri=outcome.tracking_uri, workdir=workdir, cpus=2, echo=None)
     assert done.device.endswith("(2 threads)") and done.device != outcome.dense.latency.device
     healed = {r.trial_id: r.result for r in outcome.records if r.result is not None and r.result.feasible}

@@ -223,3 +223,20 @@ def test_a_trial_that_reports_its_own_error_reaches_optuna_as_failed():
     searcher.on_trial_complete("broken", {TRIAL_ERROR: "RuntimeError: training loss became nan", "config_json": "{}"})
     states = [trial.state for trial in searcher._ot_study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+
+
+def test_first_points_outside_the_space_are_left_out_with_a_count():
+    """A search that left a method out (or narrowed a range) takes only the first points that are configurations of
+    its space; Optuna would otherwise stop the search at the first that is not."""
+    from autoprune.driver.search import _fitting
+
+    raw = copy.deepcopy(DEMO)
+    raw["space"]["prune"]["methods"] = ["structured", "vbp"]
+    space = SearchSpace(parse_spec(raw), GROUPS)
+    fits = {"prune.method": "vbp", "prune.sparsity.knot0": 0.5, "prune.sparsity.knot1": 0.6, "heal.method": "none"}
+    points = [fits, {**fits, "prune.method": "magnitude"}, {**fits, "prune.sparsity.knot0": 0.95},
+              {**fits, "heal.method": "starfish"}]
+    said = []
+    assert _fitting(points, space, said.append) == [fits]
+    assert said == ["autoprune: 3 of the 4 first points are not configurations of this search's space (a method it"
+                    " leaves out, a value outside a range): they are left out"]

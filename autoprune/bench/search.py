@@ -61,18 +61,18 @@ def arm_spec(task: str, arm: str, seed: int, trials: int) -> dict:
 
 
 def grid_points(space, trials: int) -> list[dict]:
-    """Uniform sparsity × method, about `trials` points: every method that takes a sparsity at evenly spaced values
-    of the spec's range (on its step), the others once; each healed by GRID_HEAL at the middle of the budget."""
+    """Uniform sparsity × method, about `trials` points: every method that removes structure (on a CPU the search
+    leaves the others out: they cannot be faster than the dense model) at evenly spaced values of the spec's
+    range, on its step; each healed by GRID_HEAL at the middle of the budget."""
     from autoprune import prune
     from autoprune.config import Choice, Range
 
     spec = space.spec
-    sparse = [m for m in spec.prune.methods if prune.get(m).uses_sparsity]
-    fixed = [m for m in spec.prune.methods if not prune.get(m).uses_sparsity]
-    count = max(2, (trials - len(fixed)) // max(1, len(sparse)))
+    methods = [m for m in spec.prune.methods if prune.get(m).structured and prune.get(m).uses_sparsity]
+    count = max(2, trials // max(1, len(methods)))
     low, high, step = spec.prune.sparsity.low, spec.prune.sparsity.high, spec.prune.sparsity.step or 0.0
     values = [low + (high - low) * k / (count - 1) for k in range(count)]
-    values = [round(low + round((v - low) / step) * step, 6) if step else v for v in values]
+    values = list(dict.fromkeys(round(low + round((v - low) / step) * step, 6) if step else v for v in values))
 
     def middle(dimension):
         if isinstance(dimension, Choice):
@@ -84,9 +84,8 @@ def grid_points(space, trials: int) -> list[dict]:
 
     heal = {"heal.method": GRID_HEAL, **{f"heal.{key}": middle(getattr(spec.heal, key))
                                          for key in ("calibration_images", "steps", "lr")}}
-    points = [{"prune.method": m, **dict.fromkeys(space.sparsity_parameters(), s), **heal}
-              for m in sparse for s in values]
-    return points + [{"prune.method": m, **heal} for m in fixed]
+    return [{"prune.method": m, **dict.fromkeys(space.sparsity_parameters(), s), **heal}
+            for m in methods for s in values]
 
 
 def run_arm(task: str, arm: str, seed: int, trials: int, workdir: Path) -> dict:

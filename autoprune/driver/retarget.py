@@ -26,9 +26,8 @@ from autoprune.errors import AutopruneError
 from autoprune.models import ModelSource
 from autoprune.result import TrialRecord, TrialResult
 from autoprune.tracking.publish import Published, experiment_path, publish_search, records_from_storage
+from autoprune.tracking.schema import RETARGET_TAG
 from autoprune.tracking.store import Tracker
-
-RETARGET_TAG = "autoprune.retarget_of"  # on a retargeted search's parent run: the run whose models it timed
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,7 @@ def retarget(run_id: str, *, tracking_uri: str, workdir: str | Path, device: str
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    _check_schedulable(ray.cluster_resources(), cpus=cpus, gpus=gpus, accelerator_type=accelerator_type)
     options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
     if accelerator_type:
         options["accelerator_type"] = accelerator_type
@@ -91,6 +91,18 @@ def retarget(run_id: str, *, tracking_uri: str, workdir: str | Path, device: str
         f" {spec['mlflow']['registered_model']!r} versions {', '.join(published.versions) or '—'} in {wall:.0f} s;"
         f" `autoprune best --device {dense.latency.device!r}` picks among them")
     return Retargeted(parent_id, dense.latency.device, dense, retimed, published, wall)
+
+
+def _check_schedulable(resources: Mapping[str, float], *, cpus: int, gpus: int, accelerator_type: str | None) -> None:
+    """A timing task this Ray cluster can never place would wait forever: say so instead."""
+    if accelerator_type and f"accelerator_type:{accelerator_type}" not in resources:
+        declared = sorted(key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:"))
+        raise AutopruneError(f"--accelerator-type {accelerator_type}: no node of that type in this Ray cluster"
+                             f" (types here: {', '.join(declared) or 'none'})")
+    if gpus > resources.get("GPU", 0):
+        raise AutopruneError("--device cuda: this Ray cluster has no GPU (pass --address of one that has)")
+    if cpus > resources.get("CPU", 0):
+        raise AutopruneError(f"--cpus {cpus}: this Ray cluster has {resources.get('CPU', 0):g} CPUs")
 
 
 def _profile(raw: Mapping[str, Any]) -> ProfileSpec:

@@ -24,7 +24,7 @@ from autoprune.driver.prepare import model_source, shared_context
 from autoprune.driver.progress import TrialPublisher
 from autoprune.driver.resume import resumable_parent
 from autoprune.driver.tune import run_tune
-from autoprune.driver.warm import earlier_search, warm_start
+from autoprune.driver.warm import earlier_search, fit_point, warm_start
 from autoprune.driver.worker import dense_baseline
 from autoprune.errors import AutopruneError
 from autoprune.halving import SharedRungJudge, rungs_of
@@ -90,6 +90,7 @@ def search(
             spec = _methods_that_can_be_faster(spec, dense, say)
             space = SearchSpace(spec, space.groups)
         warm = warm_start(earlier_run, spec=spec, space=space, dense=dense, say=say) if earlier_run else None
+        first_points = _fitting(first_points, space, say)
         publisher = TrialPublisher(tracker, parent_id, spec, say, dense, downloads=downloads, earlier=earlier)
         tune_started = time.perf_counter()
         run_tune(spec, space, context_ref, publisher, storage=storage, run_name=parent_id, resume=bool(resumed),
@@ -206,6 +207,15 @@ def _dense_and_parent_run(spec: SearchSpec, tracker: Tracker, context_ref: Any, 
     tracker.log_dense(parent_id, dense)
     say(f"autoprune: search run {parent_id} (if this driver stops: autoprune search SPEC --resume {parent_id})")
     return dense, parent_id
+
+
+def _fitting(points: Sequence[Mapping[str, Any]], space: SearchSpace, say) -> list[dict]:
+    """The given first points that are configurations of this search's space (which may have left methods out)."""
+    fitting = [dict(point) for point in points if fit_point(space, point, complete=False) is not None]
+    if len(fitting) < len(points):
+        say(f"autoprune: {len(points) - len(fitting)} of the {len(points)} first points are not configurations of"
+            " this search's space (a method it leaves out, a value outside a range): they are left out")
+    return fitting
 
 
 def _stop(*helpers) -> None:

@@ -74,7 +74,7 @@ def warm_start(earlier: EarlierSearch, *, spec: SearchSpec, space: SearchSpace, 
     completed, points, left_out = [], [], 0
     for record in _front_first(earlier.records, spec.cost_metric, earlier.dense):
         params = _parameters(record)
-        fitted = _fit(space, params) if record.result is not None else None
+        fitted = fit_point(space, params) if record.result is not None else None
         if fitted is None:
             left_out += 1
         elif not differences:
@@ -131,13 +131,15 @@ def _values(result: TrialResult, cost_metric: str) -> tuple[float, float]:
     return (result.best_known_accuracy or 0.0, result.cost(cost_metric))  # as the trial reported them to Optuna
 
 
-def _fit(space: SearchSpace, params: Mapping[str, Any]) -> dict | None:
-    """The distributions this space gives `params` when its define-by-run walks them, or None if the space asks
-    for a parameter they lack or they hold a value outside its distributions."""
+def fit_point(space: SearchSpace, params: Mapping[str, Any], *, complete: bool = True) -> dict | None:
+    """The distributions this space gives `params` when its define-by-run walks them, or None if they hold a value
+    outside its distributions (a method it does not offer, a number out of range) or, when `complete`, if the
+    space asks for a parameter they lack (not complete: the sampler fills it in)."""
     import optuna
 
     if not params:
         return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a study per point: not worth a line each
     study = optuna.create_study(directions=["maximize", "minimize"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna warns of an enqueued value outside the distribution: checked below
@@ -147,7 +149,9 @@ def _fit(space: SearchSpace, params: Mapping[str, Any]) -> dict | None:
             space.define(trial)
         except Exception:  # a method or option this space does not know
             return None
-    if any(name not in params or params[name] != value or not trial.distributions[name]._contains(
-            trial.distributions[name].to_internal_repr(value)) for name, value in trial.params.items()):
+    given = {name: value for name, value in trial.params.items() if name in params}
+    if (complete and len(given) < len(trial.params)) or any(
+            params[name] != value or not trial.distributions[name]._contains(
+                trial.distributions[name].to_internal_repr(value)) for name, value in given.items()):
         return None
     return dict(trial.distributions)

@@ -19,6 +19,7 @@ from autoprune.result import TrialRecord, TrialResult
 ROLE_TAG = "autoprune.role"  # ROLE_SEARCH on parent runs, ROLE_TRIAL on child runs
 ROLE_SEARCH, ROLE_TRIAL = "search", "trial"
 SEARCH_TAG = "autoprune.search"  # the spec's name, on parent runs
+RETARGET_TAG = "autoprune.retarget_of"  # on a retarget's parent run: the search whose models it timed again
 TRIAL_TAG = "autoprune.trial_id"  # Tune's trial id, on child runs
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests the child runs under the parent in the UI
 PARETO_TAG = "autoprune.pareto"  # "true" on the children on the front, "false" on the others

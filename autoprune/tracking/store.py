@@ -24,6 +24,7 @@ from autoprune.tracking.schema import (
     MODEL_ARTIFACT,
     PARENT_TAG,
     PARETO_TAG,
+    RETARGET_TAG,
     ROLE_SEARCH,
     ROLE_TAG,
     ROLE_TRIAL,
@@ -140,7 +141,9 @@ class Tracker:
             [self.experiment_id], f"tags.`{ROLE_TAG}` = '{ROLE_SEARCH}' and tags.`{SEARCH_TAG}` = '{name}'",
             order_by=["attributes.start_time DESC"], max_results=50,
         )
-        return next((run for run in runs if run.info.status != "FINISHED"), None)
+        # a retarget's run (driver/retarget.py) has no Tune state of its own: there is nothing to resume in it
+        return next((run for run in runs if run.info.status != "FINISHED" and RETARGET_TAG not in run.data.tags),
+                    None)
 
     def log_dense(self, parent_id: str, result: TrialResult) -> None:
         """The unpruned model's measurements, for comparison on the parent run (and in full, for a resumed or
