@@ -104,11 +104,12 @@ class ProfileSpec:
 @dataclass(frozen=True)
 class Halving:
     """`search.halving`: successive halving on two objectives (autoprune/halving.py). A trial that trains heals
-    first with these fractions of its steps, and goes on only while no trial at least as fast was more accurate
-    at the same rung by more than `margin` (top-1, 0–1)."""
+    first with these fractions of its steps, and goes on only while it is among the best 1/`eta` of the results
+    at that rung by non-dominated front (a faster trial beats it when more accurate by more than `margin`)."""
 
     rungs: tuple[float, ...] = (1 / 9, 1 / 3)
-    margin: float = 0.01
+    margin: float = 0.01  # top-1, 0–1
+    eta: int = 3  # about one in eta goes on at each rung
 
 
 @dataclass(frozen=True)

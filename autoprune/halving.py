@@ -3,11 +3,13 @@
 Ray Tune's schedulers and Optuna's pruners rank trials by one number; a pruning search has two (accuracy and
 latency), and its latency is known before healing starts. So a trial whose healing trains is first healed with a
 fraction of its steps (the rungs: 1/9, then 1/3 of them, by default), evaluated, and judged against every result
-seen at that rung so far, in the way of multi-objective successive halving (MO-ASHA): it goes on unless a trial at
-least as fast was more accurate at the same rung by more than `margin`. Each rung heals a copy of the pruned model
-afresh, with its own schedule over its steps, so that a rung's accuracy is that of the same trial with a smaller
-budget, and a trial promoted to the end is exactly the trial that would have run without rungs. Judging is
-asynchronous (as ASHA's): the first trials at a rung have little to be judged against and go on.
+seen at that rung so far, in the way of multi-objective successive halving (MO-ASHA, Schmucker et al. 2021): the
+results are peeled into fronts of (accuracy at the rung, latency) — a point is beaten when one at least as fast is
+more accurate by more than `margin` — and the trial goes on if it is among the best 1/`eta` of them by front (a
+front that straddles the cut goes on whole). Each rung heals a copy of the pruned model afresh, with its own
+schedule over its steps, so that a rung's accuracy is that of the same trial with a smaller budget, and a trial
+promoted to the end is exactly the trial that would have run without rungs. Judging is asynchronous (as ASHA's):
+the first trials at a rung have little to be judged against and go on.
 
 The judge is one small Ray actor in a search (`SharedRungJudge`), a plain object without Ray (`LocalRungJudge`).
 A judge that is gone never stops a trial.
@@ -16,6 +18,7 @@ A judge that is gone never stops a trial.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Protocol, Sequence
 
 from autoprune.config import Halving
@@ -44,6 +47,22 @@ def outdone(accuracy: float, latency_ms: float, others: Sequence[tuple[float, fl
                for other_accuracy, other_latency in others)
 
 
+def among_the_best(point: tuple[float, float], others: Sequence[tuple[float, float]], *, margin: float,
+                   eta: int) -> bool:
+    """Whether (accuracy, latency) `point` is among the best ⌈n/eta⌉ of the n results (it and `others`) by front:
+    fronts are peeled off one after another (`outdone` with `margin` decides who beats whom), and a point goes on
+    when fewer than ⌈n/eta⌉ results lie in fronts before its own."""
+    remaining = [*others, point]
+    quota, ahead = math.ceil(len(remaining) / eta), 0
+    while remaining:
+        front = [p for p in remaining if not outdone(*p, [q for q in remaining if q is not p], margin)]
+        if any(p is point for p in front):
+            return ahead < quota
+        ahead += len(front)
+        remaining = [p for p in remaining if not any(p is q for q in front)]
+    return False
+
+
 class RungJudge(Protocol):
     halving: Halving
 
@@ -60,7 +79,7 @@ class LocalRungJudge:
 
     def promote(self, fraction: float, accuracy: float, latency_ms: float) -> bool:
         others = self.seen.setdefault(round(fraction, 6), [])
-        verdict = not outdone(accuracy, latency_ms, others, self.halving.margin)
+        verdict = among_the_best((accuracy, latency_ms), others, margin=self.halving.margin, eta=self.halving.eta)
         others.append((accuracy, latency_ms))  # a stopped trial's result is a competitor as well
         return verdict
 

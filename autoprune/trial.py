@@ -137,18 +137,16 @@ def run_trial(
     rungs: list[tuple[int, float]] = []
     stopped = "" if latency is None else _stop_reason(latency.objective.median_ms, context, config.prune.method)
     judge = context.judge if healing.trains and latency is not None else None  # a gradual method: no rungs
-    for fraction, steps in rungs_of(config.heal.steps, judge.halving.rungs) if judge and not stopped else ():
-        # Each rung heals a copy afresh with its own steps: its accuracy is this trial's at a smaller budget.
-        rung_model = copy.deepcopy(model)
-        with stage("heal"):
-            heal_for(rung_model, steps)
-        with stage("evaluate"):
-            rungs.append((steps, accuracy(rung_model, data.eval, data, device=device)))
-        del rung_model
-        if not judge.promote(fraction, rungs[-1][1], latency.objective.median_ms):
-            stopped = (f"outdone after {steps} of {config.heal.steps} healing steps (top-1 {rungs[-1][1]:.4f}): a"
-                       " trial at least as fast was more accurate at that rung")
-            break
+    if judge is not None and not stopped:
+
+        def healed_copy_accuracy(steps: int) -> float:
+            rung_model = copy.deepcopy(model)  # afresh, with its own schedule: this trial at a smaller budget
+            with stage("heal"):
+                heal_for(rung_model, steps)
+            with stage("evaluate"):
+                return accuracy(rung_model, data.eval, data, device=device)
+
+        rungs, stopped = _heal_in_rungs(healed_copy_accuracy, judge, config.heal.steps, latency.objective.median_ms)
     if not stopped:
         with stage("heal"):
             heal_for(model, config.heal.steps)
@@ -170,6 +168,19 @@ def run_trial(
     return TrialResult(config, top1, latency.objective, macs, params, sparsity, timings,
                        latency_cached=latency.cached, extra_latency=latency.extra, latency_keys=latency.keys,
                        stopped=stopped, rungs=tuple(rungs))
+
+
+def _heal_in_rungs(healed_copy_accuracy, judge: RungJudge, steps: int,
+                   latency_ms: float) -> tuple[list[tuple[int, float]], str]:
+    """Successive halving (halving.py): the trial's accuracy at each rung, and why it stopped ('' if promoted to its
+    whole budget)."""
+    rungs: list[tuple[int, float]] = []
+    for fraction, rung_steps in rungs_of(steps, judge.halving.rungs):
+        rungs.append((rung_steps, healed_copy_accuracy(rung_steps)))
+        if not judge.promote(fraction, rungs[-1][1], latency_ms):
+            return rungs, (f"outdone after {rung_steps} of {steps} healing steps (top-1 {rungs[-1][1]:.4f}): not among"
+                           f" the best 1/{judge.halving.eta} of the trials at that rung")
+    return rungs, ""
 
 
 def _stop_reason(latency_ms: float, context: TrialContext, method: str) -> str:

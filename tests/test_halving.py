@@ -1,5 +1,5 @@
-"""Successive halving on two objectives: the rungs, the rule, the spec, a trial healed in rungs (a ViT and a CNN
-with BatchNorm), and a real search whose trials are judged by one shared judge."""
+"""Successive halving on two objectives: the rungs, the rule, the spec, and a trial healed in rungs (a ViT and a CNN
+with BatchNorm). A real search whose trials are judged by one shared judge: tests/test_reuse.py."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from conftest import TINY_RESNET, TINY_VIT
 
 from autoprune.config import Halving, HealConfig, ProfileSpec, PruneConfig, TrialConfig
 from autoprune.errors import SpecError
-from autoprune.halving import LocalRungJudge, outdone, rungs_of
+from autoprune.halving import LocalRungJudge, among_the_best, outdone, rungs_of
 from autoprune.models import POOLED_GROUP
 from autoprune.space.load import parse_spec
-from autoprune.testing.models import briefly_trained
 from autoprune.tracking.schema import report, result_from_report, trial_metrics
 from autoprune.trial import TrialContext, run_trial
 
@@ -41,6 +40,21 @@ def test_a_trial_goes_on_unless_one_at_least_as_fast_was_more_accurate_by_the_ma
     assert judge.promote(0.25, 0.1, 9.0)  # another rung has its own results
 
 
+def test_a_rung_promotes_the_best_third_by_front():
+    """Nine results on three fronts of three: the first front goes on (3 = 9 / 3), the others stop; a front that
+    straddles the cut goes on whole; the margin keeps a nearly-as-good point in the front before."""
+    fronts = [[(0.9, 3.0), (0.8, 2.0), (0.7, 1.0)], [(0.85, 3.1), (0.75, 2.1), (0.65, 1.1)],
+              [(0.6, 3.2), (0.5, 2.2), (0.4, 1.2)]]
+    points = [p for front in fronts for p in front]
+    for index, point in enumerate(points):
+        others = points[:index] + points[index + 1:]
+        assert among_the_best(point, others, margin=0.0, eta=3) == (point in fronts[0])
+    assert all(among_the_best(p, [q for q in points if q is not p], margin=0.0, eta=2) == (p not in fronts[2])
+               for p in points)  # ⌈9/2⌉ = 5: the second front straddles the cut and goes on whole
+    assert among_the_best((0.895, 3.0), [(0.9, 2.9), (0.1, 0.5), (0.2, 0.6)], margin=0.01, eta=3)
+    assert not among_the_best((0.85, 3.0), [(0.9, 2.9), (0.1, 0.5), (0.2, 0.6)], margin=0.01, eta=3)
+
+
 def _demo_raw(**search) -> dict:
     from autoprune.bench import demo_spec
 
@@ -52,11 +66,13 @@ def _demo_raw(**search) -> dict:
 def test_the_spec_takes_halving_as_true_or_as_rungs_and_margin():
     assert parse_spec(_demo_raw()).search.halving is None
     assert parse_spec(_demo_raw(halving=True)).search.halving == Halving()
-    assert parse_spec(_demo_raw(halving={"rungs": [0.5, 0.25], "margin": 0.02})).search.halving == Halving((0.25, 0.5),
-                                                                                                           0.02)
+    given = {"rungs": [0.5, 0.25], "margin": 0.02, "eta": 4}
+    assert parse_spec(_demo_raw(halving=given)).search.halving == Halving((0.25, 0.5), 0.02, 4)
     with pytest.raises(SpecError, match=r"search.halving.rungs: must be fractions .* got \[1.5\]"):
         parse_spec(_demo_raw(halving={"rungs": [1.5]}))
-    with pytest.raises(SpecError, match="search.halving.rung: unknown key; valid keys here: margin, rungs"):
+    with pytest.raises(SpecError, match="search.halving.eta: must be at least 2, but got 1"):
+        parse_spec(_demo_raw(halving={"eta": 1}))
+    with pytest.raises(SpecError, match="search.halving.rung: unknown key; valid keys here: eta, margin, rungs"):
         parse_spec(_demo_raw(halving={"rung": [0.5]}))
     raw = _demo_raw(halving=True)
     raw["objectives"] = {"accuracy": "max", "macs": "min"}
@@ -78,8 +94,8 @@ CASES = {  # a ViT, and a CNN with BatchNorm (whose statistics a rung's copy mus
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, bundle):
     source, config = CASES[request.param]
-    dense = briefly_trained(source, bundle, steps=60)
-    return TrialContext(source, dense.state_dict(), bundle, PROFILE), config
+    torch.manual_seed(0)  # untrained weights: what is compared here is the same trial with and without rungs
+    return TrialContext(source, source.create().state_dict(), bundle, PROFILE), config
 
 
 def test_a_promoted_trial_is_the_trial_without_rungs(case):
@@ -114,35 +130,3 @@ def test_a_trial_that_does_not_train_is_not_judged(case):
     untrained = replace(config, heal=HealConfig("none", calibration_images=64))  # VBP still reads images
     result = run_trial(untrained, replace(context, judge=judge), threads=1)
     assert result.feasible and result.rungs == () and result.healing_steps == 0
-
-
-@pytest.mark.e2e
-def test_a_search_with_halving_judges_every_trial_by_one_judge(local_ray, tmp_path):
-    """A real search (Ray, Optuna, MLflow): trials heal in rungs, the rung accuracies are child-run metrics, and
-    a trial stopped at its rung was outdone by another trial's result at that rung."""
-    from test_e2e import SPEC
-
-    from autoprune.driver.search import search
-    from autoprune.tracking.store import Tracker
-
-    raw = {**SPEC, "name": "e2e-halving", "mlflow": {"experiment": "e2e-halving", "registered_model": "e2e-halving"},
-           "search": {**SPEC["search"], "trials": 6, "halving": {"rungs": [0.5], "margin": 0.0}},
-           "space": {"prune": {"methods": ["structured"], "sparsity": {"mode": "global", "low": 0.3, "high": 0.8}},
-                     "heal": {**SPEC["space"]["heal"], "methods": ["distill"], "steps": 8}}}
-    lines: list[str] = []
-    outcome = search(parse_spec(raw), workdir=tmp_path, echo=lines.append)
-    assert any("successive halving" in line for line in lines)
-    results = [record.result for record in outcome.records]
-    assert len(results) == 6 and all(r is not None and [s for s, _ in r.rungs] == [4] for r in results)
-    for result in results:
-        if not result.feasible:
-            assert result.stopped.startswith("outdone after 4 of 8") and result.healing_steps == 4
-            assert any(other.rungs[0][1] > result.rungs[0][1] and other.latency.median_ms <= result.latency.median_ms
-                       for other in results if other is not result)
-        else:
-            assert result.healing_steps == 12
-    metrics = [run.data.metrics for run in Tracker(outcome.tracking_uri, "e2e-halving").child_runs(
-        outcome.parent_run_id)]
-    assert sorted(m["accuracy_rung1"] for m in metrics) == sorted(r.rungs[0][1] for r in results)
-    assert all("healing_steps" in m for m in metrics)
-    assert torch.isfinite(torch.tensor([m["accuracy_rung1"] for m in metrics])).all()

@@ -178,8 +178,8 @@ def _remember_rungs(judge: SharedRungJudge | None, results: list[TrialResult | N
     if judge is None:
         return
     rungs = ", ".join(f"{fraction:.0%}" for fraction in judge.halving.rungs)
-    say(f"autoprune: successive halving: a trial that trains heals first {rungs} of its steps, and goes on while no"
-        f" trial at least as fast was more accurate at that rung by more than {judge.halving.margin:g}")
+    say(f"autoprune: successive halving: a trial that trains heals first {rungs} of its steps, and goes on while it is"
+        f" among the best 1/{judge.halving.eta} at that rung by front (margin {judge.halving.margin:g} top-1)")
     for result in results:
         if result is not None and result.rungs:
             for (fraction, _), (_, top1) in zip(rungs_of(result.config.heal.steps, judge.halving.rungs), result.rungs):

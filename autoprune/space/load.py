@@ -241,6 +241,10 @@ def _search(section: Section) -> SearchSettings:
     return spec
 
 
+def at_least_two(value: int) -> str | None:
+    return None if value >= 2 else "must be at least 2"
+
+
 def _halving(search: Section) -> Halving | None:
     """`search.halving`: true (the default rungs and margin), false / absent, or {rungs: [...], margin: ...}."""
     raw = search.raw.get("halving") if isinstance(search.raw, dict) else None
@@ -253,7 +257,8 @@ def _halving(search: Section) -> Halving | None:
         raise section.fail("rungs", f"must be fractions of the healing steps, each between 0 and 1 (say [0.11, 0.33]),"
                                     f" but got {rungs!r}.")
     halving = Halving(rungs=tuple(sorted(float(r) for r in rungs)),
-                      margin=section.take("margin", float, Halving.margin, check=non_negative))
+                      margin=section.take("margin", float, Halving.margin, check=non_negative),
+                      eta=section.take("eta", int, Halving.eta, check=at_least_two))
     section.done()
     return halving
 
