@@ -4,9 +4,9 @@ Ray Tune's schedulers and Optuna's pruners rank trials by one number; a pruning 
 latency), and its latency is known before healing starts. So a trial whose healing trains is first healed with a
 fraction of its steps (the rungs: 1/9, then 1/3 of them, by default), evaluated, and judged against every result
 seen at that rung so far, in the way of multi-objective successive halving (MO-ASHA, Schmucker et al. 2021): the
-results are peeled into fronts of (accuracy at the rung, latency) — a point is beaten when one at least as fast is
-more accurate by more than `margin` — and the trial goes on if it is among the best 1/`eta` of them by front (a
-front that straddles the cut goes on whole). Each rung heals a copy of the pruned model afresh, with its own
+results are ranked as NSGA-II ranks a population — fronts of (accuracy at the rung, latency), a point beaten when
+one at least as fast is more accurate by more than `margin`, then crowding distance within a front — and the
+trial goes on if it is among the best 1/`eta` of them. Each rung heals a copy of the pruned model afresh, with its own
 schedule over its steps, so that a rung's accuracy is that of the same trial with a smaller budget, and a trial
 promoted to the end is exactly the trial that would have run without rungs. Judging is asynchronous (as ASHA's):
 the first trials at a rung have little to be judged against and go on.
@@ -49,18 +49,38 @@ def outdone(accuracy: float, latency_ms: float, others: Sequence[tuple[float, fl
 
 def among_the_best(point: tuple[float, float], others: Sequence[tuple[float, float]], *, margin: float,
                    eta: int) -> bool:
-    """Whether (accuracy, latency) `point` is among the best ⌈n/eta⌉ of the n results (it and `others`) by front:
-    fronts are peeled off one after another (`outdone` with `margin` decides who beats whom), and a point goes on
-    when fewer than ⌈n/eta⌉ results lie in fronts before its own."""
+    """Whether (accuracy, latency) `point` is among the best ⌈n/eta⌉ of the n results (it and `others`), as NSGA-II
+    ranks them: fronts are peeled off one after another (`outdone` with `margin` decides who beats whom), and in
+    the front that straddles the cut the more isolated points come first (crowding distance: a front's fastest
+    and most accurate points always, then those with the widest gap to their neighbours). Ties go on together."""
     remaining = [*others, point]
-    quota, ahead = math.ceil(len(remaining) / eta), 0
+    places = math.ceil(len(remaining) / eta)
     while remaining:
         front = [p for p in remaining if not outdone(*p, [q for q in remaining if q is not p], margin)]
         if any(p is point for p in front):
-            return ahead < quota
-        ahead += len(front)
+            if len(front) <= places:
+                return True
+            crowding = _crowding(front)
+            mine = next(c for p, c in zip(front, crowding) if p is point)
+            return sum(1 for c in crowding if c > mine) < places
+        places -= len(front)
+        if places <= 0:
+            return False
         remaining = [p for p in remaining if not any(p is q for q in front)]
     return False
+
+
+def _crowding(front: Sequence[tuple[float, float]]) -> list[float]:
+    """NSGA-II's crowding distance of each point of a front: the ends of each objective are infinitely far, the
+    others as far as the gap between their neighbours (each objective scaled by its range in the front)."""
+    distance = [0.0] * len(front)
+    for axis in (0, 1):
+        order = sorted(range(len(front)), key=lambda i: front[i][axis])
+        span = front[order[-1]][axis] - front[order[0]][axis] or 1.0
+        distance[order[0]] = distance[order[-1]] = math.inf
+        for before, here, after in zip(order, order[1:], order[2:]):
+            distance[here] += (front[after][axis] - front[before][axis]) / span
+    return distance
 
 
 class RungJudge(Protocol):

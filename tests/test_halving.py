@@ -40,17 +40,23 @@ def test_a_trial_goes_on_unless_one_at_least_as_fast_was_more_accurate_by_the_ma
     assert judge.promote(0.25, 0.1, 9.0)  # another rung has its own results
 
 
-def test_a_rung_promotes_the_best_third_by_front():
-    """Nine results on three fronts of three: the first front goes on (3 = 9 / 3), the others stop; a front that
-    straddles the cut goes on whole; the margin keeps a nearly-as-good point in the front before."""
+def test_a_rung_promotes_the_best_third_as_nsga2_ranks_them():
+    """Nine results on three fronts of three: the first front goes on (3 = 9 / 3), the others stop. Where a front
+    straddles the cut, its ends go on first, then the most isolated points; the margin keeps a nearly-as-good
+    point in the front before."""
     fronts = [[(0.9, 3.0), (0.8, 2.0), (0.7, 1.0)], [(0.85, 3.1), (0.75, 2.1), (0.65, 1.1)],
               [(0.6, 3.2), (0.5, 2.2), (0.4, 1.2)]]
     points = [p for front in fronts for p in front]
-    for index, point in enumerate(points):
-        others = points[:index] + points[index + 1:]
-        assert among_the_best(point, others, margin=0.0, eta=3) == (point in fronts[0])
-    assert all(among_the_best(p, [q for q in points if q is not p], margin=0.0, eta=2) == (p not in fronts[2])
-               for p in points)  # ⌈9/2⌉ = 5: the second front straddles the cut and goes on whole
+
+    def best(point, eta, margin=0.0, among=points):
+        return among_the_best(point, [q for q in among if q is not point], margin=margin, eta=eta)
+
+    assert [best(p, 3) for p in points] == [p in fronts[0] for p in points]
+    # ⌈9/2⌉ = 5 places: the first front, then the second front's two ends (its middle point is the most crowded)
+    assert [best(p, 2) for p in points] == [True] * 3 + [True, False, True] + [False] * 3
+    # one front of five: 2 places → its two ends (a tie of infinite distances: both go on), not the middle
+    line = [(0.5, 1.0), (0.6, 2.0), (0.7, 2.5), (0.8, 4.0), (0.9, 5.0)]
+    assert [best(p, 3, among=line) for p in line] == [True, False, False, False, True]
     assert among_the_best((0.895, 3.0), [(0.9, 2.9), (0.1, 0.5), (0.2, 0.6)], margin=0.01, eta=3)
     assert not among_the_best((0.85, 3.0), [(0.9, 2.9), (0.1, 0.5), (0.2, 0.6)], margin=0.01, eta=3)
 
