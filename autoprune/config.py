@@ -116,7 +116,8 @@ class Halving:
 class SearchSettings:
     trials: int = 12
     concurrency: int = 2  # trials running at once
-    sampler: str = "tpe"  # Optuna sampler: tpe, nsga2, random, tpe_grouped or gp (see driver/sampling.py)
+    # Optuna sampler: tpe_grouped, gp, tpe, nsga2 or random (driver/sampling.py; `autoprune bench search` chose it)
+    sampler: str = "tpe_grouped"
     seed: int = 0  # sampler seed and every trial's seed
     cpu: float = 1  # Ray resources per trial
     gpu: float = 0
