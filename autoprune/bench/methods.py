@@ -61,6 +61,7 @@ class HealingBench:
     batch_size: int = 32
     prune_method: str = "magnitude"
     options: dict = field(default_factory=dict)  # heal method → option overrides
+    data: str = "reference"  # or "fashion-mnist" (bench_data)
 
 
 def bench_data(name: str, cache_dir: Path) -> tuple[DataSpec, DataBundle]:

@@ -86,9 +86,9 @@ def search(
         earlier = records_from_storage(path, downloads)[0] if resumed else []
         _remember_latencies(latency_cache, [dense, *(record.result for record in earlier)])
         _remember_rungs(judge, [record.result for record in earlier], say)
-        if not resumed:  # a resumed search's sampler keeps the space it started with
-            spec = _methods_that_can_be_faster(spec, dense, say)
-            space = SearchSpace(spec, space.groups)
+        # (a resumed search's dense result is the one it started with: the same methods go, as its sampler knows)
+        spec = _methods_that_can_be_faster(spec, dense, say)
+        space = SearchSpace(spec, space.groups)
         warm = warm_start(earlier_run, spec=spec, space=space, dense=dense, say=say) if earlier_run else None
         first_points = _fitting(first_points, space, say)
         publisher = TrialPublisher(tracker, parent_id, spec, say, dense, downloads=downloads, earlier=earlier)
