@@ -207,7 +207,7 @@ CNN_SPEC = {
 def test_a_cnn_search_with_training_heals_loses_no_trial(local_ray, tmp_path):
     """The product's main path for every CNN: structured / VBP removal, then a training heal, with the default
     layout search in the profile (a ResNet with BatchNorm). The registered models carry the recipe they were timed
-    in, and load in it."""
+    in, and load in it; retargeted to another device, in the recipe they were timed in there."""
     outcome = search(parse_spec(CNN_SPEC), workdir=tmp_path, echo=None)
     assert len(outcome.records) == 4
     assert not outcome.failed, outcome.failed[0].error
@@ -218,6 +218,16 @@ def test_a_cnn_search_with_training_heals_loses_no_trial(local_ray, tmp_path):
         assert channels_last == (record.result.latency.memory_format == "channels_last")
     for version in registered_versions("e2e-cnn-model", tracking_uri=outcome.tracking_uri):  # the front's, if any
         assert version.memory_format in ("contiguous", "channels_last") and version.kernels == "dense"
+    # Retimed on another device (2 threads), each model is saved again in the layout it was timed in there
+    from autoprune.driver.retarget import retarget
+
+    done = retarget(outcome.parent_run_id, tracking_uri=outcome.tracking_uri, workdir=tmp_path, cpus=2, echo=None)
+    assert len(done.records) == len([r for r in outcome.records if r.result.feasible])  # the healed ones
+    for record in done.records:
+        model = load_model_dir(record.model_dir)
+        channels_last = model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        assert channels_last == (record.result.latency.memory_format == "channels_last")
+        assert record.result.latency.threads == 2
 
 
 def test_latency_is_measured_on_the_target_type_from_inside_tune_trials(local_ray, tmp_path):
