@@ -101,7 +101,7 @@ def run_arm(task: str, arm: str, seed: int, trials: int, workdir: Path) -> dict:
         from autoprune.driver.prepare import model_source
 
         points = grid_points(SearchSpace(spec, layer_groups(model_source(spec.model).create())), trials)
-        spec = parse_spec({**arm_spec(task, arm, seed, len(points))})
+        spec = parse_spec(arm_spec(task, arm, seed, len(points)))
     started = time.perf_counter()
     outcome = search(spec, workdir=workdir, echo=None, first_points=points)
     rows = []
