@@ -1,4 +1,4 @@
-"""`autoprune search | best | serve | front | publish | retarget | demo | methods | check | doctor | bench`.
+"""`autoprune search | best | serve | front | ui | publish | retarget | demo | methods | check | doctor | bench`.
 
 Usage errors exit with status 2 (argparse); failures the user can fix print one line and exit 1; `--debug` shows
 the traceback.
@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     front.add_argument("--experiment", required=True)
     front.add_argument("--json", action="store_true")
     _add_store_flags(front)
+
+    ui = commands.add_parser("ui", help="MLflow's UI opened on a search's front: serves a local store (until Ctrl-C)"
+                                        " and prints the address; for a tracking server, prints it")
+    ui.add_argument("--experiment", help="the newest finished search of this experiment (default: of any)")
+    ui.add_argument("--run", help="the search with this run id instead")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to serve a local store on (default: loopback only)")
+    ui.add_argument("--port", type=int, default=5000)
+    _add_store_flags(ui)
 
     demo = commands.add_parser("demo", help="the embedded default: a small search that runs on a laptop")
     demo.add_argument("--trials", type=int, help="override the demo's 12 trials")
@@ -257,6 +265,25 @@ def _front(args) -> int:
     return 0
 
 
+def _ui(args) -> int:
+    from autoprune.tracking.store import is_tracking_server
+    from autoprune.tracking.ui import find_search, serve_ui
+    from autoprune.tracking.view import ui_address
+
+    tracking_uri = _tracking_uri(args)
+    found = find_search(tracking_uri, experiment=args.experiment, run_id=args.run)
+    what = f"The front of search run {found.run_id} (experiment {found.experiment!r})"
+    if is_tracking_server(tracking_uri):
+        print(f"{what}: {ui_address(tracking_uri, found.path)}")
+        return 0
+
+    def ready(base_url: str) -> None:
+        print(f"{what}: {ui_address(base_url, found.path)}\n(MLflow's UI on {tracking_uri}; Ctrl-C stops it)",
+              flush=True)
+
+    return serve_ui(tracking_uri, host=args.host, port=args.port, ready=ready)
+
+
 def _demo(args) -> int:
     from autoprune.driver.search import search
     from autoprune.tracking.select import best
@@ -271,7 +298,7 @@ def _demo(args) -> int:
     choice = best(model=outcome.spec.mlflow.registered_model, max_latency_ms=target, tracking_uri=outcome.tracking_uri)
     print(f"\n$ autoprune best --model {choice.name} --max-latency-ms {target:.3g}")
     print(choice.summary())
-    print(f"\nInspect the front: {outcome.ui_command}")
+    print(f"\nThe front in MLflow's UI: {outcome.ui_hint}")
     return 0
 
 
@@ -351,7 +378,7 @@ def _check(args) -> int:
 
 
 COMMANDS = {"search": _search, "publish": _publish, "retarget": _retarget, "best": _best, "serve": _serve,
-            "front": _front, "demo": _demo, "methods": _methods, "check": _check, "doctor": _doctor, "bench": _bench}
+            "front": _front, "ui": _ui, "demo": _demo, "methods": _methods, "check": _check, "doctor": _doctor, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

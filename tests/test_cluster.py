@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,9 @@ import pytest
 import yaml
 
 from autoprune.bench import cluster as bench_cluster
+from autoprune.testing.browser import read_front, why_no_browser
 from autoprune.testing.loopback import mlflow_server, ray_cluster, s3_server
+from autoprune.tracking import view
 from autoprune.tracking.store import Tracker
 
 pytestmark = pytest.mark.cluster
@@ -55,13 +58,15 @@ def run(tmp_path_factory):
              "--json", "--tracking-uri", server.url],
             capture_output=True, text=True, env=env, timeout=120,
         )
+        ui = subprocess.run([sys.executable, "-m", "autoprune.cli", "ui", "--tracking-uri", server.url],
+                            capture_output=True, text=True, env=env, timeout=120)
         import pyarrow.fs
 
         bucket = pyarrow.fs.S3FileSystem(access_key=s3.env["AWS_ACCESS_KEY_ID"],
                                          secret_key=s3.env["AWS_SECRET_ACCESS_KEY"], endpoint_override=s3.endpoint,
                                          scheme="http", region="us-east-1")
         stored = [info.path for info in bucket.get_file_info(pyarrow.fs.FileSelector("autoprune/runs", recursive=True))]
-        yield {"search": search, "best": best, "server": server, "workdir": workdir, "cluster": cluster,
+        yield {"search": search, "best": best, "ui": ui, "server": server, "workdir": workdir, "cluster": cluster,
                "stored": stored}
 
 
@@ -93,3 +98,18 @@ def test_best_answers_from_the_tracking_server(run):
     assert best.returncode == 0, best.stderr[-2000:]
     answer = json.loads(best.stdout)
     assert answer["name"] == "cluster-model" and answer["latency_ms"] > 0
+
+
+@pytest.mark.browser
+def test_the_front_opens_from_the_tracking_server_in_a_browser(run, tmp_path):
+    """Through a tracking server, the address is the server's: `search` prints it, `ui` prints it and starts
+    nothing, and the page shows the front."""
+    address = re.search(r"The front in MLflow's UI: (http://\S+)", run["search"].stdout).group(1)
+    assert address.startswith(run["server"].url + "/#/experiments/")
+    assert run["ui"].returncode == 0 and run["ui"].stdout.strip().endswith(address)
+    missing = why_no_browser()
+    if missing:
+        pytest.skip(f"cannot look at the front in a browser here: {missing}")
+    page = read_front(address, screenshot=tmp_path / "front.png")
+    assert page.sections[0] == view.FRONT_SECTION and page.points[view.DENSE_COLOR] == 1
+    assert page.points[view.FRONT_COLOR] >= 1 and page.point_link

@@ -20,6 +20,8 @@ from autoprune.driver.search import search
 from autoprune.errors import AutopruneError, NoModelMeetsTarget
 from autoprune.saved import load_model_dir
 from autoprune.space.load import parse_spec
+from autoprune.testing.browser import read_front, ui_server, why_no_browser
+from autoprune.tracking import view
 from autoprune.tracking.schema import ALIAS_FASTEST, ALIAS_MOST_ACCURATE
 from autoprune.tracking.select import best, registered_versions
 from autoprune.tracking.store import Tracker
@@ -202,6 +204,32 @@ CNN_SPEC = {
                  "batch_size": 8},
     },
 }
+
+
+@pytest.mark.browser
+def test_the_printed_address_opens_the_front_in_a_browser(outcome, tracker, tmp_path):
+    """What a person sees at the address the search printed, served by `autoprune ui`, in headless Chromium."""
+    missing = why_no_browser()
+    if missing:
+        pytest.skip(f"cannot look at the front in a browser here: {missing}")
+    screenshot = tmp_path / "front.png"
+    with ui_server(outcome.tracking_uri) as address:
+        path = address.split("/", 3)[3]
+        assert path in outcome.ui_hint  # the address `autoprune ui` prints is the one the search printed
+        page = read_front(address, screenshot=screenshot)
+    print(f"the front as a browser shows it: {screenshot}")
+    assert page.heading == "Training runs"  # MLflow's model-training page, not its GenAI overview
+    assert page.sections[0] == view.FRONT_SECTION  # the front's chart first, without a click
+    healed = [r for r in outcome.records if r.result is not None and r.result.feasible]
+    assert page.points == {view.FRONT_COLOR: len(outcome.front), view.TRIAL_COLOR: len(healed) - len(outcome.front),
+                           view.DENSE_COLOR: 1}
+    front_runs = {tracker.child_runs(outcome.parent_run_id, trial_id=r.trial_id)[0].info.run_id: r
+                  for r in outcome.front}
+    clicked = page.point_link.rsplit("/", 1)[-1]
+    assert clicked in front_runs  # a front point's card links to its trial's run …
+    versions = {f"/models/{v.name}/versions/{v.version}"  # (other tests here register it under more names)
+                for v in tracker.client.search_model_versions(f"run_id='{clicked}'")}
+    assert any(link.endswith(tuple(versions)) for link in page.run_page_links)  # … whose page links to its version
 
 
 def test_a_cnn_search_with_training_heals_loses_no_trial(local_ray, tmp_path):

@@ -8,7 +8,6 @@ from autoprune.config import SearchSpec
 from autoprune.result import TrialRecord, TrialResult
 from autoprune.tracking.report import table
 from autoprune.tracking.schema import trial_row
-from autoprune.tracking.store import is_tracking_server
 
 
 @dataclass(frozen=True)
@@ -23,16 +22,10 @@ class SearchOutcome:
     front: list[TrialRecord]  # Pareto-optimal, fastest first
     registered_versions: list[str]
     wall_seconds: float
-    ui_command: str
+    ui_hint: str  # where MLflow's UI shows the front (tracking/ui.py `ui_hint`)
     failed: list[TrialRecord] = field(default_factory=list)
     accounting: dict[str, float] = field(default_factory=dict)  # where the time went (see `time_accounting`)
     retried: int = 0  # trial restarts after a worker died (search.max_retries); a trial's own error is final
-
-
-def ui_command(tracking_uri: str) -> str:
-    if is_tracking_server(tracking_uri):
-        return f"open {tracking_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
 WORK_STAGES = ("prune", "profile", "heal", "evaluate", "count")  # the rest of a trial's time is overhead
@@ -75,7 +68,7 @@ def summary_text(outcome: SearchOutcome) -> str:
         "",
         f"Registered as {outcome.spec.mlflow.registered_model!r} versions {', '.join(outcome.registered_versions) or '—'}"
         f" (aliases: most-accurate, fastest).",
-        f"MLflow UI: {outcome.ui_command}",
+        f"The front in MLflow's UI: {outcome.ui_hint}",
     ]
     if outcome.accounting:
         a = outcome.accounting

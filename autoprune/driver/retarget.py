@@ -28,6 +28,7 @@ from autoprune.result import TrialRecord, TrialResult
 from autoprune.tracking.publish import Published, experiment_path, publish_search, records_from_storage
 from autoprune.tracking.schema import RETARGET_TAG
 from autoprune.tracking.store import Tracker
+from autoprune.tracking.ui import ui_hint
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def retarget(run_id: str, *, tracking_uri: str, workdir: str | Path, device: str
     say(f"autoprune: the front on {dense.latency.device}: {len(published.front)} models, registered as"
         f" {spec['mlflow']['registered_model']!r} versions {', '.join(published.versions) or '—'} in {wall:.0f} s;"
         f" `autoprune best --device {dense.latency.device!r}` picks among them")
+    say(f"The front in MLflow's UI: {ui_hint(tracker.tracking_uri, published.view_path)}")
     return Retargeted(parent_id, dense.latency.device, dense, retimed, published, wall)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from autoprune import prune
 from autoprune.config import SearchSpec
-from autoprune.driver.outcome import SearchOutcome, summary_text, time_accounting, ui_command
+from autoprune.driver.outcome import SearchOutcome, summary_text, time_accounting
 from autoprune.driver.preflight import check_cluster, check_methods
 from autoprune.driver.prepare import model_source, shared_context
 from autoprune.driver.progress import TrialPublisher
@@ -34,6 +34,7 @@ from autoprune.space.define import SearchSpace
 from autoprune.space.load import load_spec, validate
 from autoprune.tracking.publish import Published, experiment_path, publish_search, records_from_storage
 from autoprune.tracking.store import DEFAULT_WORKDIR, Tracker, is_tracking_server, resolve_tracking_uri
+from autoprune.tracking.ui import ui_hint
 
 
 def search(
@@ -110,7 +111,7 @@ def search(
     outcome = SearchOutcome(
         spec=spec, tracking_uri=tracker.tracking_uri, parent_run_id=parent_id, dense=dense, records=records,
         front=published.front, registered_versions=published.versions, wall_seconds=time.perf_counter() - started,
-        ui_command=ui_command(tracker.tracking_uri), failed=[r for r in records if r.result is None],
+        ui_hint=ui_hint(tracker.tracking_uri, published.view_path), failed=[r for r in records if r.result is None],
         accounting=accounting, retried=publisher.retried,
     )
     say(summary_text(outcome))

@@ -21,10 +21,11 @@ from typing import Callable, Mapping, Sequence
 from autoprune.errors import AutopruneError
 from autoprune.pareto import hypervolume_2d, pareto_front
 from autoprune.result import TrialRecord, TrialResult
-from autoprune.tracking import schema
+from autoprune.tracking import schema, view
 from autoprune.tracking.report import DENSE, plot_html, plot_png
 from autoprune.tracking.schema import trial_row
 from autoprune.tracking.store import Tracker
+from autoprune.tracking.ui import ui_hint
 
 
 def experiment_path(storage: str, run_id: str) -> str:
@@ -108,6 +109,7 @@ class Published:
     front: list[TrialRecord]  # Pareto-optimal, fastest first
     run_ids: dict[str, str]  # trial id → MLflow child run id
     versions: list[str]  # registered model versions of the front
+    view_path: str = ""  # the address of the search's front in MLflow's UI, below the UI's root (view.front_path)
 
 
 def publish_search(
@@ -144,8 +146,17 @@ def publish_search(
         tracker.finish_search(parent_id, rows=rows, front_run_ids=[run_ids[r.trial_id] for r in front],
                               artifacts=plots, metrics=summary)
     versions = tracker.register(registered_model, parent_id, [(run_ids[r.trial_id], r) for r in front],
-                                aliases=aliases)
-    return Published(front=front, run_ids=run_ids, versions=[str(v.version) for v in versions])
+                                search=name, aliases=aliases)
+    dense_run_id = tracker.log_reference(parent_id, dense)
+    registered = [str(v.version) for v in versions]
+    note = view.search_note(
+        name=name, experiment_id=tracker.experiment_id, parent_id=parent_id, dense=dense, trials=len(records),
+        failed=summary["trials_failed"], registered_model=registered_model,
+        front=[(run_ids[r.trial_id], r.result, version) for r, version in zip(front, registered)])
+    colors = view.run_colors([run_ids[r.trial_id] for r in records if r.result is not None],
+                             [run_ids[r.trial_id] for r in front], dense_run_id)
+    view_path = tracker.show_search(parent_id, cost_metric=cost_metric, colors=colors, note=note)
+    return Published(front=front, run_ids=run_ids, versions=registered, view_path=view_path)
 
 
 def publish_run(run_id: str, *, tracking_uri: str, workdir: Path, storage: str | None = None,
@@ -165,4 +176,5 @@ def publish_run(run_id: str, *, tracking_uri: str, workdir: Path, storage: str |
                                registered_model=registered_model, dense=dense, records=records)
     echo(f"autoprune: {len(published.run_ids)} trial runs, {len(published.front)} on the front;"
          f" registered as {registered_model!r} versions {', '.join(published.versions) or '—'}")
+    echo(f"autoprune: the front in MLflow's UI: {ui_hint(tracking_uri, published.view_path)}")
     return published

@@ -16,8 +16,8 @@ from autoprune.config import TrialConfig
 from autoprune.result import TrialRecord, TrialResult
 
 # ---- runs: one parent run per search, one child run per trial -----------------------------------------------
-ROLE_TAG = "autoprune.role"  # ROLE_SEARCH on parent runs, ROLE_TRIAL on child runs
-ROLE_SEARCH, ROLE_TRIAL = "search", "trial"
+ROLE_TAG = "autoprune.role"  # ROLE_SEARCH on parent runs, ROLE_TRIAL on child runs, ROLE_DENSE on the dense model's
+ROLE_SEARCH, ROLE_TRIAL, ROLE_DENSE = "search", "trial", "dense"
 SEARCH_TAG = "autoprune.search"  # the spec's name, on parent runs
 RETARGET_TAG = "autoprune.retarget_of"  # on a retarget's parent run: the search whose models it timed again
 TRIAL_TAG = "autoprune.trial_id"  # Tune's trial id, on child runs
@@ -25,6 +25,13 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests the child runs under th
 PARETO_TAG = "autoprune.pareto"  # "true" on the children on the front, "false" on the others
 ERROR_TAG = "error"  # a failed trial's traceback
 DEVICE_TAG = "device"  # where latency was measured (parent: the dense model's; child: the trial's)
+
+# ---- MLflow's UI (tracking/view.py) -----------------------------------------------------------------------
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # experiment tag + a key: a page state the UI opens by that key
+VIEW_URL_KEY = "viewStateShareKey"  # … given in the address under this name
+RUN_COLOR_TAG = "mlflow.runColor"  # run tag: the colour of the run's line, bar or point in every chart
+NOTE_TAG = "mlflow.note.content"  # run or experiment tag: its description, rendered as Markdown
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # without it, MLflow 3 guesses between its GenAI and training pages
 
 # ---- artifacts --------------------------------------------------------------------------------------------
 SPEC_ARTIFACT = "spec.json"  # parent: the spec as the search ran it (`SearchSpec.as_dict`)

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from autoprune.errors import AutopruneError
 from autoprune.result import TrialRecord, TrialResult
-from autoprune.tracking import schema
+from autoprune.tracking import schema, view
 from autoprune.tracking.schema import (
     DENSE_ARTIFACT,
     KEY_TAG,
@@ -25,6 +25,7 @@ from autoprune.tracking.schema import (
     PARENT_TAG,
     PARETO_TAG,
     RETARGET_TAG,
+    ROLE_DENSE,
     ROLE_SEARCH,
     ROLE_TAG,
     ROLE_TRIAL,
@@ -167,7 +168,8 @@ class Tracker:
         else:
             tags = {ROLE_TAG: ROLE_TRIAL, TRIAL_TAG: record.trial_id, PARENT_TAG: parent_id,
                     **library_versions()}
-            run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{record.trial_id}",
+            what = view.run_name(record.result) if record.result is not None else "failed"
+            run_id = self.client.create_run(self.experiment_id, run_name=f"{what} · {record.trial_id}",
                                             tags=tags).info.run_id
         from mlflow.entities import Metric, RunTag
 
@@ -199,10 +201,28 @@ class Tracker:
         return {run.data.tags[TRIAL_TAG]: run for run in self.child_runs(parent_id) if TRIAL_TAG in run.data.tags}
 
     def child_runs(self, parent_id: str, *, trial_id: str | None = None) -> list:
-        query = f"tags.`{PARENT_TAG}` = '{parent_id}'"
+        """The search's trial runs (not its dense model's run)."""
+        query = f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'"
         if trial_id is not None:
             query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
         return self.client.search_runs([self.experiment_id], filter_string=query, max_results=10000)
+
+    def log_reference(self, parent_id: str, dense: TrialResult) -> str:
+        """The dense model as a run beside the trials (created once), so that charts of the trials show it."""
+        query = f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE_TAG}` = '{ROLE_DENSE}'"
+        existing = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        if existing:
+            return existing[0].info.run_id
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self.client.create_run(self.experiment_id, run_name="dense model (reference)",
+                                        tags={ROLE_TAG: ROLE_DENSE, PARENT_TAG: parent_id}).info.run_id
+        now_ms = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id, metrics=[Metric(key, float(value), now_ms, 0) for key, value in schema.trial_metrics(dense).items()],
+            tags=[RunTag(key, value) for key, value in schema.trial_tags(dense).items()])
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
 
     def finish_search(
         self,
@@ -227,10 +247,28 @@ class Tracker:
             self.client.log_metric(parent_id, key, float(value))
         self.client.set_terminated(parent_id, status="FINISHED")
 
+    def show_search(self, parent_id: str, *, cost_metric: str, colors: Mapping[str, str], note: str) -> str:
+        """What MLflow's UI shows of a finished search (tracking/view.py): its runs' colours, its description, and
+        the saved view of its front, listed in the experiment's description. Returns the view's address."""
+        for run_id, color in colors.items():
+            self.client.set_tag(run_id, schema.RUN_COLOR_TAG, color)
+        self.client.set_tag(parent_id, schema.NOTE_TAG, note[: view.MAX_NOTE_CHARS])
+        experiment = self.experiment_id
+        self.client.set_experiment_tag(experiment, schema.EXPERIMENT_KIND_TAG, view.EXPERIMENT_KIND)
+        self.client.set_experiment_tag(experiment, schema.VIEW_TAG_PREFIX + parent_id,
+                                       view.view_state(parent_id, cost_metric))
+        searches = self.client.search_runs(
+            [experiment], f"tags.`{ROLE_TAG}` = '{ROLE_SEARCH}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=20)
+        listed = [{"run_id": run.info.run_id, "run_name": run.info.run_name,
+                   "summary": view.search_summary(run.data.metrics, run.data.tags)} for run in searches]
+        self.client.set_experiment_tag(experiment, schema.NOTE_TAG, view.experiment_note(listed, experiment))
+        return view.front_path(experiment, parent_id)
+
     # ---- registry ------------------------------------------------------------------------------------------
 
     def register(self, model_name: str, parent_id: str, entries: Sequence[tuple[str, TrialRecord]], *,
-                 aliases: bool = True) -> list:
+                 search: str = "", aliases: bool = True) -> list:
         """Register each (child run id, record) as a version of `model_name`; with `aliases`, the registered
         model's aliases go to the extremes among them.
 
@@ -252,9 +290,13 @@ class Tracker:
                 continue
             self.client.log_artifacts(run_id, record.model_dir, MODEL_ARTIFACT)
             source = f"{self.client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+            description = view.version_description(
+                record.result, search=search, trial_id=record.trial_id,
+                run_link=view.run_path(self.experiment_id, run_id))
             versions.append(
                 self.client.create_model_version(
-                    model_name, source, run_id=run_id, tags=schema.version_tags(record.result, key)
+                    model_name, source, run_id=run_id, tags=schema.version_tags(record.result, key),
+                    description=description,
                 )
             )
         if versions and aliases:

@@ -1,0 +1,146 @@
+"""What a person sees at the address `autoprune ui` prints, read from a real browser (headless Chromium).
+
+`tests/test_e2e.py` asserts on it; `python -m autoprune.testing.browser` takes the README's screenshot of a store:
+
+    python -m autoprune.testing.browser --tracking-uri sqlite:///autoprune_runs/mlflow.db --out front.png
+
+Needs Playwright (a test dependency) and a Chromium (Debian's `chromium`, or `$AUTOPRUNE_CHROMIUM`); Playwright's
+own browser download is never used, so nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from autoprune.testing.loopback import LOOPBACK, free_port
+from autoprune.tracking.view import DENSE_COLOR, FRONT_COLOR, TRIAL_COLOR
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_chromium() -> str | None:
+    explicit = os.environ.get("AUTOPRUNE_CHROMIUM")
+    if explicit:
+        return explicit
+    return next((path for path in map(shutil.which, BROWSERS) if path), None)
+
+
+def why_no_browser() -> str | None:
+    """Why the front cannot be looked at here, or None when it can."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright is not installed (pip install -e '.[test]')"
+    if find_chromium() is None:
+        return "no Chromium on this machine (apt-get install chromium, or set AUTOPRUNE_CHROMIUM to a Chrome binary)"
+    return None
+
+
+@dataclass(frozen=True)
+class FrontPage:
+    """The page at a search's front address, as rendered."""
+
+    heading: str  # the page's title ("Training runs" on MLflow's model-training page)
+    sections: list[str]  # the chart sections' titles, top first
+    points: dict[str, int]  # scatter points by colour: FRONT_COLOR, TRIAL_COLOR, DENSE_COLOR
+    point_link: str  # where the card of a clicked front point links to (a run's address)
+    run_page_links: list[str]  # the links on that run's page (its registered versions among them)
+
+
+def _rgb(hex_color: str) -> str:
+    red, green, blue = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({red}, {green}, {blue})"
+
+
+def read_front(address: str, *, screenshot: Path | None = None, timeout_s: float = 90) -> FrontPage:
+    """Open `address`, wait for the front's chart, count its points by colour, click a front point and follow
+    its card's link to the run's page. `screenshot` saves the page as first seen."""
+    from playwright.sync_api import sync_playwright
+
+    timeout_ms = timeout_s * 1000
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox"])
+        try:
+            context = browser.new_context(viewport={"width": 1600, "height": 1000})
+            page = context.new_page()
+            page.goto(address, timeout=timeout_ms)
+            page.wait_for_selector("path.point", timeout=timeout_ms)
+            time.sleep(1.0)  # the chart's layout settles after its first points are drawn
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot))
+            heading = page.locator("h2").first.inner_text(timeout=timeout_ms).strip()
+            lines = [line.strip() for line in page.inner_text("body").splitlines()]
+            sections = [title for title, count in zip(lines, lines[1:])  # a section's title, then "(its charts)"
+                        if re.fullmatch(r"\(\d+\)", count)]
+            points = {color: page.locator(f"path.point[style*='fill: {_rgb(color)}']").count()
+                      for color in (FRONT_COLOR, TRIAL_COLOR, DENSE_COLOR)}
+            page.locator(f"path.point[style*='fill: {_rgb(FRONT_COLOR)}']").first.click(force=True)
+            link = page.locator("[data-testid=tooltip-container] a[href*='/runs/']").first
+            point_link = link.get_attribute("href", timeout=timeout_ms) or ""
+            with context.expect_page(timeout=timeout_ms) as opened:  # the card opens the run in a new tab
+                link.click()
+            run_page = opened.value
+            run_page.wait_for_selector("a[href*='/versions/']", timeout=timeout_ms)
+            run_page_links = run_page.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
+        finally:
+            browser.close()
+    return FrontPage(heading, sections, points, point_link, run_page_links)
+
+
+@contextmanager
+def ui_server(tracking_uri: str, *, run_id: str | None = None, timeout_s: float = 120) -> Iterator[str]:
+    """`autoprune ui` on a free loopback port, as a user starts it; yields the front's address it prints."""
+    port = free_port()
+    command = [sys.executable, "-m", "autoprune.cli", "ui", "--tracking-uri", tracking_uri, "--port", str(port),
+               "--host", LOOPBACK, *(["--run", run_id] if run_id else [])]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        address = None
+        for line in server.stdout:  # the front's address is printed once the server answers
+            found = re.search(r"(http://\S+viewStateShareKey=\S+)", line)
+            if found:
+                address = found.group(1)
+                break
+            if time.monotonic() > deadline:
+                break
+        if address is None:
+            raise RuntimeError(f"`autoprune ui` printed no address (exit {server.poll()})")
+        yield address
+    finally:
+        server.terminate()  # `autoprune ui` stops its MLflow server as it ends
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m autoprune.testing.browser", description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", required=True, help="the store a search published to")
+    parser.add_argument("--run", help="the search's run id (default: the newest finished search)")
+    parser.add_argument("--out", required=True, type=Path, help="where to save the screenshot (PNG)")
+    args = parser.parse_args(argv)
+    missing = why_no_browser()
+    if missing:
+        print(f"cannot take the screenshot: {missing}", file=sys.stderr)
+        return 1
+    with ui_server(args.tracking_uri, run_id=args.run) as address:
+        page = read_front(address, screenshot=args.out)
+    print(f"{args.out}: {address}\n{page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
