@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = commands.add_parser("ui", help="MLflow's UI opened on a search's front: serves a local store (until Ctrl-C)"
                                         " and prints the address; for a tracking server, prints it")
-    ui.add_argument("--experiment", help="the newest finished search of this experiment (default: of any)")
-    ui.add_argument("--run", help="the search with this run id instead")
+    which = ui.add_mutually_exclusive_group()
+    which.add_argument("--experiment", help="the newest finished search of this experiment (default: of any)")
+    which.add_argument("--run", help="the search with this run id")
     ui.add_argument("--host", default="127.0.0.1", help="interface to serve a local store on (default: loopback only)")
     ui.add_argument("--port", type=int, default=5000)
     _add_store_flags(ui)

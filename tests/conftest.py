@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing outside is reachable in tests
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # every test names its store: none may write to the caller's server
 
 import pytest
 import torch

@@ -5,6 +5,8 @@ read in a real browser in test_e2e.py."""
 from __future__ import annotations
 
 import json
+import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from autoprune.cli import main
 from autoprune.config import HealConfig, PruneConfig, TrialConfig
 from autoprune.measure.timing import LatencyProfile
 from autoprune.result import TrialRecord, TrialResult
+from autoprune.testing.browser import ui_server
 from autoprune.tracking import schema, view
 from autoprune.tracking.publish import publish_search
 from autoprune.tracking.store import Tracker, resolve_tracking_uri
@@ -28,7 +31,7 @@ def _result(method: str, sparsity: float, accuracy: float, ms: float, heal: str 
 @pytest.fixture
 def published(tmp_path: Path):
     tracker = Tracker(resolve_tracking_uri(None, None, tmp_path), "view-exp")
-    parent = tracker.start_search(name="view", spec={"name": "view"})
+    parent = tracker.start_search(name="view", spec={"name": "view"}, run_name="view_1")
     dense = _result("none", 0.0, 0.95, 10.0, heal="none")
     tracker.log_dense(parent, dense)
     records = []
@@ -91,7 +94,9 @@ def test_versions_and_the_search_read_as_sentences_with_their_links(published):
     assert f"[view-model v{result.versions[0]}](#/models/view-model/versions/{result.versions[0]})" in note
     assert "4 trials (1 failed), 2 on the Pareto front" in note
     experiment_note = tracker.client.get_experiment(tracker.experiment_id).tags[schema.NOTE_TAG]
-    assert f"- [view]({result.view_path}): 4 trials, 2 on the front (latency on cpu: test (1 thread))" in experiment_note
+    # names are literal text in Markdown (the run's "_" is not emphasis)
+    assert f"- [view\\_1]({result.view_path}): 4 trials, 2 on the front (latency on cpu: test (1 thread))" \
+        in experiment_note
 
 
 def test_publishing_again_keeps_one_dense_run_and_one_view(published):
@@ -126,8 +131,39 @@ def test_ui_errors_name_what_is_missing(published, capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
-def test_ui_without_a_store_says_how_to_make_one(tmp_path, capsys):
+def test_ui_without_a_store_says_how_to_make_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: the work directory's store
     assert main(["ui", "--workdir", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err
     assert "no MLflow store at" in err and "autoprune demo" in err
     assert not (tmp_path / "none").exists()  # looking did not create an empty store
+
+
+def test_a_persons_description_of_the_experiment_is_kept(published):
+    tracker, parent, dense, records, _ = published
+    tracker.client.set_experiment_tag(tracker.experiment_id, schema.NOTE_TAG, "Our pruning runs for the Q3 model.")
+    publish_search(tracker, parent, name="view", cost_metric="latency_ms", registered_model="view-model",
+                   dense=dense, records=records)
+    note = tracker.client.get_experiment(tracker.experiment_id).tags[schema.NOTE_TAG]
+    assert note == "Our pruning runs for the Q3 model."
+
+
+def test_ui_serves_the_store_until_stopped_and_leaves_nothing_running(published):
+    tracker, _, _, _, result = published
+    with ui_server(tracker.tracking_uri) as address:
+        assert address.endswith(result.view_path)
+        base = address.split("/#")[0]
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+            assert response.status == 200
+    with pytest.raises(OSError):  # the MLflow server went down with `autoprune ui`
+        urllib.request.urlopen(f"{base}/health", timeout=5)
+
+
+def test_ui_on_a_taken_port_says_so(published, capsys):
+    tracker = published[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--tracking-uri", tracker.tracking_uri, "--port", str(port)]) == 1
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -108,13 +109,13 @@ def ui_server(tracking_uri: str, *, run_id: str | None = None, timeout_s: float 
     try:
         deadline = time.monotonic() + timeout_s
         address = None
-        for line in server.stdout:  # the front's address is printed once the server answers
+        while address is None and time.monotonic() < deadline:  # the address is printed once the server answers
+            readable, _, _ = select.select([server.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = server.stdout.readline() if readable else ""
+            if not line:  # ended, or silent until the deadline
+                break
             found = re.search(r"(http://\S+viewStateShareKey=\S+)", line)
-            if found:
-                address = found.group(1)
-                break
-            if time.monotonic() > deadline:
-                break
+            address = found.group(1) if found else None
         if address is None:
             raise RuntimeError(f"`autoprune ui` printed no address (exit {server.poll()})")
         yield address

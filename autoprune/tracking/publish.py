@@ -27,6 +27,8 @@ from autoprune.tracking.schema import trial_row
 from autoprune.tracking.store import Tracker
 from autoprune.tracking.ui import ui_hint
 
+log = logging.getLogger(__name__)
+
 
 def experiment_path(storage: str, run_id: str) -> str:
     """Tune's folder for the search whose MLflow parent run is `run_id` (Tune's run is named after it). A URI's
@@ -147,15 +149,20 @@ def publish_search(
                               artifacts=plots, metrics=summary)
     versions = tracker.register(registered_model, parent_id, [(run_ids[r.trial_id], r) for r in front],
                                 search=name, aliases=aliases)
-    dense_run_id = tracker.log_reference(parent_id, dense)
     registered = [str(v.version) for v in versions]
-    note = view.search_note(
-        name=name, experiment_id=tracker.experiment_id, parent_id=parent_id, dense=dense, trials=len(records),
-        failed=summary["trials_failed"], registered_model=registered_model,
-        front=[(run_ids[r.trial_id], r.result, version) for r, version in zip(front, registered)])
-    colors = view.run_colors([run_ids[r.trial_id] for r in records if r.result is not None],
-                             [run_ids[r.trial_id] for r in front], dense_run_id)
-    view_path = tracker.show_search(parent_id, cost_metric=cost_metric, colors=colors, note=note)
+    try:  # what the UI shows: a search whose models are registered is published even if this fails
+        dense_run_id = tracker.log_reference(parent_id, dense)
+        note = view.search_note(
+            name=name, experiment_id=tracker.experiment_id, parent_id=parent_id, dense=dense, trials=len(records),
+            failed=summary["trials_failed"], registered_model=registered_model, cost_metric=cost_metric,
+            front=[(run_ids[r.trial_id], r.result, version) for r, version in zip(front, registered)])
+        colors = view.run_colors([run_ids[r.trial_id] for r in records if r.result is not None],
+                                 [run_ids[r.trial_id] for r in front], dense_run_id)
+        view_path = tracker.show_search(parent_id, cost_metric=cost_metric, colors=colors, note=note)
+    except Exception as error:
+        log.warning("autoprune: the front's view in MLflow's UI was not written (%s: %s); `autoprune publish %s`"
+                    " writes it again", type(error).__name__, str(error)[:200], parent_id)
+        view_path = ""
     return Published(front=front, run_ids=run_ids, versions=registered, view_path=view_path)
 
 

@@ -132,10 +132,10 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None, recipe: bool 
     from autoprune.saved import load_model_dir
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
+    # given per call, not set globally: mlflow.set_tracking_uri would also set $MLFLOW_TRACKING_URI for the rest
+    # of the process, and every later command in it would then use this store
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri,
+                                                registry_uri=tracking_uri)
     return load_model_dir(local, recipe=recipe, device=device)
 
 

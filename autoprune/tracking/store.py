@@ -211,12 +211,15 @@ class Tracker:
         """The dense model as a run beside the trials (created once), so that charts of the trials show it."""
         query = f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE_TAG}` = '{ROLE_DENSE}'"
         existing = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
-        if existing:
+        if existing and existing[0].info.status != "RUNNING":
             return existing[0].info.run_id
         from mlflow.entities import Metric, RunTag
 
-        run_id = self.client.create_run(self.experiment_id, run_name="dense model (reference)",
-                                        tags={ROLE_TAG: ROLE_DENSE, PARENT_TAG: parent_id}).info.run_id
+        if existing:  # begun by a driver that was stopped while writing it: completed now (writes are the same)
+            run_id = existing[0].info.run_id
+        else:
+            run_id = self.client.create_run(self.experiment_id, run_name="dense model (reference)",
+                                            tags={ROLE_TAG: ROLE_DENSE, PARENT_TAG: parent_id}).info.run_id
         now_ms = int(time.time() * 1000)
         self.client.log_batch(
             run_id, metrics=[Metric(key, float(value), now_ms, 0) for key, value in schema.trial_metrics(dense).items()],
@@ -257,18 +260,20 @@ class Tracker:
         self.client.set_experiment_tag(experiment, schema.EXPERIMENT_KIND_TAG, view.EXPERIMENT_KIND)
         self.client.set_experiment_tag(experiment, schema.VIEW_TAG_PREFIX + parent_id,
                                        view.view_state(parent_id, cost_metric))
-        searches = self.client.search_runs(
-            [experiment], f"tags.`{ROLE_TAG}` = '{ROLE_SEARCH}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=20)
-        listed = [{"run_id": run.info.run_id, "run_name": run.info.run_name,
-                   "summary": view.search_summary(run.data.metrics, run.data.tags)} for run in searches]
-        self.client.set_experiment_tag(experiment, schema.NOTE_TAG, view.experiment_note(listed, experiment))
+        written = self.client.get_experiment(experiment).tags.get(schema.NOTE_TAG)
+        if written is None or written.startswith(view.EXPERIMENT_NOTE_HEAD):  # never overwrite a person's words
+            searches = self.client.search_runs(
+                [experiment], f"tags.`{ROLE_TAG}` = '{ROLE_SEARCH}' and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"], max_results=50)
+            listed = [{"run_id": run.info.run_id, "run_name": run.info.run_name,
+                       "summary": view.search_summary(run.data.metrics, run.data.tags)} for run in searches]
+            self.client.set_experiment_tag(experiment, schema.NOTE_TAG, view.experiment_note(listed, experiment))
         return view.front_path(experiment, parent_id)
 
     # ---- registry ------------------------------------------------------------------------------------------
 
     def register(self, model_name: str, parent_id: str, entries: Sequence[tuple[str, TrialRecord]], *,
-                 search: str = "", aliases: bool = True) -> list:
+                 search: str | None = None, aliases: bool = True) -> list:
         """Register each (child run id, record) as a version of `model_name`; with `aliases`, the registered
         model's aliases go to the extremes among them.
 

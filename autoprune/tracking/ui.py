@@ -8,7 +8,9 @@ serves the UI: the address is printed and nothing is started.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,10 +32,12 @@ def local_ui(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
 
 
 def ui_hint(tracking_uri: str, view_path: str) -> str:
-    """What the end of a search prints: the front's address, and for a local store the command that serves it."""
+    """What the end of a search prints: the front's address, and for a local store the command that serves it
+    (at its default port; `autoprune ui` prints the address again)."""
     if is_tracking_server(tracking_uri):
         return view.ui_address(tracking_uri, view_path)
-    return f"autoprune ui --tracking-uri {tracking_uri}   (then open {view.ui_address(local_ui(), view_path)})"
+    return (f"autoprune ui --tracking-uri {shlex.quote(tracking_uri)}   (then open"
+            f" {view.ui_address(local_ui(), view_path)})")
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,12 @@ def find_search(tracking_uri: str, *, experiment: str | None = None, run_id: str
                 raise AutopruneError(f"MLflow run {run_id!r} is not a search's parent run")
             runs = [run]
         else:
-            experiments = mlflow.search_experiments(filter_string=f"name = '{experiment}'" if experiment else None)
-            if experiment and not experiments:
-                raise AutopruneError(f"no MLflow experiment named {experiment!r} at {tracking_uri!r}")
+            if experiment:
+                experiments = [found for found in [mlflow.get_experiment_by_name(experiment)] if found]
+                if not experiments:
+                    raise AutopruneError(f"no MLflow experiment named {experiment!r} at {tracking_uri!r}")
+            else:
+                experiments = mlflow.search_experiments()
             runs = mlflow.search_runs([e.experiment_id for e in experiments],
                                       f"tags.`{ROLE_TAG}` = '{ROLE_SEARCH}' and attributes.status = 'FINISHED'",
                                       order_by=["attributes.start_time DESC"], max_results=200)
@@ -83,24 +90,29 @@ def find_search(tracking_uri: str, *, experiment: str | None = None, run_id: str
 
 def serve_ui(tracking_uri: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
              ready: Callable[[str], None], timeout_s: float = 120) -> int:
-    """Run MLflow's server on the local store `tracking_uri` until it stops (Ctrl-C); `ready(base_url)` once it
-    answers. Returns the server's exit status."""
+    """Run MLflow's server on the local store `tracking_uri` until it stops (Ctrl-C, SIGTERM, the terminal closed);
+    `ready(base_url)` once it answers. Returns the server's exit status."""
+    _check_free(host, port)  # else the address printed could be another server's
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri, "--host", host,
+               "--port", str(port), "--workers", "1",  # one person's browser: one worker
+               "--uvicorn-opts=--no-access-log"]  # a line per request would bury the address
     artifacts = local_artifacts(tracking_uri)
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", tracking_uri,
-               "--host", host, "--port", str(port), "--workers", "1"]  # one person's browser: one worker
     if artifacts:  # runs logged by autoprune name their artifacts' folder; new ones (from the UI) go there too
         command += ["--default-artifact-root", artifacts]
-    # its own process group: the server's workers stop with it
-    server = subprocess.Popen(command, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                              start_new_session=True)
     base = local_ui(host, port)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: the server goes down with it
+    stopping = (signal.SIGTERM, signal.SIGHUP)  # stopped like Ctrl-C: the server goes down with it
+    previous = {sig: signal.signal(sig, _interrupt) for sig in stopping}
+    server = None
     try:
+        # its own process group (the server's workers stop with it); its output goes to our stderr, so that what
+        # is read from our stdout is the address
+        server = subprocess.Popen(command, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                                  stdout=sys.stderr.fileno(), start_new_session=True)
         deadline = time.monotonic() + timeout_s
-        while not _answers(base):
+        while not (_answers(base) and server.poll() is None):
             if server.poll() is not None:
-                raise AutopruneError(f"MLflow's server stopped at once (exit {server.returncode}); is port {port}"
-                                     " taken? Pass --port")
+                raise AutopruneError(f"MLflow's server stopped at once (exit {server.returncode}); see its output"
+                                     " above")
             if time.monotonic() > deadline:
                 raise AutopruneError(f"MLflow's server did not answer at {base} within {timeout_s:.0f} s")
             time.sleep(0.5)
@@ -109,8 +121,22 @@ def serve_ui(tracking_uri: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop(server)
-        signal.signal(signal.SIGTERM, previous)
+        for sig in (signal.SIGINT, *stopping):  # a second Ctrl-C must not cut the server's stop short
+            signal.signal(sig, signal.SIG_IGN)
+        if server is not None:
+            _stop(server)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_free(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise AutopruneError(f"cannot serve on {host}:{port} ({error.strerror}): another server (an MLflow UI?)"
+                                 " may hold it; pass --port") from None
 
 
 def _interrupt(signum, frame) -> None:

@@ -9,7 +9,8 @@ run's colour from MLflow's own run tag `mlflow.runColor`: the front in red, the 
 model (a run of its own) in black. One click on a point opens its run's card with a link to the run.
 
 The state's fields are those of MLflow's UI (`ExperimentPageUIState` and its chart configs, MLflow 3.x): nothing in
-MLflow's API validates them, so `tests/test_ui.py` opens the address in a real browser and reads the page.
+MLflow's API validates them, so the `browser` tests (test_e2e.py, test_cluster.py) open the address in
+headless Chromium and read the page (autoprune/testing/browser.py).
 """
 
 from __future__ import annotations
@@ -91,36 +92,55 @@ def view_state(parent_id: str, cost_metric: str) -> str:
     return json.dumps(state)
 
 
+MARKDOWN_SPECIAL = set("\\`*_[]<>|")  # what changes text anywhere in a line (a table cell included)
+
+
+def markdown_text(text: str) -> str:
+    """`text` as literal Markdown: names (of searches, models, runs) may hold what Markdown reads as markup."""
+    return "".join(f"\\{char}" if char in MARKDOWN_SPECIAL else char for char in str(text))
+
+
 def search_note(*, name: str, experiment_id: str, parent_id: str, dense: TrialResult, trials: int, failed: int,
-                front: Sequence[tuple[str, TrialResult, str | None]], registered_model: str) -> str:
+                front: Sequence[tuple[str, TrialResult, str | None]], registered_model: str, cost_metric: str) -> str:
     """The parent run's description (Markdown): the front as a table whose rows link to their runs and versions.
     `front` holds (run id, result, registered version or None), fastest first."""
     latency = dense.latency
     lines = [
-        f"**autoprune search `{name}`**: {trials} trials ({failed} failed), {len(front)} on the Pareto front.",
-        f"Dense model: top-1 {dense.accuracy:.4f} at {latency.median_ms:.4g} ms ({latency.device}, batch"
-        f" {latency.batch_size}, {latency.dtype}).",
+        f"**autoprune search {markdown_text(name)}**: {trials} trials ({failed} failed), {len(front)} on the Pareto"
+        " front.",
+        f"Dense model: top-1 {dense.accuracy:.4f}, {cost_metric} {dense.cost(cost_metric):.4g} (latency measured on"
+        f" {markdown_text(latency.device)}, batch {latency.batch_size}, {latency.dtype}).",
         "",
-        f"[The front at a glance]({front_path(experiment_id, parent_id)}): every trial's top-1 against its latency,"
-        " the front in red, the dense model in black.",
+        f"[The front at a glance]({front_path(experiment_id, parent_id)}): every trial's top-1 against its"
+        f" {cost_metric}, the front in red, the dense model in black.",
         "",
-        "| trial | prune | heal | sparsity | top-1 | latency ms | registered |",
+        f"| trial | prune | heal | sparsity | top-1 | {cost_metric} | registered |",
         "|---|---|---|---|---|---|---|",
     ]
+    model = markdown_text(registered_model)
     for run_id, result, version in front:
-        registered = f"[{registered_model} v{version}]({version_path(registered_model, version)})" if version else "—"
-        lines.append(f"| [{run_name(result)}]({run_path(experiment_id, run_id)}) | {result.config.prune.method}"
-                     f" | {result.config.heal.method} | {result.sparsity:.2f} | {result.accuracy:.4f}"
-                     f" | {result.latency.median_ms:.4g} | {registered} |")
+        registered = f"[{model} v{version}]({version_path(registered_model, version)})" if version else "—"
+        lines.append(f"| [{markdown_text(run_name(result))}]({run_path(experiment_id, run_id)})"
+                     f" | {result.config.prune.method} | {result.config.heal.method} | {result.sparsity:.2f}"
+                     f" | {result.accuracy:.4f} | {result.cost(cost_metric):.4g} | {registered} |")
     return "\n".join(lines)
+
+
+EXPERIMENT_NOTE_HEAD = "Pruned models found by **autoprune**."  # how autoprune's description of an experiment starts
+MAX_EXPERIMENT_NOTE_CHARS = 5000  # what MLflow servers before 3.x's later releases keep of an experiment tag
 
 
 def experiment_note(searches: Sequence[Mapping[str, str]], experiment_id: str) -> str:
-    """The experiment's description: its searches, newest first, each with the address of its front.
-    `searches` holds {run_id, run_name, summary}."""
-    lines = ["Pruned models found by **autoprune**. Each search's trials, its Pareto front marked:", ""]
-    lines += [f"- [{s['run_name']}]({front_path(experiment_id, s['run_id'])}): {s['summary']}" for s in searches]
-    return "\n".join(lines)
+    """The experiment's description: its searches, newest first, each with the address of its front (as many as
+    fit). `searches` holds {run_id, run_name, summary}."""
+    note = f"{EXPERIMENT_NOTE_HEAD} Each search's trials, its Pareto front marked:\n"
+    for search in searches:
+        line = f"\n- [{markdown_text(search['run_name'])}]({front_path(experiment_id, search['run_id'])}):" \
+               f" {search['summary']}"
+        if len(note) + len(line) > MAX_EXPERIMENT_NOTE_CHARS:
+            break
+        note += line
+    return note
 
 
 def search_summary(metrics: Mapping[str, float], tags: Mapping[str, str]) -> str:
@@ -135,16 +155,17 @@ def run_name(result: TrialResult) -> str:
     return f"{result.config.prune.method} {result.sparsity:.0%} + {result.config.heal.method}"
 
 
-def version_description(result: TrialResult, *, search: str, trial_id: str, run_link: str) -> str:
+def version_description(result: TrialResult, *, search: str | None, trial_id: str, run_link: str) -> str:
     """A registered version's description: one sentence a person reads on the registry's page."""
     config, latency = result.config, result.latency
     healing = ("not healed" if config.heal.method == "none" else
                f"healed by {config.heal.method} ({config.heal.steps} steps on {config.heal.calibration_images}"
                " images)")
     recipe = ", ".join(part for part in (
-        latency.device, f"batch {latency.batch_size}", latency.dtype,
+        markdown_text(latency.device), f"batch {latency.batch_size}", latency.dtype,
         latency.memory_format if latency.memory_format != "contiguous" else "",
         "2:4 kernels" if latency.format == "2:4" else "", "compiled" if latency.compiled else "") if part)
     return (f"{config.prune.method} pruning to {result.sparsity:.0%} sparsity, {healing}: top-1"
             f" {result.accuracy:.4f} at {latency.median_ms:.4g} ms median (p90 {latency.p90_ms:.4g} ms) on {recipe}."
-            f" Trial {trial_id} of search `{search}`: [its run]({run_link}).")
+            f" Trial {trial_id}" + (f" of search {markdown_text(search)}" if search else "")
+            + f": [its run]({run_link}).")
