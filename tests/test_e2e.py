@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from importlib import metadata
 
 import pytest
@@ -208,15 +209,20 @@ CNN_SPEC = {
 
 @pytest.mark.browser
 def test_the_printed_address_opens_the_front_in_a_browser(outcome, tracker, tmp_path):
-    """What a person sees at the address the search printed, served by `autoprune ui`, in headless Chromium."""
+    """`autoprune ui` serves the address the search printed, and stops its server when it stops; what a person sees
+    there, in headless Chromium (where there is one)."""
     missing = why_no_browser()
-    if missing:
-        pytest.skip(f"cannot look at the front in a browser here: {missing}")
     screenshot = tmp_path / "front.png"
     with ui_server(outcome.tracking_uri) as address:
-        path = address.split("/", 3)[3]
+        base, path = address.split("/#")[0], address.split("/", 3)[3]
         assert path in outcome.ui_hint  # the address `autoprune ui` prints is the one the search printed
-        page = read_front(address, screenshot=screenshot)
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+            assert response.status == 200
+        page = None if missing else read_front(address, screenshot=screenshot)
+    with pytest.raises(OSError):  # MLflow's server went down with `autoprune ui`
+        urllib.request.urlopen(f"{base}/health", timeout=5)
+    if missing:
+        pytest.skip(f"cannot look at the front in a browser here: {missing}")
     print(f"the front as a browser shows it: {screenshot}")
     assert page.heading == "Training runs"  # MLflow's model-training page, not its GenAI overview
     assert page.sections[0] == view.FRONT_SECTION  # the front's chart first, without a click

@@ -24,7 +24,7 @@ from autoprune.tracking.store import Tracker, resolve_tracking_uri
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
-TRIALS = 6
+TRIALS = 4
 # The chaos benchmark's search, smaller and without its deliberate failures: these tests disturb it from outside.
 SPEC = copy.deepcopy(bench_faults.SPEC)
 SPEC["name"] = "faults"
@@ -32,7 +32,7 @@ SPEC["search"]["trials"] = TRIALS
 SPEC["mlflow"] = {"experiment": "faults", "registered_model": "faults-model"}
 # structured at high sparsity: faster than dense, so the front (and the registry) is never empty by chance
 SPEC["space"] = {"prune": {"methods": ["structured", "magnitude"], "sparsity": {"low": 0.6, "high": 0.8}},
-                 "heal": {"methods": ["distill"], "calibration_images": 32, "steps": 40, "batch_size": 16}}
+                 "heal": {"methods": ["distill"], "calibration_images": 32, "steps": 25, "batch_size": 16}}
 
 
 def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:

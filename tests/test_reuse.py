@@ -61,6 +61,9 @@ def test_a_search_with_halving_judges_every_trial_by_one_judge(first):
     assert any("successive halving" in line for line in SAID)
     results = [record.result for record in outcome.records]
     for result in results:
+        if result.stopped.startswith("not faster"):  # timed no faster than dense (noise, a small sparsity): stopped
+            assert result.rungs == () and result.healing_steps == 0  # after profiling, before any rung
+            continue
         trains = result.config.heal.method == "distill"
         expected = [steps for _, steps in rungs_of(result.config.heal.steps, (0.5,))] if trains else []
         assert [steps for steps, _ in result.rungs] == expected

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from autoprune.cli import main
 from autoprune.config import HealConfig, PruneConfig, TrialConfig
 from autoprune.measure.timing import LatencyProfile
 from autoprune.result import TrialRecord, TrialResult
-from autoprune.testing.browser import ui_server
 from autoprune.tracking import schema, view
 from autoprune.tracking.publish import publish_search
 from autoprune.tracking.store import Tracker, resolve_tracking_uri
@@ -146,17 +144,6 @@ def test_a_persons_description_of_the_experiment_is_kept(published):
                    dense=dense, records=records)
     note = tracker.client.get_experiment(tracker.experiment_id).tags[schema.NOTE_TAG]
     assert note == "Our pruning runs for the Q3 model."
-
-
-def test_ui_serves_the_store_until_stopped_and_leaves_nothing_running(published):
-    tracker, _, _, _, result = published
-    with ui_server(tracker.tracking_uri) as address:
-        assert address.endswith(result.view_path)
-        base = address.split("/#")[0]
-        with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
-            assert response.status == 200
-    with pytest.raises(OSError):  # the MLflow server went down with `autoprune ui`
-        urllib.request.urlopen(f"{base}/health", timeout=5)
 
 
 def test_ui_on_a_taken_port_says_so(published, capsys):

@@ -85,8 +85,7 @@ def ray_cluster(
             _wait_for_nodes(address, index + 1, processes, timeout_s, workdir / f"ray-{name}.log", env)
         yield RayCluster(address, len(processes), auth)
     finally:
-        for process in reversed(processes):
-            _stop(process)
+        _stop(*reversed(processes))
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -177,18 +176,21 @@ def s3_server(workdir: Path, *, buckets: tuple[str, ...] = ("autoprune",), timeo
         _stop(process)
 
 
-def _stop(process: subprocess.Popen, grace_s: float = 15) -> None:
-    """SIGTERM to the process group (a `ray start --block` stops its node's processes), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
+def _stop(*processes: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM to each process group at once (a `ray start --block` stops its node's processes), then SIGKILL to
+    those still there after `grace_s`: nodes stop side by side, not one after the other."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -132,10 +132,12 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None, recipe: bool 
     from autoprune.saved import load_model_dir
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # given per call, not set globally: mlflow.set_tracking_uri would also set $MLFLOW_TRACKING_URI for the rest
-    # of the process, and every later command in it would then use this store
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri,
-                                                registry_uri=tracking_uri)
+    if model_uri.startswith("models:/") and tracking_uri:
+        # resolved here, against `tracking_uri`: MLflow resolves models:/ against its global registry URI, and
+        # mlflow.set_registry_uri / set_tracking_uri would change it (and $MLFLOW_TRACKING_URI) for the whole process
+        name, _, reference = model_uri[len("models:/"):].rpartition("/")
+        model_uri = client(tracking_uri).get_model_version_download_uri(name, reference)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
     return load_model_dir(local, recipe=recipe, device=device)
 
 
