@@ -88,7 +88,7 @@ def test_the_compose_file_is_complete_and_its_secrets_are_declared():
     build = services["mlflow"]["build"]
     assert (deploy / build["context"] / build["dockerfile"]).exists()
     command = " ".join(services["mlflow"]["command"])
-    assert "--app-name basic-auth" in command and "postgresql://" in command and "s3://" in command
+    assert "--app-name basic-auth" in command and "postgresql+psycopg2://" in command and "s3://" in command
     declared = {line.split("=", 1)[0] for line in (deploy / "env.example").read_text().splitlines()
                 if "=" in line and not line.startswith("#")}
     used = set(re.findall(r"\$\{(\w+)", (deploy / "docker-compose.yml").read_text()))

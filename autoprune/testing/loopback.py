@@ -1,4 +1,5 @@
-"""A Ray cluster of several nodes and an MLflow tracking server, as real processes bound to 127.0.0.1.
+"""A Ray cluster of several nodes, an MLflow tracking server (on sqlite, or a team's: PostgreSQL, S3, basic-auth),
+PostgreSQL and an S3-compatible store, as real processes bound to 127.0.0.1.
 
 What a team runs on many machines, started on one: the cluster tests and `autoprune bench cluster` use it to prove
 that a search runs unchanged through `--address` and `--tracking-uri http://…`. Every process is started in
@@ -125,18 +126,41 @@ def _wait_until(ready, processes, what: str, log: Path, timeout_s: float) -> Non
         time.sleep(0.5)
 
 
+@dataclass(frozen=True)
+class MlflowAuth:
+    """MLflow's basic-auth app: its admin, and the permission every other user has on what others created."""
+
+    admin_password: str
+    default_permission: str = "READ"
+
+
 @contextlib.contextmanager
-def mlflow_server(workdir: Path, *, timeout_s: float = 60) -> Iterator[MlflowServer]:
-    """`mlflow server` with an sqlite backend store, serving artifacts from a folder in `workdir`."""
-    port = free_port()
+def mlflow_server(workdir: Path, *, backend: str | None = None, artifacts_destination: str | None = None,
+                  auth: MlflowAuth | None = None, port: int | None = None, env: Mapping[str, str] | None = None,
+                  timeout_s: float = 60) -> Iterator[MlflowServer]:
+    """`mlflow server` serving artifacts: by default an sqlite backend store and artifacts in a folder of `workdir`;
+    `backend` (a database URI), `artifacts_destination` (s3://…, with its credentials in `env`) and `auth` make it
+    a team's server (deploy/docker-compose.yml). The same `workdir` and `port` start the same server again."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
     artifacts = workdir / "mlflow-artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mlflow", "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-               "--artifacts-destination", artifacts.as_uri(), "--serve-artifacts"]
+               "--backend-store-uri", backend or f"sqlite:///{workdir / 'mlflow.db'}",
+               "--artifacts-destination", artifacts_destination or artifacts.as_uri(), "--serve-artifacts"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    if auth is not None:
+        config = workdir / "basic_auth.ini"
+        config.write_text("[mlflow]\n"
+                          f"default_permission = {auth.default_permission}\n"
+                          f"database_uri = sqlite:///{workdir / 'basic_auth.db'}\n"
+                          "admin_username = admin\n"
+                          f"admin_password = {auth.admin_password}\n"
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        command += ["--app-name", "basic-auth"]
+        env.update({"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
     log = workdir / "mlflow-server.log"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+    process = subprocess.Popen(command, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env,
                                start_new_session=True)
     url = f"http://{LOOPBACK}:{port}"
     try:
@@ -144,6 +168,60 @@ def mlflow_server(workdir: Path, *, timeout_s: float = 60) -> Iterator[MlflowSer
         yield MlflowServer(url, artifacts)
     finally:
         _stop(process)
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    uri: str  # postgresql+psycopg2://USER:PASSWORD@127.0.0.1:PORT/DATABASE: what `mlflow server --backend-store-uri`
+    # takes (the driver named: SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql://)
+    env: Mapping[str, str]  # what psql and pg_* need to reach it (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE)
+
+
+def postgres_programs() -> Path | None:
+    """The folder of PostgreSQL's server programs (Debian's `postgresql`: /usr/lib/postgresql/N/bin), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    initdb = str(found[-1]) if found else shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@contextlib.contextmanager
+def postgres_server(*, database: str = "mlflow", user: str = "mlflow",
+                    timeout_s: float = 60) -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of its own (initdb in a new temp folder) on 127.0.0.1 only, with password
+    authentication over TCP. PostgreSQL refuses to run as root: run by root, its files and processes belong to the
+    `postgres` user (which Debian's package creates)."""
+    programs = postgres_programs()
+    if programs is None:
+        raise RuntimeError("no PostgreSQL server programs here (apt-get install postgresql)")
+    home = Path(tempfile.mkdtemp(prefix="autoprune-pg-", dir="/tmp"))  # reachable by the postgres user
+    password, port = secrets.token_hex(12), free_port()
+    (home / "password").write_text(password)
+    as_owner: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        owner = pwd.getpwnam("postgres")
+        for path in (home, home / "password"):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    log = home / "postgres.log"
+    subprocess.run([*as_owner, str(programs / "initdb"), "-D", str(home / "data"), "-U", user, "-E", "UTF8",
+                    f"--pwfile={home / 'password'}", "--auth-host=scram-sha-256", "--auth-local=peer"],
+                   check=True, capture_output=True, timeout=120)
+    process = subprocess.Popen([*as_owner, str(programs / "postgres"), "-D", str(home / "data"), "-p", str(port),
+                                "-h", LOOPBACK, "-k", str(home)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    env = {"PGHOST": LOOPBACK, "PGPORT": str(port), "PGUSER": user, "PGPASSWORD": password, "PGDATABASE": database}
+    try:
+        ready = [str(programs / "pg_isready"), "-h", LOOPBACK, "-p", str(port)]
+        _wait_until(lambda: subprocess.run(ready, capture_output=True).returncode == 0, [process],
+                    f"PostgreSQL on port {port}", log, timeout_s)
+        subprocess.run([str(programs / "createdb"), database], check=True, capture_output=True, timeout=60,
+                       env={**os.environ, **env})
+        yield PostgresServer(f"postgresql+psycopg2://{user}:{password}@{LOOPBACK}:{port}/{database}", env)
+    finally:
+        _stop(process, signal_=signal.SIGINT)  # PostgreSQL's fast shutdown (SIGTERM waits for every client)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -176,13 +254,13 @@ def s3_server(workdir: Path, *, buckets: tuple[str, ...] = ("autoprune",), timeo
         _stop(process)
 
 
-def _stop(*processes: subprocess.Popen, grace_s: float = 15) -> None:
-    """SIGTERM to each process group at once (a `ray start --block` stops its node's processes), then SIGKILL to
-    those still there after `grace_s`: nodes stop side by side, not one after the other."""
+def _stop(*processes: subprocess.Popen, grace_s: float = 15, signal_: int = signal.SIGTERM) -> None:
+    """`signal_` to each process group at once (SIGTERM: a `ray start --block` stops its node's processes), then
+    SIGKILL to those still there after `grace_s`: nodes stop side by side, not one after the other."""
     running = [process for process in processes if process.poll() is None]
     for process in running:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, signal_)
     deadline = time.monotonic() + grace_s
     for process in running:
         try:

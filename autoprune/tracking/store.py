@@ -80,6 +80,12 @@ def client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+def _refused(error: Exception) -> bool:
+    """A tracking server's answer that the client's credentials are missing or wrong."""
+    text = str(error)
+    return "401" in text or "UNAUTHENTICATED" in text or "Unauthorized" in text
+
+
 class Tracker:
     """A client bound to one tracking server and experiment."""
 
@@ -95,6 +101,11 @@ class Tracker:
                 else self.client.create_experiment(experiment, artifact_location=artifact_location)
             )
         except Exception as error:  # unreachable server, bad URI, locked store: say so before any trial runs
+            if _refused(error):
+                raise AutopruneError(
+                    f"MLflow at {tracking_uri!r} refused the credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME and"
+                    " MLFLOW_TRACKING_PASSWORD in the environment (never in the spec)"
+                ) from None
             raise AutopruneError(
                 f"MLflow at {tracking_uri!r} is not usable ({type(error).__name__}: {str(error)[:200]})."
                 " Check --tracking-uri / mlflow.tracking_uri, or start the server."
