@@ -86,7 +86,9 @@ def ray_cluster(
             _wait_for_nodes(address, index + 1, processes, timeout_s, workdir / f"ray-{name}.log", env)
         yield RayCluster(address, len(processes), auth)
     finally:
-        _stop(*reversed(processes))
+        # a node's graceful stop takes 30 s and more here (its processes, all in its group, are killed anyway):
+        # a few seconds' grace, then SIGKILL
+        _stop(*reversed(processes), grace_s=3)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
