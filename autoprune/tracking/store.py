@@ -53,13 +53,17 @@ def is_tracking_server(tracking_uri: str) -> bool:
     return tracking_uri.startswith(("http://", "https://"))
 
 
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a local sqlite store; None for any other store."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix):]) if tracking_uri.startswith(prefix) else None
+
+
 def local_artifacts(tracking_uri: str) -> str | None:
     """Where a local sqlite store keeps its artifacts: beside the database. (MLflow's default is ./mlruns in
     whatever directory the command ran in.) None for a tracking server, which decides where artifacts go."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return None
-    return (Path(tracking_uri[len(prefix):]).parent / "mlartifacts").resolve().as_uri()
+    database = sqlite_file(tracking_uri)
+    return None if database is None else (database.parent / "mlartifacts").resolve().as_uri()
 
 
 def library_versions() -> dict[str, str]:

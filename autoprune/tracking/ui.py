@@ -16,13 +16,12 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from autoprune.errors import AutopruneError
 from autoprune.tracking import view
 from autoprune.tracking.schema import ROLE_SEARCH, ROLE_TAG, VIEW_TAG_PREFIX
-from autoprune.tracking.store import client, is_tracking_server, local_artifacts
+from autoprune.tracking.store import client, is_tracking_server, local_artifacts, sqlite_file
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5000
 
@@ -50,8 +49,8 @@ class SearchView:
 def find_search(tracking_uri: str, *, experiment: str | None = None, run_id: str | None = None) -> SearchView:
     """The search to show: `run_id`, else the newest finished search (in `experiment`, if given) whose front
     has a view (published by this version of autoprune or later: `autoprune publish RUN` adds one)."""
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).exists():
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.exists():
         raise AutopruneError(f"no MLflow store at {tracking_uri!r}: run a search first (`autoprune demo`), or pass"
                              " the --workdir or --tracking-uri it used")
     mlflow = client(tracking_uri)
