@@ -71,8 +71,15 @@ def records_from_storage(path: str, downloads: Path) -> tuple[list[TrialRecord],
         ) from None
     finally:
         quiet.setLevel(level)
-    records = [trial_record(trial, downloads) for trial in analysis.trials]
+    records = [trial_record(trial, downloads) for trial in sorted(analysis.trials, key=_created)]
     return [r for r in records if r is not None], sum(1 for r in records if r is None)
+
+
+def _created(trial) -> int:
+    """The trial's place in the order Tune created it. The experiment state does not keep that order (Tune caches
+    the trials to save in a set), but its search generator numbers each trial's tag: "3_prune.method=…"."""
+    number = (getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(number) if number.isdigit() else 0
 
 
 def error_text(trial) -> str:
