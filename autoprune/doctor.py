@@ -166,10 +166,9 @@ def _nccl(add) -> None:
 
 
 def _ray(add, address: str | None) -> None:
-    import ray
+    from autoprune.driver.connect import start_ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray = start_ray(address)
     resources = ray.cluster_resources()
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     add("ray", "cluster", OK, f"{address or 'local'}: {len(nodes)} node(s), {resources.get('CPU', 0):g} CPU,"

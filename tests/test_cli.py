@@ -66,3 +66,16 @@ def test_an_unreachable_tracking_server_stops_the_search_before_anything_runs(tm
     assert f"MLflow at '{url}' is not usable" in done.stderr and "start the server" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "ray").exists() and not (tmp_path / "cache").exists()  # no Ray run, no training
+
+
+def test_an_address_where_nothing_listens_is_a_one_line_error_at_once():
+    """Ray itself would retry for 40 s, then raise a traceback; the check says it in a line, before ray.init."""
+    from autoprune.driver.connect import start_ray
+    from autoprune.errors import AutopruneError
+    from autoprune.testing.loopback import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    started = time.perf_counter()
+    with pytest.raises(AutopruneError, match=f"nothing answers at {address}.*is the Ray cluster up"):
+        start_ray(address)
+    assert time.perf_counter() - started < 10

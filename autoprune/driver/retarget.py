@@ -15,13 +15,13 @@ faster on the new one, and only a new search tells.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from autoprune.config import ProfileSpec
+from autoprune.driver.connect import start_ray
 from autoprune.errors import AutopruneError
 from autoprune.models import ModelSource
 from autoprune.result import TrialRecord, TrialResult
@@ -61,10 +61,7 @@ def retarget(run_id: str, *, tracking_uri: str, workdir: str | Path, device: str
     source = ModelSource(spec["model"]["name"], spec["model"]["num_classes"], dict(spec["model"]["kwargs"]))
     input_size = tuple(healed[0].result.latency.input_size)
     gpus = 1 if device == "cuda" or accelerator_type else 0
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray = start_ray(address)
     _check_schedulable(ray.cluster_resources(), cpus=cpus, gpus=gpus, accelerator_type=accelerator_type)
     options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
     if accelerator_type:

@@ -10,7 +10,6 @@ the front, the plots and the registered models (tracking/publish.py). A driver t
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from autoprune import prune
 from autoprune.config import SearchSpec
+from autoprune.driver.connect import start_ray
 from autoprune.driver.outcome import SearchOutcome, summary_text, time_accounting
 from autoprune.driver.preflight import check_cluster, check_methods
 from autoprune.driver.prepare import model_source, shared_context
@@ -76,7 +76,7 @@ def search(
                                   downloads=workdir / "checkpoints" / warm_start_from) if warm_start_from else None)
     space = SearchSpace(spec, layer_groups(source.create()))  # the spec's groups exist in the model (no weights needed)
 
-    ray = _start_ray(address)
+    ray = start_ray(address)
     check_cluster(spec, ray.cluster_resources(), say)
     context_ref, latency_cache, judge = shared_context(spec, source, workdir, say)
     try:
@@ -131,15 +131,6 @@ def _tracker(spec: SearchSpec, tracking_uri: str | None, workdir: Path) -> Track
     # A local store keeps its artifacts next to it; a tracking server decides where artifacts go (it serves them).
     local = None if is_tracking_server(tracking_uri) else (workdir / "mlartifacts").as_uri()
     return Tracker(tracking_uri, spec.mlflow.experiment, artifact_location=local)
-
-
-def _start_ray(address: str | None):
-    import ray
-
-    if not ray.is_initialized():
-        # Worker output stays in Ray's logs: trial errors reach the user through the progress lines and MLflow.
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    return ray
 
 
 def _stop_unless_faster_than(spec: SearchSpec, dense: TrialResult) -> float | None:

@@ -1,0 +1,107 @@
+"""Joining Ray: a local instance, or a cluster at `--address`, with Ray's failures to connect said in one line.
+
+Three set-up mistakes have one fix each, and Ray reports them late and long: nothing listens at the address (Ray
+retries for 40 s), the cluster uses token authentication (Ray's default once a token exists, and
+cluster/onprem.yaml's) and this client has no token (20 s of retries, a warning a second, then a traceback), or
+this client runs another Ray or Python version than the cluster. Each is an error naming the fix, before anything
+else runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+
+from autoprune.errors import AutopruneError
+
+
+def start_ray(address: str | None, *, logging_level: int = logging.WARNING):
+    """`ray`, initialised: a new local instance when `address` is None, else the cluster at `address` ("auto": the
+    one running on this machine). Worker output stays in Ray's logs: trial errors reach the user through the
+    progress lines and MLflow."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if address and address not in ("auto", "local") and not address.startswith("ray://"):
+        _check_answers(address)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging_level)
+    except Exception as error:  # Ray raises ConnectionError, RuntimeError or its own AuthenticationError
+        why = _why_not(address, error)
+        if why is None:
+            raise
+        raise AutopruneError(why) from error
+    return ray
+
+
+def _check_answers(address: str) -> None:
+    """Fail in a second, not after Ray's retries (20 s and more, a warning a second): nothing listens at `address`,
+    or its GCS refuses this client for want of the cluster's token."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return  # not HOST:PORT; ray.init says what it makes of it
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise AutopruneError(f"nothing answers at {address} ({error.strerror or error}): is the Ray cluster up?"
+                             " (`ray status` on its head says)") from None
+    try:
+        from ray._raylet import GcsClient  # Ray's own GCS client: asks for the cluster's id, with the token if any
+
+        with _stderr_silenced():  # Ray's C++ client logs each refusal there before it raises
+            GcsClient(address=address)
+    except Exception as error:  # anything but a refusal for the token is left to ray.init to report
+        if _refused_for_token(error):
+            raise AutopruneError(_token_message(address)) from None
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _refused_for_token(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) is a GCS refusing a client without the cluster's token: Ray
+    raises its AuthenticationError, or, from ray.init, a ConnectionError over a RuntimeError that quotes it."""
+    from ray.exceptions import AuthenticationError
+
+    seen: BaseException | None = error
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, AuthenticationError) or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _token_message(address: str | None) -> str:
+    where = f"the Ray cluster at {address}" if address else "a local Ray"
+    return (f"{where} refused this client: it uses token authentication. Set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
+            " to the cluster's token (`ray get-auth-token` on its head prints it), or run the command on the head"
+            " (`ray exec CLUSTER.yaml \"autoprune …\"`).")
+
+
+def _why_not(address: str | None, error: Exception) -> str | None:
+    """The one line that says why Ray could not be joined; None for a local Ray that failed to start (its
+    traceback is the report)."""
+    if _refused_for_token(error):
+        return _token_message(address)
+    where = f"the Ray cluster at {address}"
+    if address is None:
+        return None
+    text = " ".join(str(error).split())
+    if "Version mismatch" in text:
+        return (f"{where} runs another Ray or Python version than this machine ({text.split(': ', 1)[-1]})."
+                " Install the cluster's versions here, or run the command on the head.")
+    return f"cannot join {where}: {text[:300] or type(error).__name__}"
