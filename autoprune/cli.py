@@ -219,18 +219,18 @@ def _publish(args) -> int:
 
 
 def _serve(args) -> int:
-    import ray
     from ray import serve
 
-    from autoprune.serve import PrunedModel, replica_resources
+    from autoprune.driver.connect import start_ray
+    from autoprune.serve import PrunedModel, replica_options
     from autoprune.tracking.select import best
 
     conditions = {key: value for key, value in (("device", args.measured_on), ("batch_size", args.batch_size),
                                                  ("dtype", args.dtype)) if value is not None}
     choice = best(model=args.model, max_latency_ms=args.max_latency_ms, tracking_uri=_tracking_uri(args), **conditions)
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    start_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(PrunedModel.options(ray_actor_options=replica_resources(choice)).bind(
+    serve.run(PrunedModel.options(ray_actor_options=replica_options(choice)).bind(
         args.model, args.max_latency_ms, _tracking_uri(args), args.device, conditions), blocking=False)
     print(f"autoprune: {choice.summary()}")
     print(f"autoprune: serving the best version of {args.model!r} within {args.max_latency_ms:g} ms at"

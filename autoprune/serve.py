@@ -13,6 +13,7 @@ was measured at), so a replica runs the batch the Pareto front was measured for.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -53,9 +54,20 @@ class PrunedModel:
                 "version": self.choice.version}
 
 
-def replica_resources(choice) -> dict:
-    """What a replica needs to run the chosen version as it was measured: a GPU, or as many CPUs as threads."""
-    return {"num_gpus": 1, "num_cpus": 1} if choice.on_gpu else {"num_cpus": max(1, choice.threads)}
+# What a replica needs to read the registry as this process does. A replica runs on some node of the cluster, in an
+# environment of its own: a team's tracking server with a login would refuse it without these.
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                      "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
+
+
+def replica_options(choice) -> dict:
+    """Ray actor options of a replica that runs the chosen version as it was measured (a GPU, or as many CPUs as
+    threads), with this process's MLflow credentials in its environment."""
+    options: dict = {"num_gpus": 1, "num_cpus": 1} if choice.on_gpu else {"num_cpus": max(1, choice.threads)}
+    credentials = {name: os.environ[name] for name in MLFLOW_CREDENTIALS if os.environ.get(name)}
+    if credentials:
+        options["runtime_env"] = {"env_vars": credentials}
+    return options
 
 
 def app(args: dict[str, str]) -> serve.Application:
@@ -68,5 +80,5 @@ def app(args: dict[str, str]) -> serve.Application:
                                                  ("dtype", args.get("dtype"))) if value is not None}
     choice = best(model=args["model"], max_latency_ms=float(args["max_latency_ms"]),
                   tracking_uri=args.get("tracking_uri"), **conditions)
-    return PrunedModel.options(ray_actor_options=replica_resources(choice)).bind(
+    return PrunedModel.options(ray_actor_options=replica_options(choice)).bind(
         args["model"], float(args["max_latency_ms"]), args.get("tracking_uri"), args.get("device"), conditions)
