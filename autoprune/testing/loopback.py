@@ -1,10 +1,11 @@
 """A Ray cluster of several nodes, an MLflow tracking server (on sqlite, or a team's: PostgreSQL, S3, basic-auth),
-PostgreSQL and an S3-compatible store, as real processes bound to 127.0.0.1.
+PostgreSQL and an S3-compatible store, as real processes on loopback.
 
 What a team runs on many machines, started on one: the cluster tests and `autoprune bench cluster` use it to prove
 that a search runs unchanged through `--address` and `--tracking-uri http://…`. Every process is started in
 its own process group and stopped (with its children) when the context ends, also when the body fails.
-Nothing binds to another interface; the Ray dashboard is not started.
+The servers bind to 127.0.0.1 only; the Ray nodes take 127.0.0.2 as their address, and every client and node talks
+to them there (Ray's GCS itself listens on every interface, as Ray does); the Ray dashboard is not started.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 LOOPBACK = "127.0.0.1"
+# Ray nodes' address: loopback, but not 127.0.0.1, which Ray takes for "this machine" and replaces by the machine's
+# own address (nodes and clients would then talk over it). 127.0.0.2 is loopback as well and stays as given.
+RAY_NODE_IP = "127.0.0.2"
 
 
 def free_port() -> int:
@@ -60,7 +64,7 @@ def ray_cluster(
     `env` reaches every node's processes (say, the object store's credentials for the trials' checkpoints)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    address = f"{LOOPBACK}:{port}"
+    address = f"{RAY_NODE_IP}:{port}"
     # Token authentication with a token of this cluster's own (Ray's default would share ~/.ray/auth_token).
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {}), **auth}
@@ -71,7 +75,7 @@ def ray_cluster(
     processes: list[subprocess.Popen] = []
     try:
         for index, (name, node) in enumerate(nodes.items()):
-            command = [_ray_executable(), "start", "--block", f"--node-ip-address={LOOPBACK}",
+            command = [_ray_executable(), "start", "--block", f"--node-ip-address={RAY_NODE_IP}",
                        f"--num-cpus={node.get('num_cpus', 1)}", "--num-gpus=0", "--disable-usage-stats",
                        f"--temp-dir={temp_dir}"]
             if node.get("resources"):
