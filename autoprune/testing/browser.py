@@ -85,17 +85,43 @@ def read_front(address: str, *, screenshot: Path | None = None, timeout_s: float
                         if re.fullmatch(r"\(\d+\)", count)]
             points = {color: page.locator(f"path.point[style*='fill: {_rgb(color)}']").count()
                       for color in (FRONT_COLOR, TRIAL_COLOR, DENSE_COLOR)}
-            page.locator(f"path.point[style*='fill: {_rgb(FRONT_COLOR)}']").first.click(force=True)
+            _clear_front_point(page).click(force=True)
             link = page.locator("[data-testid=tooltip-container] a[href*='/runs/']").first
             point_link = link.get_attribute("href", timeout=timeout_ms) or ""
             with context.expect_page(timeout=timeout_ms) as opened:  # the card opens the run in a new tab
                 link.click()
             run_page = opened.value
-            run_page.wait_for_selector("a[href*='/versions/']", timeout=timeout_ms)
+            try:
+                run_page.wait_for_selector("a[href*='/versions/']", timeout=timeout_ms)
+            except Exception as error:  # say which run's page, and keep what it showed
+                if screenshot is not None:
+                    run_page.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}-run.png")))
+                raise AssertionError(f"no link to a registered version on {run_page.url} (the card of a front"
+                                     f" point linked to {point_link}): {error}") from None
             run_page_links = run_page.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
         finally:
             browser.close()
     return FrontPage(heading, sections, points, point_link, run_page_links)
+
+
+def _clear_front_point(page):
+    """A front point that no other point covers: Plotly gives a click on overlapping markers to either of them, and
+    the card would then open another run (the first front point when each is covered)."""
+    front = page.locator(f"path.point[style*='fill: {_rgb(FRONT_COLOR)}']")
+    centres = []
+    for point in page.locator("path.point").all():
+        box = point.bounding_box()
+        if box:
+            centres.append((box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"]))
+    for index in range(front.count()):
+        box = front.nth(index).bounding_box()
+        if not box:
+            continue
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        others = [c for c in centres if abs(c[0] - x) > 0.5 or abs(c[1] - y) > 0.5]  # every point but itself
+        if all(max(abs(cx - x), abs(cy - y)) > max(width, box["width"]) for cx, cy, width in others):
+            return front.nth(index)
+    return front.first
 
 
 @contextmanager
