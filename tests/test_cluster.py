@@ -113,3 +113,17 @@ def test_the_front_opens_from_the_tracking_server_in_a_browser(run, tmp_path):
     page = read_front(address, screenshot=tmp_path / "front.png")
     assert page.sections[0] == view.FRONT_SECTION and page.points[view.DENSE_COLOR] == 1
     assert page.points[view.FRONT_COLOR] >= 1 and page.point_link
+
+
+def test_a_client_without_the_clusters_token_is_refused_in_one_line_at_once(run):
+    """The cluster uses token authentication: a search from a shell without its token stops at once, naming the
+    two variables, not after Ray's 20 s of retries and a traceback."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_AUTH")}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    refused = subprocess.run(
+        [sys.executable, "-m", "autoprune.cli", "search", str(run["workdir"] / "spec.yaml"), "--address",
+         run["cluster"].address, "--tracking-uri", run["server"].url, "--workdir", str(run["workdir"] / "no-token")],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert "refused this client" in line and "RAY_AUTH_MODE=token" in line and "RAY_AUTH_TOKEN" in line

@@ -34,6 +34,25 @@ def test_the_ray_launcher_config_passes_rays_schema():
         validate_config(prepare_config(raw))
 
 
+def test_the_onprem_launcher_config_passes_rays_schema():
+    """cluster/onprem.yaml (launched for real in test_team_server.py, where SSH runs): Ray's schema for the local
+    provider; the head's address where its `ray start` needs it; the token and the environment on every node."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster" / "onprem.yaml").read_text())
+    config = prepare_config(raw)
+    validate_config(config)
+    head = config["provider"]["head_ip"]
+    assert any(f"--node-ip-address={head}" in command for command in config["head_start_ray_commands"])
+    assert any("$RAY_HEAD_IP" in command for command in config["worker_start_ray_commands"])
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    setup = " ".join(config["setup_commands"])
+    assert "autoprune" in setup and "RAY_AUTH_MODE=token" in setup and "autoprune-env/bin:$PATH" in setup
+    raw["provider"].pop("head_ip")
+    with pytest.raises(BaseException, match="head_ip"):  # the check can fail (Ray's launcher aborts)
+        validate_config(prepare_config(raw))
+
+
 def _check_pod_template(template: dict, where: str) -> None:
     containers = template["spec"]["containers"]
     assert containers, where

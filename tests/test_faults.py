@@ -1,8 +1,9 @@
-"""A search survives its driver being killed and its MLflow server going away: real processes, no mocks.
+"""A search survives its driver being killed: real processes, no mocks.
 
-Each search runs as the CLI in its own process with its own local Ray (as a user runs it); the test kills that
-process with SIGKILL, or stops the MLflow server under it, reading the progress lines to choose the moment.
-(Failing trials and killed trial workers are in test_e2e.py, next to the search they disturb.)
+The search runs as the CLI in its own process with its own local Ray (as a user runs it); the test kills that
+process with SIGKILL, reading the progress lines to choose the moment. (Failing trials and killed trial workers are
+in test_e2e.py, next to the search they disturb; the MLflow server going away mid-search, and `autoprune publish`
+completing the search, twice without a change, in test_team_server.py, on the team's server.)
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import pytest
 import yaml
 
 from autoprune.bench import faults as bench_faults
-from autoprune.testing.loopback import mlflow_server
-from autoprune.tracking.publish import publish_run
 from autoprune.tracking.store import Tracker, resolve_tracking_uri
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -110,39 +109,3 @@ def test_a_killed_driver_is_resumed_with_its_finished_trials_and_sampler_history
     searcher = OptunaSearch()
     searcher.restore_from_dir(str(experiment))
     assert len([t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]) == TRIALS
-
-
-def test_mlflow_gone_mid_search_keeps_the_results_and_publish_completes_them(tmp_path):
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    workdir = str(tmp_path / "runs")
-    server_dir = tmp_path / "server"
-    # One attempt, short timeouts: the MLflow client's default retries wait minutes on a server that is gone.
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    with mlflow_server(server_dir) as server:
-        driver = _cli("search", "spec.yaml", "--workdir", workdir, "--tracking-uri", server.url, cwd=tmp_path,
-                      env=quick)
-        _read_until(driver, f"[  1/{TRIALS} done")
-    code, output = _finish(driver)  # the server stopped when the block ended, with trials still to run
-    assert code != 0, output[-3000:]
-    assert "MLflow failed" in output and "the search goes on" in output
-    assert "Nothing is lost" in output and "autoprune publish" in output
-    run_id = output.split("autoprune publish ")[1].split("`")[0].strip()
-
-    with mlflow_server(server_dir) as server:  # the same store, back (on another port)
-        tracker = Tracker(server.url, "faults")
-        parent, before = _search_state(tracker)
-        assert parent.info.run_id == run_id and parent.info.status == "RUNNING" and len(before) < TRIALS
-        for attempt in range(2):  # publishing twice changes nothing the second time
-            if attempt == 0:  # as the search said to
-                published = subprocess.run(
-                    [sys.executable, "-m", "autoprune.cli", "publish", run_id, "--workdir", workdir,
-                     "--tracking-uri", server.url], capture_output=True, text=True, timeout=300,
-                    env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                )
-                assert published.returncode == 0, published.stdout[-2000:] + published.stderr[-2000:]
-            else:  # the same call, in this process (a second CLI process would only add its start-up)
-                publish_run(run_id, tracking_uri=server.url, workdir=Path(workdir).resolve(), echo=lambda _: None)
-            parent, after = _search_state(tracker)
-            assert parent.info.status == "FINISHED" and len(after) == TRIALS
-            assert all(after[trial] == run for trial, run in before.items())
-            _registry_matches_front(tracker, parent)
