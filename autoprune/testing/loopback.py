@@ -92,7 +92,7 @@ def ray_cluster(
     finally:
         # a node's graceful stop takes 30 s and more here (its processes, all in its group, are killed anyway):
         # a few seconds' grace, then SIGKILL
-        _stop(*reversed(processes), grace_s=3)
+        stop_processes(*reversed(processes), grace_s=3)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -108,7 +108,7 @@ def _wait_for_nodes(address: str, count: int, processes, timeout_s: float, log: 
             return False
         return result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]
 
-    _wait_until(ready, processes, f"the Ray cluster at {address} ({count} nodes)", log, timeout_s)
+    wait_until(ready, processes, f"the Ray cluster at {address} ({count} nodes)", log, timeout_s)
 
 
 def _answers(url: str, method: str = "GET") -> bool:
@@ -119,16 +119,16 @@ def _answers(url: str, method: str = "GET") -> bool:
         return False
 
 
-def _wait_until(ready, processes, what: str, log: Path, timeout_s: float) -> None:
+def wait_until(ready, processes, what: str, log: Path, timeout_s: float) -> None:
     """Poll `ready()` until it holds; fail at once, with the log's tail, if a process exits while starting."""
     deadline = time.monotonic() + timeout_s
     while True:
         if any(process.poll() is not None for process in processes):
-            raise RuntimeError(f"{what}: a process exited while starting ({log}):\n{_tail(log)}")
+            raise RuntimeError(f"{what}: a process exited while starting ({log}):\n{log_tail(log)}")
         if ready():
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} was not ready in {timeout_s:.0f} s ({log}):\n{_tail(log)}")
+            raise TimeoutError(f"{what} was not ready in {timeout_s:.0f} s ({log}):\n{log_tail(log)}")
         time.sleep(0.5)
 
 
@@ -170,10 +170,10 @@ def mlflow_server(workdir: Path, *, backend: str | None = None, artifacts_destin
                                start_new_session=True)
     url = f"http://{LOOPBACK}:{port}"
     try:
-        _wait_until(lambda: _answers(f"{url}/health"), [process], f"mlflow server at {url}", log, timeout_s)
+        wait_until(lambda: _answers(f"{url}/health"), [process], f"mlflow server at {url}", log, timeout_s)
         yield MlflowServer(url, artifacts)
     finally:
-        _stop(process)
+        stop_processes(process)
 
 
 @dataclass(frozen=True)
@@ -220,13 +220,13 @@ def postgres_server(*, database: str = "mlflow", user: str = "mlflow",
     env = {"PGHOST": LOOPBACK, "PGPORT": str(port), "PGUSER": user, "PGPASSWORD": password, "PGDATABASE": database}
     try:
         ready = [str(programs / "pg_isready"), "-h", LOOPBACK, "-p", str(port)]
-        _wait_until(lambda: subprocess.run(ready, capture_output=True).returncode == 0, [process],
+        wait_until(lambda: subprocess.run(ready, capture_output=True).returncode == 0, [process],
                     f"PostgreSQL on port {port}", log, timeout_s)
         subprocess.run([str(programs / "createdb"), database], check=True, capture_output=True, timeout=60,
                        env={**os.environ, **env})
         yield PostgresServer(f"postgresql+psycopg2://{user}:{password}@{LOOPBACK}:{port}/{database}", env)
     finally:
-        _stop(process, signal_=signal.SIGINT)  # PostgreSQL's fast shutdown (SIGTERM waits for every client)
+        stop_processes(process, signal_=signal.SIGINT)  # PostgreSQL's fast shutdown (SIGTERM waits for every client)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -253,14 +253,14 @@ def s3_server(workdir: Path, *, buckets: tuple[str, ...] = ("autoprune",), timeo
            "AWS_EC2_METADATA_DISABLED": "true"}
     try:
         # creating the buckets is the readiness probe: PUT /bucket answers 200 once the server is up
-        _wait_until(lambda: all(_answers(f"http://{endpoint}/{bucket}", "PUT") for bucket in buckets), [process],
+        wait_until(lambda: all(_answers(f"http://{endpoint}/{bucket}", "PUT") for bucket in buckets), [process],
                     f"the S3 server at {endpoint}", log, timeout_s)
         yield S3Server(endpoint, env)
     finally:
-        _stop(process)
+        stop_processes(process)
 
 
-def _stop(*processes: subprocess.Popen, grace_s: float = 15, signal_: int = signal.SIGTERM) -> None:
+def stop_processes(*processes: subprocess.Popen, grace_s: float = 15, signal_: int = signal.SIGTERM) -> None:
     """`signal_` to each process group at once (SIGTERM: a `ray start --block` stops its node's processes), then
     SIGKILL to those still there after `grace_s`: nodes stop side by side, not one after the other."""
     running = [process for process in processes if process.poll() is None]
@@ -277,7 +277,7 @@ def _stop(*processes: subprocess.Popen, grace_s: float = 15, signal_: int = sign
             process.wait()
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

@@ -27,12 +27,12 @@ from typing import Iterator, Mapping
 
 import yaml
 
-from autoprune.testing.loopback import RAY_NODE_IP, _stop, _tail, _wait_until
+from autoprune.testing.loopback import RAY_NODE_IP, log_tail, stop_processes, wait_until
 
 HEAD_IP = RAY_NODE_IP  # loopback (127.0.0.2), an address Ray keeps as given
 SSH_PORT = 22  # the port Ray's launcher connects to (its configs have no port field)
 HEAD_PORT = 6379  # cluster/onprem.yaml's `ray start --head --port`
-USER = "autoprune-node"
+LOGIN = "autoprune-node"  # the nodes' SSH account (cluster/onprem.yaml's ssh_user)
 ENVIRONMENT = "autoprune-env"  # cluster/onprem.yaml installs autoprune in ~/autoprune-env on every node
 
 
@@ -82,23 +82,25 @@ _INIT = ("import os, signal, subprocess, sys\n"
 
 @contextlib.contextmanager
 def ssh_login(workdir: Path, *, environment: str | None = None, timeout_s: float = 30) -> Iterator[SshLogin]:
-    """An SSH server on 127.0.0.2:22 that lets one new login in with a new key, its home in a temp folder.
+    """An SSH server on 127.0.0.2:22 that lets one new login in with a new key, its home in a temp folder; the
+    server's log goes to `workdir`.
 
-    The login is an alias of root (uid 0) with a home of its own, and the server and everything started through it
-    live in a PID namespace of their own: the launcher's `ray stop` stops every Ray process it can see, and the
-    tests' own Ray, outside, must survive it; root, so that it runs this test's Python (`environment`, linked as
-    its ~/autoprune-env: the machine as an admin prepared it, so that the config's install step finds autoprune
-    there). TMPDIR in its ~/.bashrc keeps its Ray's files out of /tmp/ray, which the tests' Ray uses."""
+    The server and everything started through it live in a PID namespace of their own: the launcher's `ray stop`
+    stops every Ray process it can see, and the tests' own Ray, outside, must survive it. The login is an alias of
+    root (uid 0) with a home of its own, so that it can run this test's Python wherever it is installed
+    (`environment`, linked as its ~/autoprune-env: the machine as an admin prepared it, so that the config's
+    install step finds autoprune there). TMPDIR in its ~/.bashrc keeps its Ray's files out of /tmp/ray, which the
+    tests' own Ray uses."""
     root = Path(tempfile.mkdtemp(prefix="autoprune-ssh-", dir="/tmp"))
     home, key, host_key = root / "home", root / "client_key", root / "host_key"
     for path in (key, host_key):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    _remove_user(USER)  # left by an interrupted run
+    _remove_user(LOGIN)  # left by an interrupted run
     process = None
     try:
         # password "*": none, but not a locked account, which sshd would refuse even with a key
         subprocess.run(["useradd", "--non-unique", "--uid", "0", "--gid", "0", "--no-create-home", "--home-dir",
-                        str(home), "--shell", "/bin/bash", "--password", "*", USER], check=True, capture_output=True)
+                        str(home), "--shell", "/bin/bash", "--password", "*", LOGIN], check=True, capture_output=True)
         shutil.copytree("/etc/skel", home)
         (home / "tmp").mkdir()
         with open(home / ".bashrc", "a") as bashrc:
@@ -109,21 +111,22 @@ def ssh_login(workdir: Path, *, environment: str | None = None, timeout_s: float
             (home / ENVIRONMENT).symlink_to(environment)
         config = root / "sshd_config"
         config.write_text(f"ListenAddress {HEAD_IP}\nPort {SSH_PORT}\nHostKey {host_key}\nPidFile {root}/sshd.pid\n"
-                          f"AllowUsers {USER}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                          f"AllowUsers {LOGIN}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
                           "KbdInteractiveAuthentication no\nUsePAM no\nX11Forwarding no\nPrintMotd no\n")
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-        log = root / "sshd.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = workdir / "sshd.log"
         process = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c", _INIT,
              "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        login = SshLogin(USER, key, home)
-        _wait_until(lambda: _can_log_in(login), [process], f"sshd on {HEAD_IP}:{SSH_PORT}", log, timeout_s)
+        login = SshLogin(LOGIN, key, home)
+        wait_until(lambda: _can_log_in(login), [process], f"sshd on {HEAD_IP}:{SSH_PORT}", log, timeout_s)
         yield login
     finally:
         if process is not None:
-            _stop(process, grace_s=5)
-        _remove_user(USER)
+            stop_processes(process, grace_s=5)
+        _remove_user(LOGIN)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -175,7 +178,7 @@ def ray_up(config: dict, workdir: Path, *, timeout_s: float = 300) -> Iterator[O
         up = subprocess.run([_ray(), "up", "-y", "--no-config-cache", str(path)], stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env=env, timeout=timeout_s, cwd=workdir)
         if up.returncode != 0:
-            raise RuntimeError(f"`ray up` failed ({log}):\n{_tail(log, 40)}")
+            raise RuntimeError(f"`ray up` failed ({log}):\n{log_tail(log, 40)}")
         yield OnpremCluster(path, f"{HEAD_IP}:{HEAD_PORT}", env, time.monotonic() - started)
     finally:
         subprocess.run([_ray(), "down", "-y", str(path)], stdout=open(workdir / "ray-down.log", "w"),
