@@ -79,3 +79,21 @@ def test_an_address_where_nothing_listens_is_a_one_line_error_at_once():
     with pytest.raises(AutopruneError, match=f"nothing answers at {address}.*is the Ray cluster up"):
         start_ray(address)
     assert time.perf_counter() - started < 10
+
+
+def test_an_address_where_something_else_listens_is_a_one_line_error(monkeypatch):
+    """A port that accepts connections but is no Ray cluster's (Ray's client would wait 40 s there)."""
+    import socket
+
+    from autoprune.driver import connect
+    from autoprune.errors import AutopruneError
+
+    monkeypatch.setattr(connect, "GCS_ANSWER_S", 1.0)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = "127.0.0.1:%d" % listener.getsockname()[1]
+        started = time.perf_counter()
+        with pytest.raises(AutopruneError, match=f"something answers at {address}, but no Ray cluster"):
+            connect.start_ray(address)
+    assert time.perf_counter() - started < 10

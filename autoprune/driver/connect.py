@@ -1,7 +1,7 @@
 """Joining Ray: a local instance, or a cluster at `--address`, with Ray's failures to connect said in one line.
 
-Three set-up mistakes have one fix each, and Ray reports them late and long: nothing listens at the address (Ray
-retries for 40 s), the cluster uses token authentication (Ray's default once a token exists, and
+Four set-up mistakes have one fix each, and Ray reports them late and long: nothing listens at the address, or
+something other than Ray does (Ray waits 40 s), the cluster uses token authentication (Ray's default once a token exists, and
 cluster/onprem.yaml's) and this client has no token (20 s of retries, a warning a second, then a traceback), or
 this client runs another Ray or Python version than the cluster. Each is an error naming the fix, before anything
 else runs.
@@ -13,8 +13,11 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 
 from autoprune.errors import AutopruneError
+
+GCS_ANSWER_S = 10.0  # a cluster's GCS answers in well under a second; what takes longer is not one
 
 
 def start_ray(address: str | None, *, logging_level: int = logging.WARNING):
@@ -48,14 +51,28 @@ def _check_answers(address: str) -> None:
     except OSError as error:
         raise AutopruneError(f"nothing answers at {address} ({error.strerror or error}): is the Ray cluster up?"
                              " (`ray status` on its head says)") from None
-    try:
-        from ray._raylet import GcsClient  # Ray's own GCS client: asks for the cluster's id, with the token if any
+    from ray._raylet import GcsClient  # Ray's own GCS client: asks for the cluster's id, with the token if any
 
-        with _stderr_silenced():  # Ray's C++ client logs each refusal there before it raises
+    outcome: list[Exception | None] = []
+
+    def probe() -> None:
+        try:
             GcsClient(address=address)
-    except Exception as error:  # anything but a refusal for the token is left to ray.init to report
-        if _refused_for_token(error):
-            raise AutopruneError(_token_message(address)) from None
+            outcome.append(None)
+        except Exception as error:  # noqa: BLE001 — judged below
+            outcome.append(error)
+
+    # In a thread, as Ray's client waits 40 s for a port where something else answers (it has no timeout to set)
+    thread = threading.Thread(target=probe, daemon=True)
+    with _stderr_silenced():  # Ray's C++ client logs each refusal there before it raises
+        thread.start()
+        thread.join(GCS_ANSWER_S)
+    if not outcome:
+        raise AutopruneError(f"something answers at {address}, but no Ray cluster within {GCS_ANSWER_S:g} s: is it"
+                             " the head's port (6379 unless its `ray start --port` says otherwise)?")
+    if outcome[0] is not None and _refused_for_token(outcome[0]):
+        raise AutopruneError(_token_message(address))
+    # anything else is left to ray.init to report
 
 
 @contextlib.contextmanager
