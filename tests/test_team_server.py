@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from autoprune.testing.loopback import (
 from autoprune.testing.onprem import (
     HEAD_IP,
     OnpremCluster,
+    listening,
     new_token,
     onprem_config,
     ray_command,
@@ -145,7 +145,7 @@ def team(tmp_path_factory):
                 if cluster:
                     found.update(_on_the_cluster(cluster, server.url))
                     machines.close()  # `ray down`, then the SSH server
-                    found["after_down"] = _answers_at(cluster.address)
+                    found["after_down"] = listening(cluster.address)
                 yield found
 
 
@@ -235,12 +235,6 @@ def _post(url: str, body: dict, *, timeout_s: float) -> dict | str:
             if time.monotonic() > deadline:
                 return f"no answer: {error}"
             time.sleep(1)
-
-
-def _answers_at(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    with socket.socket() as probe:
-        return probe.connect_ex((host, int(port))) == 0
 
 
 @contextlib.contextmanager

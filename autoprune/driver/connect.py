@@ -114,9 +114,9 @@ def _why_not(address: str | None, error: Exception) -> str | None:
     traceback is the report)."""
     if _refused_for_token(error):
         return _token_message(address)
-    where = f"the Ray cluster at {address}"
     if address is None:
         return None
+    where = f"the Ray cluster at {address}"
     text = " ".join(str(error).split())
     if "Version mismatch" in text:
         return (f"{where} runs another Ray or Python version than this machine ({text.split(': ', 1)[-1]})."

@@ -51,9 +51,11 @@ class OnpremCluster:
     started_s: float  # how long `ray up` took
 
 
-def _port_taken(port: int) -> bool:
+def listening(address: str) -> bool:
+    """Whether something accepts connections at `address` (HOST:PORT)."""
+    host, port = address.rsplit(":", 1)
     with socket.socket() as probe:
-        return probe.connect_ex((HEAD_IP, port)) == 0
+        return probe.connect_ex((host, int(port))) == 0
 
 
 def why_no_ssh() -> str | None:
@@ -67,7 +69,7 @@ def why_no_ssh() -> str | None:
     if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode != 0:
         return "cannot make a PID namespace here (unshare --pid: a container without CAP_SYS_ADMIN?)"
     for port, what in ((SSH_PORT, "an SSH server"), (HEAD_PORT, "a Ray head")):
-        if _port_taken(port):
+        if listening(f"{HEAD_IP}:{port}"):
             return f"{HEAD_IP}:{port} is in use ({what} already runs here?)"
     return None
 
