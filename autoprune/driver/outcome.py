@@ -46,6 +46,9 @@ def time_accounting(records: list[TrialRecord], *, setup_seconds: float, tune_se
     return {
         "latency_measured": sum(1 for result in done if not result.latency_cached),
         "latency_reused": sum(1 for result in done if result.latency_cached),
+        # speedups whose interval stayed wider than ±10% (timing.WIDE): the node was too busy to tell
+        "latency_imprecise": sum(1 for result in done if result.latency.wide),
+        "profile_s": sum(result.timings.get("profile", 0.0) for result in done),
         "setup_s": setup_seconds,  # data, dense weights, Ray start, dense baseline
         "tune_wall_s": tune_seconds,
         "trial_work_s": work,
@@ -56,18 +59,31 @@ def time_accounting(records: list[TrialRecord], *, setup_seconds: float, tune_se
 
 def summary_text(outcome: SearchOutcome) -> str:
     front_rows = [trial_row(record, on_front=True) for record in outcome.front]
+    model = outcome.spec.mlflow.registered_model
+    if outcome.registered_versions:
+        registered = (f"Registered as {model!r} versions {', '.join(outcome.registered_versions)}"
+                      " (aliases: most-accurate, fastest).")
+    # an empty front is the search's answer, not a failure: say plainly that `best` got nothing new from it, and why
+    elif not any(record.result is not None for record in outcome.records):
+        registered = (f"Nothing was registered as {model!r} by this search: no trial finished (each failed trial's"
+                      " error is on its MLflow run).")
+    else:
+        registered = (f"Nothing was registered as {model!r} by this search: no trial beat the dense model on latency"
+                      " or accuracy, so the dense model stays the best choice.")
     lines = [
         "",
         f"Search {outcome.spec.name!r} finished in {outcome.wall_seconds:.0f} s: {len(outcome.records)} trials,"
         f" {len(outcome.failed)} failed" + (f" ({outcome.retried} restarts)" if outcome.retried else "")
         + f", {len(outcome.front)} on the Pareto front.",
         f"Dense model: top-1 {outcome.dense.accuracy:.4f}, {outcome.dense.latency.median_ms:.3f} ms"
-        f" ({outcome.dense.latency.device}, batch {outcome.dense.latency.batch_size}, {outcome.dense.latency.dtype}).",
+        f" ({outcome.dense.latency.device}, batch {outcome.dense.latency.batch_size}, {outcome.dense.latency.dtype})."
+        + (" Latencies are speedups against it, timed interleaved; the front was timed again with it in one final"
+           " pass (the registered numbers)." if any(r.result.searched_latency_ms is not None for r in outcome.front)
+           else ""),
         "",
         table(front_rows) if front_rows else "(no trial beat the dense model on latency or accuracy: the front is empty)",
         "",
-        f"Registered as {outcome.spec.mlflow.registered_model!r} versions {', '.join(outcome.registered_versions) or '—'}"
-        f" (aliases: most-accurate, fastest).",
+        registered,
         f"The front in MLflow's UI: {outcome.ui_hint}",
     ]
     if outcome.accounting:
@@ -76,5 +92,7 @@ def summary_text(outcome: SearchOutcome) -> str:
                         f" healing, evaluating and counting filled {1 - a['overhead_share']:.0%} of the trial slots"
                         f" (model load/save {a['trial_load_save_s']:.1f} s; the rest is Ray, MLflow and idle slots)."
                         f" Latency: {a['latency_measured']:.0f} structures timed, {a['latency_reused']:.0f} trials"
-                        f" reused an identical structure's measurement.")
+                        f" reused an identical structure's measurement"
+                        + (f"; {a['latency_imprecise']:.0f} stayed imprecise (interval wider than ±10%: the node was"
+                           " busy)." if a.get("latency_imprecise") else "."))
     return "\n".join(lines)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from autoprune.errors import AutopruneError, NoModelMeetsTarget
-from autoprune.tracking.schema import PARENT_TAG, PARETO_TAG, ROLE_SEARCH, ROLE_TAG, read_version_tags, run_row
-from autoprune.tracking.store import client
+from autoprune.tracking.schema import (
+    PARENT_TAG,
+    PARETO_TAG,
+    ROLE_SEARCH,
+    ROLE_TAG,
+    SEARCH_TAG,
+    read_version_tags,
+    run_row,
+)
+from autoprune.tracking.store import Tracker, client
+
+SEARCHES_READ = 50  # the newest finished searches whose specs are read to tell why a registered model has no versions
+NAMES_LISTED = 20  # registered models named in the error for a name that is not there
 
 
 @dataclass(frozen=True)
@@ -85,13 +97,14 @@ def best(
     is not ranked against a batch-64 one. `device`, `batch_size` and `dtype` select the conditions; when the
     versions left were measured under more than one, that is an error that lists them. Returns a `ModelChoice`,
     or with `load=True` a `(ModelChoice, model)` pair, the model prepared in the recipe it was timed in. Raises
-    `NoModelMeetsTarget` (saying what the fastest is) when none fits.
+    `NoModelMeetsTarget` (saying what the fastest is) when none fits, and (saying why: the search whose front was
+    empty, or the names registered there) when there is no version at all.
     """
     if not max_latency_ms > 0:
         raise AutopruneError(f"`max_latency_ms > 0` must hold, but got {max_latency_ms=}.")
     candidates = registered_versions(model, tracking_uri=tracking_uri)
     if not candidates:
-        raise NoModelMeetsTarget(f"registered model {model!r} has no versions; run `autoprune search` first.")
+        raise NoModelMeetsTarget(_why_no_versions(model, tracking_uri))
     for name, wanted, flag in (("device", device, "--device"), ("batch_size", batch_size, "--batch-size"),
                                ("dtype", dtype, "--dtype")):
         if wanted is None:
@@ -121,6 +134,81 @@ def best(
     if load:
         return choice, load_model(choice.model_uri, tracking_uri=tracking_uri)
     return choice
+
+
+def _why_no_versions(model: str, tracking_uri: str | None) -> str:
+    """Why `model` has no version to choose from, and what to do: a search that found nothing to register into it
+    (its front was empty), or, for a name that is not registered at all, the names that are (the closest first)."""
+    fallback = f"registered model {model!r} has no versions; run `autoprune search` first."
+    try:
+        names = _registered_model_names(tracking_uri)
+        search = _search_registering_into(model, tracking_uri) if model in names else None
+    except Exception:  # a store that cannot tell why must not hide that there is nothing to choose from
+        return fallback
+    if search is not None:
+        run_id, name = search.info.run_id, search.data.tags.get(SEARCH_TAG, "?")
+        on_front = int(search.data.metrics.get("front_size", 0))  # publish_search's summary of the search
+        if not on_front:
+            return (f"registered model {model!r} has no versions: search run {run_id} (search {name!r}) found no"
+                    " trial that beat the dense model on latency or accuracy, so nothing was registered; the dense"
+                    " model stays the best choice.")
+        return (f"registered model {model!r} has no versions, though search run {run_id} (search {name!r}) put"
+                f" {on_front} trial{'s' * (on_front > 1)} on its front (were they deleted?); `autoprune publish"
+                f" {run_id}` registers them again.")
+    if model in names:
+        return fallback
+    if not names:
+        return (f"no registered model named {model!r} at {tracking_uri!r}, nor any other; run `autoprune search`"
+                " first.")
+    closest = difflib.get_close_matches(model, names, n=1)
+    listed = ", ".join(names[:NAMES_LISTED]) + (f", … ({len(names) - NAMES_LISTED} more)"
+                                                if len(names) > NAMES_LISTED else "")
+    where = f"no registered model named {model!r} at {tracking_uri!r}"
+    if closest:
+        return f"{where}; did you mean {closest[0]!r}? (registered models there: {listed})"
+    return f"{where}; registered models there: {listed}."
+
+
+def _registered_model_names(tracking_uri: str | None) -> list[str]:
+    mlflow, names, token = client(tracking_uri), [], None
+    while True:
+        page = mlflow.search_registered_models(max_results=1000, page_token=token)
+        names.extend(found.name for found in page)
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
+def _search_registering_into(model: str, tracking_uri: str | None):
+    """The parent run of the newest finished search (or retarget) whose spec registers into `model`, or None. The
+    parent runs do not name the registered model: their spec (`Tracker.search_spec`) does."""
+    mlflow = client(tracking_uri)
+    experiments = [experiment.experiment_id for experiment in mlflow.search_experiments()]
+    if not experiments:
+        return None
+    searches = mlflow.search_runs(
+        experiments, filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_SEARCH}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=SEARCHES_READ,
+    )
+    trackers: dict[str, Tracker] = {}
+    bar, drawn = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ[bar] = "false"  # MLflow draws a progress bar per download: the error must stay one line on stderr
+    try:
+        for run in searches:
+            if run.info.experiment_id not in trackers:
+                trackers[run.info.experiment_id] = Tracker.for_search_run(tracking_uri, run.info.run_id)
+            try:
+                spec = trackers[run.info.experiment_id].search_spec(run.info.run_id)
+            except Exception:  # a parent run without its spec (logged by an older autoprune, or damaged) names no model
+                continue
+            if (spec.get("mlflow") or {}).get("registered_model") == model:
+                return run
+        return None
+    finally:
+        if drawn is None:
+            os.environ.pop(bar, None)
+        else:
+            os.environ[bar] = drawn
 
 
 def load_model(model_uri: str, *, tracking_uri: str | None = None, recipe: bool = True, device=None):
