@@ -32,6 +32,9 @@ class TrialResult:
     latency_keys: Mapping[int, str] = field(default_factory=dict)  # batch size → its latency-cache key
     stopped: str = ""  # why it stopped before its full healing (empty: it healed and was evaluated)
     rungs: tuple[tuple[int, float], ...] = ()  # (healing steps, top-1) at each rung it was judged at (halving.py)
+    # The latency the trial measured during the search, where the search's final re-timing replaced it (None: not
+    # re-timed; see driver/retime.py)
+    searched_latency_ms: float | None = None
 
     @property
     def feasible(self) -> bool:
@@ -68,6 +71,7 @@ class TrialResult:
             "latency_keys": {str(batch): key for batch, key in self.latency_keys.items()},
             "stopped": self.stopped,
             "rungs": [list(rung) for rung in self.rungs],
+            "searched_latency_ms": self.searched_latency_ms,
         }
 
     @classmethod
@@ -86,6 +90,7 @@ class TrialResult:
             latency_keys={int(batch): key for batch, key in raw["latency_keys"].items()},
             stopped=str(raw.get("stopped", "")),  # absent from results saved before it existed
             rungs=tuple((int(steps), float(top1)) for steps, top1 in raw.get("rungs", ())),
+            searched_latency_ms=raw.get("searched_latency_ms"),
         )
 
     def latency_entries(self) -> dict[str, LatencyProfile]:
@@ -108,4 +113,4 @@ class TrialRecord:
 
 
 def _profile(fields: Mapping[str, Any]) -> LatencyProfile:
-    return LatencyProfile(**{**fields, "input_size": tuple(fields["input_size"])})
+    return LatencyProfile.from_dict(fields)

@@ -29,6 +29,7 @@ from autoprune.halving import RungJudge, rungs_of
 from autoprune.measure.cache import LatencyCache
 from autoprune.measure.latency import Latencies, measure_latency
 from autoprune.measure.metrics import accuracy, achieved_sparsity, count_macs, count_params, prunable_weight_count
+from autoprune.measure.timing import LatencyProfile
 from autoprune.models import POOLED_GROUP, LayerGroup, ModelSource, layer_groups, pooled_group, prunable_layers
 from autoprune.prune.spectral import spectral_allocation
 from autoprune.result import TrialResult
@@ -46,9 +47,11 @@ class TrialContext:
     latency_target_ms: float | None = None
     latency_cache: LatencyCache | None = None  # identical structures are timed once (see measure/cache.py)
     healing_engine: HealingEngine | None = None  # None: heal in the trial's process
-    # The dense model's latency on this search's workers: a trial not faster than it stops after profiling, as it
-    # cannot join the front (None: every trial heals).
-    dense_latency_ms: float | None = None
+    # The dense model's profiles on this search's workers, by batch size: every trial is timed against the dense
+    # model and its speedup put on this scale (None: on the dense model's time in the trial's own pass).
+    references: Mapping[int, LatencyProfile] | None = None
+    # A trial confidently not faster than the dense model stops after profiling: it cannot join the front.
+    stop_unless_faster: bool = False
     judge: RungJudge | None = None  # successive halving (halving.py); None: every trial heals its whole budget
 
     def dense_model(self) -> torch.nn.Module:
@@ -106,9 +109,9 @@ def run_trial(
     latency: Latencies | None = None
     fmt = method.execution_format(options)
 
-    def profile() -> Latencies:
+    def profile() -> Latencies:  # paired with the dense model, interleaved (measure/timing.py)
         return measure_latency(model, fmt, context.profile, data.input_size, device=device, threads=threads,
-                               cache=context.latency_cache)
+                               cache=context.latency_cache, reference=dense, references=context.references)
 
     if not method.gradual:  # the structure is final already: measure now, and skip healing if it is too slow
         with stage("profile"):
@@ -135,7 +138,7 @@ def run_trial(
 
     top1 = None
     rungs: list[tuple[int, float]] = []
-    stopped = "" if latency is None else _stop_reason(latency.objective.median_ms, context, config.prune.method)
+    stopped = "" if latency is None else _stop_reason(latency.objective, context, config.prune.method)
     judge = context.judge if healing.trains and latency is not None else None  # a gradual method: no rungs
     if judge is not None and not stopped:
 
@@ -183,14 +186,20 @@ def _heal_in_rungs(healed_copy_accuracy, judge: RungJudge, steps: int,
     return rungs, ""
 
 
-def _stop_reason(latency_ms: float, context: TrialContext, method: str) -> str:
-    """Why a profiled trial is not worth healing ('' when it is): healing costs minutes, profiling seconds. The
-    dense reference (`none`) is always healed: fine-tuned, it may beat the dense model's accuracy."""
-    target, dense = context.latency_target_ms, context.dense_latency_ms
-    if target is not None and latency_ms > target:
-        return f"missed the latency target ({latency_ms:.3f} ms > {target:g} ms)"
-    if dense is not None and latency_ms >= dense and method != "none":
-        return f"not faster than the dense model ({latency_ms:.3f} ms ≥ {dense:.3f} ms): it cannot join the front"
+def _stop_reason(latency: LatencyProfile, context: TrialContext, method: str) -> str:
+    """Why a profiled trial is not worth healing ('' when it is): healing costs minutes, profiling seconds. Decided
+    on evidence: only a trial whose speedup interval lies wholly on the wrong side stops, so that noise does not
+    throw away a trial that may be faster. The dense reference (`none`) is always healed: fine-tuned, it may beat
+    the dense model's accuracy."""
+    target = context.latency_target_ms
+    fastest_ms = latency.median_ms * latency.speedup / latency.speedup_high  # the interval's fast end
+    if target is not None and fastest_ms > target:
+        return (f"missed the latency target ({latency.median_ms:.3f} ms, at best {fastest_ms:.3f} ms,"
+                f" > {target:g} ms)")
+    if context.stop_unless_faster and method != "none" and latency.confidently_slower:
+        shown = latency.describe_speedup()
+        return (f"not faster than the dense model (speedup {shown or '1×: the dense structure on dense kernels'}):"
+                " it cannot join the front")
     return ""
 
 

@@ -59,16 +59,41 @@ def test_a_trial_not_faster_than_the_dense_model_stops_before_healing(context):
     from dataclasses import replace
 
     masked = TrialConfig(PruneConfig("magnitude", {"all": 0.5}), CONFIG.heal)
-    # (in a search the latency cache gives a masked model the dense model's very measurement: equal, so not faster)
-    result = run_trial(masked, replace(context, dense_latency_ms=1e-6), threads=1)
+    # the dense shapes on dense kernels: the dense model's own measurement (speedup exactly 1), not a noisy twin
+    result = run_trial(masked, replace(context, stop_unless_faster=True), threads=1)
     assert not result.feasible and "heal" not in result.timings
     assert result.stopped.startswith("not faster than the dense model")
+    assert result.latency.speedup == result.latency.speedup_high == 1.0 and not result.latency.paired
     assert TrialResult.from_dict(result.to_dict()).stopped == result.stopped  # it travels with the result
-    healed = run_trial(masked, replace(context, dense_latency_ms=1e9), threads=1)
+    healed = run_trial(masked, context, threads=1)
     assert healed.feasible and not healed.stopped and "heal" in healed.timings
-    reference = run_trial(TrialConfig(PruneConfig("none"), CONFIG.heal), replace(context, dense_latency_ms=1e-6),
+    reference = run_trial(TrialConfig(PruneConfig("none"), CONFIG.heal), replace(context, stop_unless_faster=True),
                           threads=1)
     assert reference.feasible
+
+
+def test_a_trial_stops_only_on_evidence_that_it_is_not_faster(context):
+    """The stop rule reads the speedup's interval: confidently slower stops; an interval that straddles 1 heals
+    (noise must not throw away a trial that may be faster); a missed target counts the interval's fast end."""
+    from dataclasses import replace
+
+    from autoprune.trial import _stop_reason
+
+    on = replace(context, stop_unless_faster=True)
+    base = run_trial(TrialConfig(PruneConfig("structured", {"all": 0.5}), HealConfig("none")), context,
+                     threads=1).latency
+    assert base.paired and base.speedup_low <= base.speedup <= base.speedup_high and base.reference_ms > 0
+
+    def at(low, ratio, high):
+        return replace(base, speedup_low=low, speedup=ratio, speedup_high=high, median_ms=4.0 / ratio,
+                       log_ratios=(0.1, 0.2))
+
+    assert "not faster" in _stop_reason(at(0.80, 0.85, 0.95), on, "structured")
+    assert _stop_reason(at(0.90, 0.99, 1.08), on, "structured") == ""  # might be faster: heal it
+    assert _stop_reason(at(0.80, 0.85, 0.95), context, "structured") == ""  # stop_unless_faster off
+    target = replace(context, latency_target_ms=4.2)
+    assert _stop_reason(at(0.90, 0.95, 1.0), target, "structured") == ""  # 4.21 ms, but 4.0 at the fast end
+    assert "missed the latency target" in _stop_reason(at(0.80, 0.85, 0.90), target, "structured")
 
 
 def test_dense_training_is_reproducible(bundle, tmp_path):
@@ -335,7 +360,7 @@ def test_the_search_leaves_out_the_methods_that_cannot_be_faster_on_its_device(c
 
     from test_spec import DEMO
 
-    from autoprune.driver.search import _methods_that_can_be_faster, _stop_unless_faster_than
+    from autoprune.driver.search import _methods_that_can_be_faster, _stops_unless_faster
     from autoprune.errors import AutopruneError
     from autoprune.space.load import parse_spec
 
@@ -344,12 +369,12 @@ def test_the_search_leaves_out_the_methods_that_cannot_be_faster_on_its_device(c
     spec = parse_spec({**DEMO, "space": {**DEMO["space"], "prune": {
         **DEMO["space"]["prune"], "methods": ["magnitude", "nm", "structured", "vbp", "none"]}}})
     said = []
-    assert _stop_unless_faster_than(spec, dense) == dense.latency.median_ms
+    assert _stops_unless_faster(spec)
     assert _methods_that_can_be_faster(spec, dense, said.append).prune.methods == ("structured", "vbp", "none")
     assert "magnitude, nm run with the dense shapes on dense kernels" in said[0] and "leaves them out" in said[0]
     masked_only = replace(spec, prune=replace(spec.prune, methods=("magnitude", "none")))
     with pytest.raises(AutopruneError, match="no trial could be faster than the dense model. Add a method"):
         _methods_that_can_be_faster(masked_only, dense, said.append)
     off = replace(spec, search=replace(spec.search, stop_unless_faster=False))
-    assert _stop_unless_faster_than(off, dense) is None
+    assert not _stops_unless_faster(off)
     assert _methods_that_can_be_faster(off, dense, said.append) is off and len(said) == 1

@@ -71,7 +71,7 @@ class TrialPublisher(Callback):
         result = record.result
         this = (f"{result.config.prune.method}/{result.config.heal.method} sparsity {result.sparsity:.2f}: "
                 + (f"top-1 {result.accuracy:.4f}" if result.feasible else (result.stopped or "stopped unhealed"))
-                + f" @ {result.latency.median_ms:.3f} ms" + (" (same structure timed before)" if result.latency_cached else ""))
+                + f" @ {result.latency.median_ms:.3f} ms" + _speedup_note(result))
         front = pareto_front(self.records, self.spec.cost_metric, dense=self.dense)
         if front:
             best = max(front, key=lambda r: r.result.accuracy)
@@ -79,3 +79,14 @@ class TrialPublisher(Callback):
             this += (f" | front {len(front)}: best {best.result.accuracy:.4f} @ {best.result.latency.median_ms:.3f} ms,"
                      f" fastest {fastest.result.latency.median_ms:.3f} ms @ {fastest.result.accuracy:.4f}")
         return f"{head} {this}"
+
+
+def _speedup_note(result) -> str:
+    """The speedup against the dense model with its interval, flagged when the node was too busy to tell."""
+    latency = result.latency
+    parts = [f"{latency.describe_speedup()} vs dense"] if latency.paired else []
+    if latency.wide:
+        parts.append(f"IMPRECISE: ±{latency.half_width:.0%}, the node was busy")
+    if result.latency_cached:
+        parts.append("same structure timed before")
+    return f" ({'; '.join(parts)})" if parts else ""

@@ -66,28 +66,36 @@ def retarget(run_id: str, *, tracking_uri: str, workdir: str | Path, device: str
     options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
     if accelerator_type:
         options["accelerator_type"] = accelerator_type
-    timer = ray.remote(_time_on_worker).options(**options)
+    # One worker process times them all, each against the dense model (interleaved, as a search does), which it
+    # keeps prepared and warm between models.
+    timer = ray.remote(_Timer).options(**options).remote(source.create(pretrained=False), profile, input_size)
     where = f"accelerator type {accelerator_type}" if accelerator_type else f"{device} ({cpus} CPU)"
-    say(f"autoprune: timing the dense model and {len(healed)} healed models of run {run_id} on {where}")
+    say(f"autoprune: timing the dense model and {len(healed)} healed models of run {run_id} on {where}, each against"
+        " the dense model")
     dense_result = tracker.dense_result(run_id)
-    dense = _retimed(dense_result, ray.get(timer.remote(source.create(pretrained=False), _format(dense_result),
-                                                          profile, input_size)))
+    dense = _retimed(dense_result, ray.get(timer.dense.remote(_format(dense_result))))
     say(f"autoprune: dense {dense.latency.median_ms:.3f} ms on {dense.latency.device}"
         f" (it was {dense_result.latency.median_ms:.3f} ms on {dense_result.latency.device})")
     parent_id = tracker.start_search(name=spec["name"], spec=spec,
                                      run_name=f"{spec['name']}-retarget-{time.strftime('%Y%m%d-%H%M%S')}")
     tracker.client.set_tag(parent_id, RETARGET_TAG, run_id)
     tracker.log_dense(parent_id, dense)
-    retimed = [_retime(record, timer, profile, input_size, source, workdir / "retarget" / parent_id)
-               for record in healed]
+    try:
+        retimed = [_retime(record, timer, source, workdir / "retarget" / parent_id) for record in healed]
+    finally:
+        ray.kill(timer)
     cost = next(metric for metric in spec["objectives"] if metric != "accuracy")
     published = publish_search(tracker, parent_id, name=spec["name"], cost_metric=cost,
                                registered_model=spec["mlflow"]["registered_model"], dense=dense, records=retimed,
                                aliases=False)
     wall = time.perf_counter() - started
-    say(f"autoprune: the front on {dense.latency.device}: {len(published.front)} models, registered as"
-        f" {spec['mlflow']['registered_model']!r} versions {', '.join(published.versions) or '—'} in {wall:.0f} s;"
-        f" `autoprune best --device {dense.latency.device!r}` picks among them")
+    if published.versions:
+        say(f"autoprune: the front on {dense.latency.device}: {len(published.front)} models, registered as"
+            f" {spec['mlflow']['registered_model']!r} versions {', '.join(published.versions)} in {wall:.0f} s;"
+            f" `autoprune best --device {dense.latency.device!r}` picks among them")
+    else:
+        say(f"autoprune: on {dense.latency.device} no healed model beat the dense model on latency or accuracy:"
+            f" nothing was registered ({wall:.0f} s)")
     say(f"The front in MLflow's UI: {ui_hint(tracker.tracking_uri, published.view_path)}")
     return Retargeted(parent_id, dense.latency.device, dense, retimed, published, wall)
 
@@ -110,8 +118,7 @@ def _profile(raw: Mapping[str, Any]) -> ProfileSpec:
     return ProfileSpec(**fields)
 
 
-def _retime(record: TrialRecord, timer, profile: ProfileSpec, input_size, source: ModelSource,
-            folder: Path) -> TrialRecord:
+def _retime(record: TrialRecord, timer, source: ModelSource, folder: Path) -> TrialRecord:
     """The trial with its latency measured on the new device, and its model saved in that device's recipe."""
     import ray
 
@@ -120,7 +127,7 @@ def _retime(record: TrialRecord, timer, profile: ProfileSpec, input_size, source
     result = record.result
     model = load_model_dir(record.model_dir, recipe=False)
     try:
-        latencies = ray.get(timer.remote(model, _format(result), profile, input_size))
+        latencies = ray.get(timer.time.remote(model, _format(result)))
     except Exception as error:  # out of memory on a smaller GPU, say: this model is left out, the others go on
         return TrialRecord(record.trial_id, None, error=f"timing on the new device failed: {error}",
                            params=record.params)
@@ -142,12 +149,27 @@ def _retimed(result: TrialResult, latencies) -> TrialResult:
                    latency_keys={}, node="")
 
 
-def _time_on_worker(model, fmt: str, profile: ProfileSpec, input_size):
-    """On the Ray worker of the new device: the model's latencies there (no cache: each structure once anyway)."""
-    from autoprune.driver.worker import assigned_cpus
-    from autoprune.measure.latency import assigned_device, measure_latency
+class _Timer:
+    """A Ray actor on the new device: the dense model timed alone once (the scale), then every model against it."""
 
-    device = assigned_device()
-    return measure_latency(model.to(device), fmt, profile, input_size, device=device, threads=assigned_cpus(),
-                           cache=None)
+    def __init__(self, dense, profile: ProfileSpec, input_size) -> None:
+        from autoprune.measure.latency import assigned_device
 
+        self.device = assigned_device()
+        self.dense_model, self.profile, self.input_size = dense.eval(), profile, tuple(input_size)
+        self.references = None
+
+    def dense(self, fmt: str):
+        latencies = self._measure(self.dense_model, fmt, reference=None)
+        self.references = {latencies.objective.batch_size: latencies.objective, **latencies.extra}
+        return latencies
+
+    def time(self, model, fmt: str):
+        return self._measure(model, fmt, reference=self.dense_model)
+
+    def _measure(self, model, fmt: str, *, reference):
+        from autoprune.driver.worker import assigned_cpus
+        from autoprune.measure.latency import measure_latency
+
+        return measure_latency(model.to(self.device), fmt, self.profile, self.input_size, device=self.device,
+                               threads=assigned_cpus(), cache=None, reference=reference, references=self.references)

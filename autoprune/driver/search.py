@@ -23,15 +23,19 @@ from autoprune.driver.preflight import check_cluster, check_methods
 from autoprune.driver.prepare import model_source, shared_context
 from autoprune.driver.progress import TrialPublisher
 from autoprune.driver.resume import resumable_parent
+from autoprune.driver.retime import retime_final
 from autoprune.driver.tune import run_tune
 from autoprune.driver.warm import earlier_search, fit_point, warm_start
 from autoprune.driver.worker import dense_baseline
 from autoprune.errors import AutopruneError
 from autoprune.halving import SharedRungJudge, rungs_of
+from autoprune.measure.conditions import NodeConditions
+from autoprune.measure.timing import LatencyProfile
 from autoprune.models import layer_groups
 from autoprune.result import TrialRecord, TrialResult
 from autoprune.space.define import SearchSpace
 from autoprune.space.load import load_spec, validate
+from autoprune.tracking.final import apply_final, save_final
 from autoprune.tracking.publish import Published, experiment_path, publish_search, records_from_storage
 from autoprune.tracking.store import DEFAULT_WORKDIR, Tracker, is_tracking_server, resolve_tracking_uri
 from autoprune.tracking.ui import ui_hint
@@ -95,14 +99,17 @@ def search(
         publisher = TrialPublisher(tracker, parent_id, spec, say, dense, downloads=downloads, earlier=earlier)
         tune_started = time.perf_counter()
         run_tune(spec, space, context_ref, publisher, storage=storage, run_name=parent_id, resume=bool(resumed),
-                 dense_latency_ms=_stop_unless_faster_than(spec, dense),
+                 references=dense_references(dense), stop_unless_faster=_stops_unless_faster(spec),
                  first_points=[*(warm.points if warm else ()), *first_points], earlier=warm.completed if warm else ())
         tune_seconds = time.perf_counter() - tune_started
+        # Tune's storage, not what the callback saw, is the record: it also holds a resumed search's earlier trials.
+        records, _ = records_from_storage(path, downloads)
+        final = retime_final(spec, context_ref, records, dense, say=say)  # the latencies that are registered
     finally:  # the search's small actors end with it (one Python session may run many searches)
         _stop(latency_cache, judge)
-
-    # Tune's storage, not what the callback saw, is the record: it also holds a resumed search's earlier trials.
-    records, _ = records_from_storage(path, downloads)
+    if final is not None:
+        save_final(final, path)
+        records, dense = apply_final(final, records, dense)
     before = {record.trial_id for record in earlier}  # a resumed search accounts for this driver's time only
     accounting = time_accounting([r for r in records if r.trial_id not in before], setup_seconds=setup_seconds,
                                  tune_seconds=tune_seconds, concurrency=min(spec.search.concurrency, spec.search.trials))
@@ -133,18 +140,22 @@ def _tracker(spec: SearchSpec, tracking_uri: str | None, workdir: Path) -> Track
     return Tracker(tracking_uri, spec.mlflow.experiment, artifact_location=local)
 
 
-def _stop_unless_faster_than(spec: SearchSpec, dense: TrialResult) -> float | None:
-    """The dense latency a trial must beat to be healed (search.stop_unless_faster; None: every trial heals)."""
-    if not spec.search.stop_unless_faster or spec.cost_metric not in ("latency_ms", "latency_p90_ms"):
-        return None
-    return dense.latency.median_ms
+def _stops_unless_faster(spec: SearchSpec) -> bool:
+    """Whether a trial confidently not faster than the dense model stops unhealed (search.stop_unless_faster)."""
+    return spec.search.stop_unless_faster and spec.cost_metric in ("latency_ms", "latency_p90_ms")
+
+
+def dense_references(dense: TrialResult) -> dict[int, LatencyProfile]:
+    """The dense model's profiles by batch size: what every trial is timed against, and the scale its speedup is
+    put on."""
+    return {dense.latency.batch_size: dense.latency, **dense.extra_latency}
 
 
 def _methods_that_can_be_faster(spec: SearchSpec, dense: TrialResult, say) -> SearchSpec:
     """With search.stop_unless_faster, the spec without the pruning methods that keep the dense shapes and, on the
     device the dense model was measured on, run dense kernels: none of their trials could be faster than the dense
     model, so each would be a trial spent to learn nothing. Says which were left out, and why."""
-    if _stop_unless_faster_than(spec, dense) is None:
+    if not _stops_unless_faster(spec):
         return spec
     on_gpu = not dense.latency.device.startswith("cpu")  # the device reads "cpu: <model> (<n> threads)" on a CPU
     dense_kernels = [name for name in spec.prune.methods if name != "none" and not prune.get(name).structured
@@ -194,11 +205,22 @@ def _dense_and_parent_run(spec: SearchSpec, tracker: Tracker, context_ref: Any, 
     worker = ray.remote(num_cpus=spec.search.cpu, num_gpus=spec.search.gpu)(dense_baseline)
     dense = ray.get(worker.remote(context_ref))
     say(f"autoprune: dense top-1 {dense.accuracy:.4f}, {dense.latency.median_ms:.3f} ms on {dense.latency.device}")
+    _warn_if_busy(dense, say)
     parent_id = tracker.start_search(name=spec.name, spec=spec.as_dict(),
                                      run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     tracker.log_dense(parent_id, dense)
     say(f"autoprune: search run {parent_id} (if this driver stops: autoprune search SPEC --resume {parent_id})")
     return dense, parent_id
+
+
+def _warn_if_busy(dense: TrialResult, say: Callable[[str], None]) -> None:
+    """A node that was busy while the dense model was timed will be busy while trials are: say so at the start."""
+    conditions = NodeConditions.from_dict(dense.latency.conditions)
+    if dense.latency.conditions and conditions.busy:
+        say(f"autoprune: warning: the trial worker's node was busy while the dense model was timed"
+            f" ({conditions.describe()}). Every trial is timed against the dense model, interleaved, so the load"
+            " cancels in its speedup, but intervals will be wider and profiling slower; the front is timed again"
+            " at the end.")
 
 
 def _fitting(points: Sequence[Mapping[str, Any]], space: SearchSpace, say) -> list[dict]:

@@ -19,7 +19,7 @@ from autoprune.train.deepspeed import trial_bundles
 
 
 def run_tune(spec: SearchSpec, space: SearchSpace, context_ref, publisher, *, storage: str, run_name: str,
-             resume: bool = False, dense_latency_ms: float | None = None, first_points: Sequence[Mapping] = (),
+             resume: bool = False, references=None, stop_unless_faster: bool = False, first_points: Sequence[Mapping] = (),
              earlier: Sequence[Completed] = ()):
     import optuna
     from ray import tune
@@ -30,7 +30,7 @@ def run_tune(spec: SearchSpec, space: SearchSpace, context_ref, publisher, *, st
     # A trial that failed by itself reports its error, not the objectives (the searcher tells Optuna FAIL).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    shared = SharedContext(context_ref, dense_latency_ms)
+    shared = SharedContext(context_ref, references, stop_unless_faster)
     trainable = tune.with_resources(tune.with_parameters(tune_trial, shared=shared, space=space), trial_resources(spec))
     if resume:
         # Tune restores the trials (ended ones kept, unfinished ones run again from the start) and the Optuna

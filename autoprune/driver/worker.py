@@ -9,10 +9,11 @@ import tempfile
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from autoprune.config import HealConfig, PruneConfig, TrialConfig
 from autoprune.measure.latency import assigned_device
+from autoprune.measure.timing import LatencyProfile
 from autoprune.result import TrialResult
 from autoprune.space.define import SearchSpace
 from autoprune.tracking import schema
@@ -40,13 +41,15 @@ class SharedContext:
     put there (a context given to Tune itself would be put a second time)."""
 
     ref: Any
-    dense_latency_ms: float | None = None  # measured after the context was put: see TrialContext
+    # measured after the context was put: see TrialContext
+    references: Mapping[int, LatencyProfile] | None = None
+    stop_unless_faster: bool = False
 
     def get(self) -> TrialContext:
         import ray
 
-        context = ray.get(self.ref)
-        return replace(context, dense_latency_ms=self.dense_latency_ms)  # the data is shared, not copied
+        context = ray.get(self.ref)  # the data is shared, not copied
+        return replace(context, references=self.references, stop_unless_faster=self.stop_unless_faster)
 
 
 def tune_trial(params: dict, *, shared: SharedContext, space: SearchSpace) -> None:

@@ -5,8 +5,11 @@ head count, the execution format, and the measurement settings (device, dtype, b
 compile flag). Masked (unstructured) models keep the dense shapes and run the dense kernels, so they get the dense
 model's measurement: the same number, not a second noisy one that could put them ahead of the dense model.
 
-The first measurement of a signature wins; later trials with the same signature read it. In a search the cache is
-one small Ray actor that every trial worker asks (`SharedLatencyCache`); without Ray, a dict (`LocalLatencyCache`).
+A measurement is a speedup against the dense model with its interval (timing.py). A later trial with the same
+signature reads it when it is precise enough; otherwise it times the structure again and the cache merges the two
+measurements (their blocks' evidence pooled), so that a structure timed once on a busy node is not stuck with that
+one number. In a search the cache is one small Ray actor that every trial worker asks (`SharedLatencyCache`);
+without Ray, a dict (`LocalLatencyCache`).
 A cache saves time and keeps twins equal; it is never a reason for a trial to fail: the actor is restarted if it
 dies (empty), and a lookup that fails meanwhile counts as a miss.
 """
@@ -20,6 +23,7 @@ from typing import Protocol
 
 from torch import nn
 
+from autoprune.measure.timing import merge_profiles
 from autoprune.models import attention_modules
 
 log = logging.getLogger(__name__)
@@ -39,7 +43,7 @@ class LatencyCache(Protocol):
     def get(self, key: str): ...
 
     def put(self, key: str, profile):
-        """Store `profile` unless the key is already there; return the stored one (first writer wins)."""
+        """Store `profile`, merged with what the key holds already; return what it holds now."""
 
 
 class LocalLatencyCache:
@@ -52,7 +56,9 @@ class LocalLatencyCache:
         return self.entries.get(key)
 
     def put(self, key: str, profile):
-        return self.entries.setdefault(key, profile)
+        stored = self.entries.get(key)
+        self.entries[key] = profile if stored is None else merge_profiles(stored, profile)
+        return self.entries[key]
 
     def __len__(self) -> int:
         return len(self.entries)

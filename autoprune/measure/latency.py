@@ -1,13 +1,15 @@
 """A trial's latency, as the spec's `profile` section asks for it: which batch sizes, on which hardware, and
 measured once per structure.
 
-timing.py times one model once; this module decides what to time:
-- every batch size of the spec (the objective's first), each looked up in the search's latency cache before it
-  is timed (cache.py);
+timing.py times one model against its reference; this module decides what to time:
+- every batch size of the spec (the objective's first), each paired with the dense model and looked up in the
+  search's latency cache before it is timed (cache.py): a structure measured within the tolerance is not timed
+  again, one measured less precisely is timed again and both measurements are merged;
 - on the trial's own worker, or — when the spec names a `target` accelerator type — in a Ray task placed on a
   node of that type, so that a search can heal on its training GPUs and measure on its deployment GPU;
-- a 2:4 model on hardware without sparse kernels (or without a layer they take) runs the dense kernels, so it
-  shares the dense structure's measurement, with a note that says why.
+- a model with the dense shapes on dense kernels (masks; a 2:4 model on hardware without sparse kernels, or
+  without a layer they take) is the dense model's twin: it gets the dense model's measurement (speedup exactly
+  1), with a note that says why.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from autoprune.config import ProfileSpec
 from autoprune.measure.cache import LatencyCache, structure_signature
-from autoprune.measure.formats import TORCH_DTYPES, plan_kernels
+from autoprune.measure.formats import DENSE, TORCH_DTYPES, plan_kernels
 from autoprune.measure.timing import LatencyProfile, device_name, join_notes, profile_latency
 
 
@@ -44,35 +46,59 @@ def measure_latency(
     device: torch.device,
     threads: int | None,
     cache: LatencyCache | None,
+    reference: nn.Module | None = None,
+    references: Mapping[int, LatencyProfile] | None = None,
 ) -> Latencies:
-    """Measure `model` run in execution format `fmt` at every batch size of `settings`, reusing cached profiles.
+    """Measure `model` run in execution format `fmt` at every batch size of `settings`, paired with `reference`
+    (the dense model: None times it alone), reusing cached profiles that are precise enough. `references` are the
+    search's dense profiles by batch size: the scale a speedup is put on, and the reference's memory format.
     `model` is not changed: a copy prepared for timing is measured."""
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
+    references = references or {}
     fallback = ""
     if settings.target is None:
         where = device_name(device, torch.get_num_threads())
         runs_as, fallback = plan_kernels(model, fmt, device, TORCH_DTYPES[settings.dtype])
     else:
         where, runs_as = f"Ray accelerator type {settings.target.accelerator_type}", fmt
-    # A 2:4 model that will run dense kernels here is the dense structure's twin: it shares that measurement.
     keys = {batch: _key(model, runs_as, where, settings, batch, input_size) for batch in settings.batch_sizes}
-    found = {batch: cache.get(key) if cache is not None else None for batch, key in keys.items()}
-    missing = [batch for batch, profile in found.items() if profile is None]
-    fresh = _measure(model, fmt, settings, input_size, missing, device, threads) if missing else {}
-    reused = set(found) - set(missing)
-    for batch in missing:
-        if fresh[batch].format != runs_as:  # the sparse kernels failed at run time: it ran as the dense twin
-            keys[batch] = _key(model, fresh[batch].format, where, settings, batch, input_size)
-        # first writer wins: another trial may have stored this structure while this one was measuring it
-        found[batch] = cache.put(keys[batch], fresh[batch]) if cache is not None else fresh[batch]
-        if found[batch] != fresh[batch]:
-            reused.add(batch)
-            found[batch] = replace(found[batch], note=join_notes(fresh[batch].note, found[batch].note))
+    if reference is not None and runs_as == DENSE and _shapes(model) == _shapes(reference):
+        # The dense structure on dense kernels (masks, a 2:4 model without sparse kernels here, the dense model
+        # itself): the dense model's measurement, not a noisy twin of it that could put it ahead of the dense model.
+        # Without the search's references (run_trial alone), the dense structure is timed alone, once per cache.
+        twin = {batch: references.get(batch) or (cache.get(keys[batch]) if cache is not None else None)
+                for batch in settings.batch_sizes}
+        missing = [batch for batch, profile in twin.items() if profile is None]
+        alone = _measure(model, fmt, settings, input_size, missing, device, threads, None, {}) if missing else {}
+        for batch, profile in alone.items():
+            if cache is not None:
+                cache.put(keys[batch], profile)
+        found = {batch: profile or alone[batch] for batch, profile in twin.items()}
+        reused = {batch for batch, profile in twin.items() if profile is not None}
+    else:
+        found = {batch: cache.get(key) if cache is not None else None for batch, key in keys.items()}
+        # a structure timed before within the tolerance is not timed again; one timed less precisely is timed
+        # again and the two measurements merged (cache.put pools their evidence)
+        missing = [batch for batch, profile in found.items()
+                   if profile is None or profile.half_width > settings.tolerance]
+        fresh = _measure(model, fmt, settings, input_size, missing, device, threads, reference,
+                         references) if missing else {}
+        reused = set(found) - set(missing)
+        for batch in missing:
+            if fresh[batch].format != runs_as:  # the sparse kernels failed at run time: it ran as the dense twin
+                keys[batch] = _key(model, fresh[batch].format, where, settings, batch, input_size)
+            found[batch] = cache.put(keys[batch], fresh[batch]) if cache is not None else fresh[batch]
+            if found[batch].note != fresh[batch].note:
+                found[batch] = replace(found[batch], note=join_notes(fresh[batch].note, found[batch].note))
     if fallback:
         found = {batch: replace(profile, note=join_notes(fallback, profile.note)) for batch, profile in found.items()}
     extra = {batch: profile for batch, profile in found.items() if batch != settings.batch_size}
     return Latencies(found[settings.batch_size], extra, cached=settings.batch_size in reused, keys=keys)
+
+
+def _shapes(model: nn.Module) -> list:
+    return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
 
 
 def _key(model, runs_as: str, where: str, settings: ProfileSpec, batch: int, input_size) -> str:
@@ -81,9 +107,11 @@ def _key(model, runs_as: str, where: str, settings: ProfileSpec, batch: int, inp
                                compile=settings.compile, torch_version=torch.__version__)
 
 
-def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:
+def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads, reference,
+             references) -> dict[int, LatencyProfile]:
     if settings.target is None:
-        return _profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
+        return _profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads, reference,
+                                references)
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -95,27 +123,38 @@ def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device,
         # this task is placed on the cluster at large, or it would wait forever.
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
-    # The model travels as a CPU copy: the trial's own device may not exist on the target node.
-    return ray.get(task.remote(copy.deepcopy(model).cpu(), fmt, settings, input_size, batch_sizes))
+    # The models travel as CPU copies: the trial's own device may not exist on the target node.
+    cpu_reference = copy.deepcopy(reference).cpu() if reference is not None else None
+    return ray.get(task.remote(copy.deepcopy(model).cpu(), fmt, settings, input_size, batch_sizes, cpu_reference,
+                               dict(references)))
 
 
-def _profile_batches(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads) -> dict[int, LatencyProfile]:
-    return {
-        batch: profile_latency(model, input_size=input_size, batch_size=batch, dtype=settings.dtype,
-                               warmup=settings.warmup, repeats=settings.repeats, device=device, threads=threads,
-                               execution_format=fmt, memory_format=settings.memory_format, compile=settings.compile)
-        for batch in batch_sizes
-    }
+def _profile_batches(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads, reference,
+                     references) -> dict[int, LatencyProfile]:
+    profiles = {}
+    for batch in batch_sizes:
+        dense = references.get(batch)
+        profiles[batch] = profile_latency(
+            model, input_size=input_size, batch_size=batch, dtype=settings.dtype, warmup=settings.warmup,
+            repeats=settings.repeats, device=device, threads=threads, execution_format=fmt,
+            memory_format=settings.memory_format, compile=settings.compile, reference=reference,
+            reference_memory_format=dense.memory_format if dense is not None else None,
+            scale_ms=dense.median_ms if dense is not None else None, tolerance=settings.tolerance,
+            max_seconds=settings.max_seconds)
+    return profiles
 
 
-def _profile_on_target(model, fmt, settings: ProfileSpec, input_size, batch_sizes) -> dict[int, LatencyProfile]:
+def _profile_on_target(model, fmt, settings: ProfileSpec, input_size, batch_sizes, reference=None,
+                       references=None) -> dict[int, LatencyProfile]:
     """Runs in a Ray task on a node of the target accelerator type, with the GPU (if any) Ray assigned to it."""
     import ray
 
     context = ray.get_runtime_context()
     device = assigned_device()
     threads = max(1, int(context.get_assigned_resources().get("CPU", 1)))
-    return _profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads)
+    reference = reference.to(device) if reference is not None else None
+    return _profile_batches(model, fmt, settings, input_size, batch_sizes, device, threads, reference,
+                            references or {})
 
 
 def assigned_device() -> torch.device:

@@ -1,12 +1,22 @@
-"""Latency measured on the device the code runs on: warm-up, repeated timing, median / p90 / spread.
+"""Latency measured on the device the code runs on, as a comparison: a model is timed against its reference (the
+dense model) in the same process, interleaved, and reported as a speedup with a confidence interval.
 
-Never estimated from FLOPs. On a GPU each run is timed with CUDA events; on a CPU with perf_counter around
-synchronous work, with the thread count fixed (to the trial's CPU allocation) so that measurements compare.
+Never estimated from FLOPs. On a GPU each run is timed with CUDA events on the model's own device; on a CPU with
+perf_counter around synchronous work, with the thread count fixed (to the trial's CPU allocation).
+
+Why a comparison: on a shared machine the same structure times 1.7 ms in one search and 3.7 ms in the next, and a
+trial timed while its neighbour trains looks slower than a dense model timed alone before. So the candidate and
+the reference run in alternating short blocks (the same inputs, threads and recipe); a block's load hits both
+alike, and the ratio of their block medians cancels it (stats.py). Blocks go on until the speedup's 95% interval is
+within `tolerance` or `max_seconds` have passed; an interval that stays wider than WIDE is flagged. The latency in
+ms is the speedup applied to the search's dense latency (`scale_ms`), so that every trial of a search is on one
+scale; the reference's own median in the pass (`reference_ms`) and the node's conditions (conditions.py) are
+recorded beside it, to show what the load made of the reference at the time.
 
 How the model runs is part of the measurement and is recorded with it (formats.py's recipe): the kernels (dense or
-2:4), the memory format (channels-last is often faster for CNNs, and "auto" times both and keeps the faster) and
-whether `torch.compile` compiled it. A compile or a sparse kernel that fails is reported in the profile's note, and
-the profile says what really ran.
+2:4), the memory format (channels-last is often faster for CNNs, and "auto" times both, interleaved, and keeps the
+faster) and whether `torch.compile` compiled it. A compile or a sparse kernel that fails is reported in the
+profile's note, and the profile says what really ran.
 
 The model timed is always a copy prepared for timing, never the caller's: timing runs under inference mode and in
 another dtype, device or layout, and a model moved there in place would come back with rounded weights and
@@ -15,15 +25,16 @@ inference tensors that autograd refuses — and it is the model that heals next.
 
 from __future__ import annotations
 
-import copy
+import math
 import platform
 import statistics
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from autoprune.measure.conditions import watch
 from autoprune.measure.formats import (
     AUTO,
     CHANNELS_LAST,
@@ -31,39 +42,92 @@ from autoprune.measure.formats import (
     DENSE,
     DTYPES,
     MEMORY_FORMATS,
-    SEMI_STRUCTURED,
     TORCH_DTYPES,
     ExecutionRecipe,
-    compiled,
     plan_kernels,
-    prepare_eager,
 )
+from autoprune.measure.runners import (
+    Runner,
+    calls_per_block,
+    interleave,
+    join_notes,
+    reference_runner,
+    runnable,
+    time_model,
+    time_runs_on,
+    warm_up,
+)
+from autoprune.measure.stats import EXACT, Speedup, percentile, relative_half_width, speedup_of
 
-__all__ = ["LatencyProfile", "profile_latency", "time_model", "device_name", "percentile", "warm_up", "is_convolutional",
-           "DTYPES", "MEMORY_FORMATS", "CONTIGUOUS", "CHANNELS_LAST", "AUTO"]
+__all__ = ["LatencyProfile", "profile_latency", "profile_together", "time_model", "device_name", "percentile",
+           "warm_up", "is_convolutional", "merge_profiles", "rescaled", "join_notes", "runnable", "DTYPES",
+           "MEMORY_FORMATS", "CONTIGUOUS", "CHANNELS_LAST", "AUTO", "WIDE"]
+
+DEFAULT_TOLERANCE = 0.05  # blocks go on until the speedup's 95% interval is within ±5%…
+DEFAULT_MAX_SECONDS = 20.0  # …or this long has passed (per measurement)
+WIDE = 0.10  # an interval still wider than ±10% at the end is flagged: the node was too busy to tell
 
 
 @dataclass(frozen=True)
 class LatencyProfile:
     """One latency measurement and everything that makes it comparable with another."""
 
-    median_ms: float
+    median_ms: float  # paired: the search's dense latency ÷ speedup; alone: the median of the timed runs
     p90_ms: float
     spread: float  # (p90 − p10) / median: relative spread of the repeated runs
     batch_size: int
     dtype: str
     device: str  # e.g. "NVIDIA H100 80GB HBM3" or "cpu: AMD EPYC 7B13 (1 thread)"
     threads: int
-    repeats: int
+    repeats: int  # timed runs of this model
     input_size: tuple[int, int, int]
     torch_version: str
     format: str = "dense"  # the kernels that ran: dense, or 2:4 semi-structured (formats.py)
     note: str = ""  # e.g. why a 2:4 model was timed with dense kernels
     memory_format: str = CONTIGUOUS  # of the inputs and 4-d weights when timed
     compiled: bool = False  # torch.compile ran (False also when compiling was asked for and failed: see note)
+    # Against the reference (the dense model), interleaved in one process: its time ÷ this model's, with the 95%
+    # interval (all 1.0: the reference itself, or timed alone), and the reference's median in that pass.
+    speedup: float = 1.0
+    speedup_low: float = 1.0
+    speedup_high: float = 1.0
+    reference_ms: float = 0.0  # 0: not paired
+    log_ratios: tuple[float, ...] = ()  # the evidence, one per block: merged when a structure is timed again
+    conditions: Mapping[str, Any] = field(default_factory=dict, compare=False)  # conditions.NodeConditions.as_dict()
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "conditions": dict(self.conditions)}
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> "LatencyProfile":
+        """From `as_dict` (or JSON of it); fields added since a result was saved take their defaults."""
+        return cls(**{**fields, "input_size": tuple(fields["input_size"]),
+                      "log_ratios": tuple(fields.get("log_ratios", ())), "conditions": dict(fields.get("conditions", {}))})
+
+    @property
+    def paired(self) -> bool:
+        return self.reference_ms > 0
+
+    @property
+    def half_width(self) -> float:
+        """The speedup interval's relative half-width (0 when not paired: nothing to compare)."""
+        return Speedup(self.speedup, self.speedup_low, self.speedup_high, 0).half_width if self.paired else 0.0
+
+    @property
+    def wide(self) -> bool:
+        """Its interval stayed wider than ±WIDE: the node was too busy (or the time cap too short) to tell."""
+        return self.half_width > WIDE
+
+    @property
+    def confidently_slower(self) -> bool:
+        """Not faster than the reference, on evidence: the whole interval below 1, or the reference's own
+        structure and kernels (a masked model, a 2:4 model on dense kernels)."""
+        return self.speedup_high < 1.0 or (self.speedup_low == self.speedup_high == 1.0 and not self.log_ratios)
+
+    def describe_speedup(self) -> str:
+        if not self.paired:
+            return "the dense structure" if self.speedup == 1.0 else ""
+        return f"{self.speedup:.2f}× [{self.speedup_low:.2f}, {self.speedup_high:.2f}]"
 
     @property
     def recipe(self) -> ExecutionRecipe:
@@ -89,14 +153,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def profile_latency(
     model: nn.Module,
     *,
@@ -110,48 +166,169 @@ def profile_latency(
     execution_format: str = DENSE,
     memory_format: str = CONTIGUOUS,
     compile: bool = False,
+    reference: nn.Module | None = None,
+    reference_memory_format: str | None = None,
+    scale_ms: float | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> LatencyProfile:
-    """Time `repeats` forward passes of a `batch_size` batch, after at least `warmup` passes and until settled.
+    """Time forward passes of a `batch_size` batch: at least `repeats`, after `warmup` untimed ones, in blocks
+    until the estimate is within `tolerance` (95%) or `max_seconds` have passed.
 
+    With `reference` (the dense model), the two are timed interleaved and the profile is a speedup with its
+    interval; its `median_ms` is `scale_ms` (the search's dense latency; by default the reference's median in this
+    pass) ÷ speedup. The reference runs dense kernels in `reference_memory_format` (default: `memory_format`).
     `model` itself is left as it came (a prepared copy is timed). `execution_format` "2:4" runs the model on
     semi-structured sparse kernels where the device has them; `memory_format` "auto" times a convolutional model
-    both contiguous and channels-last and keeps the faster; `compile` times `torch.compile(model)` (its compilation
-    happens before the warm-up, untimed)."""
-    if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"memory_format {memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
+    both contiguous and channels-last and keeps the faster; `compile` times `torch.compile(model)` (its
+    compilation happens before the warm-up, untimed)."""
+    for name, value in (("memory_format", memory_format), ("reference_memory_format", reference_memory_format)):
+        if value is not None and value not in MEMORY_FORMATS:
+            raise ValueError(f"{name} {value!r}: choose one of {', '.join(MEMORY_FORMATS)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"`0 < tolerance < 1` must hold, but got {tolerance=}.")
     device = torch.device(device)
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     kernels, note = plan_kernels(model, execution_format, device, TORCH_DTYPES[dtype])
-    layouts = [memory_format] if memory_format != AUTO else (
-        [CONTIGUOUS, CHANNELS_LAST] if is_convolutional(model) else [CONTIGUOUS])
     shape = (batch_size, *input_size)
-    runs = [_timed(model, ExecutionRecipe(dtype, layout, kernels, compile, device.type), shape, warmup, repeats,
-                   device) for layout in layouts]
-    timings, recipe, run_note = min(runs, key=lambda run: statistics.median(run[0]))
-    if len(runs) > 1:
-        other = max(statistics.median(run[0]) for run in runs) / statistics.median(timings)
-        note = join_notes(note, f"{recipe.memory_format} kept: {other:.2f}× faster than the other memory format")
-    median = statistics.median(timings)
+    with watch(device) as window:
+        candidates = [Runner.prepare(model, ExecutionRecipe(dtype, layout, kernels, compile, device.type), shape,
+                                      device) for layout in _layouts(model, memory_format)]
+        references = [] if reference is None else [
+            reference_runner(reference, ExecutionRecipe(dtype, layout, DENSE, compile, device.type), shape, device)
+            for layout in _layouts(reference, reference_memory_format or memory_format)]
+        runners = [*references, *candidates]
+        time_runs = time_runs_on(device)
+        for runner in runners:
+            runner.warm(warmup, time_runs, settle=reference is None)
+        calls = calls_per_block(runners)
+        converged = _paired_converged(len(references), tolerance) if references else _alone_converged(tolerance)
+        blocks = interleave(runners, time_runs, calls=calls, min_calls=repeats, converged=converged,
+                            max_seconds=max_seconds)
+    medians = [[statistics.median(block) for block in runner_blocks] for runner_blocks in blocks]
+    if references:
+        ref = min(range(len(references)), key=lambda index: statistics.median(medians[index]))
+        speedups = [speedup_of(_log_ratios(medians[ref], medians[index]))
+                    for index in range(len(references), len(runners))]
+        best = max(range(len(candidates)), key=lambda index: speedups[index].ratio)
+        speedup, log_ratios = speedups[best], _log_ratios(medians[ref], medians[len(references) + best])
+        reference_ms = statistics.median(_flat(blocks[ref]))
+    else:
+        best = min(range(len(candidates)), key=lambda index: statistics.median(medians[index]))
+        speedup, log_ratios, reference_ms = EXACT, (), 0.0
+    chosen = candidates[best]
+    timings = _flat(blocks[len(references) + best])
+    if len(candidates) > 1:
+        others = [statistics.median(_flat(blocks[len(references) + index])) for index in range(len(candidates))]
+        note = join_notes(note, f"{chosen.recipe.memory_format} kept: {max(others) / min(others):.2f}× faster than"
+                                " the other memory format")
+    own_median = statistics.median(timings)
+    median = (scale_ms or reference_ms) / speedup.ratio if references else own_median
     return LatencyProfile(
         median_ms=median,
-        p90_ms=percentile(timings, 0.9),
-        spread=(percentile(timings, 0.9) - percentile(timings, 0.1)) / median,
+        p90_ms=median * percentile(timings, 0.9) / own_median,
+        spread=(percentile(timings, 0.9) - percentile(timings, 0.1)) / own_median,
         batch_size=batch_size,
         dtype=dtype,
         device=device_name(device, threads),
         threads=threads,
-        repeats=repeats,
+        repeats=len(timings),
         input_size=tuple(input_size),
         torch_version=torch.__version__,
-        format=recipe.kernels,
-        note=join_notes(note, run_note),
-        memory_format=recipe.memory_format,
-        compiled=recipe.compiled,
+        format=chosen.recipe.kernels,
+        note=join_notes(note, chosen.note),
+        memory_format=chosen.recipe.memory_format,
+        compiled=chosen.recipe.compiled,
+        speedup=speedup.ratio,
+        speedup_low=speedup.low,
+        speedup_high=speedup.high,
+        reference_ms=reference_ms,
+        log_ratios=tuple(log_ratios),
+        conditions=window.conditions.as_dict(),
     )
+
+
+def profile_together(
+    reference: nn.Module,
+    candidates: Sequence[tuple[nn.Module, ExecutionRecipe]],
+    *,
+    reference_recipe: ExecutionRecipe,
+    input_size: tuple[int, int, int],
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device | str,
+    threads: int | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
+) -> tuple[LatencyProfile, list[LatencyProfile]]:
+    """The reference and every candidate, each in its recipe, timed in one interleaved pass: the reference's own
+    profile, and each candidate's speedup against it put on the reference's median in this pass. What a search's
+    final re-timing does with its front (driver/retime.py): one pass, one set of conditions, one scale."""
+    device = torch.device(device)
+    if device.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    shape = (batch_size, *input_size)
+    with watch(device) as window:
+        runners = [reference_runner(reference, reference_recipe, shape, device),
+                   *(Runner.prepare(model, recipe, shape, device) for model, recipe in candidates)]
+        time_runs = time_runs_on(device)
+        for runner in runners:
+            runner.warm(warmup, time_runs, settle=False)
+        calls = calls_per_block(runners)
+        blocks = interleave(runners, time_runs, calls=calls, min_calls=repeats,
+                            converged=_paired_converged(1, tolerance), max_seconds=max_seconds)
+    conditions = window.conditions.as_dict()
+    reference_timings = _flat(blocks[0])
+    reference_ms = statistics.median(reference_timings)
+    reference_medians = [statistics.median(block) for block in blocks[0]]
+    common = dict(batch_size=batch_size, device=device_name(device, threads), threads=threads,
+                  input_size=tuple(input_size), torch_version=torch.__version__, conditions=conditions)
+    dense = LatencyProfile(
+        median_ms=reference_ms, p90_ms=percentile(reference_timings, 0.9),
+        spread=(percentile(reference_timings, 0.9) - percentile(reference_timings, 0.1)) / reference_ms,
+        dtype=runners[0].recipe.dtype, repeats=len(reference_timings), format=runners[0].recipe.kernels,
+        memory_format=runners[0].recipe.memory_format, compiled=runners[0].recipe.compiled, **common)
+    profiles = []
+    for runner, runner_blocks in zip(runners[1:], blocks[1:]):
+        timings = _flat(runner_blocks)
+        log_ratios = _log_ratios(reference_medians, [statistics.median(block) for block in runner_blocks])
+        speedup = speedup_of(log_ratios)
+        own, median = statistics.median(timings), reference_ms / speedup.ratio
+        profiles.append(LatencyProfile(
+            median_ms=median, p90_ms=median * percentile(timings, 0.9) / own,
+            spread=(percentile(timings, 0.9) - percentile(timings, 0.1)) / own, dtype=runner.recipe.dtype,
+            repeats=len(timings), format=runner.recipe.kernels, note=runner.note,
+            memory_format=runner.recipe.memory_format, compiled=runner.recipe.compiled, speedup=speedup.ratio,
+            speedup_low=speedup.low, speedup_high=speedup.high, reference_ms=reference_ms,
+            log_ratios=tuple(log_ratios), **common))
+    return dense, profiles
+
+
+def merge_profiles(stored: LatencyProfile, fresh: LatencyProfile) -> LatencyProfile:
+    """Two measurements of one structure (under one recipe) as one: their blocks' evidence pooled. Profiles timed
+    alone (the dense model's) have no evidence to pool: the first stays."""
+    if not (stored.log_ratios and fresh.log_ratios):
+        return stored
+    log_ratios = stored.log_ratios + fresh.log_ratios
+    speedup = speedup_of(log_ratios)
+    scale = stored.median_ms * stored.speedup  # the dense latency both were put on
+    median = scale / speedup.ratio
+    return replace(fresh, median_ms=median, p90_ms=median * fresh.p90_ms / fresh.median_ms,
+                   repeats=stored.repeats + fresh.repeats, speedup=speedup.ratio, speedup_low=speedup.low,
+                   speedup_high=speedup.high, log_ratios=log_ratios, note=join_notes(stored.note, fresh.note))
+
+
+def rescaled(profile: LatencyProfile, scale_ms: float) -> LatencyProfile:
+    """`profile` put on another dense latency (its speedup unchanged): what the final re-timing does to the
+    trials it did not time again, so that a search's latencies share one scale."""
+    median = scale_ms / profile.speedup
+    return replace(profile, median_ms=median, p90_ms=median * profile.p90_ms / profile.median_ms)
 
 
 def is_convolutional(model: nn.Module) -> bool:
@@ -159,115 +336,30 @@ def is_convolutional(model: nn.Module) -> bool:
     return sum(isinstance(module, nn.Conv2d) for module in model.modules()) > 1
 
 
-def _timed(model, recipe: ExecutionRecipe, shape, warmup, repeats, device) -> tuple[list[float], ExecutionRecipe, str]:
-    """Warm up and time a copy of `model` prepared in `recipe`: (timings, the recipe that really ran, note)."""
-    runner, recipe, note = runnable(model, recipe, device, shape)
-    inputs = torch.randn(shape, device=device, dtype=TORCH_DTYPES[recipe.dtype])
-    if recipe.memory_format == CHANNELS_LAST:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    return time_model(runner, inputs, warmup=warmup, repeats=repeats), recipe, note
+def _layouts(model: nn.Module, memory_format: str) -> list[str]:
+    if memory_format != AUTO:
+        return [memory_format]
+    return [CONTIGUOUS, CHANNELS_LAST] if is_convolutional(model) else [CONTIGUOUS]
 
 
-def time_model(runner, inputs: torch.Tensor, *, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of `repeats` calls of a ready-to-run model on `inputs` (on its device), after at least
-    `warmup` calls and until settled, under inference mode. What the profile does to its prepared copy, and what
-    a benchmark does to a model as loaded or served."""
-    time_runs = _time_cuda if inputs.device.type == "cuda" else _time_cpu
-    with torch.inference_mode():
-        warm_up(runner, inputs, minimum=warmup, time_runs=time_runs)
-        return time_runs(runner, inputs, repeats)
+def _flat(blocks: Sequence[Sequence[float]]) -> list[float]:
+    return [value for block in blocks for value in block]
 
 
-def runnable(model: nn.Module, recipe: ExecutionRecipe, device: torch.device,
-             shape: tuple[int, ...]) -> tuple[nn.Module, ExecutionRecipe, str]:
-    """A copy of `model` prepared in `recipe` that has run once: (module, the recipe that ran, note).
-
-    The first call is where sparse kernels meet the shapes and where compilation happens, so it is where they
-    fail: a 2:4 model that fails there runs on dense kernels, a compile that fails runs eager, and the note says
-    why. A compile that captured no graph (dynamo gave up) is recorded as not compiled."""
-    note = ""
-    example = torch.randn(shape, device=device, dtype=TORCH_DTYPES[recipe.dtype])
-    try:
-        runner = _first_call(prepare_eager(copy.deepcopy(model), recipe, device), example)
-    except Exception as error:  # noqa: BLE001 — any kernel failure: time the dense kernels and say why
-        if recipe.kernels != SEMI_STRUCTURED:
-            raise
-        note = f"2:4 sparse kernels failed ({_reason(error)}): timed with dense kernels"
-        recipe = replace(recipe, kernels=DENSE)
-        runner = _first_call(prepare_eager(copy.deepcopy(model), recipe, device), example)
-    if not recipe.compiled:
-        return runner, recipe, note
-    graphs = _captured_graphs()
-    try:
-        compiled_runner = _first_call(compiled(runner), example)
-    except Exception as error:  # noqa: BLE001 — any compiler failure: time the eager model and say why
-        return runner, replace(recipe, compiled=False), join_notes(note, f"torch.compile failed ({_reason(error)}): timed eager")
-    if _captured_graphs() == graphs:
-        return runner, replace(recipe, compiled=False), join_notes(
-            note, "torch.compile captured no graph (dynamo fell back to eager): timed eager")
-    return compiled_runner, recipe, note
+def _log_ratios(reference: Sequence[float], candidate: Sequence[float]) -> list[float]:
+    return [math.log(ref / cand) for ref, cand in zip(reference, candidate)]
 
 
-def _first_call(runner: nn.Module, example: torch.Tensor) -> nn.Module:
-    with torch.inference_mode():
-        runner(example)
-    return runner
+def _paired_converged(references: int, tolerance: float):
+    """Done when every candidate's speedup against every reference layout is known within `tolerance`."""
+    def converged(medians: list[list[float]]) -> bool:
+        return all(speedup_of(_log_ratios(medians[ref], medians[index])).half_width <= tolerance
+                   for ref in range(references) for index in range(references, len(medians)))
+    return converged
 
 
-def _reason(error: Exception) -> str:
-    first = str(error).splitlines()[0][:160] if str(error) else ""
-    return f"{type(error).__name__}: {first}"
-
-
-def _captured_graphs() -> int:
-    """How many graphs dynamo has compiled in this process (it counts them; a silent fallback adds none)."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
-def join_notes(*notes: str) -> str:
-    """Notes joined with "; ", each part once (a cached profile may already carry the reason being added)."""
-    return "; ".join(dict.fromkeys(part for note in notes for part in note.split("; ") if part))
-
-
-SETTLE_TOLERANCE = 0.05  # warm-up ends when two consecutive windows' medians agree within 5%…
-SETTLE_MAX_WINDOWS = 20  # …or after this many windows
-
-
-def warm_up(model: nn.Module, inputs: torch.Tensor, *, minimum: int, time_runs) -> int:
-    """Run at least `minimum` untimed passes, then timed windows until their medians settle; returns the count.
-
-    A fresh process's first passes pay lazy initialisation (allocator growth, kernel selection, caches), which a
-    fixed small warm-up does not always cover, and which would bias whichever model is measured first.
-    """
-    for _ in range(minimum):
-        model(inputs)
-    window = max(5, minimum)
-    previous = statistics.median(time_runs(model, inputs, window))
-    for count in range(1, SETTLE_MAX_WINDOWS + 1):
-        current = statistics.median(time_runs(model, inputs, window))
-        if abs(current - previous) <= SETTLE_TOLERANCE * previous:
-            return minimum + window * (count + 1)
-        previous = current
-    return minimum + window * (SETTLE_MAX_WINDOWS + 1)
-
-
-def _time_cpu(model: nn.Module, inputs: torch.Tensor, repeats: int) -> list[float]:
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(inputs)
-        timings.append((time.perf_counter() - start) * 1e3)
-    return timings
-
-
-def _time_cuda(model: nn.Module, inputs: torch.Tensor, repeats: int) -> list[float]:
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    torch.cuda.synchronize()
-    for start, end in pairs:
-        start.record()
-        model(inputs)
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in pairs]
+def _alone_converged(tolerance: float):
+    """Done when every runner's typical block median is known within `tolerance`."""
+    def converged(medians: list[list[float]]) -> bool:
+        return all(relative_half_width(runner) <= tolerance for runner in medians)
+    return converged

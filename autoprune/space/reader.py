@@ -189,6 +189,10 @@ def fraction(value: float) -> str | None:
     return None if 0 <= value < 1 else "`0 <= value < 1` must hold"
 
 
+def open_fraction(value: float) -> str | None:
+    return None if 0 < value < 1 else "`0 < value < 1` must hold"
+
+
 def check_combinations(check, options: Mapping[str, Dimension]) -> str | None:
     """A method's rule over its options, tried on every combination the search could sample (a range's ends)."""
     if check is None:

@@ -22,6 +22,7 @@ from autoprune.errors import AutopruneError
 from autoprune.pareto import hypervolume_2d, pareto_front
 from autoprune.result import TrialRecord, TrialResult
 from autoprune.tracking import schema, view
+from autoprune.tracking.final import apply_final, load_final
 from autoprune.tracking.report import DENSE, plot_html, plot_png
 from autoprune.tracking.schema import trial_row
 from autoprune.tracking.store import Tracker
@@ -184,6 +185,7 @@ def publish_run(run_id: str, *, tracking_uri: str, workdir: Path, storage: str |
     dense = tracker.dense_result(run_id)
     path = experiment_path(storage or spec["search"]["storage"] or str(workdir / "ray"), run_id)
     records, not_ended = records_from_storage(path, workdir / "checkpoints" / run_id)
+    records, dense = apply_final(load_final(path), records, dense)  # the search's final re-timing, if it got there
     echo(f"autoprune: publishing {len(records)} trials of search {name!r} (run {run_id}) from {path}"
          + (f"; {not_ended} had not ended (`autoprune search SPEC --resume {run_id}` runs them)" if not_ended else ""))
     published = publish_search(tracker, run_id, name=name, cost_metric=cost_metric,

@@ -73,7 +73,16 @@ def trial_metrics(result: TrialResult) -> dict[str, float]:
         "params": result.params,
         "sparsity": result.sparsity,
         "latency_cached": int(result.latency_cached),
+        # against the dense model, interleaved: the speedup, its 95% interval, and the dense model in that pass
+        "speedup": latency.speedup,
+        "speedup_low": latency.speedup_low,
+        "speedup_high": latency.speedup_high,
+        "latency_wide": int(latency.wide),
     }
+    if latency.paired:
+        metrics["reference_ms"] = latency.reference_ms
+    if result.searched_latency_ms is not None:  # the final re-timing replaced what the trial measured
+        metrics["latency_ms_in_search"] = result.searched_latency_ms
     if result.feasible:
         metrics["accuracy"] = result.accuracy
     metrics["healing_steps"] = result.healing_steps
@@ -94,8 +103,18 @@ def trial_tags(result: TrialResult) -> dict[str, str]:
         DEVICE_TAG: latency.device, "dtype": latency.dtype, "batch_size": latency.batch_size,
         "threads": latency.threads, "feasible": result.feasible, "format": latency.format,
         "memory_format": latency.memory_format, "compiled": latency.compiled, "ray_node": result.node,
-        "stopped": result.stopped,
+        "stopped": result.stopped, "latency_note": latency.note,
+        **conditions_tags(latency.conditions),
     }.items()}
+
+
+def conditions_tags(conditions: Mapping[str, Any]) -> dict[str, str]:
+    """What else ran on the node while a latency was measured (measure/conditions.py), as tags."""
+    if not conditions:
+        return {}
+    from autoprune.measure.conditions import NodeConditions
+
+    return NodeConditions.from_dict(conditions).as_tags()
 
 
 def dense_metrics(result: TrialResult) -> dict[str, float]:
