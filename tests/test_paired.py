@@ -44,7 +44,7 @@ def test_a_pruned_model_is_timed_against_its_dense_model(family):
     dense, pruned, batch = _pair(family)
     profile = profile_latency(pruned, input_size=(3, 32, 32), batch_size=batch, warmup=3, repeats=20, threads=1,
                               memory_format="auto", reference=dense)
-    assert profile.paired and profile.reference_ms > 0 and profile.repeats >= 20
+    assert profile.paired and profile.reference_ms > 0 and profile.repeats >= 10  # half of 20: the other half dense
     assert profile.speedup_low > 1.0, profile  # three quarters of the channels gone: faster, with confidence
     assert profile.speedup_low <= profile.speedup <= profile.speedup_high
     assert profile.median_ms == pytest.approx(profile.reference_ms / profile.speedup)

@@ -140,8 +140,12 @@ def test_identical_structures_are_timed_once(context, monkeypatch):
     assert len(calls) == 2 and not smaller.latency_cached and smaller.latency != dense.latency
     again = run_trial(TrialConfig(PruneConfig("structured", {"all": 0.5}), HealConfig("none"), seed=1), cached,
                       threads=1)
-    assert len(calls) == 2 and again.latency == smaller.latency
-    assert result_from_report(report(again)).latency_cached
+    if smaller.latency.half_width <= PROFILE.tolerance:  # known precisely enough: reused, not timed again
+        assert len(calls) == 2 and again.latency == smaller.latency
+        assert result_from_report(report(again)).latency_cached
+    else:  # a busy machine left it imprecise: timed again, and both measurements merged
+        assert len(calls) == 3 and again.latency.repeats > smaller.latency.repeats
+        assert again.latency.log_ratios[:len(smaller.latency.log_ratios)] == smaller.latency.log_ratios
 
 
 def test_the_signature_tells_structures_and_settings_apart():

@@ -199,11 +199,14 @@ def markdown(summary: dict) -> str:
 
 
 def run(path: Path, *, tasks: list[str], arms: list[str], seeds: int, workdir: Path, trials: int = TRIALS,
-        random_trials: int = RANDOM_TRIALS, echo=print) -> list[dict]:
-    """Every (task, arm, seed) missing from the JSON file at `path`, added to it as each finishes."""
+        random_trials: int = RANDOM_TRIALS, busy: int = 0, echo=print) -> list[dict]:
+    """Every (task, arm, seed) missing from the JSON file at `path`, added to it as each finishes; with `busy`,
+    beside that many CPU-bound processes (a shared node)."""
     import logging
 
     import ray
+
+    from autoprune.testing.load import busy_processes
 
     runs = json.loads(path.read_text()) if path.exists() else []
     done = {(run["task"], run["arm"], run["seed"]) for run in runs}
@@ -215,7 +218,9 @@ def run(path: Path, *, tasks: list[str], arms: list[str], seeds: int, workdir: P
                 for arm in arms:
                     if (task, arm, seed) in done:
                         continue
-                    run_ = run_arm(task, arm, seed, random_trials if arm == "random" else trials, workdir / task)
+                    with busy_processes(busy):
+                        run_ = run_arm(task, arm, seed, random_trials if arm == "random" else trials, workdir / task)
+                    run_["busy"] = busy
                     runs.append(run_)
                     path.write_text(json.dumps(runs, indent=1))
                     hv = hypervolume(run_["trials"], (TASKS[task][1], run_["dense_latency_ms"]))
@@ -244,6 +249,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-trials", type=int, default=RANDOM_TRIALS,
                         help=f"random search's longer run (default {RANDOM_TRIALS})")
     parser.add_argument("--workdir", help="where the searches keep their stores (default: a temporary folder)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="run every search beside this many CPU-bound processes (a shared node; default 0)")
 
 
 def main_search(args) -> int:
@@ -251,7 +258,7 @@ def main_search(args) -> int:
     tasks = available_tasks(args.tasks)
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-search-") as scratch:
         runs = run(path, tasks=tasks, arms=args.arms, seeds=args.seeds, workdir=Path(args.workdir or scratch),
-                   trials=args.trials, random_trials=args.random_trials)
+                   trials=args.trials, random_trials=args.random_trials, busy=args.busy)
     print()
     print(markdown(summarise([r for r in runs if r["task"] in tasks])))
     return 0

@@ -46,7 +46,7 @@ def time_accounting(records: list[TrialRecord], *, setup_seconds: float, tune_se
     return {
         "latency_measured": sum(1 for result in done if not result.latency_cached),
         "latency_reused": sum(1 for result in done if result.latency_cached),
-        # speedups whose interval stayed wider than ±10% (timing.WIDE): the node was too busy to tell
+        # speedups whose interval stayed wider than ±15% (timing.WIDE): the node was too busy to tell
         "latency_imprecise": sum(1 for result in done if result.latency.wide),
         "profile_s": sum(result.timings.get("profile", 0.0) for result in done),
         "setup_s": setup_seconds,  # data, dense weights, Ray start, dense baseline
@@ -93,6 +93,6 @@ def summary_text(outcome: SearchOutcome) -> str:
                         f" (model load/save {a['trial_load_save_s']:.1f} s; the rest is Ray, MLflow and idle slots)."
                         f" Latency: {a['latency_measured']:.0f} structures timed, {a['latency_reused']:.0f} trials"
                         f" reused an identical structure's measurement"
-                        + (f"; {a['latency_imprecise']:.0f} stayed imprecise (interval wider than ±10%: the node was"
+                        + (f"; {a['latency_imprecise']:.0f} stayed imprecise (interval wider than ±15%: the node was"
                            " busy)." if a.get("latency_imprecise") else "."))
     return "\n".join(lines)

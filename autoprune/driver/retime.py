@@ -87,7 +87,7 @@ def retime_final(spec: SearchSpec, context_ref: Any, records: Sequence[TrialReco
                                         **{record.trial_id: dense_profile for record in twins}})
     wide = [trial for trial, p in final.trials.items() if p.wide]
     say(f"autoprune: dense {dense_profile.median_ms:.3f} ms in the final pass (at the start:"
-        f" {dense.latency.median_ms:.3f} ms)" + (f"; still imprecise (interval wider than ±10%): {', '.join(wide)}"
+        f" {dense.latency.median_ms:.3f} ms)" + (f"; still imprecise (interval wider than ±15%): {', '.join(wide)}"
                                                   if wide else ""))
     return final
 

@@ -21,6 +21,7 @@ from autoprune.models import POOLED_GROUP
 from autoprune.pareto import pareto_front
 from autoprune.result import TrialRecord, TrialResult
 from autoprune.space.define import SearchSpace
+from autoprune.tracking.final import apply_final, load_final
 from autoprune.tracking.publish import experiment_path, records_from_storage
 from autoprune.tracking.store import Tracker
 
@@ -60,10 +61,13 @@ def earlier_search(run_id: str, *, tracker: Tracker, storage: str, downloads: Pa
     starts, so that a wrong run id or storage is an error before any worker does anything."""
     earlier = Tracker.for_search_run(tracker.tracking_uri, run_id)
     try:
-        records, _ = records_from_storage(experiment_path(storage, run_id), downloads)
+        path = experiment_path(storage, run_id)
+        records, _ = records_from_storage(path, downloads)
     except AutopruneError as error:
         raise AutopruneError(f"--warm-start {run_id}: {error}") from None
-    return EarlierSearch(run_id, earlier.search_spec(run_id), earlier.dense_result(run_id), records)
+    # on the scale the earlier search published: its final re-timing, where it got there
+    records, dense = apply_final(load_final(path), records, earlier.dense_result(run_id))
+    return EarlierSearch(run_id, earlier.search_spec(run_id), dense, records)
 
 
 def warm_start(earlier: EarlierSearch, *, spec: SearchSpec, space: SearchSpace, dense: TrialResult,

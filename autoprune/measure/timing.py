@@ -63,9 +63,11 @@ __all__ = ["LatencyProfile", "profile_latency", "profile_together", "time_model"
            "warm_up", "is_convolutional", "merge_profiles", "rescaled", "join_notes", "runnable", "DTYPES",
            "MEMORY_FORMATS", "CONTIGUOUS", "CHANNELS_LAST", "AUTO", "WIDE"]
 
-DEFAULT_TOLERANCE = 0.05  # blocks go on until the speedup's 95% interval is within ±5%…
+# Blocks go on until the speedup's 95% interval is within ±10% (a trial's: enough to decide whether it heals and
+# to guide the sampler; a search's final pass over its front halves it)…
+DEFAULT_TOLERANCE = 0.10
 DEFAULT_MAX_SECONDS = 20.0  # …or this long has passed (per measurement)
-WIDE = 0.10  # an interval still wider than ±10% at the end is flagged: the node was too busy to tell
+WIDE = 0.15  # an interval still wider than ±15% at the end is flagged: the node was too busy to tell
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,10 @@ def profile_latency(
             runner.warm(warmup, time_runs, settle=reference is None)
         calls = calls_per_block(runners)
         converged = _paired_converged(len(references), tolerance) if references else _alone_converged(tolerance)
-        blocks = interleave(runners, time_runs, calls=calls, min_calls=repeats, converged=converged,
+        # Paired, `repeats` passes are split between the model and the dense model: the interval, not the count,
+        # says when the speedup is known (and blocks go on until it is), so timing both in full would only cost.
+        min_calls = math.ceil(repeats / 2) if references else repeats
+        blocks = interleave(runners, time_runs, calls=calls, min_calls=min_calls, converged=converged,
                             max_seconds=max_seconds)
     medians = [[statistics.median(block) for block in runner_blocks] for runner_blocks in blocks]
     if references:

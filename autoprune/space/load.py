@@ -186,7 +186,7 @@ def _profile(section: Section) -> ProfileSpec:
         dtype=section.take("dtype", str, "float32", choices=DTYPES),
         warmup=section.take("warmup", int, 10, check=non_negative),
         repeats=section.take("repeats", int, 30, check=at_least(3)),
-        tolerance=section.take("tolerance", float, 0.05, check=open_fraction),
+        tolerance=section.take("tolerance", float, 0.10, check=open_fraction),
         max_seconds=section.take("max_seconds", float, 20.0, check=positive),
         memory_format=section.take("memory_format", str, "auto", choices=MEMORY_FORMATS),
         compile=section.take("compile", bool, False),

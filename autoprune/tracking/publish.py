@@ -140,6 +140,8 @@ def publish_search(
         "trials_finished": len([r for r in records if r.result is not None]),
         "trials_failed": len([r for r in records if r.result is None]),
         "front_size": len(front),
+        # the scale the published latencies are on (a search's final re-timing may have measured it again)
+        "dense_latency_ms": dense.latency.median_ms,
         **(metrics or {}),
     }
     if feasible:
