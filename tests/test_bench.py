@@ -150,3 +150,23 @@ def test_the_search_bench_summary_reads_hypervolume_curves_and_trials_to_reach_t
     assert tpe["curve"][8][0] == pytest.approx(best) and tpe["trials_to_95"] == 2 and tpe["steps_to_95"] == 20
     assert random["reached"] == 0 and random["cannot_join_share"] == 7 / 8
     assert "| tpe | 1 |" in bench_search.markdown(bench_search.summarise(runs))
+
+
+def test_the_noise_bench_times_both_ways_and_compares_loaded_with_quiet(monkeypatch):
+    """One real measurement per method at toy size (the demo ViT shrunk), then the comparison the table prints."""
+    from autoprune.bench import noise
+
+    monkeypatch.setattr(noise, "SPARSITIES", (0.75,))
+    monkeypatch.setattr(noise, "DENSE_REPEATS", 2)
+    quiet = noise.measure("demo-vit", dense_quiet_ms=None)
+    assert set(quiet["old"]) == set(quiet["paired"]) == {"75%"}
+    paired = quiet["paired"]["75%"]
+    assert paired["low"] <= paired["speedup"] <= paired["high"] and not paired["not_faster"]
+    assert quiet["baseline_ms"] > 0 and quiet["conditions"]["cpus"] >= 1
+    slower = {**quiet, "old": {"75%": {**quiet["old"]["75%"], "ms": quiet["baseline_ms"] * 2,
+                                       "speedup": 0.5, "not_faster": True}}}
+    rows = noise.compare(quiet, slower)
+    assert rows["old"]["flipped"] == 1 and rows["old"]["not_faster_loaded"] == 1  # the old way's failure, shown
+    assert rows["paired"]["flipped"] == 0 and rows["paired"]["speedup_error_median"] == 0
+    table = noise.markdown({"demo-vit": {"quiet": quiet, "loaded": slower, "compare": rows}}, None)
+    assert "| demo-vit | old |" in table and "| demo-vit | paired |" in table

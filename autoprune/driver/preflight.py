@@ -10,6 +10,8 @@ from typing import Callable, Mapping
 from autoprune.config import SearchSpec
 from autoprune.data import REFERENCE_IMAGE_SIZE
 from autoprune.errors import AutopruneError, SpecError
+from autoprune.measure.conditions import NodeConditions
+from autoprune.measure.timing import LatencyProfile
 from autoprune.models import ModelSource
 from autoprune.train.deepspeed import trial_bundles
 
@@ -85,3 +87,19 @@ def check_methods(spec: SearchSpec, source: ModelSource, say: Callable[[str], No
             + f" (`autoprune check {spec.model.name}` shows every method on this model).")
     say(f"autoprune: dropping {', '.join(unusable)} from this search: on {spec.model.name}: {why}")
     return replace(spec, prune=replace(spec.prune, methods=kept))
+
+
+def warn_if_busy(dense: LatencyProfile, say: Callable[[str], None], where: str) -> None:
+    """A node that was busy while the dense model was timed will be busy while the others are: say so before they
+    are. With several threads a busy neighbour is worse than a share of the time: every parallel operation waits
+    for the thread that shares its core, and a model can run many times slower than on a quiet node."""
+    if not dense.conditions:
+        return
+    conditions = NodeConditions.from_dict(dense.conditions)
+    if conditions.busy:
+        threads = (f" It runs {dense.threads} threads: each parallel operation waits for the one that shares a core"
+                   " with the neighbour, so its latency here can be many times a quiet node's."
+                   if dense.threads > 1 else "")
+        say(f"autoprune: warning: {where} was busy while the dense model was timed ({conditions.describe()};"
+            f" dense {dense.median_ms:.3f} ms). Every model is timed against the dense model, interleaved, so a"
+            f" steady load cancels in its speedup, but intervals will be wider and timing slower.{threads}")

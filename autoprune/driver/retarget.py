@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 
 from autoprune.config import ProfileSpec
 from autoprune.driver.connect import start_ray
+from autoprune.driver.preflight import warn_if_busy
 from autoprune.errors import AutopruneError
 from autoprune.models import ModelSource
 from autoprune.result import TrialRecord, TrialResult
@@ -74,6 +75,7 @@ def retarget(run_id: str, *, tracking_uri: str, workdir: str | Path, device: str
         " the dense model")
     dense_result = tracker.dense_result(run_id)
     dense = _retimed(dense_result, ray.get(timer.dense.remote(_format(dense_result))))
+    warn_if_busy(dense.latency, say, "the node that times them")
     say(f"autoprune: dense {dense.latency.median_ms:.3f} ms on {dense.latency.device}"
         f" (it was {dense_result.latency.median_ms:.3f} ms on {dense_result.latency.device})")
     parent_id = tracker.start_search(name=spec["name"], spec=spec,

@@ -19,7 +19,7 @@ from autoprune import prune
 from autoprune.config import SearchSpec
 from autoprune.driver.connect import start_ray
 from autoprune.driver.outcome import SearchOutcome, summary_text, time_accounting
-from autoprune.driver.preflight import check_cluster, check_methods
+from autoprune.driver.preflight import check_cluster, check_methods, warn_if_busy
 from autoprune.driver.prepare import model_source, shared_context
 from autoprune.driver.progress import TrialPublisher
 from autoprune.driver.resume import resumable_parent
@@ -29,7 +29,6 @@ from autoprune.driver.warm import earlier_search, fit_point, warm_start
 from autoprune.driver.worker import dense_baseline
 from autoprune.errors import AutopruneError
 from autoprune.halving import SharedRungJudge, rungs_of
-from autoprune.measure.conditions import NodeConditions
 from autoprune.measure.timing import LatencyProfile
 from autoprune.models import layer_groups
 from autoprune.result import TrialRecord, TrialResult
@@ -205,22 +204,12 @@ def _dense_and_parent_run(spec: SearchSpec, tracker: Tracker, context_ref: Any, 
     worker = ray.remote(num_cpus=spec.search.cpu, num_gpus=spec.search.gpu)(dense_baseline)
     dense = ray.get(worker.remote(context_ref))
     say(f"autoprune: dense top-1 {dense.accuracy:.4f}, {dense.latency.median_ms:.3f} ms on {dense.latency.device}")
-    _warn_if_busy(dense, say)
+    warn_if_busy(dense.latency, say, "the trial worker's node")
     parent_id = tracker.start_search(name=spec.name, spec=spec.as_dict(),
                                      run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     tracker.log_dense(parent_id, dense)
     say(f"autoprune: search run {parent_id} (if this driver stops: autoprune search SPEC --resume {parent_id})")
     return dense, parent_id
-
-
-def _warn_if_busy(dense: TrialResult, say: Callable[[str], None]) -> None:
-    """A node that was busy while the dense model was timed will be busy while trials are: say so at the start."""
-    conditions = NodeConditions.from_dict(dense.latency.conditions)
-    if dense.latency.conditions and conditions.busy:
-        say(f"autoprune: warning: the trial worker's node was busy while the dense model was timed"
-            f" ({conditions.describe()}). Every trial is timed against the dense model, interleaved, so the load"
-            " cancels in its speedup, but intervals will be wider and profiling slower; the front is timed again"
-            " at the end.")
 
 
 def _fitting(points: Sequence[Mapping[str, Any]], space: SearchSpace, say) -> list[dict]:
