@@ -26,10 +26,12 @@ def start_ray(address: str | None, *, logging_level: int = logging.WARNING):
     progress lines and MLflow."""
     import ray
 
-    if ray.is_initialized():
-        return ray
+    # An address given is checked even when this process already runs a Ray: an address where nothing (or no Ray)
+    # answers is the user's mistake to hear about, whatever ran before in the same process.
     if address and address not in ("auto", "local") and not address.startswith("ray://"):
         _check_answers(address)
+    if ray.is_initialized():
+        return ray
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging_level)
     except Exception as error:  # Ray raises ConnectionError, RuntimeError or its own AuthenticationError
