@@ -259,7 +259,9 @@ def _best(args) -> int:
         print(json.dumps(choice.as_dict()))
     else:
         print(choice.summary())
-        print(f"load it with: autoprune.load_model({choice.model_uri!r})  # in the recipe it was timed in")
+        # with the store it came from: without it, MLflow resolves models:/ against ./mlflow.db (and creates it)
+        print(f"load it with: autoprune.load_model({choice.model_uri!r}, tracking_uri={_tracking_uri(args)!r})"
+              "  # in the recipe it was timed in")
     return 0
 
 

@@ -197,3 +197,17 @@ def test_the_section_healing_is_read_as_heal_runtime_with_a_warning():
     raw["heal_runtime"] = {"engine": "local"}
     with pytest.raises(SpecError, match="healing: is the old name of `heal_runtime`; give one of them, not both"):
         parse_spec(raw)
+
+
+def test_a_directory_or_a_binary_file_as_the_spec_is_one_clear_error(tmp_path):
+    (tmp_path / "mine.yaml").write_text("name: x\n")
+    with pytest.raises(SpecError, match=r"is a directory; give the YAML file in it \(there: mine.yaml\)"):
+        load_spec(tmp_path)
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(SpecError, match="is not text"):
+        load_spec(binary)
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"name: \x00\x01")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(nul)

@@ -58,13 +58,25 @@ RENAMED_SPARSITY_MODES = {"profile": "depth"}  # old name → new: still read, w
 def load_spec(path: str | Path) -> SearchSpec:
     """Read and validate a YAML spec file."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"spec file {str(path)!r} is a directory; give the YAML file in it"
+                        f"{_yaml_files_in(path)}.")
     if not path.is_file():
         raise SpecError(f"spec file {str(path)!r} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpecError(f"spec file {str(path)!r} is not text (not UTF-8): a spec is a YAML file.") from None
+    except OSError as error:
+        raise SpecError(f"spec file {str(path)!r} cannot be read: {error.strerror or error}.") from None
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
     return parse_spec(raw, origin=str(path))
+
+
+def _yaml_files_in(folder: Path) -> str:
+    names = sorted(p.name for p in folder.glob("*.y*ml"))[:5]
+    return f" (there: {', '.join(names)})" if names else ""
 
 
 def validate(spec: SearchSpec) -> SearchSpec:
