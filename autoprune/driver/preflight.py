@@ -4,7 +4,9 @@ search of unchanged models)."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Mapping
 
 from autoprune.config import SearchSpec
@@ -58,6 +60,85 @@ def check_cluster(spec: SearchSpec, cluster: Mapping[str, float], say: Callable[
         check_target_hardware(spec.profile.target.accelerator_type, cluster)
     if spec.heal_runtime.engine != "local":
         check_healing_resources(spec, cluster, say)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+def check_data(spec: SearchSpec, source: ModelSource) -> None:
+    """The spec's data against the files on disk and the model, before anything heavy (MLflow, Ray, the pre-flight
+    pruning check, training): each problem one line naming the key, the value and what would be valid."""
+    data = spec.data
+    if data.source == "imagefolder":
+        classes = {role: _class_folders(role, folder) for role, folder in (("train_dir", data.train_dir),
+                                                                            ("val_dir", data.val_dir))}
+        if classes["train_dir"] != classes["val_dir"]:
+            raise SpecError(f"data: train_dir has {len(classes['train_dir'])} classes and val_dir"
+                            f" {len(classes['val_dir'])}, or other names: both must hold the same class sub-folders.")
+        if len(classes["train_dir"]) != spec.model.num_classes:
+            raise SpecError(f"model.num_classes: {spec.model.num_classes}, but data.train_dir {data.train_dir!r} has"
+                            f" {len(classes['train_dir'])} class sub-folders ({', '.join(classes['train_dir'][:5])}"
+                            f"{', …' if len(classes['train_dir']) > 5 else ''}): they must agree.")
+    elif data.source == "torchvision":
+        from torchvision import datasets
+
+        if not isinstance(getattr(datasets, data.dataset, None), type):
+            known = sorted(n for n in dir(datasets) if isinstance(getattr(datasets, n), type) and n[0].isupper())
+            close = difflib.get_close_matches(data.dataset, known, n=3)
+            raise SpecError(f"data.dataset: {data.dataset!r} is not a torchvision dataset"
+                            + (f"; did you mean {', '.join(close)}?" if close else f"; e.g. {', '.join(known[:12])}."))
+        if not Path(data.root).is_dir():
+            raise SpecError(f"data.root: {data.root!r} is not a directory (the folder {data.dataset} reads; nothing"
+                            " is downloaded).")
+    size = REFERENCE_IMAGE_SIZE if data.source == "reference" else data.image_size
+    _check_image_size(source, size, data.source)
+
+
+def _class_folders(role: str, folder: str) -> list[str]:
+    path = Path(folder)
+    if not path.is_dir():
+        raise SpecError(f"data.{role}: {folder!r} is not a directory; give an ImageFolder tree (one sub-folder of"
+                        " images per class).")
+    classes = sorted(entry.name for entry in path.iterdir() if entry.is_dir())
+    if not classes:
+        raise SpecError(f"data.{role}: {folder!r} has no class sub-folders; an ImageFolder tree holds one folder of"
+                        " images per class.")
+    empty = [name for name in classes
+             if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (path / name).rglob("*") if f.is_file())]
+    if empty:
+        raise SpecError(f"data.{role}: {len(empty)} class folder(s) of {folder!r} hold no images ({', '.join(empty[:5])};"
+                        f" images end in {', '.join(IMAGE_SUFFIXES)}).")
+    return classes
+
+
+def _check_image_size(source: ModelSource, size: int, data_source: str) -> None:
+    """One forward pass of the model (random weights, batch 1) at the data's image size: a model built for another
+    size (a ViT's fixed patch grid) is a spec error here, not a traceback from the pre-flight."""
+    import torch
+
+    model = source.create(pretrained=False).eval()
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, size, size))
+    except Exception as error:  # noqa: BLE001 — any failure at this size is the mismatch to report
+        takes = _input_size(model, source)
+        given = ("the reference task's images are 32×32" if data_source == "reference"
+                 else f"data.image_size: {size}" + (" (the default)" if size == 224 else ""))
+        fix = (f" Set data.image_size: {takes[0]}, or" if takes and data_source != "reference" else " Set")
+        raise SpecError(f"{given}, but {source.name} (model.kwargs {dict(source.kwargs)}) does not run on"
+                        f" {size}×{size} images ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
+                        + (f"; it takes {takes[0]}×{takes[1]}." if takes else ".")
+                        + f"{fix} the model's img_size kwarg to {size}.") from None
+
+
+def _input_size(model, source: ModelSource) -> tuple[int, int] | None:
+    """The input size a model was built for: its img_size kwarg, its patch embedding's, or its default config's."""
+    size = source.kwargs.get("img_size") or getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        size = ((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (None,))[1:] or None
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def check_methods(spec: SearchSpec, source: ModelSource, say: Callable[[str], None], *,

@@ -19,7 +19,7 @@ from autoprune import prune
 from autoprune.config import SearchSpec
 from autoprune.driver.connect import start_ray
 from autoprune.driver.outcome import SearchOutcome, summary_text, time_accounting
-from autoprune.driver.preflight import check_cluster, check_methods, warn_if_busy
+from autoprune.driver.preflight import check_cluster, check_data, check_methods, warn_if_busy
 from autoprune.driver.prepare import model_source, shared_context
 from autoprune.driver.progress import TrialPublisher
 from autoprune.driver.resume import resumable_parent
@@ -66,6 +66,7 @@ def search(
     spec = load_spec(spec) if not isinstance(spec, SearchSpec) else spec
     spec = validate(_with_overrides(spec, trials, storage))  # a spec built in Python, and the overrides, too
     source = model_source(spec.model)
+    check_data(spec, source)  # files, classes, image size: before the pre-flight prunes anything
     spec = check_methods(spec, source, say, drop_unusable=drop_unusable_methods)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
