@@ -71,8 +71,10 @@ def test_every_trial_is_a_child_run_with_its_metrics(outcome, tracker):
     for run in children:
         metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
         for key in ("latency_ms", "latency_p90_ms", "macs", "params", "sparsity", "time_prune_s", "time_profile_s",
-                    "latency_ms_batch1"):
+                    "latency_ms_batch1", "speedup", "speedup_low", "speedup_high", "latency_ms_in_search"):
             assert key in metrics, key
+        assert metrics["speedup_low"] <= metrics["speedup"] <= metrics["speedup_high"]  # timed against dense
+        assert "node.load_1m" in tags and "node.busy_processes" in tags  # what else ran, beside the number
         assert metrics["feasible"] == 1 and "accuracy" in metrics and "time_evaluate_s" in metrics
         assert tags["stopped"] == "" and metrics["healing_steps"] == (int(params.get("heal.steps", 0)) if
                                                                       params["heal.method"] == "distill" else 0)

@@ -132,6 +132,9 @@ def publish_search(
     records = list(records)
     logged = tracker.trial_runs(parent_id)
     run_ids = {record.trial_id: tracker.log_trial(parent_id, record, logged=logged) for record in records}
+    for record in records:  # logged while the search ran, before its final re-timing put them on its scale
+        if record.result is not None and record.result.searched_latency_ms is not None:
+            tracker.log_final_latency(run_ids[record.trial_id], record.result)
     front = pareto_front(records, cost_metric, dense=dense)
     rows = [trial_row(record, on_front=record in front) for record in records]
     rows.append({**trial_row(TrialRecord("dense", dense), on_front=False), "prune": DENSE})

@@ -222,6 +222,19 @@ class Tracker:
             query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
         return self.client.search_runs([self.experiment_id], filter_string=query, max_results=10000)
 
+    def log_final_latency(self, run_id: str, result: TrialResult) -> None:
+        """A trial's latency from the search's final re-timing, onto the run logged while the search ran (its metrics
+        are the latest values: the UI's charts and queries read these, the trial's own stays `latency_ms_in_search`).
+        Logging the same values again changes nothing that is read."""
+        from mlflow.entities import Metric
+
+        keys = ("latency_ms", "latency_p90_ms", "latency_spread", "speedup", "speedup_low", "speedup_high",
+                "latency_wide", "reference_ms", "latency_ms_in_search")
+        metrics = schema.trial_metrics(result)
+        now_ms = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(key, float(metrics[key]), now_ms, 1) for key in keys
+                                               if key in metrics])
+
     def log_reference(self, parent_id: str, dense: TrialResult) -> str:
         """The dense model as a run beside the trials (created once), so that charts of the trials show it."""
         query = f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE_TAG}` = '{ROLE_DENSE}'"
