@@ -90,7 +90,7 @@ class ProfileSpec:
     extra_batch_sizes: tuple[int, ...] = ()  # also measured and logged (e.g. 1 next to a serving batch)
     dtype: str = "float32"
     warmup: int = 10  # untimed forward passes first
-    repeats: int = 30  # timed forward passes at least (paired: half of the model, half of the dense model)
+    repeats: int = 30  # timed passes at least, unless max_seconds pass (paired: half each side)
     # A trial is timed against the dense model, interleaved, until the speedup's 95% interval is within ±tolerance
     # or max_seconds have passed (measure/timing.py)
     tolerance: float = 0.10

@@ -47,8 +47,9 @@ def time_runs_on(device: torch.device):
 def interleave(runners: Sequence["Runner"], time_runs, *, calls: int, min_calls: int, converged,
                max_seconds: float) -> list[list[list[float]]]:
     """Time the runners in turns, `calls` passes each per block, until at least MIN_BLOCKS blocks and `min_calls`
-    passes each, and `converged(block medians)` holds or `max_seconds` have passed. The order rotates from block to
-    block, so that no runner always follows the same one (for two: AB BA AB …). Returns each runner's blocks."""
+    passes each, and `converged(block medians)` holds — or, after MIN_BLOCKS blocks, `max_seconds` have passed.
+    The order rotates from block to block, so that no runner always follows the same one (for two: AB BA AB …).
+    Returns each runner's blocks."""
     blocks: list[list[list[float]]] = [[] for _ in runners]
     started, count = time.perf_counter(), 0
     with torch.inference_mode():
@@ -57,10 +58,11 @@ def interleave(runners: Sequence["Runner"], time_runs, *, calls: int, min_calls:
             for index in [*range(start, len(runners)), *range(start)]:
                 blocks[index].append(time_runs(runners[index].module, runners[index].inputs, calls))
             count += 1
-            if count >= MIN_BLOCKS and count * calls >= min_calls:
-                if time.perf_counter() - started > max_seconds:
+            if count >= MIN_BLOCKS:
+                if time.perf_counter() - started > max_seconds:  # a slow model on a busy node: what there is
                     return blocks
-                if converged([[statistics.median(block) for block in runner] for runner in blocks]):
+                if count * calls >= min_calls and converged(
+                        [[statistics.median(block) for block in runner] for runner in blocks]):
                     return blocks
 
 
