@@ -87,7 +87,7 @@ def measure(name: str, *, dense_quiet_ms: float | None) -> dict:
         "model": name, "conditions": conditions, "dense_alone_ms": dense_alone, "baseline_ms": baseline,
         "old": {label: {"ms": ms, "speedup": baseline / ms, "not_faster": ms >= baseline} for label, ms in old.items()},
         "paired": {label: {"ms": p.median_ms, "speedup": p.speedup, "low": p.speedup_low, "high": p.speedup_high,
-                           "not_faster": p.confidently_slower, "seconds": None} for label, p in paired.items()},
+                           "not_faster": p.confidently_slower} for label, p in paired.items()},
         "old_seconds": old_seconds, "paired_seconds": paired_seconds,
     }
 
