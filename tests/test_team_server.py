@@ -127,6 +127,8 @@ def team(tmp_path_factory):
                 restarted = time.monotonic()
                 rest, _ = driver.communicate(timeout=600)
                 output = "".join(said) + rest
+                if "autoprune: search run " not in output:  # it stopped before its MLflow run: its output says why
+                    pytest.fail(f"the search printed no run id (exit {driver.returncode}); its output:\n{output}")
                 run_id = output.split("autoprune: search run ")[1].split()[0]
                 found.update(output=output, code=driver.returncode, run_id=run_id, server=server,
                              database=database, spec=spec_path, published=None)
