@@ -93,9 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--address", help="Ray cluster to run on (default: a local Ray)")
     _add_store_flags(serving)
 
-    front = commands.add_parser("front", help="print the Pareto front of the latest search in an experiment")
-    front.add_argument("--experiment", required=True)
-    front.add_argument("--json", action="store_true")
+    front = commands.add_parser("front", help="print a search's Pareto front: the newest finished search's, or the"
+                                              " one chosen as `ui` chooses")
+    which = front.add_mutually_exclusive_group()
+    which.add_argument("--experiment", help="the newest finished search of this experiment (default: of any)")
+    which.add_argument("--run", help="the search with this run id")
+    front.add_argument("--json", action="store_true", help="print one JSON object: the search and its front's rows")
     _add_store_flags(front)
 
     ui = commands.add_parser("ui", help="MLflow's UI opened on a search's front: serves a local store (until Ctrl-C)"
@@ -225,6 +228,10 @@ def _publish(args) -> int:
 
 
 def _serve(args) -> int:
+    from autoprune.ports import check_port_free
+
+    if args.address in (None, "auto", "local"):  # its HTTP proxy binds on this machine: a port in use fails now
+        check_port_free(args.host, args.port, holder="another server (an earlier `autoprune serve`?)")
     from ray import serve
 
     from autoprune.driver.connect import start_ray
@@ -269,8 +276,15 @@ def _front(args) -> int:
     from autoprune.tracking.report import table
     from autoprune.tracking.select import front
 
-    rows = front(experiment=args.experiment, tracking_uri=_tracking_uri(args))
-    print(json.dumps(rows) if args.json else table(rows))
+    search, rows = front(experiment=args.experiment, run_id=args.run, tracking_uri=_tracking_uri(args))
+    if args.json:
+        print(json.dumps({"experiment": search.experiment, "run_id": search.run_id, "front": rows}))
+    elif rows:
+        print(f"The front of search run {search.run_id} (experiment {search.experiment!r}), fastest first:")
+        print(table(rows))
+    else:
+        print(f"Search run {search.run_id} (experiment {search.experiment!r}) has an empty front: no trial beat the"
+              " dense model on latency and accuracy, and nothing was registered.")
     return 0
 
 

@@ -71,7 +71,9 @@ class DataSpec:
     # torchvision's class name (FashionMNIST, CIFAR10, …): its train split calibrates, its test split measures
     dataset: str | None = None
     root: str | None = None  # the folder that torchvision class reads (never downloaded)
-    image_size: int = 224  # ImageFolder images are resized and centre-cropped to this; torchvision images resized
+    # ImageFolder images are resized and centre-cropped to this, torchvision images resized; the reference task's are
+    # 32. Left out: the model's own size (space/load.py's `_image_size` states the rule, as the README does)
+    image_size: int | None = None
     eval_images: int | None = None  # measure accuracy on at most this many (class-balanced) images
 
 

@@ -29,13 +29,40 @@ class ModelSource:
         import timm
 
         if not timm.is_model(self.name):
-            close = timm.list_models(f"*{self.name.split('_')[0]}*")[:8]
-            hint = f" Similar names: {', '.join(close)}." if close else ""
+            hint = _closest_names(self.name, timm.list_models())
+            hint = f" Did you mean {', '.join(hint)}?" if hint else " (`timm.list_models()` lists them.)"
             raise AutopruneError(f"model.name: {self.name!r} is not a timm model.{hint}")
         try:
             return timm.create_model(self.name, pretrained=pretrained, num_classes=self.num_classes, **self.kwargs)
         except TypeError as error:
             raise AutopruneError(f"model.kwargs: timm rejected them for {self.name!r}: {error}") from None
+
+
+def native_image_size(name: str, kwargs: Mapping[str, Any]) -> int | None:
+    """The square image size a timm model is built for, without building it: its `img_size` kwarg, else its default
+    pretrained config's input size (224 for most; 384 for a `…_384`). None for an unknown name or a non-square size."""
+    size = kwargs.get("img_size")
+    if size is None:
+        from timm.models import get_pretrained_cfg
+
+        config = get_pretrained_cfg(name) if isinstance(name, str) else None
+        size = config.input_size[1:] if config is not None and config.input_size else None
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(size) == 2 and size[0] == size[1] else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _closest_names(name: str, known: list[str], n: int = 5) -> list[str]:
+    """The known names nearest to a misspelt one (a letter off, a dash for an underscore, another case), nearest
+    first; then, if fewer, the family's names (sharing the part before the first underscore)."""
+    import difflib
+
+    wanted = name.lower().replace("-", "_")
+    lowered = {candidate.lower(): candidate for candidate in known}
+    close = [lowered[c] for c in difflib.get_close_matches(wanted, list(lowered), n=n, cutoff=0.75)]
+    family = wanted.split("_")[0]
+    close += [c for c in known if c.lower().split("_")[0] == family and c not in close]
+    return close[:n]
 
 
 @dataclass(frozen=True)

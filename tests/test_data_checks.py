@@ -56,13 +56,21 @@ def test_an_imagefolder_that_cannot_work_is_one_line(tmp_path, case, message):
         _check({"source": "imagefolder", "train_dir": str(train), "val_dir": str(val), "image_size": 32})
 
 
-def test_the_image_size_is_checked_against_the_model(tmp_path):
+def test_the_image_size_is_the_models_own_unless_given_and_a_contradiction_is_one_line(tmp_path):
     train, val = _tree(tmp_path / "train", 10), _tree(tmp_path / "val", 10)
     data = {"source": "imagefolder", "train_dir": str(train), "val_dir": str(val)}
-    with pytest.raises(SpecError, match=r"data.image_size: 224 \(the default\), but .* it takes 32×32. Set"
-                                        r" data.image_size: 32"):
-        _check(data)  # the demo's ViT is built for 32×32 images
-    _check({**data, "image_size": 32})  # agrees: nothing to say
+    assert parse_spec({**DEMO, "data": data}).data.image_size == 32  # the demo's ViT: model.kwargs.img_size 32
+    _check(data)  # left out: the model's own size, which it runs at
+    with pytest.raises(SpecError, match=r"data.image_size: 224, but model.kwargs.img_size is 32: the model takes"
+                                        r" 32×32 images"):
+        _check({**data, "image_size": 224})
+    plain = {"name": "vit_tiny_patch16_224", "kwargs": {"depth": 1}}  # built for timm's default, 224×224
+    assert parse_spec({**DEMO, "data": data, "model": {**DEMO["model"], **plain}}).data.image_size == 224
+    with pytest.raises(SpecError, match=r"data.image_size: 32, but vit_tiny_patch16_224 .* does not run on 32×32"
+                                        r" images .* it takes 224×224. Set data.image_size: 224, or"):
+        _check({**data, "image_size": 32}, **plain)  # caught by one forward pass, before anything heavy
+    with pytest.raises(SpecError, match=r"data.image_size: 64, but the reference task's images are 32×32"):
+        parse_spec({**DEMO, "data": {"image_size": 64}})
 
 
 def test_a_torchvision_dataset_that_is_not_one_is_named_with_the_closest(tmp_path):

@@ -150,7 +150,10 @@ def test_cli_best_json_and_no_fit(outcome):
     assert missed.returncode == 1 and "fastest is version" in missed.stderr
     front = _cli("front", "--experiment", "e2e-exp", "--json", "--tracking-uri", outcome.tracking_uri)
     assert front.returncode == 0, front.stderr
-    assert len(json.loads(front.stdout)) == len(outcome.front)
+    shown = json.loads(front.stdout)
+    assert shown["run_id"] == outcome.parent_run_id and len(shown["front"]) == len(outcome.front)
+    newest = _cli("front", "--tracking-uri", outcome.tracking_uri)  # no experiment: the newest finished search
+    assert newest.returncode == 0 and outcome.parent_run_id in newest.stdout, newest.stderr
 
 
 def test_a_registered_model_loads_in_a_fresh_process_with_the_trials_outputs(outcome, tracker, tmp_path):

@@ -116,7 +116,9 @@ def team(tmp_path_factory):
                 started = started if cluster else time.monotonic()
                 driver = head.run("search", head.spec, "--tracking-uri", server.url, "--workdir", head.workdir,
                                   *(("--address", "auto") if cluster else ()),
-                                  env={**_as(*ALICE), "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+                                  # while the server is down its calls are refused at once; while it is up, a
+                                  # busy machine may make one take seconds, which must not end the search
+                                  env={**_as(*ALICE), "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"})
                 said = []
                 for line in driver.stdout:
                     said.append(line)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from autoprune.config import SearchSpec
-from autoprune.data import REFERENCE_IMAGE_SIZE
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.measure.conditions import NodeConditions
 from autoprune.measure.timing import LatencyProfile
@@ -90,8 +89,7 @@ def check_data(spec: SearchSpec, source: ModelSource) -> None:
         if not Path(data.root).is_dir():
             raise SpecError(f"data.root: {data.root!r} is not a directory (the folder {data.dataset} reads; nothing"
                             " is downloaded).")
-    size = REFERENCE_IMAGE_SIZE if data.source == "reference" else data.image_size
-    _check_image_size(source, size, data.source)
+    _check_image_size(source, data.image_size, data.source)
 
 
 def _class_folders(role: str, folder: str) -> list[str]:
@@ -122,8 +120,8 @@ def _check_image_size(source: ModelSource, size: int, data_source: str) -> None:
             model(torch.zeros(1, 3, size, size))
     except Exception as error:  # noqa: BLE001 — any failure at this size is the mismatch to report
         takes = _input_size(model, source)
-        given = ("the reference task's images are 32×32" if data_source == "reference"
-                 else f"data.image_size: {size}" + (" (the default)" if size == 224 else ""))
+        given = (f"the reference task's images are {size}×{size}" if data_source == "reference"
+                 else f"data.image_size: {size}")
         fix = (f" Set data.image_size: {takes[0]}, or" if takes and data_source != "reference" else " Set")
         raise SpecError(f"{given}, but {source.name} (model.kwargs {dict(source.kwargs)}) does not run on"
                         f" {size}×{size} images ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
@@ -152,7 +150,7 @@ def check_methods(spec: SearchSpec, source: ModelSource, say: Callable[[str], No
     methods = [method for method in spec.prune.methods if method != "none"]  # the dense reference removes nothing
     if not methods:
         return spec
-    size = REFERENCE_IMAGE_SIZE if spec.data.source == "reference" else spec.data.image_size
+    size = spec.data.image_size
     result = check_model(source, input_size=(3, size, size), methods=methods, sparsities=(spec.prune.sparsity.high,))
     unusable = {check.method: check for check in result.checks if check.outcome != WORKS}
     if not unusable:

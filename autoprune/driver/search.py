@@ -36,7 +36,13 @@ from autoprune.space.define import SearchSpace
 from autoprune.space.load import load_spec, validate
 from autoprune.tracking.final import apply_final, save_final
 from autoprune.tracking.publish import Published, experiment_path, publish_search, records_from_storage
-from autoprune.tracking.store import DEFAULT_WORKDIR, Tracker, is_tracking_server, resolve_tracking_uri
+from autoprune.tracking.store import (
+    DEFAULT_WORKDIR,
+    Tracker,
+    check_answers,
+    is_tracking_server,
+    resolve_tracking_uri,
+)
 from autoprune.tracking.ui import ui_hint
 
 
@@ -65,6 +71,7 @@ def search(
     say = echo or (lambda line: None)
     spec = load_spec(spec) if not isinstance(spec, SearchSpec) else spec
     spec = validate(_with_overrides(spec, trials, storage))  # a spec built in Python, and the overrides, too
+    check_answers(resolve_tracking_uri(tracking_uri, spec.mlflow.tracking_uri, workdir))  # seconds, not MLflow's minutes
     source = model_source(spec.model)
     check_data(spec, source)  # files, classes, image size: before the pre-flight prunes anything
     spec = check_methods(spec, source, say, drop_unusable=drop_unusable_methods)

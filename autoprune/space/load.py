@@ -115,6 +115,7 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
     name = root.take("name", str, check=non_empty)
     model = _model(root.section("model", required=True))
     data = _data(root.section("data"))
+    data = dataclasses.replace(data, image_size=_image_size(data, model, origin))
     objectives = root.take("objectives", dict, {"accuracy": "max", "latency_ms": "min"})
     checks.objectives(objectives, origin)
     target = root.take("latency_target_ms", float, None, check=positive)
@@ -174,7 +175,7 @@ def _data(section: Section) -> DataSpec:
         val_dir=section.take("val_dir", str, None),
         dataset=section.take("dataset", str, None),
         root=section.take("root", str, None),
-        image_size=section.take("image_size", int, 224, check=positive),
+        image_size=section.take("image_size", int, None, check=positive),
         eval_images=section.take("eval_images", int, None, check=positive),
     )
     section.done()
@@ -184,6 +185,30 @@ def _data(section: Section) -> DataSpec:
         raise SpecError(f"{section.origin}: data: `source: torchvision` needs `dataset` (a torchvision class name such"
                         " as FashionMNIST) and `root` (the folder that holds it; nothing is downloaded).")
     return spec
+
+
+def _image_size(data: DataSpec, model: ModelSpec, origin: str) -> int:
+    """The side of the square images the model sees. The reference task's are 32×32. Otherwise `data.image_size`
+    when given, else the model's own size (`model.kwargs.img_size`, else timm's default config for the model: 224
+    for most models, 384 for a `…_384` one). A size given that the model's `img_size` contradicts is an error; one
+    the model cannot run at is caught by the pre-flight's forward pass."""
+    from autoprune.data import REFERENCE_IMAGE_SIZE
+    from autoprune.models import native_image_size
+
+    if data.source == "reference":
+        if data.image_size not in (None, REFERENCE_IMAGE_SIZE):
+            raise SpecError(f"{origin}: data.image_size: {data.image_size}, but the reference task's images are"
+                            f" {REFERENCE_IMAGE_SIZE}×{REFERENCE_IMAGE_SIZE}; leave image_size out.")
+        return REFERENCE_IMAGE_SIZE
+    built_for = native_image_size(model.name, model.kwargs)
+    if data.image_size is None:
+        return built_for or 224
+    fixed = model.kwargs.get("img_size")
+    if fixed is not None and built_for is not None and built_for != data.image_size:
+        raise SpecError(f"{origin}: data.image_size: {data.image_size}, but model.kwargs.img_size is {fixed!r}: the"
+                        f" model takes {built_for}×{built_for} images. Make them agree, or leave data.image_size out"
+                        " (it is then the model's).")
+    return data.image_size
 
 
 def _profile(section: Section) -> ProfileSpec:

@@ -18,6 +18,7 @@ from autoprune.tracking.schema import (
     run_row,
 )
 from autoprune.tracking.store import Tracker, client
+from autoprune.tracking.ui import SearchView, find_search
 
 SEARCHES_READ = 50  # the newest finished searches whose specs are read to tell why a registered model has no versions
 NAMES_LISTED = 20  # registered models named in the error for a name that is not there
@@ -229,23 +230,16 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None, recipe: bool 
     return load_model_dir(local, recipe=recipe, device=device)
 
 
-def front(*, experiment: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """The Pareto-optimal trials of the latest finished search in `experiment`, fastest first."""
+def front(*, experiment: str | None = None, run_id: str | None = None,
+          tracking_uri: str | None = None) -> tuple[SearchView, list[dict[str, Any]]]:
+    """The search (`run_id`, else the newest finished one, in `experiment` if given) and its Pareto-optimal trials,
+    fastest first (none when no trial beat the dense model)."""
+    search = find_search(tracking_uri, experiment=experiment, run_id=run_id, with_view=False)
     mlflow = client(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        raise AutopruneError(f"no MLflow experiment named {experiment!r} at {tracking_uri!r}.")
-    searches = mlflow.search_runs(
-        [found.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_SEARCH}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    if not searches:
-        raise AutopruneError(f"experiment {experiment!r} has no finished search yet.")
-    parent = searches[0].info.run_id
     children = mlflow.search_runs(
-        [found.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{PARETO_TAG}` = 'true'",
+        [mlflow.get_experiment_by_name(search.experiment).experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{search.run_id}' and tags.`{PARETO_TAG}` = 'true'",
         max_results=10000,
     )
     rows = [run_row(run) for run in children]
-    return sorted(rows, key=lambda row: row["latency_ms"])
+    return search, sorted(rows, key=lambda row: row["latency_ms"])

@@ -76,9 +76,43 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+SERVER_ANSWER_S = 10.0  # a tracking server answers in milliseconds (seconds when busy); MLflow retries ~4 min
+_answered: set[str] = set()  # tracking servers that answered this process (checked once: a later outage is retried)
+
+
+def check_answers(tracking_uri: str) -> None:
+    """A tracking server that does not answer, or is not MLflow, is one line within seconds, not MLflow's retries
+    (minutes of silence, then a long error). Its REST API is asked for the Default experiment: an MLflow server
+    answers with JSON (or 401/403 where it authenticates, which the real calls report with their own message); a
+    refused connection, an unknown host, silence or another server's page is the error. Stores the client writes
+    itself are not checked."""
+    if not is_tracking_server(tracking_uri) or tracking_uri in _answered:
+        return
+    import urllib.error
+    import urllib.request
+
+    url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+    fix = "start it, or check --tracking-uri / $MLFLOW_TRACKING_URI / the spec's mlflow.tracking_uri"
+    try:
+        urllib.request.urlopen(url, timeout=SERVER_ANSWER_S).close()
+    except urllib.error.HTTPError as error:  # it answered: with MLflow's JSON error, or as something else
+        body = error.read(2000).decode(errors="replace")
+        if error.code not in (401, 403) and '"error_code"' not in body:
+            raise AutopruneError(f"{tracking_uri!r} answers, but not as an MLflow tracking server (HTTP {error.code}"
+                                 f" for its REST API): {fix}") from None
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        why = (f"no answer within {SERVER_ANSWER_S:g} s" if isinstance(reason, TimeoutError) or "timed out" in str(reason)
+               else getattr(reason, "strerror", None) or str(reason))
+        raise AutopruneError(f"the MLflow tracking server at {tracking_uri!r} does not answer ({why}): {fix}") from None
+    _answered.add(tracking_uri)
+
+
 def client(tracking_uri: str | None):
-    """An MLflow client for runs and the registry at `tracking_uri` (None: MLflow's own default)."""
+    """An MLflow client for runs and the registry at `tracking_uri` (None: MLflow's own default), whose server, if it
+    is one, answered."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    check_answers(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from autoprune.errors import AutopruneError
+from autoprune.ports import check_port_free
 from autoprune.tracking import view
 from autoprune.tracking.schema import ROLE_SEARCH, ROLE_TAG, VIEW_TAG_PREFIX
 from autoprune.tracking.store import client, is_tracking_server, local_artifacts, sqlite_file
@@ -46,9 +46,11 @@ class SearchView:
     path: str  # its front's address below the UI's root
 
 
-def find_search(tracking_uri: str, *, experiment: str | None = None, run_id: str | None = None) -> SearchView:
-    """The search to show: `run_id`, else the newest finished search (in `experiment`, if given) whose front
-    has a view (published by this version of autoprune or later: `autoprune publish RUN` adds one)."""
+def find_search(tracking_uri: str, *, experiment: str | None = None, run_id: str | None = None,
+                with_view: bool = True) -> SearchView:
+    """The search to show: `run_id`, else the newest finished search (in `experiment`, if given) — with
+    `with_view`, the newest whose front has a view in the UI (published by this version of autoprune or later:
+    `autoprune publish RUN` adds one)."""
     database = sqlite_file(tracking_uri)
     if database is not None and not database.exists():
         raise AutopruneError(f"no MLflow store at {tracking_uri!r}: run a search first (`autoprune demo`), or pass"
@@ -80,9 +82,11 @@ def find_search(tracking_uri: str, *, experiment: str | None = None, run_id: str
                              f" {str(error)[:200]})") from None
     for run in runs:
         found = mlflow.get_experiment(run.info.experiment_id)
-        if VIEW_TAG_PREFIX + run.info.run_id in found.tags:
+        if not with_view or VIEW_TAG_PREFIX + run.info.run_id in found.tags:
             return SearchView(found.name, run.info.run_id, view.front_path(found.experiment_id, run.info.run_id))
     where = f"run {run_id!r}" if run_id else f"experiment {experiment!r}" if experiment else tracking_uri
+    if not with_view:
+        raise AutopruneError(f"{where}: no finished search yet (`autoprune search SPEC` runs one)")
     raise AutopruneError(f"{where}: no finished search with a front view (a search published by an older autoprune"
                          " gets one from `autoprune publish RUN`)")
 
@@ -91,7 +95,7 @@ def serve_ui(tracking_uri: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT
              ready: Callable[[str], None], timeout_s: float = 120) -> int:
     """Run MLflow's server on the local store `tracking_uri` until it stops (Ctrl-C, SIGTERM, the terminal closed);
     `ready(base_url)` once it answers. Returns the server's exit status."""
-    _check_free(host, port)  # else the address printed could be another server's
+    check_port_free(host, port, holder="another server (an MLflow UI?)")  # else the address printed could be another server's
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri, "--host", host,
                "--port", str(port), "--workers", "1",  # one person's browser: one worker
                "--uvicorn-opts=--no-access-log"]  # a line per request would bury the address
@@ -127,15 +131,6 @@ def serve_ui(tracking_uri: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _check_free(host: str, port: int) -> None:
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            raise AutopruneError(f"cannot serve on {host}:{port} ({error.strerror}): another server (an MLflow UI?)"
-                                 " may hold it; pass --port") from None
 
 
 def _interrupt(signum, frame) -> None:
