@@ -15,6 +15,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from autoprune.argtypes import fraction, port, positive_float, positive_int
 from autoprune.errors import AutopruneError
 from autoprune.tracking.store import DEFAULT_WORKDIR
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("search", help="run a pruning search from a YAML spec")
     run.add_argument("spec", help="path to a spec YAML (see search_spaces/)")
     run.add_argument("--address", help="Ray cluster: auto or ray://HOST:10001 (default: a local Ray)")
-    run.add_argument("--trials", type=int, help="override search.trials")
+    run.add_argument("--trials", type=positive_int, help="override search.trials")
     run.add_argument("--storage", help="override search.storage: where trials write checkpoints, reachable from every"
                                        " node (a shared path, s3://bucket/prefix, gs://…; default: <workdir>/ray)")
     run.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     retarget.add_argument("run", help="the search's run id (printed when it started)")
     retarget.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="time on a CPU worker or on a GPU"
                                                                                    " worker (default: cpu)")
-    retarget.add_argument("--cpus", type=int, default=1, help="CPUs (threads) of the timing worker (default: 1)")
+    retarget.add_argument("--cpus", type=positive_int, default=1, help="CPUs (threads) of the timing worker (default: 1)")
     retarget.add_argument("--accelerator-type", help="time on a GPU of this Ray accelerator type (e.g. L4, A10G)")
     retarget.add_argument("--address", help="Ray cluster to time on (default: a local Ray)")
     retarget.add_argument("--storage", help="the search's storage, if not the spec's search.storage or <workdir>/ray")
@@ -73,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     best = commands.add_parser("best", help="the most accurate registered model within a latency target")
     best.add_argument("--model", required=True, help="registered model name")
-    best.add_argument("--max-latency-ms", type=float, required=True, help="latency target (median, ms)")
+    best.add_argument("--max-latency-ms", type=positive_float, required=True, help="latency target (median, ms)")
     best.add_argument("--device", help="only versions measured on this device (as tagged, e.g. 'NVIDIA H100 80GB HBM3')")
-    best.add_argument("--batch-size", type=int, help="only versions measured at this batch size")
+    best.add_argument("--batch-size", type=positive_int, help="only versions measured at this batch size")
     best.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="only versions measured in this dtype")
     best.add_argument("--json", action="store_true", help="print one JSON object")
     _add_store_flags(best)
@@ -83,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     serving = commands.add_parser("serve", help="serve the best registered model within a latency target over HTTP"
                                                 " (Ray Serve)")
     serving.add_argument("--model", required=True, help="registered model name")
-    serving.add_argument("--max-latency-ms", type=float, required=True, help="latency target (median, ms)")
+    serving.add_argument("--max-latency-ms", type=positive_float, required=True, help="latency target (median, ms)")
     serving.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: loopback only)")
-    serving.add_argument("--port", type=int, default=8000)
+    serving.add_argument("--port", type=port, default=8000)
     serving.add_argument("--device", help="run it on cuda or cpu (default: the kind of device it was measured on)")
     serving.add_argument("--measured-on", help="only versions measured on this device (as `best --device`)")
-    serving.add_argument("--batch-size", type=int, help="only versions measured at this batch size")
+    serving.add_argument("--batch-size", type=positive_int, help="only versions measured at this batch size")
     serving.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="only versions measured in this dtype")
     serving.add_argument("--address", help="Ray cluster to run on (default: a local Ray)")
     _add_store_flags(serving)
@@ -107,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--experiment", help="the newest finished search of this experiment (default: of any)")
     which.add_argument("--run", help="the search with this run id")
     ui.add_argument("--host", default="127.0.0.1", help="interface to serve a local store on (default: loopback only)")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=port, default=5000)
     _add_store_flags(ui)
 
     demo = commands.add_parser("demo", help="the embedded default: a small search that runs on a laptop")
-    demo.add_argument("--trials", type=int, help="override the demo's 12 trials")
+    demo.add_argument("--trials", type=positive_int, help="override the demo's 12 trials")
     _add_store_flags(demo)
 
     commands.add_parser("methods", help="list the registered pruning and healing methods")
@@ -119,12 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="what each pruning method does to a timm model (random weights, CPU,"
                                               " seconds): works, removes nothing, refuses or fails, and why")
     check.add_argument("model", help="timm model name")
-    check.add_argument("--num-classes", type=int, default=1000)
+    check.add_argument("--num-classes", type=positive_int, default=1000)
     check.add_argument("--kwargs", default="{}", help="timm.create_model arguments as JSON, e.g. '{\"img_size\": 64}'")
-    check.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+    check.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
                        help="input size (default: the model's own)")
     check.add_argument("--methods", nargs="+", help="pruning methods to check (default: all registered)")
-    check.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5],
+    check.add_argument("--sparsities", type=fraction, nargs="+", default=[0.3, 0.5],
                        help="what a method that takes a sparsity is asked for (default: 0.3 0.5)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("pruning", "every pruning method at matched sparsity with the same healing")):
         table = tables.add_parser(name, help=text)
         table.add_argument("--json", dest="json_path", help="also write every measurement as JSON rows here")
-        table.add_argument("--seeds", type=int, default=3)
+        table.add_argument("--seeds", type=positive_int, default=3)
         table.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=["vit", "vit_narrow", "cnn"],
                            help="which benchmark models (default: vit cnn)")
         if name == "healing":

@@ -34,8 +34,11 @@ class ModelSource:
             raise AutopruneError(f"model.name: {self.name!r} is not a timm model.{hint}")
         try:
             return timm.create_model(self.name, pretrained=pretrained, num_classes=self.num_classes, **self.kwargs)
-        except TypeError as error:
-            raise AutopruneError(f"model.kwargs: timm rejected them for {self.name!r}: {error}") from None
+        except Exception as error:  # noqa: BLE001 — timm's constructors reject values with any exception
+            weights = " with its pretrained weights (they need the hub, or timm's local cache)" if pretrained else ""
+            raise AutopruneError(f"{'model.kwargs' if self.kwargs else 'model.name'}: timm cannot build"
+                                 f" {self.name!r}{weights} from num_classes {self.num_classes} and kwargs"
+                                 f" {dict(self.kwargs)} ({type(error).__name__}: {_first_line(error)})") from None
 
 
 def native_image_size(name: str, kwargs: Mapping[str, Any]) -> int | None:
@@ -80,7 +83,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a local file: safetensors, or a torch file read with `weights_only=True` (no code runs)."""
     path = Path(path)
     if not path.is_file():
-        raise AutopruneError(f"model.checkpoint: {str(path)!r} does not exist; give a .safetensors or .pt file.")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise AutopruneError(f"model.checkpoint: {str(path)!r} {what}; give a .safetensors or .pt file.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -89,7 +93,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt or foreign files fail in many ways; the user's fix is the same
         raise AutopruneError(
-            f"model.checkpoint: cannot read {str(path)!r} ({type(error).__name__}: {error});"
+            f"model.checkpoint: cannot read {str(path)!r} ({type(error).__name__}: {_first_line(error)});"
             " it must be a safetensors file or a torch state dict saved with torch.save."
         ) from None
     for wrapper in ("state_dict", "model", "model_state_dict"):  # common training-script layouts
@@ -100,13 +104,24 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _first_line(error: Exception) -> str:
+    """An exception's first line: torch's and timm's go on for paragraphs, and an error here is one line."""
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
 def load_dense(
     source: ModelSource, *, pretrained: bool = False, checkpoint: str | Path | None = None
 ) -> nn.Module:
     """The dense model: timm's pretrained weights, a local checkpoint file, or random init (then train it)."""
     model = source.create(pretrained=pretrained)
     if checkpoint is not None:
-        missing, unexpected = model.load_state_dict(load_weights(checkpoint), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(load_weights(checkpoint), strict=False)
+        except RuntimeError as error:  # tensors of other shapes: another variant, or another num_classes
+            shapes = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+            raise AutopruneError(f"model.checkpoint: {str(checkpoint)!r} does not fit {source.name!r} with"
+                                 f" num_classes {source.num_classes} and model.kwargs {dict(source.kwargs)}"
+                                 f" ({'; '.join(shapes[:2]) or str(error).splitlines()[0]})") from None
         if missing or unexpected:
             raise AutopruneError(
                 f"model.checkpoint: {str(checkpoint)!r} does not fit {source.name!r}"

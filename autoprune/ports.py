@@ -10,8 +10,6 @@ from autoprune.errors import AutopruneError
 
 def check_port_free(host: str, port: int, *, holder: str) -> None:
     """Raise a one-line error when `host:port` cannot be bound; `holder` guesses who holds it."""
-    if not 0 < port < 65536:
-        raise AutopruneError(f"--port: {port} is not a TCP port (1–65535)")
     with socket.socket() as probe:
         try:
             probe.bind((host, port))

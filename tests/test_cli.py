@@ -35,10 +35,11 @@ def test_a_broken_spec_fails_fast_naming_the_key(tmp_path):
     assert time.perf_counter() - started < 60
 
 
-def test_best_on_an_empty_store_says_what_to_do(tmp_path, capsys):
+def test_best_without_a_store_says_what_to_do_and_creates_none(tmp_path, capsys):
     code = main(["best", "--model", "nothing", "--max-latency-ms", "1", "--workdir", str(tmp_path)])
     assert code == 1
-    assert "run `autoprune search` first" in capsys.readouterr().err
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # MLflow would have created an empty store there
 
 
 def test_retarget_of_an_unknown_run_is_a_one_line_error(tmp_path, capsys):
@@ -55,17 +56,21 @@ def test_methods_lists_the_registries(capsys):
 
 @pytest.mark.faults
 def test_an_unreachable_tracking_server_stops_the_search_before_anything_runs(tmp_path):
+    """With MLflow's own retries (minutes of silence before its error): autoprune asks first, and says it in a line."""
     from autoprune.testing.loopback import free_port
 
     demo = os.path.join(os.path.dirname(__file__), "..", "search_spaces", "demo.yaml")
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", demo, "--workdir", str(tmp_path),
                            "--tracking-uri", url], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_DISABLE_TELEMETRY": "true"})
+                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert done.returncode == 1
-    assert f"MLflow at '{url}' is not usable" in done.stderr and "start the server" in done.stderr
-    assert "Traceback" not in done.stderr
-    assert not (tmp_path / "ray").exists() and not (tmp_path / "cache").exists()  # no Ray run, no training
+    assert done.stderr.strip().splitlines() == [f"autoprune: error: the MLflow tracking server at '{url}' does not"
+                                                 " answer (Connection refused): start it, or check --tracking-uri /"
+                                                 " $MLFLOW_TRACKING_URI / the spec's mlflow.tracking_uri"]
+    assert not list(tmp_path.iterdir())  # no store, no Ray run, no training
+    assert time.perf_counter() - started < 60  # (about 10 s here, most of it Python's imports; MLflow alone: 263 s)
 
 
 def test_an_address_where_nothing_listens_is_a_one_line_error_at_once():

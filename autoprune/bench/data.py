@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from autoprune.argtypes import positive_int
+
 CLASSES = 10
 
 
@@ -187,9 +189,9 @@ def markdown(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=10_000, help="training images (default 10000)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--trials", type=int, default=4, help="trials at once (default 4)")
+    parser.add_argument("--images", type=positive_int, default=10_000, help="training images (default 10000)")
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--trials", type=positive_int, default=4, help="trials at once (default 4)")
     parser.add_argument("--workdir", help="where the images and the searches go (default: a temporary folder)")
     parser.add_argument("--json", dest="json_path", help="also write the measurements as JSON here")
 

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from autoprune.argtypes import positive_int
 from autoprune.bench import cluster as bench_cluster
 
 SPEC = {
@@ -174,7 +175,7 @@ def text(report: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trials", type=int, default=20, help="trials in the search (default 20)")
+    parser.add_argument("--trials", type=positive_int, default=20, help="trials in the search (default 20)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the report here")
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autoprune.argtypes import positive_int
 from autoprune.measure.formats import DENSE, SEMI_STRUCTURED, TORCH_DTYPES, semi_structured_layers
 from autoprune.measure.metrics import count_macs
 from autoprune.measure.timing import profile_latency
@@ -255,14 +256,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: bfloat16 on a GPU, float32 on a CPU")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 64 on a GPU, 8 on a CPU")
-    parser.add_argument("--round-to", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 64 on a GPU, 8 on a CPU")
+    parser.add_argument("--round-to", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=30)
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last", "auto"],
                         help="auto: CNNs are timed both ways and the faster is kept (dense and pruned alike)")
     parser.add_argument("--compile", action="store_true", help="time torch.compile(model)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=positive_int, default=3,
                         help="dense and pruned timed alternately this many times (median of the rounds)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write every row here")
 

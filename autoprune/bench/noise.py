@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from autoprune.argtypes import non_negative_int, positive_int
+
 SPARSITIES = (0.25, 0.5, 0.75)
 DEMO_VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2,
                                      "global_pool": "avg", "class_token": False}, 32)
@@ -221,11 +223,11 @@ def markdown(found: dict, searches: dict | None) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--busy", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+    parser.add_argument("--busy", type=non_negative_int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="CPU-bound processes beside the loaded measurements (default: one per two cores)")
-    parser.add_argument("--searches", type=int, default=0,
+    parser.add_argument("--searches", type=non_negative_int, default=0,
                         help="also run the demo search this many times quiet, and once loaded (default: 0)")
-    parser.add_argument("--trials", type=int, default=None, help="override the demo's 12 trials")
+    parser.add_argument("--trials", type=positive_int, default=None, help="override the demo's 12 trials")
     parser.add_argument("--json", dest="json_path", default=None, help="write every measurement here")
     parser.add_argument("--workdir", default=None, help="where the searches run (default: a scratch folder)")
 

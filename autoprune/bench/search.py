@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from autoprune.argtypes import non_negative_int, positive_int
 from autoprune.bench import FASHION_HOWTO, demo_spec, fashion_mnist_data, fashion_mnist_present
 from autoprune.pareto import hypervolume_2d
 
@@ -244,12 +245,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS),
                         help=f"default: {' '.join(DEFAULT_ARMS)}; SAMPLER{HALVING} heals in rungs")
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=TRIALS, help=f"each arm's budget (default {TRIALS})")
-    parser.add_argument("--random-trials", type=int, default=RANDOM_TRIALS,
+    parser.add_argument("--seeds", type=positive_int, default=5)
+    parser.add_argument("--trials", type=positive_int, default=TRIALS, help=f"each arm's budget (default {TRIALS})")
+    parser.add_argument("--random-trials", type=non_negative_int, default=RANDOM_TRIALS,
                         help=f"random search's longer run (default {RANDOM_TRIALS})")
     parser.add_argument("--workdir", help="where the searches keep their stores (default: a temporary folder)")
-    parser.add_argument("--busy", type=int, default=0,
+    parser.add_argument("--busy", type=non_negative_int, default=0,
                         help="run every search beside this many CPU-bound processes (a shared node; default 0)")
 
 

@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from autoprune.argtypes import positive_int
 from autoprune.bench import demo_spec
 
 CNN_SPEC = {
@@ -142,7 +143,7 @@ def verdict(rows: list[dict]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", help="also write every row as JSON here")
-    parser.add_argument("--trials", type=int, help="override each search's trials (demo: 12, resnet: 8)")
+    parser.add_argument("--trials", type=positive_int, help="override each search's trials (demo: 12, resnet: 8)")
     parser.add_argument("--workdir", help="where the searches keep their stores (default: a temporary folder)")
 
 
@@ -165,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     timing = commands.add_parser("measure", help="(internal) time one registered model in this process")
     timing.add_argument("model_uri")
     timing.add_argument("--tracking-uri", required=True)
-    timing.add_argument("--batch-size", type=int, required=True)
-    timing.add_argument("--input-size", type=int, nargs=3, required=True)
-    timing.add_argument("--threads", type=int, required=True)
-    timing.add_argument("--repeats", type=int, default=50)
+    timing.add_argument("--batch-size", type=positive_int, required=True)
+    timing.add_argument("--input-size", type=positive_int, nargs=3, required=True)
+    timing.add_argument("--threads", type=positive_int, required=True)
+    timing.add_argument("--repeats", type=positive_int, default=50)
     timing.add_argument("--no-recipe", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -28,8 +28,7 @@ def start_ray(address: str | None, *, logging_level: int = logging.WARNING):
 
     # An address given is checked even when this process already runs a Ray: an address where nothing (or no Ray)
     # answers is the user's mistake to hear about, whatever ran before in the same process.
-    if address and address not in ("auto", "local") and not address.startswith("ray://"):
-        _check_answers(address)
+    check_address(address)
     if ray.is_initialized():
         return ray
     try:
@@ -42,9 +41,12 @@ def start_ray(address: str | None, *, logging_level: int = logging.WARNING):
     return ray
 
 
-def _check_answers(address: str) -> None:
+def check_address(address: str | None) -> None:
     """Fail in a second, not after Ray's retries (20 s and more, a warning a second): nothing listens at `address`,
-    or its GCS refuses this client for want of the cluster's token."""
+    or its GCS refuses this client for want of the cluster's token. (A local Ray, "auto" and ray:// are left to
+    ray.init.)"""
+    if not address or address in ("auto", "local") or address.startswith("ray://"):
+        return
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         return  # not HOST:PORT; ray.init says what it makes of it

@@ -13,7 +13,7 @@ from autoprune.config import SearchSpec
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.measure.conditions import NodeConditions
 from autoprune.measure.timing import LatencyProfile
-from autoprune.models import ModelSource
+from autoprune.models import ModelSource, load_dense
 from autoprune.train.deepspeed import trial_bundles
 
 
@@ -89,7 +89,9 @@ def check_data(spec: SearchSpec, source: ModelSource) -> None:
         if not Path(data.root).is_dir():
             raise SpecError(f"data.root: {data.root!r} is not a directory (the folder {data.dataset} reads; nothing"
                             " is downloaded).")
-    _check_image_size(source, data.image_size, data.source)
+    # the checkpoint read and fitted now (a second for most), not on the driver after Ray started
+    model = load_dense(source, checkpoint=spec.model.checkpoint) if spec.model.checkpoint else source.create()
+    _check_image_size(model, source, data.image_size, data.source)
 
 
 def _class_folders(role: str, folder: str) -> list[str]:
@@ -109,12 +111,12 @@ def _class_folders(role: str, folder: str) -> list[str]:
     return classes
 
 
-def _check_image_size(source: ModelSource, size: int, data_source: str) -> None:
-    """One forward pass of the model (random weights, batch 1) at the data's image size: a model built for another
-    size (a ViT's fixed patch grid) is a spec error here, not a traceback from the pre-flight."""
+def _check_image_size(model, source: ModelSource, size: int, data_source: str) -> None:
+    """One forward pass of the model (batch 1) at the data's image size: a model built for another size (a ViT's
+    fixed patch grid) is a spec error here, not a traceback from the pre-flight."""
     import torch
 
-    model = source.create(pretrained=False).eval()
+    model.eval()
     try:
         with torch.inference_mode():
             model(torch.zeros(1, 3, size, size))

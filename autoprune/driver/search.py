@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from autoprune import prune
 from autoprune.config import SearchSpec
-from autoprune.driver.connect import start_ray
+from autoprune.driver.connect import check_address, start_ray
 from autoprune.driver.outcome import SearchOutcome, summary_text, time_accounting
 from autoprune.driver.preflight import check_cluster, check_data, check_methods, warn_if_busy
 from autoprune.driver.prepare import model_source, shared_context
@@ -71,7 +71,12 @@ def search(
     say = echo or (lambda line: None)
     spec = load_spec(spec) if not isinstance(spec, SearchSpec) else spec
     spec = validate(_with_overrides(spec, trials, storage))  # a spec built in Python, and the overrides, too
-    check_answers(resolve_tracking_uri(tracking_uri, spec.mlflow.tracking_uri, workdir))  # seconds, not MLflow's minutes
+    if resume and warm_start_from:
+        raise AutopruneError("--resume continues a search with its own history; --warm-start begins a new one from"
+                             " another's: give one of them")
+    # the cheap checks first, each a line in seconds: the servers it needs answer, the data and weights fit the model
+    check_answers(resolve_tracking_uri(tracking_uri, spec.mlflow.tracking_uri, workdir))
+    check_address(address)
     source = model_source(spec.model)
     check_data(spec, source)  # files, classes, image size: before the pre-flight prunes anything
     spec = check_methods(spec, source, say, drop_unusable=drop_unusable_methods)
@@ -79,9 +84,6 @@ def search(
     workdir.mkdir(parents=True, exist_ok=True)
     tracker = _tracker(spec, tracking_uri, workdir)
     storage = spec.search.storage or str(workdir / "ray")
-    if resume and warm_start_from:
-        raise AutopruneError("--resume continues a search with its own history; --warm-start begins a new one from"
-                             " another's: give one of them")
     resumed = resumable_parent(tracker, spec, resume, storage) if resume else None
     earlier_run = (earlier_search(warm_start_from, tracker=tracker, storage=storage,
                                   downloads=workdir / "checkpoints" / warm_start_from) if warm_start_from else None)

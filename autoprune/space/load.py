@@ -69,8 +69,12 @@ def load_spec(path: str | Path) -> SearchSpec:
         raise SpecError(f"spec file {str(path)!r} is not text (not UTF-8): a spec is a YAML file.") from None
     except OSError as error:
         raise SpecError(f"spec file {str(path)!r} cannot be read: {error.strerror or error}.") from None
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    except yaml.YAMLError as error:  # its message spans lines (a caret under the spot): said in one
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        context = getattr(error, "context", None)
+        raise SpecError(f"{path}: not valid YAML{where}: {problem}" + (f" ({context})" if context else "")) from None
     return parse_spec(raw, origin=str(path))
 
 

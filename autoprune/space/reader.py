@@ -4,6 +4,7 @@ dotted path, the value and what is allowed."""
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import re
@@ -31,17 +32,24 @@ class Section:
     def fail(self, key: str, message: str) -> SpecError:
         return SpecError(f"{self.origin}: {self.key(key)}: {message}")
 
+    def missing(self, key: str) -> SpecError:
+        """A required key is absent: the error names a key given in its place by a slip (`names:` for `name:`)."""
+        given = [other for other in self.raw if isinstance(other, str)]
+        slips = difflib.get_close_matches(key, given, n=1, cutoff=0.6)
+        return self.fail(key, "is required" + (f"; `{self.key(slips[0])}` is given instead: a misspelling of it?"
+                                               if slips else "."))
+
     def section(self, key: str, *, required: bool = False) -> "Section":
         self.taken.add(key)
         if required and key not in self.raw:
-            raise self.fail(key, "is required.")
+            raise self.missing(key)
         return Section(self.raw.get(key), self.key(key), self.origin)
 
     def take(self, key: str, kind: type, default: Any = _REQUIRED, *, choices: Sequence | None = None, check=None):
         self.taken.add(key)
         if key not in self.raw or (self.raw[key] is None and default is not _REQUIRED):
             if default is _REQUIRED:
-                raise self.fail(key, "is required.")
+                raise self.missing(key)
             return default
         value = coerce(self.raw[key], kind)
         if value is None:
@@ -130,8 +138,10 @@ class Section:
     def done(self) -> None:
         unknown = sorted(set(self.raw) - self.taken, key=str)
         if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), sorted(self.taken), n=1, cutoff=0.6)
             raise self.fail(
-                str(unknown[0]), f"unknown key; valid keys here: {', '.join(sorted(self.taken))}."
+                str(unknown[0]), "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; valid keys here: {', '.join(sorted(self.taken))}."
             )
 
 

@@ -108,11 +108,17 @@ def check_answers(tracking_uri: str) -> None:
     _answered.add(tracking_uri)
 
 
-def client(tracking_uri: str | None):
+def client(tracking_uri: str | None, *, create: bool = False):
     """An MLflow client for runs and the registry at `tracking_uri` (None: MLflow's own default), whose server, if it
-    is one, answered."""
+    is one, answered. A local sqlite store that does not exist is an error unless `create` (MLflow would create an
+    empty one wherever the path points, and a command that only reads would then say it found nothing there)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    check_answers(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    database = sqlite_file(uri)
+    if database is not None and not create and not database.exists():
+        raise AutopruneError(f"no MLflow store at {uri!r}: run a search first (`autoprune search SPEC`, or"
+                             " `autoprune demo`), or pass the --workdir or --tracking-uri it used")
+    check_answers(uri)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -129,7 +135,7 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | None = None) -> None:
         self.tracking_uri = tracking_uri
-        self.client = client(tracking_uri)
+        self.client = client(tracking_uri, create=True)
         if artifact_location is None:
             artifact_location = local_artifacts(tracking_uri)
         try:

@@ -21,7 +21,7 @@ from autoprune.errors import AutopruneError
 from autoprune.ports import check_port_free
 from autoprune.tracking import view
 from autoprune.tracking.schema import ROLE_SEARCH, ROLE_TAG, VIEW_TAG_PREFIX
-from autoprune.tracking.store import client, is_tracking_server, local_artifacts, sqlite_file
+from autoprune.tracking.store import client, is_tracking_server, local_artifacts
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5000
 
@@ -51,11 +51,7 @@ def find_search(tracking_uri: str, *, experiment: str | None = None, run_id: str
     """The search to show: `run_id`, else the newest finished search (in `experiment`, if given) — with
     `with_view`, the newest whose front has a view in the UI (published by this version of autoprune or later:
     `autoprune publish RUN` adds one)."""
-    database = sqlite_file(tracking_uri)
-    if database is not None and not database.exists():
-        raise AutopruneError(f"no MLflow store at {tracking_uri!r}: run a search first (`autoprune demo`), or pass"
-                             " the --workdir or --tracking-uri it used")
-    mlflow = client(tracking_uri)
+    mlflow = client(tracking_uri)  # (a local store that does not exist is an error there)
     try:
         if run_id is not None:
             try:
