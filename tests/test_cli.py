@@ -42,10 +42,15 @@ def test_best_without_a_store_says_what_to_do_and_creates_none(tmp_path, capsys)
     assert not list(tmp_path.iterdir())  # MLflow would have created an empty store there
 
 
-def test_retarget_of_an_unknown_run_is_a_one_line_error(tmp_path, capsys):
-    assert main(["retarget", "nope", "--workdir", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert "no MLflow run 'nope'" in err and "Traceback" not in err
+def test_retarget_and_publish_of_an_unknown_run_are_one_line_errors(tmp_path, capsys):
+    from autoprune.tracking.store import Tracker, resolve_tracking_uri
+
+    Tracker(resolve_tracking_uri(None, None, tmp_path), "some-experiment")  # a store, without that run
+    capsys.readouterr()  # (MLflow's lines as it created the store)
+    for command in ("retarget", "publish"):
+        assert main([command, "nope", "--workdir", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert "no MLflow run 'nope'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_methods_lists_the_registries(capsys):

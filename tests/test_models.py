@@ -82,9 +82,12 @@ def test_a_folder_without_structure_is_not_a_model(tmp_path):
         load_model_dir(tmp_path)
 
 
-def test_an_unknown_timm_name_is_one_line_with_similar_names():
-    with pytest.raises(AutopruneError, match=r"model.name: 'vit_tinyy_patch16' is not a timm model\. Similar names: .*vit"):
-        ModelSource("vit_tinyy_patch16", 10).create()
+@pytest.mark.parametrize(("typed", "meant"), [("vit_tinyy_patch16_224", "vit_tiny_patch16_224"),
+                                               ("resnet-18", "resnet18"), ("ResNet50", "resnet50"),
+                                               ("mobilnetv3_small_100", "mobilenetv3_small_100")])
+def test_an_unknown_timm_name_is_one_line_with_the_closest_names_first(typed, meant):
+    with pytest.raises(AutopruneError, match=rf"model.name: '{typed}' is not a timm model\. Did you mean {meant},"):
+        ModelSource(typed, 10).create()
 
 
 def test_a_depthwise_conv_with_a_channel_multiplier_reloads(tmp_path):

@@ -1,9 +1,12 @@
-"""What a pruned model is: top-1 accuracy, MACs (counted by torch's FLOP counter), parameters, achieved sparsity."""
+"""What a pruned model is: top-1 accuracy, MACs (priced by torch's FLOP formulas), parameters, achieved sparsity."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoprune.data import DataBundle, ImageSet
 
@@ -30,15 +33,77 @@ def accuracy(
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one image's forward pass, as executed (masked zeros still count)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Multiply-accumulates of one image's forward pass, as executed (masked zeros still count).
 
+    The count is torch's own: every op that runs is priced by `torch.utils.flop_counter`'s formulas exactly as
+    `FlopCounterMode` prices it (FLOPs // 2 here), but without its module tracker, whose autograd hooks break on
+    some models (PiT passes a parameter straight into a submodule: `'NoneType' object has no attribute
+    'next_functions'` under inference mode)."""
     parameter = next(model.parameters())
     inputs = torch.zeros(1, *input_size, dtype=parameter.dtype, device=parameter.device)
-    counter = FlopCounterMode(display=False)
+    counter = _FlopCounter()
     with torch.inference_mode(), counter:
         model.eval()(inputs)
-    return counter.get_total_flops() // 2
+    return counter.total // 2
+
+
+# Ops that only read a tensor's metadata: FlopCounterMode lets them through uncounted and undecomposed.
+_METADATA_OPS = frozenset(getattr(torch.ops.aten, name).default for name in (
+    "sym_is_contiguous", "is_contiguous", "is_strides_like_format", "is_non_overlapping_and_dense", "size",
+    "sym_size", "stride", "sym_stride", "storage_offset", "sym_storage_offset", "numel", "sym_numel", "dim",
+)) | {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default}
+
+
+class _FlopCounter(TorchDispatchMode):
+    """FlopCounterMode's dispatch rule without module attribution: an op without a formula is decomposed (its
+    parts come back through this mode) when it can be; otherwise it runs and its formula, if any, is applied to
+    its arguments and output (`out_val`). Ops with neither add nothing. Of the higher-order ops, `cond` counts
+    the larger branch (op by op, as FlopCounterMode intends); others are refused, as FlopCounterMode refuses
+    them."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils import flop_counter
+
+        self.registry = dict(flop_counter.flop_registry)  # a snapshot, as FlopCounterMode takes one
+        self.counts: dict[object, int] = defaultdict(int)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA_OPS:
+            return NotImplemented
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            if func is not torch.ops.higher_order.cond:
+                return NotImplemented
+            _, true_branch, false_branch, operands = args
+            outer, branch_counts = self.counts, []
+            for branch in (true_branch, false_branch):
+                self.counts = defaultdict(int)
+                with self:
+                    out = branch(*operands)
+                branch_counts.append(self.counts)
+            self.counts = outer
+            for op in branch_counts[0].keys() | branch_counts[1].keys():
+                self.counts[op] += max(branch_counts[0][op], branch_counts[1][op])
+            return out
+        # Like FlopCounterMode, this asks the registry (keyed by overload packet) about the overload itself, so
+        # every op that has a composite-implicit decomposition is decomposed, priced or not.
+        if func not in self.registry and func is not torch.ops.prim.device.default:
+            with self:
+                out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+        out = func(*args, **kwargs)
+        formula = self.registry.get(func._overloadpacket)
+        if formula is not None:
+            self.counts[func._overloadpacket] += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def count_params(model: nn.Module) -> int:
