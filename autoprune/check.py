@@ -3,11 +3,18 @@
 Users bring their own model. Before a search spends trials on it, each registered pruning method is tried on it
 with random weights at a few sparsities, and the outcome is one of:
 
-- works: it pruned (achieved sparsity > 0), the model saves and reloads with equal outputs, and it still trains;
+- works: it removed at least 60% of what it was asked for (a method that removes channels: and the MACs fell),
+  the model saves and reloads with equal outputs, and it still trains;
+- removes little: it ran, but removed less than that (or, removing channels, left the MACs where they were): the
+  numbers say how much;
 - removes nothing: it ran without error but left every prunable weight in place (a search would spend its trials
   on unchanged models);
-- refuses: the method said it cannot prune this model (its own error, with the reason);
-- fails: anything else went wrong — it crashed, or its model does not reload or train; the reason is kept.
+- refuses: the method said that this model's layout gives it nothing to work on (`errors.Unsupported`, with why);
+- fails: anything else went wrong — it crashed, or its model does not save, reload or train. The reason names the
+  stage (pruning, counting MACs, saving, reloading, training) and the cause, in full.
+
+No check raises: whatever goes wrong, in the method or around it (counting the dense model's MACs included), is a
+verdict with its reason.
 
 For each it reports the achieved sparsity, the MACs and parameter ratios (dense ÷ pruned: above 1 means smaller),
 the largest output difference after save → reload, and whether one backward pass works. Nothing is healed and
@@ -27,12 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune import prune
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, Unsupported
 from autoprune.measure.metrics import achieved_sparsity, count_macs, count_params, prunable_weight_count
 from autoprune.models import ModelSource, layer_groups, pooled_group, prunable_layers
 from autoprune.saved import load_model_dir, save_model
 
-WORKS, REMOVES_NOTHING, REFUSES, FAILS = "works", "removes nothing", "refuses", "fails"
+WORKS, REMOVES_LITTLE, REMOVES_NOTHING, REFUSES, FAILS = "works", "removes little", "removes nothing", "refuses", "fails"
+ENOUGH = 0.6  # "works" needs at least this share of the sparsity asked for
 SPARSITIES = (0.3, 0.5)  # what a method that takes a sparsity is asked for
 RELOAD_TOLERANCE = 1e-4  # largest output difference after save → reload that still counts as equal
 CALIBRATION_IMAGES = 16  # random images for the methods that gather statistics
@@ -79,21 +87,41 @@ def check_model(source: ModelSource, *, input_size: tuple[int, int, int] | None 
     random weights. `input_size` defaults to the model's own (timm's pretrained config); `echo` receives a line per
     check as it finishes."""
     torch.manual_seed(seed)
-    dense = source.create(pretrained=False).eval()
+    dense = source.create(pretrained=False).eval()  # a model timm cannot build is the user's error (one line)
     input_size = tuple(input_size or _default_input_size(dense))
     if methods is None:
         methods = [name for name in prune.list_methods() if name != "none"]
     # an unknown name is an error before anything runs, with the registered ones listed
     resolved = [prune.get(method) if isinstance(method, str) else method for method in methods]
-    dense_size = {"macs": count_macs(dense, input_size), "params": count_params(dense)}  # counted once
+    try:  # the dense model itself, counted once: a failure here is every method's verdict, not a traceback
+        dense_size = _stage("counting the dense model's MACs",
+                            lambda: {"macs": count_macs(dense, input_size), "params": count_params(dense)})
+        dense_problem = None
+    except _StageFailed as failed:
+        dense_size, dense_problem = None, failed.reason
     checks = []
     for method in resolved:
         for sparsity in (sparsities if method.uses_sparsity else (None,)):
-            check = _check_one(dense, dense_size, source, method, sparsity, input_size, seed)
+            check = (MethodCheck(method.name, sparsity, FAILS, dense_problem) if dense_problem
+                     else _check_one(dense, dense_size, source, method, sparsity, input_size, seed))
             checks.append(check)
             if echo is not None:
                 echo(row_text(check))
     return ModelCheck(source.name, input_size, tuple(group.name for group in layer_groups(dense)), tuple(checks))
+
+
+class _StageFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _stage(name: str, step):
+    """`step()`, with any exception it raises turned into one that names this stage and the cause in full."""
+    try:
+        return step()
+    except Exception as error:  # noqa: BLE001 — every failure becomes a verdict
+        raise _StageFailed(f"{name}: {_reason(error)}") from None
 
 
 def _check_one(dense: nn.Module, dense_size: dict[str, int], source: ModelSource, method: prune.PruneMethod,
@@ -105,6 +133,10 @@ def _check_one(dense: nn.Module, dense_size: dict[str, int], source: ModelSource
     model = copy.deepcopy(dense)
     layers = [name for name, _ in prunable_layers(dense)]
     asked = sparsity if sparsity is not None else 0.0
+
+    def verdict(outcome: str, reason: str = "", **measured) -> MethodCheck:
+        return MethodCheck(method.name, sparsity, outcome, reason, **measured, seconds=time.perf_counter() - started)
+
     try:
         groups = (pooled_group(model),)
         request = prune.PruneRequest(
@@ -115,31 +147,46 @@ def _check_one(dense: nn.Module, dense_size: dict[str, int], source: ModelSource
             calibration=torch.randn((CALIBRATION_IMAGES, *input_size), generator=generator),
             seed=seed,
         )
-        method.apply(model, request).finish(model)
+        try:
+            method.apply(model, request).finish(model)
+        except Unsupported as refusal:  # the method's own "nothing here for me", saying why
+            return verdict(REFUSES, _reason(refusal))
+        except Exception as error:  # noqa: BLE001 — a crash inside the method
+            raise _StageFailed(f"pruning: {_reason(error)}") from None
         model.eval()
-        achieved = achieved_sparsity(model, layers, prunable_weight_count(dense, layers)[1])
+        achieved = _stage("measuring the sparsity",
+                          lambda: achieved_sparsity(model, layers, prunable_weight_count(dense, layers)[1]))
         measured = {
             "achieved_sparsity": achieved,
-            "macs_ratio": dense_size["macs"] / max(1, count_macs(model, input_size)),
+            "macs_ratio": dense_size["macs"] / max(1, _stage("counting MACs", lambda: count_macs(model, input_size))),
             "params_ratio": dense_size["params"] / max(1, count_params(model)),
         }
         if achieved < 1e-3:
-            return MethodCheck(method.name, sparsity, REMOVES_NOTHING, "no prunable weight was removed or zeroed",
-                               **measured, seconds=time.perf_counter() - started)
-        measured["reload_max_abs_diff"] = _reload_difference(model, source, example)
-        measured["trains"] = _trains(model, example)
-    except AutopruneError as error:  # the method's own refusal: it says why
-        return MethodCheck(method.name, sparsity, REFUSES, _reason(error), seconds=time.perf_counter() - started)
-    except Exception as error:  # a crash, in the method or in the model it left: say how, and go on checking
-        return MethodCheck(method.name, sparsity, FAILS, _reason(error), seconds=time.perf_counter() - started)
+            return verdict(REMOVES_NOTHING, "no prunable weight was removed or zeroed", **measured)
+        little = _too_little(method, sparsity, achieved, measured["macs_ratio"])
+        measured["reload_max_abs_diff"] = _stage("saving and reloading",
+                                                 lambda: _reload_difference(model, source, example))
+        measured["trains"] = _stage("training one step", lambda: _trains(model, example))
+    except _StageFailed as failed:
+        return verdict(FAILS, failed.reason)
     problems = []
     if not measured["reload_max_abs_diff"] <= RELOAD_TOLERANCE:
-        problems.append(f"reloads with outputs {measured['reload_max_abs_diff']:.2g} apart")
+        problems.append(f"reloading: outputs {measured['reload_max_abs_diff']:.2g} apart")
     if not measured["trains"]:
-        problems.append("its loss or gradients are not finite")
-    outcome = FAILS if problems else WORKS
-    return MethodCheck(method.name, sparsity, outcome, "; ".join(problems), **measured,
-                       seconds=time.perf_counter() - started)
+        problems.append("training one step: its loss or gradients are not finite")
+    if problems:
+        return verdict(FAILS, "; ".join(problems), **measured)
+    return verdict(REMOVES_LITTLE, little, **measured) if little else verdict(WORKS, **measured)
+
+
+def _too_little(method: prune.PruneMethod, asked: float | None, achieved: float, macs_ratio: float) -> str:
+    """Why a method that ran removed too little to count as working ("" when it removed enough)."""
+    if asked is not None and achieved < ENOUGH * asked:
+        return (f"achieved sparsity {achieved:.2f} of {asked:.2f} asked ({achieved / asked:.0%}; works needs"
+                f" {ENOUGH:.0%})")
+    if method.structured and macs_ratio <= 1.0:
+        return f"removes channels, but the MACs did not fall (×{macs_ratio:.2f})"
+    return ""
 
 
 def _reload_difference(model: nn.Module, source: ModelSource, example: torch.Tensor) -> float:
@@ -174,8 +221,9 @@ def _default_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def _reason(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0][:200] if lines else ""
+    """The error in full, on one line (a table row, a spec error): its own message for autoprune's errors, else its
+    type and message."""
+    text = " ".join(str(error).split())
     return text if isinstance(error, AutopruneError) else f"{type(error).__name__}: {text}".rstrip(": ")
 
 

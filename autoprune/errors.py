@@ -11,3 +11,9 @@ class SpecError(AutopruneError, ValueError):
 
 class NoModelMeetsTarget(AutopruneError):
     """No registered version meets the latency target."""
+
+
+class Unsupported(AutopruneError):
+    """A pruning method cannot prune this model, by design: its layout offers the method nothing to work on (no
+    block-internal channel, a graph that cannot be traced). The message says why and what would work instead.
+    `autoprune check` calls it "refuses"; any other failure inside a method is a crash, "fails"."""

@@ -10,9 +10,9 @@ import torch
 from conftest import TINY_RESNET, TINY_VIT
 
 from autoprune import prune
-from autoprune.check import FAILS, REFUSES, REMOVES_NOTHING, WORKS, check_model, table
+from autoprune.check import FAILS, REFUSES, REMOVES_LITTLE, REMOVES_NOTHING, WORKS, check_model, table
 from autoprune.cli import main
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, Unsupported
 from autoprune.prune.masks import Masks
 
 
@@ -36,7 +36,19 @@ def _method(name, apply):
 
 
 def _refuse(model, request):
-    raise AutopruneError("this model has no units of my kind")
+    raise Unsupported("this model has no units of my kind")
+
+
+def _wrapped_crash(model, request):  # a method that wraps a crash in its own error: still a crash
+    raise AutopruneError("mine: removing channels of blocks.0 failed (RuntimeError: shape mismatch)")
+
+
+def _little(model, request):  # zeros a tenth of the first layer's weights, whatever it was asked
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.view(-1)[: layer.weight.numel() // 10] = 0
+    return Masks()
 
 
 def _crash(model, request):
@@ -57,14 +69,29 @@ def _breaks_training(model, request):
 
 def test_a_method_that_removes_nothing_refuses_crashes_or_breaks_the_model_is_reported_as_such():
     methods = [_method("no_op", _no_op), _method("refuse", _refuse), _method("crash", _crash),
-               _method("poison", _breaks_training)]
+               _method("wrapped", _wrapped_crash), _method("poison", _breaks_training), _method("little", _little)]
     result = check_model(TINY_VIT, input_size=(3, 32, 32), methods=methods, sparsities=(0.5,))
     outcome = {check.method: check for check in result.checks}
     assert outcome["no_op"].outcome == REMOVES_NOTHING and outcome["no_op"].macs_ratio == 1.0
     assert outcome["refuse"].outcome == REFUSES and outcome["refuse"].reason == "this model has no units of my kind"
-    assert outcome["crash"].outcome == FAILS and outcome["crash"].reason == "IndexError: list index out of range"
-    assert outcome["poison"].outcome == FAILS and "not finite" in outcome["poison"].reason
+    assert outcome["crash"].outcome == FAILS and outcome["crash"].reason == "pruning: IndexError: list index out of range"
+    assert outcome["wrapped"].outcome == FAILS and outcome["wrapped"].reason.startswith("pruning: mine: removing")
+    assert outcome["poison"].outcome == FAILS and "training one step: its loss" in outcome["poison"].reason
+    assert outcome["little"].outcome == REMOVES_LITTLE and "of 0.50 asked" in outcome["little"].reason
     assert not result.working("crash") and not result.working("never checked")
+
+
+def test_nothing_in_a_check_raises_not_even_counting_the_dense_model(monkeypatch):
+    from autoprune import check
+
+    def broken(model, input_size):
+        raise AttributeError("'NoneType' object has no attribute 'next_functions'")
+
+    monkeypatch.setattr(check, "count_macs", broken)
+    result = check_model(TINY_RESNET, input_size=(3, 32, 32), methods=["magnitude", "structured"], sparsities=(0.5,))
+    assert [c.outcome for c in result.checks] == [FAILS, FAILS]
+    assert all(c.reason == "counting the dense model's MACs: AttributeError: 'NoneType' object has no attribute"
+               " 'next_functions'" for c in result.checks)
 
 
 def test_an_unknown_method_is_an_error_before_anything_runs():
@@ -121,15 +148,19 @@ def test_a_search_refuses_a_method_that_cannot_prune_its_model_before_anything_s
     from autoprune.errors import SpecError
 
     spec = _repvgg_spec(["magnitude", "structured", "vbp"])
-    with pytest.raises(SpecError, match=r"on repvgg_a0 at sparsity 0.6: structured refuses \(structured: ByobNet has no"
-                                        r" block-internal channels.*; vbp refuses \(vbp: ByobNet has no hidden"
-                                        r" channels.*--drop-unusable-methods"):
-        search(spec, workdir=tmp_path, echo=None)
+    # on a CPU magnitude's masks could never be faster (left out first); then neither of the others can prune it:
+    # one error, before any training, with both reasons and advice that fits them (not "add structured")
+    with pytest.raises(SpecError, match=r"none of them can prune repvgg_a0 here, at sparsity 0.6: structured refuses"
+                                        r" \(structured: ByobNet has no block-internal channels.*; vbp refuses"
+                                        r" \(vbp: ByobNet has no hidden channels.*`autoprune check repvgg_a0`"):
+        search(spec, workdir=tmp_path, echo=None, drop_unusable_methods=True)
     assert not list(tmp_path.iterdir())  # nothing was started: no store, no Ray folder, no cache
+    with pytest.raises(SpecError, match=r"structured refuses .*--drop-unusable-methods"):
+        check_methods(_repvgg_spec(["magnitude", "structured"]), model_source(spec.model), lambda line: None)
     said = []
     kept = check_methods(spec, model_source(spec.model), said.append, drop_unusable=True)
     assert kept.prune.methods == ("magnitude",) and "dropping structured, vbp" in said[0]
-    with pytest.raises(SpecError, match="structured refuses"):  # nothing left to search with
+    with pytest.raises(SpecError, match="none of them can prune .* structured refuses"):  # nothing left to search
         check_methods(_repvgg_spec(["structured"]), model_source(spec.model), said.append, drop_unusable=True)
     assert check_methods(_repvgg_spec(["magnitude", "nm"]), model_source(spec.model), said.append).prune.methods \
         == ("magnitude", "nm")

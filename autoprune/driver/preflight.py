@@ -147,25 +147,32 @@ def check_methods(spec: SearchSpec, source: ModelSource, say: Callable[[str], No
     would remove nothing from this model, refuses it or fails on it is a spec error naming the method, the model and
     why — or, with `drop_unusable`, is dropped from the search with a warning. Each method is tried with its default
     options at the space's highest sparsity, on random weights (structure, not accuracy, decides this)."""
-    from autoprune.check import WORKS, check_model
+    from autoprune.check import REMOVES_LITTLE, WORKS, check_model
 
     methods = [method for method in spec.prune.methods if method != "none"]  # the dense reference removes nothing
     if not methods:
         return spec
     size = spec.data.image_size
     result = check_model(source, input_size=(3, size, size), methods=methods, sparsities=(spec.prune.sparsity.high,))
-    unusable = {check.method: check for check in result.checks if check.outcome != WORKS}
+    for check in result.checks:  # it prunes, less than asked: the search's sparsity overstates it
+        if check.outcome == REMOVES_LITTLE:
+            say(f"autoprune: warning: {check.method} on {spec.model.name} at sparsity {check.sparsity:g}: {check.reason}")
+    unusable = {check.method: check for check in result.checks if check.outcome not in (WORKS, REMOVES_LITTLE)}
     if not unusable:
         return spec
     why = "; ".join(f"{name} {check.outcome}" + (f" ({check.reason})" if check.reason else "")
                     for name, check in unusable.items())
     kept = tuple(method for method in spec.prune.methods if method not in unusable)
-    if not drop_unusable or not [method for method in kept if method != "none"]:
+    if not [method for method in kept if method != "none"]:  # dropping them would leave nothing to search
+        raise SpecError(
+            f"space.prune.methods: none of them can prune {spec.model.name} here, at sparsity"
+            f" {spec.prune.sparsity.high:g}: {why}. `autoprune check {spec.model.name}` shows every registered"
+            " method on this model: put one that works in the spec.")
+    if not drop_unusable:
         raise SpecError(
             f"space.prune.methods: on {spec.model.name} at sparsity {spec.prune.sparsity.high:g}: {why}."
-            f" Drop {'it' if len(unusable) == 1 else 'them'} from the spec"
-            + (", or pass --drop-unusable-methods to search with the others" if not drop_unusable else "")
-            + f" (`autoprune check {spec.model.name}` shows every method on this model).")
+            f" Drop {'it' if len(unusable) == 1 else 'them'} from the spec, or pass --drop-unusable-methods to"
+            f" search with the others (`autoprune check {spec.model.name}` shows every method on this model).")
     say(f"autoprune: dropping {', '.join(unusable)} from this search: on {spec.model.name}: {why}")
     return replace(spec, prune=replace(spec.prune, methods=kept))
 

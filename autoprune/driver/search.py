@@ -79,6 +79,8 @@ def search(
     check_address(address)
     source = model_source(spec.model)
     check_data(spec, source)  # files, classes, image size: before the pre-flight prunes anything
+    # methods that could never be faster here, then those that cannot prune this model: both before any training
+    spec = _methods_that_can_be_faster(spec, say)
     spec = check_methods(spec, source, say, drop_unusable=drop_unusable_methods)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -100,8 +102,6 @@ def search(
         earlier = records_from_storage(path, downloads)[0] if resumed else []
         _remember_latencies(latency_cache, [dense, *(record.result for record in earlier)])
         _remember_rungs(judge, [record.result for record in earlier], say)
-        # (a resumed search's dense result is the one it started with: the same methods go, as its sampler knows)
-        spec = _methods_that_can_be_faster(spec, dense, say)
         space = SearchSpace(spec, space.groups)
         warm = warm_start(earlier_run, spec=spec, space=space, dense=dense, say=say) if earlier_run else None
         first_points = _fitting(first_points, space, say)
@@ -160,13 +160,15 @@ def dense_references(dense: TrialResult) -> dict[int, LatencyProfile]:
     return {dense.latency.batch_size: dense.latency, **dense.extra_latency}
 
 
-def _methods_that_can_be_faster(spec: SearchSpec, dense: TrialResult, say) -> SearchSpec:
+def _methods_that_can_be_faster(spec: SearchSpec, say) -> SearchSpec:
     """With search.stop_unless_faster, the spec without the pruning methods that keep the dense shapes and, on the
-    device the dense model was measured on, run dense kernels: none of their trials could be faster than the dense
-    model, so each would be a trial spent to learn nothing. Says which were left out, and why."""
+    kind of device its trials are timed on (a GPU when they take one or target one), run dense kernels: none of
+    their trials could be faster than the dense model, so each would be a trial spent to learn nothing. Decided
+    before anything is trained; says which were left out, and why."""
     if not _stops_unless_faster(spec):
         return spec
-    on_gpu = not dense.latency.device.startswith("cpu")  # the device reads "cpu: <model> (<n> threads)" on a CPU
+    on_gpu = spec.search.gpu > 0 or spec.profile.target is not None
+    device = "a GPU" if on_gpu else "a CPU"
     dense_kernels = [name for name in spec.prune.methods if name != "none" and not prune.get(name).structured
                      and not (prune.get(name).semi_structured and on_gpu)]
     if not dense_kernels:
@@ -174,13 +176,13 @@ def _methods_that_can_be_faster(spec: SearchSpec, dense: TrialResult, say) -> Se
     kept = tuple(name for name in spec.prune.methods if name not in dense_kernels)
     if not [name for name in kept if name != "none"]:
         raise AutopruneError(
-            f"space.prune.methods: on {dense.latency.device}, {', '.join(dense_kernels)} run with the dense shapes"
+            f"space.prune.methods: on {device}, {', '.join(dense_kernels)} run with the dense shapes"
             " on dense kernels, so no trial could be faster than the dense model. Add a method that removes"
-            " channels (structured, vbp), time on a GPU with 2:4 kernels for nm, or set search.stop_unless_faster:"
-            " false to heal them anyway.")
-    say(f"autoprune: on {dense.latency.device}, {', '.join(dense_kernels)} run with the dense shapes on dense kernels:"
-        f" no trial of theirs could be faster than the dense model ({dense.latency.median_ms:.3f} ms), so this"
-        " search leaves them out (search.stop_unless_faster: false keeps and heals them)")
+            " channels (structured, vbp; `autoprune check MODEL` says which can prune your model), time on a GPU"
+            " with 2:4 kernels for nm, or set search.stop_unless_faster: false to heal them anyway.")
+    say(f"autoprune: on {device}, {', '.join(dense_kernels)} run with the dense shapes on dense kernels: no trial"
+        " of theirs could be faster than the dense model, so this search leaves them out"
+        " (search.stop_unless_faster: false keeps and heals them)")
     return replace(spec, prune=replace(spec.prune, methods=kept))
 
 

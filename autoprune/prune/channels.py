@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import Unsupported
 from autoprune.models import classifier_layers, is_attention
 
 
@@ -62,7 +62,7 @@ def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, verbose=False, customized_pruners=opaque)
         except Exception as error:  # an operation Torch-Pruning's tracer does not follow
-            raise AutopruneError(
+            raise Unsupported(
                 f"Torch-Pruning cannot trace {type(model).__name__}'s channels ({type(error).__name__}: {error});"
                 " methods that remove channels cannot prune it, use an unstructured method (magnitude, nm)."
             ) from None

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, Unsupported
 from autoprune.models import fix_attention_metadata
 from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
@@ -53,7 +53,7 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     graph = dependency_graph(model, request.example_inputs)
     groups = [group for group in channel_groups(model, graph) if group.internal]
     if not groups and not gated:
-        raise AutopruneError(
+        raise Unsupported(
             f"structured: {type(model).__name__} has no block-internal channels to remove (every conv/linear output"
             " feeds a residual sum or an attention); use an unstructured method (magnitude, nm) for it.")
     importance = (tp.importance.GroupTaylorImportance() if kind == "taylor"

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, Unsupported
 from autoprune.models import fix_attention_metadata, observe_inputs
 from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
@@ -104,7 +104,7 @@ def variance_prune(model: nn.Module, request: PruneRequest) -> Masks:
              for folds in [_fold_targets(modules, graph, unit)] if folds is not None]
     gated = [(name, mlp) for name, mlp in gated_mlps(model) if f"{name}.fc1" in ratios and mlp.fc2.bias is not None]
     if not units and not gated:
-        raise AutopruneError(
+        raise Unsupported(
             f"vbp: {type(model).__name__} has no hidden channels whose mean can be folded into what reads them"
             " (an MLP's hidden neurons, a block's inner or expansion channels read by a layer with a bias or a"
             " BatchNorm after it).")
