@@ -262,13 +262,19 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if hasattr(module, "num_heads") and isinstance(getattr(module, "qkv", None), nn.Linear)]
 
 
-def fix_attention_metadata(model: nn.Module) -> None:
-    """After attention channels are removed, timm's Attention must learn its new widths, or reshape fails."""
+def fix_width_metadata(model: nn.Module) -> None:
+    """After channels are removed, the modules that keep a width as a plain attribute must learn the new one, or
+    their reshapes fail: timm's Attention (head_dim, attn_dim), MetaFormer's Scale (the shape its per-channel
+    scale is viewed as, which a residual stream's removal narrows)."""
     for _, module in attention_modules(model):
         width = module.qkv.out_features // 3
         module.head_dim = width // module.num_heads
         if hasattr(module, "attn_dim"):
             module.attn_dim = width
+    for module in model.modules():
+        scale, shape = getattr(module, "scale", None), getattr(module, "shape", None)
+        if isinstance(scale, nn.Parameter) and isinstance(shape, tuple) and shape and shape[0] != scale.numel():
+            module.shape = (scale.numel(), *shape[1:])
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.measure.formats import SEMI_STRUCTURED, TORCH_DTYPES, ExecutionRecipe, plan_kernels, prepare
-from autoprune.models import ModelSource, attention_modules, fix_attention_metadata
+from autoprune.models import ModelSource, attention_modules, fix_width_metadata
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +31,26 @@ STRUCTURE_FILE = "structure.json"
 def save_model(model: nn.Module, source: ModelSource, directory: str | Path, *,
                recipe: ExecutionRecipe | None = None) -> Path:
     """Write `weights.safetensors` (float32, as trained) + `structure.json`, with the `recipe` the model's latency
-    was measured in; `load_model_dir` rebuilds the same model from them and prepares it in that recipe."""
-    from safetensors.torch import save_file
+    was measured in; `load_model_dir` rebuilds the same model from them and prepares it in that recipe.
+
+    A tensor the model holds under several names (CoaT's position encodings, shared by its blocks) is written once,
+    under the name safetensors' own `save_model` keeps; the file's metadata maps each name left out to it, and
+    `structure.json` still gives every name's shape."""
+    from safetensors.torch import _remove_duplicate_names, save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE))
+    state = {key: value.detach() for key, value in model.state_dict().items()}
+    shapes = {key: list(value.shape) for key, value in state.items()}
+    aliases = {alias: kept for kept, names in _remove_duplicate_names(state).items() for alias in names}
+    weights = {key: value.cpu().contiguous() for key, value in state.items() if key not in aliases}
+    save_file(weights, str(directory / WEIGHTS_FILE), metadata=aliases or None)
     structure = {
         "format": SAVED_FORMAT,
         "timm_name": source.name,
         "num_classes": source.num_classes,
         "kwargs": dict(source.kwargs),
-        "shapes": {key: list(value.shape) for key, value in state.items()},
+        "shapes": shapes,
         # Head counts cannot be read off the shapes (fewer heads and narrower heads look alike).
         "attention_heads": {name: module.num_heads for name, module in attention_modules(model)},
     }
@@ -65,8 +72,6 @@ def load_model_dir(directory: str | Path, *, recipe: bool = True, device: str | 
     With `recipe` (the default) it is prepared in the recipe its latency was measured in — dtype, memory format,
     2:4 kernels, compiled — on `device` (default: the kind it was measured on, when this machine has one); inputs
     may stay float32, a hook casts them. `recipe=False` gives the plain float32 model on the CPU (to train on)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     try:
         structure = json.loads((directory / STRUCTURE_FILE).read_text())
@@ -80,12 +85,29 @@ def load_model_dir(directory: str | Path, *, recipe: bool = True, device: str | 
     modules = dict(model.named_modules())
     for name, heads in structure.get("attention_heads", {}).items():
         modules[name].num_heads = heads
-    fix_attention_metadata(model)
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+    fix_width_metadata(model)
+    _load_weights(model, directory)
     model.eval()
     if not recipe or "execution" not in structure:
         return model
     return _prepared(model, ExecutionRecipe.from_dict(structure["execution"]), device)
+
+
+def _load_weights(model: nn.Module, directory: Path) -> None:
+    """Load the saved weights, strictly except for what `save_model` left out: a name the rebuilt model holds as
+    the very tensor of a name in the file (safetensors' rule for shared tensors, preferring the file's names)."""
+    from safetensors.torch import _remove_duplicate_names, load_file
+
+    weights = load_file(str(directory / WEIGHTS_FILE))
+    shared = _remove_duplicate_names(model.state_dict(), preferred_names=list(weights))
+    restored = {alias for kept, names in shared.items() if kept in weights for alias in names}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = sorted(set(missing) - restored)
+    if missing or unexpected:
+        wrong = [f"{what} {', '.join(names[:5])}{' …' if len(names) > 5 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise AutopruneError(f"{str(directory)!r}: the weights do not fit the rebuilt {type(model).__name__}"
+                             f" ({'; '.join(wrong)}).")
 
 
 def _prepared(model: nn.Module, recipe: ExecutionRecipe, device) -> nn.Module:
@@ -106,17 +128,24 @@ def _prepared(model: nn.Module, recipe: ExecutionRecipe, device) -> nn.Module:
 
 def _resize_to(model: nn.Module, shapes: Mapping[str, torch.Size]) -> None:
     """Give every layer the tensor shapes that pruning left it with, updating the attributes forward uses."""
+    # A tensor two modules share is replaced by one new tensor, still shared (keyed by the old tensor's id; the old
+    # tensor is kept alive alongside, so that its id is not reused).
+    resized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, module in _modules_with_state(model):
         prefix = f"{name}." if name else ""
         for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             shape = shapes.get(prefix + key)
             if tensor is None or shape is None or tensor.shape == shape:
                 continue
-            empty = torch.empty(shape, dtype=tensor.dtype)
+            if id(tensor) not in resized:
+                empty = torch.empty(shape, dtype=tensor.dtype)
+                parameter = isinstance(tensor, nn.Parameter)
+                new = nn.Parameter(empty, requires_grad=tensor.requires_grad) if parameter else empty
+                resized[id(tensor)] = (tensor, new)
             if isinstance(tensor, nn.Parameter):
-                setattr(module, key, nn.Parameter(empty, requires_grad=tensor.requires_grad))
+                setattr(module, key, resized[id(tensor)][1])
             else:
-                module.register_buffer(key, empty)
+                module.register_buffer(key, resized[id(tensor)][1])
         weight = getattr(module, "weight", None)
         if weight is None:
             continue

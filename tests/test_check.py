@@ -13,6 +13,7 @@ from autoprune import prune
 from autoprune.check import FAILS, REFUSES, REMOVES_LITTLE, REMOVES_NOTHING, WORKS, check_model, table
 from autoprune.cli import main
 from autoprune.errors import AutopruneError, Unsupported
+from autoprune.models import ModelSource
 from autoprune.prune.masks import Masks
 
 
@@ -131,14 +132,36 @@ def test_the_families_bench_tabulates_check_per_family_and_states_the_targets():
 
 
 def _repvgg_spec(methods):
-    """RepVGG: every conv feeds a residual sum, so no channel is block-internal."""
+    """RepVGG: every conv feeds a residual sum, so no channel is block-internal: structured removal limited to
+    internal channels (scope: internal) and vbp refuse it."""
     from test_spec import DEMO
 
     from autoprune.space.load import parse_spec
 
     raw = {**DEMO, "model": {"name": "repvgg_a0", "num_classes": 10, "train_steps": 10}}
-    raw["space"] = {**DEMO["space"], "prune": {"methods": methods, "sparsity": {"low": 0.3, "high": 0.6}}}
+    raw["space"] = {**DEMO["space"], "prune": {"methods": methods, "sparsity": {"low": 0.3, "high": 0.6},
+                                               "options": {"structured": {"scope": "internal"}}}}
     return parse_spec(raw)
+
+
+def test_structured_removes_a_residual_stream_where_a_block_has_no_channel_of_its_own():
+    """RepVGG and MobileOne (every conv writes the stage's residual sum) and Res2Net (its blocks' channels are split
+    into scales): scope internal refuses them, the stream scope narrows whole stages, and auto chooses it; where a
+    model has internal channels (a ResNet with BatchNorm) auto keeps to them, as before."""
+    from dataclasses import replace
+
+    structured = prune.get("structured")
+    scoped = [replace(structured, name=scope, options={**structured.options, "scope": scope})
+              for scope in ("auto", "internal", "stream")]
+    for name in ("repvgg_a0", "mobileone_s0"):
+        result = check_model(ModelSource(name, 10), input_size=(3, 32, 32), methods=scoped, sparsities=(0.5,))
+        auto, internal, stream = result.checks
+        assert internal.outcome == REFUSES and "scope: stream removes" in internal.reason
+        assert stream.outcome == WORKS and stream.macs_ratio >= 1.5 and stream.reload_max_abs_diff <= 1e-5
+        assert abs(stream.achieved_sparsity - 0.5) < 0.15  # asked of the weights, not of the channels
+        assert auto.achieved_sparsity == stream.achieved_sparsity
+    auto, internal, _ = check_model(TINY_RESNET, input_size=(3, 32, 32), methods=scoped, sparsities=(0.5,)).checks
+    assert auto.outcome == internal.outcome == WORKS and auto.macs_ratio == internal.macs_ratio
 
 
 def test_a_search_refuses_a_method_that_cannot_prune_its_model_before_anything_starts(tmp_path):

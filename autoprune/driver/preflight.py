@@ -146,12 +146,19 @@ def check_methods(spec: SearchSpec, source: ModelSource, say: Callable[[str], No
     """`autoprune check` on the spec's model for the spec's pruning methods, before anything starts: a method that
     would remove nothing from this model, refuses it or fails on it is a spec error naming the method, the model and
     why — or, with `drop_unusable`, is dropped from the search with a warning. Each method is tried with its default
-    options at the space's highest sparsity, on random weights (structure, not accuracy, decides this)."""
+    options (or those the spec fixes) at the space's highest sparsity, on random weights (structure, not accuracy,
+    decides this)."""
+    from autoprune import prune
     from autoprune.check import REMOVES_LITTLE, WORKS, check_model
+    from autoprune.config import Fixed
 
-    methods = [method for method in spec.prune.methods if method != "none"]  # the dense reference removes nothing
-    if not methods:
+    names = [method for method in spec.prune.methods if method != "none"]  # the dense reference removes nothing
+    if not names:
         return spec
+    # each with the options the spec fixes (a structured scope, say); an option the search varies at its default
+    methods = [replace(prune.get(name), options={**prune.get(name).options, **{
+        option: dimension.value for option, dimension in spec.prune.options.get(name, {}).items()
+        if isinstance(dimension, Fixed)}}) for name in names]
     size = spec.data.image_size
     result = check_model(source, input_size=(3, size, size), methods=methods, sparsities=(spec.prune.sparsity.high,))
     for check in result.checks:  # it prunes, less than asked: the search's sparsity overstates it

@@ -68,7 +68,9 @@ def dense_weights(model: ModelSpec, data_spec: DataSpec, data: DataBundle, *, ca
     finally:
         torch.set_num_threads(threads)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.contiguous() for name, tensor in dense.eval().state_dict().items()}
+    # every name its own copy: safetensors refuses tensors that share memory (CoaT's shared position encodings),
+    # and loading writes the same values into the one shared tensor twice
+    state = {name: tensor.detach().clone().contiguous() for name, tensor in dense.eval().state_dict().items()}
     save_file(state, str(path))
     return state
 

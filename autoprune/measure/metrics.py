@@ -58,8 +58,8 @@ class _FlopCounter(TorchDispatchMode):
     """FlopCounterMode's dispatch rule without module attribution: an op without a formula is decomposed (its
     parts come back through this mode) when it can be; otherwise it runs and its formula, if any, is applied to
     its arguments and output (`out_val`). Ops with neither add nothing. Of the higher-order ops, `cond` counts
-    the larger branch (op by op, as FlopCounterMode intends); others are refused, as FlopCounterMode refuses
-    them."""
+    the larger branch op by op, as FlopCounterMode documents (its own tally, through a shallow copy, adds both
+    branches once any op ran before the cond); Triton kernels (compiled code only) and the others are refused."""
 
     supports_higher_order_operators = True
 

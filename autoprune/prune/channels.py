@@ -46,6 +46,9 @@ class ChannelGroup:
     slices: int
     internal: bool
     dependencies: Any  # Torch-Pruning's group over all channels (scored by its importance criteria)
+    # a residual stream: written by several layers whose outputs are summed (a stage's blocks, re-parameterisable
+    # branches), read by every block of the stage; removable as one group, which narrows the whole stage
+    stream: bool = False
 
 
 def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
@@ -101,11 +104,12 @@ def _io_widths(layer: nn.Module) -> tuple[int, int]:
             last.out_features if isinstance(last, nn.Linear) else last.out_channels)
 
 
-def channel_groups(model: nn.Module, graph) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, graph, *, streams: bool = False) -> list[ChannelGroup]:
     """The groups of `model`'s Conv2d / Linear output channels that may be internal, in model order, each with
-    what the graph says of it. Roots whose channels plainly reach a residual sum or an attention are not
-    expanded into groups at all: Torch-Pruning's index bookkeeping for such streams (through every reshape of a
-    token sequence) can take minutes, and structured removal leaves them anyway."""
+    what the graph says of it; with `streams`, the residual streams too. Roots whose channels reach an attention
+    are never expanded into groups (and, without `streams`, neither are those that reach a residual sum):
+    Torch-Pruning's index bookkeeping through every reshape of a token sequence can take minutes, and an
+    attention's widths are tied to its heads."""
     import torch_pruning as tp
 
     names = {module: name for name, module in model.named_modules()}
@@ -113,7 +117,10 @@ def channel_groups(model: nn.Module, graph) -> list[ChannelGroup]:
     found, visited = [], set()
     for module, node in list(graph.module2node.items()):
         if (not isinstance(module, (nn.Conv2d, nn.Linear)) or module in classifier or module in visited
-                or module not in names or _depthwise(module) or _reaches_stream(node)):
+                or module not in names or _depthwise(module)):
+            continue
+        reaches = _reaches(node, look_past_sums=streams)
+        if reaches == "attention" or (reaches == "sum" and not streams):
             continue
         group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels,
                                         list(range(_width(module))))
@@ -139,17 +146,18 @@ def channel_groups(model: nn.Module, graph) -> list[ChannelGroup]:
         divisible = len(slices) <= 1 and _width(module) // parts > 1
         # concatenated features (DenseNet's growth channels) are left: Torch-Pruning's scores over a concatenation
         # do not line up with its indices (an IndexError in 1.6.1)
-        internal = divisible and not (summed or split or joined or attends) and bool(writers) and bool(readers)
-        found.append(ChannelGroup(names[module], _unique(writers), _unique(readers), _width(module), parts, internal,
-                                  group))
+        usable = divisible and not (split or joined or attends) and bool(writers) and bool(readers)
+        found.append(ChannelGroup(names[module], _unique(writers), _unique(readers), _width(module), parts,
+                                  usable and not summed, group, stream=usable and summed))
     return found
 
 
-def _reaches_stream(root, limit: int = 4000) -> bool:
-    """Whether the channels of `root` (a graph node) plainly meet a residual sum or an attention: a walk over the
-    nodes they pass through unchanged (norms, activations, depthwise convs, products, reshapes), stopping at the
+def _reaches(root, *, look_past_sums: bool = False, limit: int = 4000) -> str | None:
+    """Whether the channels of `root` (a graph node) plainly meet a residual sum ("sum") or an attention
+    ("attention"; also when the walk grows past `limit` nodes): a walk over the nodes they pass through unchanged
+    (norms, activations, depthwise convs, products, reshapes, and with `look_past_sums` sums), stopping at the
     layers that write or read them. Cheap: no index bookkeeping."""
-    seen, frontier = {root}, [root]
+    seen, frontier, summed = {root}, [root], False
     while frontier:
         node = frontier.pop()
         for neighbour in node.outputs if node is root else node.inputs + node.outputs:  # not the root's inputs
@@ -159,10 +167,14 @@ def _reaches_stream(root, limit: int = 4000) -> bool:
             module = neighbour.module
             if isinstance(module, (nn.Conv2d, nn.Linear)) and not _depthwise(module):
                 continue  # a writer or a reader: the channels end here
-            if _is_sum(neighbour) or (isinstance(module, nn.Module) and is_attention(module)) or len(seen) > limit:
-                return True
+            if (isinstance(module, nn.Module) and is_attention(module)) or len(seen) > limit:
+                return "attention"
+            if _is_sum(neighbour):
+                if not look_past_sums:
+                    return "sum"
+                summed = True
             frontier.append(neighbour)
-    return False
+    return "sum" if summed else None
 
 
 def _is_sum(node) -> bool:

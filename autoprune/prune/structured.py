@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError, Unsupported
-from autoprune.models import fix_attention_metadata
+from autoprune.models import fix_width_metadata
 from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
 from autoprune.prune.masks import Masks
@@ -50,18 +50,25 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     gated = [(name, mlp) for name, mlp in gated_mlps(model) if ratios.get(f"{name}.fc1")]
     for name, mlp in gated:
         remove_gated_hidden(mlp, ratios[f"{name}.fc1"], round_to, WEIGHT_SCORES[kind])
+    scope = request.options["scope"]
     graph = dependency_graph(model, request.example_inputs)
-    groups = [group for group in channel_groups(model, graph) if group.internal]
+    found = [group for group in channel_groups(model, graph, streams=scope != "internal")
+             # written by a layer that stays whole (the stem), even if an SE gate also writes it: left whole
+             if all(name in ratios for name in group.producers)]
+    if scope == "auto":  # a block's own channels where the model has them (the stages keep their widths)
+        scope = "internal" if gated or any(group.internal for group in found) else "stream"
+    groups = [group for group in found
+              if (group.internal and scope != "stream") or (group.stream and scope != "internal")]
     if not groups and not gated:
-        raise Unsupported(
-            f"structured: {type(model).__name__} has no block-internal channels to remove (every conv/linear output"
-            " feeds a residual sum or an attention); use an unstructured method (magnitude, nm) for it.")
+        raise Unsupported(_nothing_in_scope(model, scope))
+    modules = dict(model.named_modules())
     importance = (tp.importance.GroupTaylorImportance() if kind == "taylor"
                   else tp.importance.GroupMagnitudeImportance(p=1 if kind == "l1" else 2))
     for group in groups:
-        if not all(name in ratios for name in group.producers):
-            continue  # written by a layer that stays whole (the stem), even if an SE gate also writes it
-        ratio = ratios[group.producers[0]]
+        # a stream's writers may sit in several layer groups (blocks of a stage at different depths): their mean
+        ratio = sum(ratios[name] for name in group.producers) / len(group.producers)
+        if group.stream:
+            ratio = stream_channel_ratio(ratio, group, modules)
         per_slice = group.width // group.slices
         keep = max(round_to, int(round(per_slice * (1 - ratio) / round_to)) * round_to)
         if keep >= per_slice:
@@ -75,10 +82,35 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
                     f"structured: removing channels of {group.root} in {type(model).__name__} failed"
                     f" ({type(error).__name__}: {error}); this model's layout is not supported by structured removal."
                 ) from None
-    fix_attention_metadata(model)
+    fix_width_metadata(model)
     model.zero_grad(set_to_none=True)
     _must_still_run(model, request.example_inputs)
     return Masks()
+
+
+def stream_channel_ratio(sparsity: float, group, modules: dict[str, nn.Module]) -> float:
+    """The share of a stream's channels to remove so that its layers lose `sparsity` of their weights: a layer that
+    reads and writes the stream (a RepVGG conv) loses 1 - (1 - r)² of them, one that only reads or only writes it
+    loses r. Solves b·(2r - r²) + o·r = s·(b + o) for r, b and o the weights of the two kinds."""
+    both = set(group.producers) & set(group.consumers)
+    weights = {name: modules[name].weight.numel() for name in {*group.producers, *group.consumers}}
+    b = sum(weights[name] for name in both)
+    o = sum(weights.values()) - b
+    if b == 0:
+        return sparsity
+    a = 2 * b + o
+    return (a - (a * a - 4 * b * sparsity * (b + o)) ** 0.5) / (2 * b)
+
+
+def _nothing_in_scope(model: nn.Module, scope: str) -> str:
+    name = type(model).__name__
+    if scope == "internal":
+        return (f"structured: {name} has no block-internal channels to remove (every conv/linear output feeds a"
+                " residual sum or an attention); scope: stream removes a residual stream's channels across its"
+                " stage, or use an unstructured method (magnitude, nm).")
+    what = "residual streams" if scope == "stream" else "block-internal channels or residual streams"
+    return (f"structured: {name} has no {what} it can remove (streams that reach an attention, concatenations and"
+            " split channels stay); use an unstructured method (magnitude, nm).")
 
 
 def _must_still_run(model: nn.Module, example_inputs: torch.Tensor) -> None:
@@ -96,6 +128,11 @@ def _must_still_run(model: nn.Module, example_inputs: torch.Tensor) -> None:
     finally:
         model.train(training)
 
+
+# What `scope` lets structured removal take: block-internal channels (today's default: every block keeps its
+# input and output widths), residual streams (a whole stage's width, for families whose blocks have no internal
+# channel: RepVGG / MobileOne, PoolFormer, …), or both.
+SCOPES = ("auto", "internal", "stream", "both")  # auto: internal where the model has such channels, else stream
 
 # Per-weight scores whose sum over a head is its importance (the same criteria as the channel groups').
 WEIGHT_SCORES = {
@@ -203,8 +240,8 @@ register(
         "Remove block-internal channels (MLP neurons, inner / expansion convs, found by the dependency graph) and"
         " attention heads of least importance (L2, L1 or Taylor): a physically smaller model.",
         structured=True,
-        options={"round_to": 1, "heads": True, "importance": "l2"},
-        choices={"importance": ("l2", "l1", "taylor")},
+        options={"round_to": 1, "heads": True, "importance": "l2", "scope": "auto"},
+        choices={"importance": ("l2", "l1", "taylor"), "scope": SCOPES},
         calibration_when={"importance": ("taylor",)},
     )
 )

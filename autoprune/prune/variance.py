@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoprune.errors import AutopruneError, Unsupported
-from autoprune.models import fix_attention_metadata, observe_inputs
+from autoprune.models import fix_width_metadata, observe_inputs
 from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
 from autoprune.prune.masks import Masks
@@ -137,7 +137,7 @@ def variance_prune(model: nn.Module, request: PruneRequest) -> Masks:
                 else:  # BN(x + shift) in eval mode = BN with running_mean − shift
                     norm.running_mean -= shift
         remove(graph, model, unit, removed.tolist())
-    fix_attention_metadata(model)
+    fix_width_metadata(model)
     return Masks()
 
 
