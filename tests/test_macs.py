@@ -45,8 +45,19 @@ def test_the_count_is_flop_counter_modes_op_by_op(name, kwargs, size):
     counter = _FlopCounter()
     with torch.inference_mode(), counter:
         model(torch.zeros(1, 3, size, size))
-    assert dict(counter.counts) == expected
-    assert count_macs(model, (3, size, size)) == sum(expected.values()) // 2 > 0
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # torch leaves it out (see below)
+    assert {op: n for op, n in counter.counts.items() if op is not cpu_attention} == expected
+    assert count_macs(model, (3, size, size)) == sum(counter.counts.values()) // 2 > 0
+
+
+def test_a_vits_fused_attention_counts_on_a_cpu_as_on_any_device():
+    """torch's table prices fused attention on CUDA and meta but not on the CPU: the count would depend on the
+    device a check ran on. Here it does not: the CPU's equals the meta device's (which dispatches the priced op)."""
+    model = _model("vit_tiny_patch16_224", {"img_size": 64})
+    on_cpu = count_macs(model, (3, 64, 64))
+    with torch.device("meta"):
+        on_meta = count_macs(_model("vit_tiny_patch16_224", {"img_size": 64}), (3, 64, 64))
+    assert on_cpu == on_meta > sum(_flop_counter_mode(model, 64).values()) // 2
 
 
 @pytest.mark.parametrize("name", ["pit_ti_224", "pit_ti_distilled_224"])
@@ -55,7 +66,7 @@ def test_pit_is_counted(name):
     mode ('NoneType' object has no attribute 'next_functions'), and every trial of a PiT search failed with it."""
     model = _model(name, {})
     macs = count_macs(model, (3, 224, 224))
-    assert 400e6 < macs < 800e6  # PiT-Ti: ~0.7 GMACs with its attention, ~0.5 G with fused attention uncounted (CPU)
+    assert 650e6 < macs < 750e6  # PiT-Ti: ~0.7 GMACs with its attention (~0.5 G were it left out, as torch does)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
