@@ -137,18 +137,38 @@ def classifier_layers(model: nn.Module) -> set[nn.Module]:
     return {module for head in heads if isinstance(head, nn.Module) for module in head.modules()}
 
 
+# a "stem" holding more of the weights, or of the layers, than this is the network (VGG's `features`)
+STEM_SHARE, STEM_LAYERS = 0.1, 0.25
+
+
+def stem_layers(model: nn.Module) -> set[str]:
+    """The image stem's Conv2d / Linear layers: everything inside the top-level module that holds timm's
+    `first_conv` (a deep stem's three convs, a ViT's patch embedding, LeViT's and HGNet's conv stacks) — unless that
+    module is most of the network, then the first conv(s) alone. Models without `first_conv`: their first conv
+    that reads the 3 image channels."""
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    firsts = [first] if isinstance(first, str) else list(first or ())
+    firsts = [name for name in firsts if name in layers]
+    if not firsts:
+        reading_pixels = [name for name, module in layers.items()
+                          if isinstance(module, nn.Conv2d) and module.in_channels == 3]
+        return set(reading_pixels[:1])
+    tops = {name.split(".")[0] for name in firsts}
+    stem = {name for name in layers if name.split(".")[0] in tops}
+    total = sum(module.weight.numel() for module in layers.values())
+    weights = sum(layers[name].weight.numel() for name in stem)
+    if weights > STEM_SHARE * total or len(stem) > STEM_LAYERS * len(layers):
+        return set(firsts)
+    return stem
+
+
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Linear and Conv2d layers a method may prune: all but the classifier and the image stem."""
-    classifier = classifier_layers(model)
-    layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or module in classifier:
-            continue
-        # The stem (patch embedding / first conv) sees raw pixels; pruning it costs much and saves little.
-        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and not layers:
-            continue
-        layers.append((name, module))
-    return layers
+    """Linear and Conv2d layers a method may prune: all but the classifier and the image stem (`stem_layers`):
+    the stem sees raw pixels, and pruning it costs much accuracy for little speed."""
+    classifier, stem = classifier_layers(model), stem_layers(model)
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and module not in classifier and name not in stem]
 
 
 def layer_groups(model: nn.Module) -> tuple[LayerGroup, ...]:

@@ -3,6 +3,7 @@ BatchNorm and a ViT; a method that removes nothing, refuses or crashes is report
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from autoprune import prune
 from autoprune.check import FAILS, REFUSES, REMOVES_LITTLE, REMOVES_NOTHING, WORKS, check_model, table
 from autoprune.cli import main
 from autoprune.errors import AutopruneError, Unsupported
-from autoprune.models import ModelSource
+from autoprune.models import ModelSource, pooled_group
 from autoprune.prune.masks import Masks
 
 
@@ -187,3 +188,25 @@ def test_a_search_refuses_a_method_that_cannot_prune_its_model_before_anything_s
         check_methods(_repvgg_spec(["structured"]), model_source(spec.model), said.append, drop_unusable=True)
     assert check_methods(_repvgg_spec(["magnitude", "nm"]), model_source(spec.model), said.append).prune.methods \
         == ("magnitude", "nm")
+
+
+def test_the_stem_is_never_pruned_a_deep_stem_included():
+    """The README's rule: the top-level module holding timm's first_conv (resnet10t's three stem convs), or the first
+    conv alone where that module is most of the network (VGG's `features`)."""
+    import timm
+
+    from autoprune.models import stem_layers
+
+    assert stem_layers(timm.create_model("vgg11", num_classes=10)) == {"features.0"}
+    source = ModelSource("resnet10t", 10)
+    dense = source.create()
+    assert stem_layers(dense) == {"conv1.0", "conv1.3", "conv1.6"}
+    model = copy.deepcopy(dense)
+    structured = prune.get("structured")
+    example = torch.randn(2, 3, 32, 32)
+    request = prune.PruneRequest(groups=(pooled_group(model),), sparsity={"all": 0.5}, options=dict(structured.options),
+                                 example_inputs=example, calibration=example, seed=0)
+    structured.apply(model, request).finish(model)
+    for name in ("conv1.0", "conv1.3", "conv1.6"):
+        assert model.get_submodule(name).weight.shape == dense.get_submodule(name).weight.shape, name
+    assert model.layer1[0].conv1.out_channels < dense.layer1[0].conv1.out_channels  # the blocks were pruned
