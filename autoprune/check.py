@@ -17,8 +17,9 @@ No check raises: whatever goes wrong, in the method or around it (counting the d
 verdict with its reason.
 
 For each it reports the achieved sparsity, the MACs and parameter ratios (dense ÷ pruned: above 1 means smaller),
-the largest output difference after save → reload, and whether one backward pass works. Nothing is healed and
-nothing is timed: this says what a method can do to the structure, not how accurate or fast the result is.
+the largest output difference after save → reload, whether one backward pass works, and whether each healing
+method asked for trains it one step (the search's pre-flight asks for the spec's). Nothing is timed, and
+no healing goes beyond that step: this says what a method can do to the structure, not how accurate or fast the result is.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune import prune
+from autoprune import heal, prune
 from autoprune.errors import AutopruneError, Unsupported
 from autoprune.measure.metrics import achieved_sparsity, count_macs, count_params, prunable_weight_count
 from autoprune.models import ModelSource, layer_groups, pooled_group, prunable_layers
@@ -59,6 +60,8 @@ class MethodCheck:
     params_ratio: float | None = None
     reload_max_abs_diff: float | None = None
     trains: bool | None = None
+    # each healing method checked on the pruned model → "" (one optimiser step, finite loss) or why it cannot heal it
+    heals: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -82,10 +85,12 @@ class ModelCheck:
 
 def check_model(source: ModelSource, *, input_size: tuple[int, int, int] | None = None,
                 methods: Sequence[str | prune.PruneMethod] | None = None, sparsities: Sequence[float] = SPARSITIES,
-                seed: int = 0, echo=None) -> ModelCheck:
+                heal_methods: Sequence[str] = (), seed: int = 0, echo=None) -> ModelCheck:
     """Try every registered pruning method (or `methods`: names, or methods not registered yet) on `source` with
-    random weights. `input_size` defaults to the model's own (timm's pretrained config); `echo` receives a line per
-    check as it finishes."""
+    random weights; on each model that works, one optimiser step of each of `heal_methods` (a healing method that
+    cannot train a method's model fails that row, naming it). `input_size` defaults to the model's own (timm's
+    pretrained config); `echo` receives a line per check as it finishes."""
+    heal_methods = [name for name in heal_methods if heal.get(name).trains]  # (an unknown name: an error, now)
     torch.manual_seed(seed)
     dense = source.create(pretrained=False).eval()  # a model timm cannot build is the user's error (one line)
     input_size = tuple(input_size or _default_input_size(dense))
@@ -103,7 +108,7 @@ def check_model(source: ModelSource, *, input_size: tuple[int, int, int] | None 
     for method in resolved:
         for sparsity in (sparsities if method.uses_sparsity else (None,)):
             check = (MethodCheck(method.name, sparsity, FAILS, dense_problem) if dense_problem
-                     else _check_one(dense, dense_size, source, method, sparsity, input_size, seed))
+                     else _check_one(dense, dense_size, source, method, sparsity, input_size, seed, heal_methods))
             checks.append(check)
             if echo is not None:
                 echo(row_text(check))
@@ -125,7 +130,8 @@ def _stage(name: str, step):
 
 
 def _check_one(dense: nn.Module, dense_size: dict[str, int], source: ModelSource, method: prune.PruneMethod,
-               sparsity: float | None, input_size: tuple[int, int, int], seed: int) -> MethodCheck:
+               sparsity: float | None, input_size: tuple[int, int, int], seed: int,
+               heal_methods: Sequence[str] = ()) -> MethodCheck:
     started = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -148,7 +154,7 @@ def _check_one(dense: nn.Module, dense_size: dict[str, int], source: ModelSource
             seed=seed,
         )
         try:
-            method.apply(model, request).finish(model)
+            masks = method.apply(model, request).finish(model)
         except Unsupported as refusal:  # the method's own "nothing here for me", saying why
             return verdict(REFUSES, _reason(refusal))
         except Exception as error:  # noqa: BLE001 — a crash inside the method
@@ -167,9 +173,11 @@ def _check_one(dense: nn.Module, dense_size: dict[str, int], source: ModelSource
         measured["reload_max_abs_diff"] = _stage("saving and reloading",
                                                  lambda: _reload_difference(model, source, example))
         measured["trains"] = _stage("training one step", lambda: _trains(model, example))
+        measured["heals"] = {name: _heals(name, model, dense, masks, request.calibration, source.num_classes, seed)
+                             for name in heal_methods}
     except _StageFailed as failed:
         return verdict(FAILS, failed.reason)
-    problems = []
+    problems = [f"healing with {name}: {why}" for name, why in measured["heals"].items() if why]
     if not measured["reload_max_abs_diff"] <= RELOAD_TOLERANCE:
         problems.append(f"reloading: outputs {measured['reload_max_abs_diff']:.2g} apart")
     if not measured["trains"]:
@@ -187,6 +195,25 @@ def _too_little(method: prune.PruneMethod, asked: float | None, achieved: float,
     if method.structured and macs_ratio <= 1.0:
         return f"removes channels, but the MACs did not fall (×{macs_ratio:.2f})"
     return ""
+
+
+def _heals(name: str, model: nn.Module, dense: nn.Module, masks, images: torch.Tensor, num_classes: int,
+           seed: int) -> str:
+    """One optimiser step of healing method `name` on (a copy of) the pruned model, as a trial would heal it: ""
+    when its loss is finite, else why not (its error in full, or a loss that is not finite)."""
+    from autoprune.data import DataBundle, ImageSet
+
+    pixels = ((images - images.min()) / (images.max() - images.min()).clamp_min(1e-6) * 255).to(torch.uint8)
+    labels = torch.arange(len(pixels)) % num_classes
+    data = DataBundle(ImageSet(pixels, labels), ImageSet(pixels, labels), num_classes, (0.5,) * 3, (0.25,) * 3)
+    method = heal.get(name)
+    try:
+        losses = method.apply(copy.deepcopy(model), heal.HealRequest(
+            calibration=data.train, data=data, steps=1, lr=1e-4, batch_size=min(4, len(pixels)), masks=masks,
+            teacher=copy.deepcopy(dense), options=dict(method.options), seed=seed))
+    except Exception as error:  # noqa: BLE001 — the verdict says why
+        return _reason(error)
+    return "" if losses and all(torch.isfinite(torch.tensor(losses))) else f"its loss is not finite ({losses})"
 
 
 def _reload_difference(model: nn.Module, source: ModelSource, example: torch.Tensor) -> float:
@@ -227,7 +254,8 @@ def _reason(error: Exception) -> str:
     return text if isinstance(error, AutopruneError) else f"{type(error).__name__}: {text}".rstrip(": ")
 
 
-COLUMNS = ("method", "sparsity", "outcome", "achieved", "MACs ×", "params ×", "reload diff", "trains", "s", "reason")
+COLUMNS = ("method", "sparsity", "outcome", "achieved", "MACs ×", "params ×", "reload diff", "trains", "heals", "s",
+           "reason")
 
 
 def row_text(check: MethodCheck) -> str:
@@ -241,7 +269,14 @@ def _cells(check: MethodCheck) -> list[str]:
     return [check.method, "own" if check.sparsity is None else f"{check.sparsity:.2f}", check.outcome,
             number(check.achieved_sparsity, "{:.2f}"), number(check.macs_ratio, "{:.2f}"),
             number(check.params_ratio, "{:.2f}"), number(check.reload_max_abs_diff, "{:.1e}"),
-            number(check.trains, "{}"), f"{check.seconds:.1f}", check.reason]
+            number(check.trains, "{}"), _heal_cell(check.heals), f"{check.seconds:.1f}", check.reason]
+
+
+def _heal_cell(heals: dict[str, str]) -> str:
+    if not heals:
+        return "—"
+    failing = [name for name, why in heals.items() if why]
+    return f"all {len(heals)}" if not failing else f"not {', '.join(failing)}"
 
 
 def table(result: ModelCheck) -> str:

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--methods", nargs="+", help="pruning methods to check (default: all registered)")
     check.add_argument("--sparsities", type=fraction, nargs="+", default=[0.3, 0.5],
                        help="what a method that takes a sparsity is asked for (default: 0.3 0.5)")
+    check.add_argument("--heal", nargs="*", metavar="METHOD",
+                       help="healing methods to train one step on each pruned model (default: every registered one"
+                            " that trains; none: give the flag alone)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
 
     doctor = commands.add_parser("doctor", help="check this machine and cluster end to end (GPUs, 2:4 kernels, NCCL,"
@@ -399,8 +402,11 @@ def _check(args) -> int:
         raise AutopruneError(f"--kwargs: expected a JSON object, but got {args.kwargs!r}")
     source = ModelSource(args.model, args.num_classes, kwargs)
     echo = None if args.json else (lambda line: print(f"autoprune: {line}", file=sys.stderr))
+    from autoprune import heal
+
+    heal_methods = heal.list_methods() if args.heal is None else args.heal
     result = check_model(source, input_size=args.input_size, methods=args.methods, sparsities=args.sparsities,
-                         echo=echo)
+                         heal_methods=heal_methods, echo=echo)
     print(json.dumps(result.as_dict()) if args.json else table(result))
     return 0
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY_RESNET, TINY_VIT
 
-from autoprune import prune
+from autoprune import heal, prune
 from autoprune.check import FAILS, REFUSES, REMOVES_LITTLE, REMOVES_NOTHING, WORKS, check_model, table
 from autoprune.cli import main
 from autoprune.errors import AutopruneError, Unsupported
@@ -210,3 +210,25 @@ def test_the_stem_is_never_pruned_a_deep_stem_included():
     for name in ("conv1.0", "conv1.3", "conv1.6"):
         assert model.get_submodule(name).weight.shape == dense.get_submodule(name).weight.shape, name
     assert model.layer1[0].conv1.out_channels < dense.layer1[0].conv1.out_channels  # the blocks were pruned
+
+
+def test_every_healing_method_trains_what_each_method_leaves_and_align_compares_logits_where_no_state_is_left():
+    """lcnet_050 has no residuals: structured removal changes every stage's width, and align had no state left to
+    compare (its loss a constant: `element 0 of tensors does not require grad`, one trial of four lost). Now it
+    aligns the logits; and a healing method that cannot train a model fails that row, saying which."""
+    from autoprune import check
+
+    result = check_model(ModelSource("lcnet_050", 10), input_size=(3, 32, 32), methods=["structured"],
+                         sparsities=(0.5,), heal_methods=["finetune", "distill", "align", "align_logits", "none"])
+    (structured,) = result.checks
+    assert structured.outcome == WORKS and structured.heals == {"finetune": "", "distill": "", "align": "",
+                                                                "align_logits": ""}  # (none trains nothing)
+    broken = heal.HealMethod("broken", lambda model, request: [float("nan")], "a test method, not registered")
+    real_get = heal.get
+    check.heal.get = lambda name: broken if name == "broken" else real_get(name)
+    try:
+        (row,) = check_model(TINY_RESNET, input_size=(3, 32, 32), methods=["structured"], sparsities=(0.5,),
+                             heal_methods=["finetune", "broken"]).checks
+    finally:
+        check.heal.get = real_get
+    assert row.outcome == FAILS and row.reason == "healing with broken: its loss is not finite ([nan])"

@@ -160,7 +160,8 @@ def check_methods(spec: SearchSpec, source: ModelSource, say: Callable[[str], No
         option: dimension.value for option, dimension in spec.prune.options.get(name, {}).items()
         if isinstance(dimension, Fixed)}}) for name in names]
     size = spec.data.image_size
-    result = check_model(source, input_size=(3, size, size), methods=methods, sparsities=(spec.prune.sparsity.high,))
+    result = check_model(source, input_size=(3, size, size), methods=methods, sparsities=(spec.prune.sparsity.high,),
+                         heal_methods=spec.heal.methods)  # and one step of each healing method on what it leaves
     for check in result.checks:  # it prunes, less than asked: the search's sparsity overstates it
         if check.outcome == REMOVES_LITTLE:
             say(f"autoprune: warning: {check.method} on {spec.model.name} at sparsity {check.sparsity:g}: {check.reason}")

@@ -6,7 +6,9 @@ The loss, for the aligned states l (each block's residual-stream output for a Vi
     L = (1/|l|) Σ_l ‖h_l(pruned) − h_l(dense)‖² / ‖h_l(dense)‖²  +  w · τ² · KL(softmax(z_dense/τ) ‖ softmax(z/τ))
 
 The per-state normalisation ("relative") puts deep and shallow states on one scale; `normalize: none` uses the
-plain mean squared error. The paper's exact loss is not public (METHODS.md §1): this is a reconstruction, and its
+plain mean squared error. A state whose width pruning changed has no counterpart and is left out; where none is
+left (structured removal on a model without residual connections changes every stage's width), the logits are
+aligned instead (the KL term, weight at least 1). The paper's exact loss is not public (METHODS.md §1): this is a reconstruction, and its
 options (`states`, `normalize`, `logit_weight`, `temperature`) are there to be measured.
 """
 
@@ -74,7 +76,10 @@ class Alignment:
                 else:
                     error = error / teacher_states[name].numel()
                 terms.append(error)
-            total = torch.stack(terms).mean() if terms else logits.new_zeros(())
+            if not terms:  # every aligned state changed width (structured removal on a model without residuals):
+                # the logits are what is left to compare, so the loss still trains (a constant zero would not)
+                return max(self.weight, 1.0) * logit_kl(logits, target, self.tau)
+            total = torch.stack(terms).mean()
             if self.weight:
                 total = total + self.weight * logit_kl(logits, target, self.tau)
             return total
