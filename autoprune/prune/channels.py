@@ -178,8 +178,9 @@ def _reaches(root, *, look_past_sums: bool = False, limit: int = 4000) -> str | 
 
 
 def _is_sum(node) -> bool:
-    """A residual sum (or summed branches): the channels are a stream, written in several places."""
-    return str(getattr(node.module, "_grad_fn", "")) in _SUMS
+    """A residual sum (or summed branches): the channels are a stream, written in several places. Adding a constant
+    or a parameter that is no node of the graph (StarReLU's `+ bias`, a scalar) has one input: it is no stream."""
+    return str(getattr(node.module, "_grad_fn", "")) in _SUMS and len(node.inputs) >= 2
 
 
 _SUMS = {"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1"}  # autograd's names for + and −
