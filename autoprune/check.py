@@ -199,8 +199,9 @@ def _too_little(method: prune.PruneMethod, asked: float | None, achieved: float,
 
 def _heals(name: str, model: nn.Module, dense: nn.Module, masks, images: torch.Tensor, num_classes: int,
            seed: int) -> str:
-    """One optimiser step of healing method `name` on (a copy of) the pruned model, as a trial would heal it: ""
-    when its loss is finite, else why not (its error in full, or a loss that is not finite)."""
+    """One optimiser step of healing method `name` on the pruned model, as a trial would heal it: "" when its loss
+    is finite, else why not (its error in full, or a loss that is not finite). In place, without copies (a large
+    model's copies cost more than its step): the row's measurements are taken, and the dense teacher is only read."""
     from autoprune.data import DataBundle, ImageSet
 
     pixels = ((images - images.min()) / (images.max() - images.min()).clamp_min(1e-6) * 255).to(torch.uint8)
@@ -208,9 +209,9 @@ def _heals(name: str, model: nn.Module, dense: nn.Module, masks, images: torch.T
     data = DataBundle(ImageSet(pixels, labels), ImageSet(pixels, labels), num_classes, (0.5,) * 3, (0.25,) * 3)
     method = heal.get(name)
     try:
-        losses = method.apply(copy.deepcopy(model), heal.HealRequest(
+        losses = method.apply(model, heal.HealRequest(
             calibration=data.train, data=data, steps=1, lr=1e-4, batch_size=min(4, len(pixels)), masks=masks,
-            teacher=copy.deepcopy(dense), options=dict(method.options), seed=seed))
+            teacher=dense, options=dict(method.options), seed=seed))
     except Exception as error:  # noqa: BLE001 — the verdict says why
         return _reason(error)
     return "" if losses and all(torch.isfinite(torch.tensor(losses))) else f"its loss is not finite ({losses})"
