@@ -68,6 +68,8 @@ class Alignment:
                 target = teacher(inputs)
             terms = []
             for name in self.names:
+                if name not in student_states or name not in teacher_states:
+                    continue  # a container that is never called itself (CoaT's ModuleList of serial blocks)
                 if student_states[name].shape != teacher_states[name].shape:
                     continue  # a state whose width pruning changed (a plain CNN's stage output) has no counterpart
                 error = (student_states[name] - teacher_states[name]).pow(2).sum()
