@@ -139,55 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the rows as JSON")
     _add_store_flags(doctor)
 
-    bench = commands.add_parser("bench", help="measure the tables the README quotes")
-    tables = bench.add_subparsers(dest="table", required=True,
-                                  metavar="{healing,pruning,latency,noise,serve,data,cluster,faults,families,search}")
-    for name, text in (("healing", "recovery per healing method, sparsity and budget"),
-                       ("pruning", "every pruning method at matched sparsity with the same healing")):
-        table = tables.add_parser(name, help=text)
-        table.add_argument("--json", dest="json_path", help="also write every measurement as JSON rows here")
-        table.add_argument("--seeds", type=positive_int, default=3)
-        table.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=["vit", "vit_narrow", "cnn"],
-                           help="which benchmark models (default: vit cnn)")
-        if name == "healing":
-            table.add_argument("--data", default="reference", choices=["reference", "fashion-mnist"],
-                               help="the task (default: reference; fashion-mnist reads Debian's dataset-fashion-mnist)")
-        if name == "pruning":
-            table.add_argument("--heal", default="distill", help="the healing every method gets (default: distill;"
-                                                                 " `none` compares the pruning criteria alone)")
-        table.add_argument("--quick", action="store_true", help="a one-setting smoke run")
-        table.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the trained dense models are cached")
-    from autoprune.bench.latency import add_arguments
+    from autoprune.bench.commands import add_bench_parser
 
-    add_arguments(tables.add_parser("latency", help="dense vs structured vs 2:4 latency on this device"))
-    from autoprune.bench import noise as bench_noise
-
-    bench_noise.add_arguments(tables.add_parser("noise", help="latencies quiet and beside busy processes: timed alone"
-                                                              " (the old way) against paired with the dense model"))
-    from autoprune.bench import serve as bench_serve
-
-    bench_serve.add_arguments(tables.add_parser("serve", help="registered vs served latency of the demo's and a"
-                                                              " ResNet's fronts, loaded in fresh processes"))
-    from autoprune.bench import data as bench_data
-
-    bench_data.add_arguments(tables.add_parser("data", help="driver and worker memory, and start-up, of a search on"
-                                                            " ImageNet-sized data (4 trials at once)"))
-    from autoprune.bench import cluster as bench_cluster
-
-    bench_cluster.add_arguments(tables.add_parser("cluster", help="one small search: embedded vs an mlflow server vs"
-                                                                  " a two-node Ray cluster on loopback"))
-    from autoprune.bench import faults as bench_faults
-
-    bench_faults.add_arguments(tables.add_parser("faults", help="a search where trials fail at random and a worker"
-                                                                " is killed: nothing lost, records agree"))
-    from autoprune.bench import families as bench_families
-
-    bench_families.add_arguments(tables.add_parser("families", help="`autoprune check` over the smallest model of each"
-                                                                    " timm family, every method at 50%"))
-    from autoprune.bench import search as bench_search
-
-    bench_search.add_arguments(tables.add_parser("search", help="hypervolume against trials per sampler, and a grid,"
-                                                                " over seeds, on the reference task and Fashion-MNIST"))
+    add_bench_parser(commands)
     return parser
 
 
@@ -343,45 +297,9 @@ def _methods(args) -> int:
 
 
 def _bench(args) -> int:
-    if args.table == "families":
-        from autoprune.bench.families import main_families
+    from autoprune.bench.commands import run_bench
 
-        return main_families(args)
-    if args.table == "latency":
-        from autoprune.bench.latency import main_latency
-
-        return main_latency(args)
-    if args.table == "data":
-        from autoprune.bench.data import main_data
-
-        return main_data(args)
-    if args.table == "noise":
-        from autoprune.bench.noise import main_noise
-
-        return main_noise(args)
-    if args.table == "serve":
-        from autoprune.bench.serve import main_serve
-
-        return main_serve(args)
-    if args.table == "cluster":
-        from autoprune.bench.cluster import main_cluster
-
-        return main_cluster(args)
-    if args.table == "search":
-        from autoprune.bench.search import main_search
-
-        return main_search(args)
-    if args.table == "faults":
-        from autoprune.bench.faults import main_faults
-
-        return main_faults(args)
-    from autoprune.bench.methods import main_healing, main_pruning
-
-    common = dict(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,
-                  quick=args.quick, models=args.models)
-    if args.table == "healing":
-        return main_healing(**common, data=args.data)
-    return main_pruning(**common, heal_method=args.heal)
+    return run_bench(args)
 
 
 def _doctor(args) -> int:

@@ -271,3 +271,16 @@ def test_serve_on_a_port_in_use_is_one_line_before_ray_starts(capsys):
         assert not _listing(cwd)
     assert f"cannot serve on 127.0.0.1:{port} (Address already in use)" in _one_line(code, err)
     assert ray.is_initialized() == ray_before
+
+
+def test_every_command_and_table_has_help_that_prints(capsys):
+    """`--help` of every command and every bench table: argparse formats each help text (a bare `%` in one broke
+    `autoprune bench --help`)."""
+    from autoprune.bench.commands import TABLES
+
+    commands = [[name] for name in cli.COMMANDS] + [["bench", table] for table in TABLES]
+    for argv in commands:
+        with pytest.raises(SystemExit) as stop:
+            cli.main([*argv, "--help"])
+        assert stop.value.code == 0, argv
+        assert capsys.readouterr().out.startswith(f"usage: autoprune {' '.join(argv)}")

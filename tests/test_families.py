@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import TINY_RESNET
 
-from autoprune.check import REFUSES, WORKS, check_model
+from autoprune import prune
+from autoprune.check import REFUSES, REMOVES_LITTLE, WORKS, check_model
 from autoprune.config import HealConfig, ProfileSpec, PruneConfig, TrialConfig
 from autoprune.models import ModelSource, internal_states, layer_groups
 from autoprune.prune.channels import channel_groups, dependency_graph, slice_positions
@@ -32,10 +33,12 @@ INPUT = (3, 32, 32)
 def test_structured_removal_shrinks_each_kind_and_the_result_reloads_and_trains(source, vbp):
     result = check_model(source, input_size=INPUT, methods=["structured", "vbp"], sparsities=(0.5,))
     structured, variance = result.checks
-    assert structured.outcome == WORKS, structured.reason
-    assert structured.macs_ratio > 1.3 and structured.params_ratio > 1.2
+    # (a tiny model's widths round: some reach a little under 60% of the sparsity asked, which check calls
+    # "removes little"; what is under test is that each kind shrinks, reloads and trains)
+    assert structured.outcome in (WORKS, REMOVES_LITTLE), structured.reason
+    assert structured.achieved_sparsity > 0.25 and structured.macs_ratio > 1.3 and structured.params_ratio > 1.2
     assert structured.reload_max_abs_diff < 1e-4 and structured.trains
-    assert variance.outcome == vbp, variance.reason
+    assert variance.outcome in ((WORKS, REMOVES_LITTLE) if vbp == WORKS else (vbp,)), variance.reason
     if vbp == WORKS:
         assert variance.macs_ratio > 1.1 and variance.reload_max_abs_diff < 1e-4 and variance.trains
     else:  # DenseNet's bottlenecks are read by convs with no bias and no BatchNorm after them: nothing to fold
@@ -43,10 +46,14 @@ def test_structured_removal_shrinks_each_kind_and_the_result_reloads_and_trains(
         assert "no hidden channels whose mean can be folded" in variance.reason
 
 
-def test_a_model_whose_every_channel_feeds_a_residual_sum_is_refused_with_the_reason():
-    result = check_model(ModelSource("repvgg_a0", 10), input_size=INPUT, methods=["structured"], sparsities=(0.5,))
+def test_a_model_whose_every_channel_feeds_a_residual_sum_is_refused_with_the_reason_when_scoped_internal():
+    from dataclasses import replace
+
+    structured = prune.get("structured")
+    internal = replace(structured, options={**structured.options, "scope": "internal"})
+    result = check_model(ModelSource("repvgg_a0", 10), input_size=INPUT, methods=[internal], sparsities=(0.5,))
     assert result.checks[0].outcome == REFUSES
-    assert "no block-internal channels" in result.checks[0].reason
+    assert "no block-internal channels" in result.checks[0].reason and "scope: stream" in result.checks[0].reason
 
 
 def _groups(source: ModelSource):

@@ -78,7 +78,7 @@ def test_the_spec_takes_halving_as_true_or_as_rungs_and_margin():
         parse_spec(_demo_raw(halving={"rungs": [1.5]}))
     with pytest.raises(SpecError, match="search.halving.eta: must be at least 2, but got 1"):
         parse_spec(_demo_raw(halving={"eta": 1}))
-    with pytest.raises(SpecError, match="search.halving.rung: unknown key; valid keys here: eta, margin, rungs"):
+    with pytest.raises(SpecError, match=r"search.halving.rung: unknown key \(did you mean rungs\?\); valid keys here: eta, margin, rungs"):
         parse_spec(_demo_raw(halving={"rung": [0.5]}))
     raw = _demo_raw(halving=True)
     raw["objectives"] = {"accuracy": "max", "macs": "min"}

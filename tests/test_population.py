@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from autoprune.bench import families, population
+from autoprune.bench import census, census_tables, population
 from autoprune.check import FAILS, REFUSES, WORKS
 
 
@@ -57,7 +57,7 @@ def test_each_architecture_is_checked_in_its_own_subprocess_and_a_rerun_resumes(
     path = tmp_path / "all.jsonl"
     monkeypatch.setitem(population.SKIPPED, "vgg", "left out by this test")
     said = []
-    records = families.run_all(path, only=["starnet", "dla", "vgg"], methods=["structured", "nm"], jobs=2,
+    records = census.run_all(path, only=["starnet", "dla", "vgg"], methods=["structured", "nm"], jobs=2,
                                cap_seconds=120, echo=said.append)
     starnet = records["starnet"]
     assert (starnet["status"], starnet["model"], starnet["input_size"]) == ("checked", "starnet_s050", [3, 64, 64])
@@ -72,11 +72,11 @@ def test_each_architecture_is_checked_in_its_own_subprocess_and_a_rerun_resumes(
     assert [json.loads(line)["kind"] for line in lines] == ["architecture"] * 3 + ["run"]
 
     again = []
-    families.run_all(path, only=["starnet", "dla", "vgg"], methods=["structured", "nm"], echo=again.append)
+    census.run_all(path, only=["starnet", "dla", "vgg"], methods=["structured", "nm"], echo=again.append)
     assert len(again) == 1 and "2 already in" in again[0] and "0 to check" in again[0]
     assert len(path.read_text().splitlines()) == len(lines) + 1  # nothing but the second run's record
 
-    text = families.population_markdown(*families.read_records(path))
+    text = census_tables.population_markdown(*census.read_records(path))
     assert "2 timm architectures checked" in text and "1 skipped" in text
     assert "| starnet | starnet_s050 | 0.4M | 64×64 |" in text and "- vgg: left out by this test" in text
     assert "| nm | 0 | 2 | 0 | 0 | 0 | 0 |" in text  # masks keep the MACs: works below 1.3×
@@ -86,26 +86,26 @@ def test_each_architecture_is_checked_in_its_own_subprocess_and_a_rerun_resumes(
 def test_a_child_past_its_cap_or_dying_is_rows_without_a_verdict_not_an_exception(tmp_path, monkeypatch):
     path = tmp_path / "all.jsonl"
     methods = ["structured", "nm"]
-    timed_out = families.run_all(path, only=["starnet"], methods=methods, cap_seconds=0.5,
+    timed_out = census.run_all(path, only=["starnet"], methods=methods, cap_seconds=0.5,
                                  echo=lambda line: None)["starnet"]
-    assert timed_out["status"] == families.TIMED_OUT
-    assert [row["outcome"] for row in timed_out["rows"]] == [families.TIMED_OUT] * 2
+    assert timed_out["status"] == census_tables.TIMED_OUT
+    assert [row["outcome"] for row in timed_out["rows"]] == [census_tables.TIMED_OUT] * 2
     assert timed_out["rows"][0]["reason"].startswith("still running after the 0.5 s cap, killed (while ")
-    text = families.population_markdown(*families.read_records(path))
+    text = census_tables.population_markdown(*census.read_records(path))
     assert "| structured | 0 | 0 | 0 | 0 | 0 | 1 |" in text and "- starnet, timed out: still running" in text
 
     died = "import os, signal, sys; print('out of memory, say', file=sys.stderr, flush=True); os.kill(os.getpid(), 9)"
-    monkeypatch.setattr(families, "child_command", lambda architecture, methods: [sys.executable, "-c", died])
-    assert families.run_all(path, only=["starnet"], methods=methods, echo=lambda line: None)["starnet"][
-        "status"] == families.TIMED_OUT  # done already: without --retry-failed it is not run again
-    crashed = families.run_all(path, only=["starnet"], methods=methods, retry_failed=True,
+    monkeypatch.setattr(census, "child_command", lambda architecture, methods: [sys.executable, "-c", died])
+    assert census.run_all(path, only=["starnet"], methods=methods, echo=lambda line: None)["starnet"][
+        "status"] == census_tables.TIMED_OUT  # done already: without --retry-failed it is not run again
+    crashed = census.run_all(path, only=["starnet"], methods=methods, retry_failed=True,
                                echo=lambda line: None)["starnet"]
-    assert crashed["status"] == families.CRASHED and crashed["rows"][0]["outcome"] == families.CRASHED
+    assert crashed["status"] == census_tables.CRASHED and crashed["rows"][0]["outcome"] == census_tables.CRASHED
     assert f"killed by SIGKILL (exit status -{int(signal.SIGKILL)}" in crashed["reason"]
     assert "out of memory, say" in crashed["reason"]
     exits = "import sys; print('Traceback …', file=sys.stderr); print('ValueError: no', file=sys.stderr); sys.exit(3)"
-    monkeypatch.setattr(families, "child_command", lambda architecture, methods: [sys.executable, "-c", exits])
-    record = families.run_architecture("starnet", methods, cap_seconds=30)
+    monkeypatch.setattr(census, "child_command", lambda architecture, methods: [sys.executable, "-c", exits])
+    record = census.run_architecture("starnet", methods, cap_seconds=30)
     assert record["reason"].startswith("the child exited with status 3 before it finished; its last stderr line:"
                                        " ValueError: no (while choosing its smallest model)")
     assert "Traceback …\nValueError: no" in record["reason"]  # the end of its stderr, in full
@@ -115,7 +115,7 @@ def test_the_tables_read_any_outcome_and_the_cli_prints_them_from_the_json_alone
     from autoprune.cli import main
 
     def architecture(name, status, rows, **fields):
-        return {**families._record(name, status, ["structured", "magnitude"], model=f"{name}_small",
+        return {**census._record(name, status, ["structured", "magnitude"], model=f"{name}_small",
                                    params=2_000_000, input_size=[3, 64, 64], seconds=12.0, rows=rows), **fields}
 
     def row(method, outcome, ratio=None, reason=""):
@@ -129,7 +129,7 @@ def test_the_tables_read_any_outcome_and_the_cli_prints_them_from_the_json_alone
                                           row("magnitude", FAILS, reason="it broke\nsecond line")]),
         architecture("delta", "crashed", [row("structured", "crashed"), row("magnitude", "crashed")],
                      reason="the child was killed by SIGKILL\nmore"),
-        families._record("epsilon", "skipped", [], reason="not a classifier"),
+        census._record("epsilon", "skipped", [], reason="not a classifier"),
         {"kind": "run", "wall_s": 3725.0, "population": 98, "timm": "1.0.31", "jobs": 2, "cap_seconds": 300,
          "sparsity": 0.5, "cpus": 2, "checked": 5},
     ]

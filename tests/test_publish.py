@@ -34,9 +34,12 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path):
 
 
 def _started_search(tmp_path: Path, spec) -> str:
-    """A parent run as a search that started and then stopped leaves it (the spec logged, no Tune state yet)."""
+    """A parent run as a search that started and then stopped leaves it (the spec that ran logged — without the
+    methods it left out before starting —, no Tune state yet)."""
+    from autoprune.driver.search import _methods_that_can_be_faster
+
     tracker = Tracker(resolve_tracking_uri(None, None, tmp_path), spec.mlflow.experiment)
-    return tracker.start_search(name=spec.name, spec=spec.as_dict())
+    return tracker.start_search(name=spec.name, spec=_methods_that_can_be_faster(spec, lambda line: None).as_dict())
 
 
 def test_resume_with_another_spec_names_what_changed(tmp_path):

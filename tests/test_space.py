@@ -55,7 +55,7 @@ def test_method_options_can_be_searched_and_belong_to_their_method():
     space = SearchSpace(parse_spec(raw), GROUPS)
     params, config = _sample(space, {"prune.method": "structured", "prune.structured.round_to": 8,
                                      "heal.method": "align", "heal.align.states": "last"})
-    assert config.prune.options == {"round_to": 8, "heads": False, "importance": "l2"}
+    assert config.prune.options == {"round_to": 8, "heads": False, "importance": "l2", "scope": "auto"}
     assert config.heal.options["states"] == "last"
     assert config.flat()["prune.structured.round_to"] == 8
     params, _ = _sample(space, {"prune.method": "magnitude", "heal.method": "finetune"})

@@ -28,7 +28,8 @@ def test_demo_dimensions_parse_into_their_kinds():
     assert spec.heal.steps == Range(20, 120, log=True)
     assert isinstance(spec.heal.lr, Range) and spec.heal.lr.log
     assert spec.prune.options == {"magnitude": {}, "nm": {"n": Fixed(2), "m": Fixed(4)},
-                                  "structured": {"round_to": Fixed(1), "heads": Fixed(True), "importance": Fixed("l2")},
+                                  "structured": {"round_to": Fixed(1), "heads": Fixed(True), "importance": Fixed("l2"),
+                                                 "scope": Fixed("auto")},
                                   "vbp": {}}
     assert spec.cost_metric == "latency_ms"
 

@@ -259,3 +259,42 @@ def _emit(rows: list[dict], markdown: Callable[[list[dict]], str], json_path: st
     print()
     print(markdown(rows))
     return 0
+
+
+# ---- the CLI: `autoprune bench healing | pruning` ------------------------------------------------------------------
+
+def _add_common_arguments(parser) -> None:
+    from autoprune.argtypes import positive_int
+    from autoprune.tracking.store import DEFAULT_WORKDIR
+
+    parser.add_argument("--json", dest="json_path", help="also write every measurement as JSON rows here")
+    parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=["vit", "vit_narrow", "cnn"],
+                        help="which benchmark models (default: vit cnn)")
+    parser.add_argument("--quick", action="store_true", help="a one-setting smoke run")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the trained dense models are cached")
+
+
+def add_healing_arguments(parser) -> None:
+    _add_common_arguments(parser)
+    parser.add_argument("--data", default="reference", choices=["reference", "fashion-mnist"],
+                        help="the task (default: reference; fashion-mnist reads Debian's dataset-fashion-mnist)")
+
+
+def add_pruning_arguments(parser) -> None:
+    _add_common_arguments(parser)
+    parser.add_argument("--heal", default="distill", help="the healing every method gets (default: distill;"
+                                                          " `none` compares the pruning criteria alone)")
+
+
+def _common(args) -> dict:
+    return dict(json_path=args.json_path, cache_dir=str(Path(args.workdir) / "cache"), seeds=args.seeds,
+                quick=args.quick, models=args.models)
+
+
+def healing_table(args) -> int:
+    return main_healing(**_common(args), data=args.data)
+
+
+def pruning_table(args) -> int:
+    return main_pruning(**_common(args), heal_method=args.heal)

@@ -1,0 +1,57 @@
+"""`autoprune bench TABLE`: the tables the README quotes, one entry each — the module that measures it, what it
+measures, and its two functions (the flags it takes, what runs it) — so that the CLI lists, parses and runs them
+from one registry. A module is imported when its table's flags are read."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Table:
+    module: str  # under autoprune.bench
+    text: str  # what it measures (the CLI's help)
+    add: str = "add_arguments"  # its function that adds the table's flags to a parser
+    main: str = ""  # its function that runs the table from parsed arguments (default: main_<table>)
+
+
+TABLES: dict[str, Table] = {
+    "healing": Table("methods", "recovery per healing method, sparsity and budget", "add_healing_arguments",
+                     "healing_table"),
+    "pruning": Table("methods", "every pruning method at matched sparsity with the same healing",
+                     "add_pruning_arguments", "pruning_table"),
+    "latency": Table("latency", "dense vs structured vs 2:4 latency on this device"),
+    "noise": Table("noise", "latencies quiet and beside busy processes: timed alone (the old way) against paired"
+                            " with the dense model"),
+    "serve": Table("serve", "registered vs served latency of the demo's and a ResNet's fronts, loaded in fresh"
+                            " processes"),
+    "data": Table("data", "driver and worker memory, and start-up, of a search on ImageNet-sized data (4 trials at"
+                          " once)"),
+    "cluster": Table("cluster", "one small search: embedded vs an mlflow server vs a two-node Ray cluster on"
+                                " loopback"),
+    "faults": Table("faults", "a search where trials fail at random and a worker is killed: nothing lost, records"
+                              " agree"),
+    "families": Table("families", "`autoprune check` over the smallest model of each timm family (--all: of every"
+                                  " timm architecture), every method at 50%%"),
+    "search": Table("search", "hypervolume against trials per sampler, and a grid, over seeds, on the reference task"
+                              " and Fashion-MNIST"),
+}
+
+
+def _function(table: str, kind: str):
+    entry = TABLES[table]
+    name = getattr(entry, kind) or f"main_{table}"
+    return getattr(importlib.import_module(f"autoprune.bench.{entry.module}"), name)
+
+
+def add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="measure the tables the README quotes")
+    tables = bench.add_subparsers(dest="table", required=True, metavar="{" + ",".join(TABLES) + "}")
+    for table, entry in TABLES.items():
+        _function(table, "add")(tables.add_parser(table, help=entry.text))
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    return _function(args.table, "main")(args)
