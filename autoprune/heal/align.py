@@ -68,8 +68,9 @@ class Alignment:
                 target = teacher(inputs)
             terms = []
             for name in self.names:
-                if name not in student_states or name not in teacher_states:
-                    continue  # a container that is never called itself (CoaT's ModuleList of serial blocks)
+                if not (isinstance(student_states.get(name), torch.Tensor)
+                        and isinstance(teacher_states.get(name), torch.Tensor)):
+                    continue  # never called itself (CoaT's ModuleList of blocks), or not one tensor (CrossViT's list)
                 if student_states[name].shape != teacher_states[name].shape:
                     continue  # a state whose width pruning changed (a plain CNN's stage output) has no counterpart
                 error = (student_states[name] - teacher_states[name]).pow(2).sum()

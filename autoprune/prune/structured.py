@@ -55,8 +55,8 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     found = [group for group in channel_groups(model, graph, streams=scope != "internal")
              # written by a layer that stays whole (the stem), even if an SE gate also writes it: left whole
              if all(name in ratios for name in group.producers)]
-    if scope == "auto":  # a block's own channels where the model has them (the stages keep their widths)
-        scope = "internal" if gated or any(group.internal for group in found) else "stream"
+    if scope == "auto":
+        scope = _auto_scope(model, found, bool(gated), ratios)
     groups = [group for group in found
               if (group.internal and scope != "stream") or (group.stream and scope != "internal")]
     if not groups and not gated:
@@ -86,6 +86,26 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     model.zero_grad(set_to_none=True)
     _must_still_run(model, request.example_inputs)
     return Masks()
+
+
+AUTO_COVERAGE = 0.5  # auto: internal channels alone, when they reach at least this share of the prunable weights
+
+
+def _auto_scope(model: nn.Module, found, gated: bool, ratios: dict[str, float]) -> str:
+    """What `scope: auto` removes: a block's own channels (the stages keep their widths) where they, with the
+    attention heads, touch at least AUTO_COVERAGE of the prunable weights; residual streams where the model has no
+    such channel (RepVGG, MobileOne); both where the internal ones are too few to reach the sparsity asked
+    (ConvMixer: a pointwise conv per block, writing the stream)."""
+    internal = [group for group in found if group.internal]
+    if not internal and not gated:
+        return "stream"
+    modules = dict(model.named_modules())
+    touched = {name for group in internal for name in (*group.producers, *group.consumers)}
+    touched |= {name for name in ratios if name.rsplit(".", 1)[0] in {n for n, _ in head_prunable_attention(model)}}
+    touched |= {f"{name}.{layer}" for name, _ in gated_mlps(model) for layer in ("fc1", "fc2")}
+    weight = {name: modules[name].weight.numel() for name in ratios if name in modules}
+    covered = sum(count for name, count in weight.items() if name in touched) / max(1, sum(weight.values()))
+    return "internal" if covered >= AUTO_COVERAGE else "both"
 
 
 def stream_channel_ratio(sparsity: float, group, modules: dict[str, nn.Module]) -> float:
@@ -132,7 +152,7 @@ def _must_still_run(model: nn.Module, example_inputs: torch.Tensor) -> None:
 # What `scope` lets structured removal take: block-internal channels (today's default: every block keeps its
 # input and output widths), residual streams (a whole stage's width, for families whose blocks have no internal
 # channel: RepVGG / MobileOne, PoolFormer, …), or both.
-SCOPES = ("auto", "internal", "stream", "both")  # auto: internal where the model has such channels, else stream
+SCOPES = ("auto", "internal", "stream", "both")  # auto: see _auto_scope
 
 # Per-weight scores whose sum over a head is its importance (the same criteria as the channel groups').
 WEIGHT_SCORES = {
