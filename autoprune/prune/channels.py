@@ -51,12 +51,37 @@ class ChannelGroup:
     stream: bool = False
 
 
+def _guard_unknown_concat_widths() -> None:
+    """Torch-Pruning 1.6.1 sums a concatenation's input widths before it checks that it could infer them all
+    (`update_concat_index_mapping`: `sum(chs)` with a None among them, a TypeError that ends the whole trace — a
+    CSPDarknet's Focus stem, CoaT, EfficientViT-MSRA). Where one is unknown it means to leave the concatenation
+    unmapped (its next line returns on a None); this does that, and forgets the partial sizes so that its concat
+    pruner skips the node too. A group that would need the mapping breaks the model, which the caller sees."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_concat_index_mapping
+    if getattr(original, "guarded", False):
+        return
+
+    def guarded(graph, cat_node) -> None:
+        try:
+            original(graph, cat_node)
+        except TypeError:
+            if cat_node.module.concat_sizes is None or None not in cat_node.module.concat_sizes:
+                raise
+            cat_node.module.concat_sizes = None
+
+    guarded.guarded = True
+    index_mapping.update_concat_index_mapping = guarded
+
+
 def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
     """Torch-Pruning's dependency graph of `model`, with every attention module as one opaque node: its layers are
     not nodes of their own (their widths are tied to head counts), and a group that reaches it is not internal.
     The graph traces with autograd (through the attention's functional operations too), with gradients on."""
     import torch_pruning as tp
 
+    _guard_unknown_concat_widths()
     opaque = {type(module): _Opaque() for module in model.modules() if is_attention(module)}
     training = model.training  # Torch-Pruning traces in eval mode and leaves the model there
     with warnings.catch_warnings():  # unwrapped parameters such as pos_embed are never pruned here
