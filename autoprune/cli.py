@@ -33,6 +33,13 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
                                                                    f"(default: ./{DEFAULT_WORKDIR})")
 
 
+def _add_search_choice(parser: argparse.ArgumentParser) -> None:
+    """Which search `front` and `ui` show: `--experiment` or `--run` (default: the newest finished one)."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--experiment", help="the newest finished search of this experiment (default: of any)")
+    which.add_argument("--run", help="the search with this run id")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoprune", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -96,17 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     front = commands.add_parser("front", help="print a search's Pareto front: the newest finished search's, or the"
                                               " one chosen as `ui` chooses")
-    which = front.add_mutually_exclusive_group()
-    which.add_argument("--experiment", help="the newest finished search of this experiment (default: of any)")
-    which.add_argument("--run", help="the search with this run id")
+    _add_search_choice(front)
     front.add_argument("--json", action="store_true", help="print one JSON object: the search and its front's rows")
     _add_store_flags(front)
 
     ui = commands.add_parser("ui", help="MLflow's UI opened on a search's front: serves a local store (until Ctrl-C)"
                                         " and prints the address; for a tracking server, prints it")
-    which = ui.add_mutually_exclusive_group()
-    which.add_argument("--experiment", help="the newest finished search of this experiment (default: of any)")
-    which.add_argument("--run", help="the search with this run id")
+    _add_search_choice(ui)
     ui.add_argument("--host", default="127.0.0.1", help="interface to serve a local store on (default: loopback only)")
     ui.add_argument("--port", type=port, default=5000)
     _add_store_flags(ui)
