@@ -282,11 +282,38 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if hasattr(module, "num_heads") and isinstance(getattr(module, "qkv", None), nn.Linear)]
 
 
+# attention attributes that are widths of all heads together (timm's names), which head removal scales
+HEAD_WIDTHS = ("attn_dim", "val_attn_dim", "out_dim", "dh", "nh_kd", "all_head_dim", "inner_dim")
+
+
+def attention_settings(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Each attention's head count and the widths that follow it: what a saved model must restore (fewer heads and
+    narrower heads have the same tensor shapes) and what tells two structures apart."""
+    settings = {}
+    for name, module in model.named_modules():
+        heads = getattr(module, "num_heads", None)
+        if is_attention(module) and isinstance(heads, int) and not isinstance(heads, bool):
+            found = {key: getattr(module, key, None) for key in ("num_heads", "head_dim", *HEAD_WIDTHS)}
+            settings[name] = {key: value for key, value in found.items()
+                              if isinstance(value, int) and not isinstance(value, bool)}
+    return settings
+
+
+def restore_attention_settings(model: nn.Module, settings: dict[str, dict[str, int] | int]) -> None:
+    """Set what `attention_settings` read (a bare int: a head count, as models saved before these were kept)."""
+    modules = dict(model.named_modules())
+    for name, values in settings.items():
+        for key, value in ({"num_heads": values} if isinstance(values, int) else values).items():
+            setattr(modules[name], key, value)
+
+
 def fix_width_metadata(model: nn.Module) -> None:
     """After channels are removed, the modules that keep a width as a plain attribute must learn the new one, or
     their reshapes fail: timm's Attention (head_dim, attn_dim), MetaFormer's Scale (the shape its per-channel
     scale is viewed as, which a residual stream's removal narrows)."""
     for _, module in attention_modules(model):
+        if not hasattr(module, "head_dim") or module.qkv.out_features % (3 * module.num_heads):
+            continue  # not timm's (q|k|v, head, dim) layout
         width = module.qkv.out_features // 3
         module.head_dim = width // module.num_heads
         if hasattr(module, "attn_dim"):

@@ -19,7 +19,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.measure.formats import SEMI_STRUCTURED, TORCH_DTYPES, ExecutionRecipe, plan_kernels, prepare
-from autoprune.models import ModelSource, attention_modules, fix_width_metadata
+from autoprune.models import ModelSource, attention_settings, fix_width_metadata, restore_attention_settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def save_model(model: nn.Module, source: ModelSource, directory: str | Path, *,
         "kwargs": dict(source.kwargs),
         "shapes": shapes,
         # Head counts cannot be read off the shapes (fewer heads and narrower heads look alike).
-        "attention_heads": {name: module.num_heads for name, module in attention_modules(model)},
+        "attention_heads": attention_settings(model),
     }
     if recipe is not None:
         structure["execution"] = recipe.as_dict()
@@ -82,10 +82,8 @@ def load_model_dir(directory: str | Path, *, recipe: bool = True, device: str | 
     source = ModelSource(structure["timm_name"], structure["num_classes"], structure["kwargs"])
     model = source.create(pretrained=False)
     _resize_to(model, {key: torch.Size(shape) for key, shape in structure["shapes"].items()})
-    modules = dict(model.named_modules())
-    for name, heads in structure.get("attention_heads", {}).items():
-        modules[name].num_heads = heads
     fix_width_metadata(model)
+    restore_attention_settings(model, structure.get("attention_heads", {}))
     _load_weights(model, directory)
     model.eval()
     if not recipe or "execution" not in structure:

@@ -99,7 +99,8 @@ def _keep_inputs(module: nn.Module, keep: torch.Tensor) -> None:
 def shrink(model: nn.Module, ratio: float, round_to: int) -> nn.Module:
     """A copy with `ratio` of every block's private channels (kept widths multiples of `round_to`) and of every
     attention's heads removed (largest-norm ones kept)."""
-    from autoprune.prune.structured import remove_heads  # torch only
+    from autoprune.prune.heads import HeadSlicing, drop_weakest, remove_heads  # torch only
+    from autoprune.prune.structured import WEIGHT_SCORES
 
     model = copy.deepcopy(model)
     modules = dict(model.named_modules())
@@ -116,8 +117,9 @@ def shrink(model: nn.Module, ratio: float, round_to: int) -> nn.Module:
             _keep_rows(modules[unit.producer_norm], keep)
         _keep_inputs(consumer, keep)
     for _, attention in attention_modules(model):
-        if isinstance(getattr(attention, "proj", None), nn.Linear):
-            remove_heads(attention, ratio)
+        if isinstance(getattr(attention, "proj", None), nn.Linear):  # timm's Attention: (q|k|v, head, dim) rows
+            slicing = HeadSlicing(attention.num_heads, {"qkv": 3}, "parts_first")
+            remove_heads(attention, drop_weakest(attention, slicing, ratio, WEIGHT_SCORES["l2"]), slicing)
     return model
 
 

@@ -7,9 +7,10 @@ The loss, for the aligned states l (each block's residual-stream output for a Vi
 
 The per-state normalisation ("relative") puts deep and shallow states on one scale; `normalize: none` uses the
 plain mean squared error. A state whose width pruning changed has no counterpart and is left out; where none is
-left (structured removal on a model without residual connections changes every stage's width), the logits are
-aligned instead (the KL term, weight at least 1). The paper's exact loss is not public (METHODS.md §1): this is a reconstruction, and its
-options (`states`, `normalize`, `logit_weight`, `temperature`) are there to be measured.
+left (structured removal on a model without residual connections changes every stage's width, or the model has no
+state align recognises: MViTv2, Twins), the logits are aligned instead (the KL term, weight at least 1). The
+paper's exact loss is not public (METHODS.md §1): this is a reconstruction, and its options (`states`,
+`normalize`, `logit_weight`, `temperature`) are there to be measured.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ def align(model: nn.Module, request: HealRequest) -> list[float]:
     names = internal_states(model)
     if options["states"] == "last":
         names = names[-1:]
-    if not names and not options["logit_weight"]:
-        raise AutopruneError("align: this model has no recognised internal states; set a logit_weight > 0.")
+    # no recognised states (MViTv2, Twins): the loss compares the logits alone, as when every state changed width
     objective = Alignment(request.teacher, names, normalize=options["normalize"], temperature=options["temperature"],
                           logit_weight=options["logit_weight"])
     return optimise(

@@ -24,7 +24,7 @@ from typing import Protocol
 from torch import nn
 
 from autoprune.measure.timing import merge_profiles
-from autoprune.models import attention_modules
+from autoprune.models import attention_settings
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60  # a lookup is a dictionary access; longer than this, the actor is gone
@@ -33,7 +33,7 @@ CALL_TIMEOUT_S = 60  # a lookup is a dictionary access; longer than this, the ac
 def structure_signature(model: nn.Module, **settings) -> str:
     """A short hash of the model's structure and the measurement `settings` (device, dtype, batch size, …)."""
     shapes = [(name, list(tensor.shape)) for name, tensor in model.state_dict().items()]
-    heads = [(name, int(module.num_heads)) for name, module in attention_modules(model)]
+    heads = attention_settings(model)
     text = json.dumps({"class": type(model).__name__, "shapes": shapes, "heads": heads, "settings": settings},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -49,6 +49,8 @@ class ChannelGroup:
     # a residual stream: written by several layers whose outputs are summed (a stage's blocks, re-parameterisable
     # branches), read by every block of the stage; removable as one group, which narrows the whole stage
     stream: bool = False
+    # depthwise convs the channels pass through (they lose the same channels, inputs and outputs as one)
+    through: tuple[str, ...] = ()
 
 
 def _guard_unknown_concat_widths() -> None:
@@ -149,7 +151,8 @@ def channel_groups(model: nn.Module, graph, *, streams: bool = False) -> list[Ch
             continue
         group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels,
                                         list(range(_width(module))))
-        writers, readers, slices, joined, split, summed, attends = [], [], set(), False, False, False, False
+        writers, readers, through, slices = [], [], [], set()
+        joined, split, summed, attends = False, False, False, False
         for dependency, _ in group:
             target, kind = dependency.target.module, dependency.target.type
             joined |= kind == tp.ops.OPTYPE.CONCAT
@@ -158,6 +161,8 @@ def channel_groups(model: nn.Module, graph, *, streams: bool = False) -> list[Ch
             split |= kind in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND)
             summed |= _is_sum(dependency.target)
             attends |= isinstance(target, nn.Module) and is_attention(target)
+            if _depthwise(target) and target in names:
+                through.append(names[target])
             if not isinstance(target, (nn.Conv2d, nn.Linear)) or target not in names or _depthwise(target):
                 continue
             if isinstance(target, nn.Conv2d) and target.groups > 1:
@@ -173,7 +178,7 @@ def channel_groups(model: nn.Module, graph, *, streams: bool = False) -> list[Ch
         # do not line up with its indices (an IndexError in 1.6.1)
         usable = divisible and not (split or joined or attends) and bool(writers) and bool(readers)
         found.append(ChannelGroup(names[module], _unique(writers), _unique(readers), _width(module), parts,
-                                  usable and not summed, group, stream=usable and summed))
+                                  usable and not summed, group, stream=usable and summed, through=_unique(through)))
     return found
 
 

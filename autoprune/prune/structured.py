@@ -8,10 +8,10 @@ writer's layer group asks for; the graph removes the coupled inputs, norms and d
 Channels that feed a residual stream are coupled across a whole stage and stay. A model with no internal channel
 at all (RepVGG: every conv feeds a residual sum) is refused, with that reason.
 
-Attention heads (option `heads`, on by default) go whole where timm's attention layout is known (ViT's
-`Attention`, Swin's `WindowAttention`): a head's q, k and v rows of `qkv`, its columns of `proj` and its column of
-a relative-position bias table are sliced out inside the one module. Other attentions keep their heads; their
-MLPs are still pruned.
+Attention heads (option `heads`, on by default) go whole wherever a probe confirms where a head's rows sit
+(prune/heads.py: ViT, Swin, SAM, Hiera, TinyViT, DaViT, Twins, PVT, … — their q, k and v rows, `proj` columns and
+per-head biases are sliced out inside the one module). Other attentions keep their heads; their MLPs are still
+pruned.
 
 What to remove is kept separate from how (the dependency graph). Option `importance` scores a channel group or a
 head by its weights' squared L2 norm (`l2`), L1 norm (`l1`), or first-order Taylor estimate of the loss change,
@@ -29,6 +29,7 @@ from autoprune.errors import AutopruneError, Unsupported
 from autoprune.models import fix_width_metadata
 from autoprune.prune.base import PruneMethod, PruneRequest, register
 from autoprune.prune.channels import channel_groups, dependency_graph, remove, slice_positions
+from autoprune.prune.heads import head_layouts, projections, prune_heads
 from autoprune.prune.masks import Masks
 
 
@@ -38,37 +39,30 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
     if request.example_inputs is None:
         raise AutopruneError("structured pruning needs example inputs to trace the model.")
     round_to = int(request.options["round_to"])
-    ratios = {layer: request.sparsity[group.name] for group in request.groups for layer in group.layers}
+    asked = {layer: request.sparsity[group.name] for group in request.groups for layer in group.layers}
     kind = request.options["importance"]
     if kind == "taylor":
         _loss_gradients(model, request.calibration)
-    if request.options["heads"]:
-        for name, attention in head_prunable_attention(model):
-            ratio = ratios.get(f"{name}.qkv")
-            if ratio:
-                remove_heads(attention, ratio, WEIGHT_SCORES[kind])
-    gated = [(name, mlp) for name, mlp in gated_mlps(model) if ratios.get(f"{name}.fc1")]
-    for name, mlp in gated:
-        remove_gated_hidden(mlp, ratios[f"{name}.fc1"], round_to, WEIGHT_SCORES[kind])
+    layouts = head_layouts(model, request.example_inputs) if request.options["heads"] else {}
+    gated = {name: mlp for name, mlp in gated_mlps(model) if asked.get(f"{name}.fc1")}
     scope = request.options["scope"]
     graph = dependency_graph(model, request.example_inputs)
     found = [group for group in channel_groups(model, graph, streams=scope != "internal")
              # written by a layer that stays whole (the stem), even if an SE gate also writes it: left whole
-             if all(name in ratios for name in group.producers)]
+             if all(name in asked for name in group.producers)]
+    modules = dict(model.named_modules())
     if scope == "auto":
-        scope = _auto_scope(model, found, bool(gated), ratios)
+        scope = _auto_scope(Removable([group for group in found if group.internal], layouts, gated), asked, modules)
     groups = [group for group in found
               if (group.internal and scope != "stream") or (group.stream and scope != "internal")]
-    if not groups and not gated:
+    if not groups and not gated and not layouts:
         raise Unsupported(_nothing_in_scope(model, scope))
-    modules = dict(model.named_modules())
+    ratios = channel_ratios(request, Removable(groups, layouts, gated), modules)
     importance = (tp.importance.GroupTaylorImportance() if kind == "taylor"
                   else tp.importance.GroupMagnitudeImportance(p=1 if kind == "l1" else 2))
     for group in groups:
         # a stream's writers may sit in several layer groups (blocks of a stage at different depths): their mean
         ratio = sum(ratios[name] for name in group.producers) / len(group.producers)
-        if group.stream:
-            ratio = stream_channel_ratio(ratio, group, modules)
         per_slice = group.width // group.slices
         keep = max(round_to, int(round(per_slice * (1 - ratio) / round_to)) * round_to)
         if keep >= per_slice:
@@ -82,44 +76,79 @@ def remove_channels(model: nn.Module, request: PruneRequest) -> Masks:
                     f"structured: removing channels of {group.root} in {type(model).__name__} failed"
                     f" ({type(error).__name__}: {error}); this model's layout is not supported by structured removal."
                 ) from None
+    # inside one module, where the graph does not look (its attention is opaque, a GLU's split halves it cannot
+    # follow); their input and output widths stay, so the graph's removals above are not disturbed
+    prune_heads(model, layouts, ratios, WEIGHT_SCORES[kind])
+    for name, mlp in gated.items():
+        remove_gated_hidden(mlp, ratios[f"{name}.fc1"], round_to, WEIGHT_SCORES[kind])
     fix_width_metadata(model)
     model.zero_grad(set_to_none=True)
     _must_still_run(model, request.example_inputs)
     return Masks()
 
 
+class Removable:
+    """Which layers lose output channels and which lose input channels, when `groups` are removed along with the
+    heads of the attentions in `layouts` and the hidden channels of the gated MLPs in `gated`."""
+
+    def __init__(self, groups, layouts: dict, gated: dict) -> None:
+        self.outputs = {name for group in groups for name in (*group.producers, *group.through)}
+        self.inputs = {name for group in groups for name in group.consumers}
+        for name, slicing in layouts.items():
+            outputs, inputs = projections(name, slicing)
+            self.outputs.update(outputs)
+            self.inputs.update(inputs)
+        self.outputs.update(f"{name}.fc1" for name in gated)
+        self.inputs.update(f"{name}.fc2" for name in gated)
+
+    def share_lost(self, layer: str, ratio: float) -> float:
+        """The share of `layer`'s weights gone when `ratio` of its output and of its input channels go."""
+        kept_out = 1 - ratio if layer in self.outputs else 1.0
+        kept_in = 1 - ratio if layer in self.inputs else 1.0
+        return 1 - kept_out * kept_in
+
+
+MAX_CHANNEL_RATIO = 0.9  # no layer loses more of its channels than this, whatever its group asks
+
+
+def channel_ratios(request: PruneRequest, removable: Removable, modules: dict[str, nn.Module]) -> dict[str, float]:
+    """The share of channels (and heads) to remove in each layer so that each layer group loses the share of its
+    weights it asks for, taken from the layers that can lose any: a group whose attention keeps its heads (their
+    layout is unknown) loses more of its MLP; a layer that loses inputs and outputs (a VGG conv, a RepVGG stream)
+    loses 1 - (1 - r)² of its weights. At most MAX_CHANNEL_RATIO; an unreachable ask is met as far as it can be."""
+    ratios = {}
+    for group in request.groups:
+        weights = {name: modules[name].weight.numel() for name in group.layers if name in modules}
+        target = request.sparsity[group.name] * sum(weights.values())
+
+        def lost(ratio: float) -> float:
+            return sum(count * removable.share_lost(name, ratio) for name, count in weights.items())
+
+        low, high = 0.0, MAX_CHANNEL_RATIO
+        if target <= 0:
+            high = 0.0
+        elif lost(high) > target:
+            for _ in range(40):  # lost() is increasing: bisect, keeping the ratio that reaches the target
+                middle = (low + high) / 2
+                low, high = (middle, high) if lost(middle) < target else (low, middle)
+        ratios.update(dict.fromkeys(group.layers, high))
+    return ratios
+
+
 AUTO_COVERAGE = 0.5  # auto: internal channels alone, when they reach at least this share of the prunable weights
 
 
-def _auto_scope(model: nn.Module, found, gated: bool, ratios: dict[str, float]) -> str:
+def _auto_scope(internal: Removable, asked: dict[str, float], modules: dict[str, nn.Module]) -> str:
     """What `scope: auto` removes: a block's own channels (the stages keep their widths) where they, with the
-    attention heads, touch at least AUTO_COVERAGE of the prunable weights; residual streams where the model has no
-    such channel (RepVGG, MobileOne); both where the internal ones are too few to reach the sparsity asked
+    attention heads and gated MLPs, touch at least AUTO_COVERAGE of the prunable weights; residual streams where
+    the model has none of these (RepVGG, MobileOne); both where they are too few to reach the sparsity asked
     (ConvMixer: a pointwise conv per block, writing the stream)."""
-    internal = [group for group in found if group.internal]
-    if not internal and not gated:
+    touched = internal.outputs | internal.inputs
+    if not touched:
         return "stream"
-    modules = dict(model.named_modules())
-    touched = {name for group in internal for name in (*group.producers, *group.consumers)}
-    touched |= {name for name in ratios if name.rsplit(".", 1)[0] in {n for n, _ in head_prunable_attention(model)}}
-    touched |= {f"{name}.{layer}" for name, _ in gated_mlps(model) for layer in ("fc1", "fc2")}
-    weight = {name: modules[name].weight.numel() for name in ratios if name in modules}
+    weight = {name: modules[name].weight.numel() for name in asked if name in modules}
     covered = sum(count for name, count in weight.items() if name in touched) / max(1, sum(weight.values()))
     return "internal" if covered >= AUTO_COVERAGE else "both"
-
-
-def stream_channel_ratio(sparsity: float, group, modules: dict[str, nn.Module]) -> float:
-    """The share of a stream's channels to remove so that its layers lose `sparsity` of their weights: a layer that
-    reads and writes the stream (a RepVGG conv) loses 1 - (1 - r)² of them, one that only reads or only writes it
-    loses r. Solves b·(2r - r²) + o·r = s·(b + o) for r, b and o the weights of the two kinds."""
-    both = set(group.producers) & set(group.consumers)
-    weights = {name: modules[name].weight.numel() for name in {*group.producers, *group.consumers}}
-    b = sum(weights[name] for name in both)
-    o = sum(weights.values()) - b
-    if b == 0:
-        return sparsity
-    a = 2 * b + o
-    return (a - (a * a - 4 * b * sparsity * (b + o)) ** 0.5) / (2 * b)
 
 
 def _nothing_in_scope(model: nn.Module, scope: str) -> str:
@@ -171,46 +200,6 @@ def _loss_gradients(model: nn.Module, images: torch.Tensor | None, batch_size: i
     for batch in images.split(batch_size):
         logits = model(batch)
         nn.functional.cross_entropy(logits, logits.argmax(1), reduction="sum").div(len(images)).backward()
-
-
-# timm attention layouts whose heads remove_heads knows how to slice (module path, class name).
-HEAD_PRUNABLE = {("timm.layers.attention", "Attention"), ("timm.models.swin_transformer", "WindowAttention")}
-
-
-def head_prunable_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, module) for name, module in model.named_modules()
-            if (type(module).__module__, type(module).__name__) in HEAD_PRUNABLE
-            and isinstance(getattr(module, "qkv", None), nn.Linear)
-            and isinstance(getattr(module, "proj", None), nn.Linear)]
-
-
-@torch.no_grad()
-def remove_heads(attention: nn.Module, ratio: float, score=WEIGHT_SCORES["l2"]) -> None:
-    """Remove round(ratio × heads) heads (at least one stays) of least summed `score` over their qkv rows and proj
-    columns (and their relative-position bias, where the attention has one)."""
-    heads, qkv, proj = attention.num_heads, attention.qkv, attention.proj
-    head_dim = qkv.out_features // (3 * heads)
-    keep_count = max(1, heads - int(round(ratio * heads)))
-    if keep_count >= heads:
-        return
-    qkv_by_head = qkv.weight.view(3, heads, head_dim, -1)
-    proj_by_head = proj.weight.view(proj.out_features, heads, head_dim)
-    importance = (score(qkv.weight).view(3, heads, head_dim, -1).sum((0, 2, 3))
-                  + score(proj.weight).view(proj.out_features, heads, head_dim).sum((0, 2)))
-    keep = torch.sort(torch.argsort(importance, descending=True)[:keep_count]).values
-    qkv.weight = nn.Parameter(qkv_by_head[:, keep].reshape(3 * keep_count * head_dim, -1).clone())
-    if qkv.bias is not None:
-        qkv.bias = nn.Parameter(qkv.bias.view(3, heads, head_dim)[:, keep].reshape(-1).clone())
-    qkv.out_features = qkv.weight.shape[0]
-    proj.weight = nn.Parameter(proj_by_head[:, keep].reshape(proj.out_features, -1).clone())
-    proj.in_features = proj.weight.shape[1]
-    table = getattr(attention, "relative_position_bias_table", None)  # Swin: one bias column per head
-    if isinstance(table, nn.Parameter) and table.shape[-1] == heads:
-        attention.relative_position_bias_table = nn.Parameter(table[:, keep].clone())
-    attention.num_heads = keep_count
-    attention.head_dim = head_dim
-    if hasattr(attention, "attn_dim"):
-        attention.attn_dim = keep_count * head_dim
 
 
 def gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
