@@ -170,3 +170,20 @@ def test_structured_checks_its_result_without_moving_batchnorm_statistics():
     method.apply(model, prune.PruneRequest(groups, {g.name: 0.5 for g in groups}, dict(method.options),
                                            torch.randn(2, *INPUT)))
     assert model.training and torch.equal(model.bn1.running_mean, before)
+
+
+# layouts Torch-Pruning's graph misreads: a scaled weight-standardised conv's own per-channel gain (NF-RegNet), a
+# split attention's radix × channels view (ResNeSt), a blur pool's functional conv (TResNet), a reshape after which
+# it infers no width (SHViT's single-head attention); and gMLP's gate, which splits fc1's outputs in halves
+MISREAD = {"nfnet": ModelSource("nf_regnet_b0", 10),
+           "resnest": ModelSource("resnest14d", 10),
+           "tresnet": ModelSource("tresnet_m", 10, {"layers": (1, 1, 1, 1)}),
+           "shvit": ModelSource("shvit_s1", 10),
+           "gmlp": ModelSource("gmlp_ti16_224", 10, {"img_size": 64})}
+
+
+@pytest.mark.parametrize("source", MISREAD.values(), ids=MISREAD.keys())
+def test_structured_removal_leaves_whole_what_the_graph_misreads_and_prunes_the_rest(source):
+    row = check_model(source, input_size=(3, 64, 64), methods=["structured"], sparsities=(0.5,)).checks[0]
+    assert row.outcome == WORKS, row.reason
+    assert row.macs_ratio > 1.3 and row.reload_max_abs_diff < 1e-5 and row.trains

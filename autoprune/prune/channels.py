@@ -77,6 +77,27 @@ def _guard_unknown_concat_widths() -> None:
     index_mapping.update_concat_index_mapping = guarded
 
 
+def _guard_unknown_reshape_widths() -> None:
+    """Torch-Pruning 1.6.1 maps a reshape's indices by the ratio of the widths it infers on either side, and divides
+    by zero where it infers none after it (SHViT's single-head attention, reshaping `v @ attn` back to an image),
+    which ends the whole trace. This leaves such a reshape unmapped and marks it `unmapped`: a group whose channels
+    pass it is not removed (`channel_groups`)."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+    if getattr(original, "guarded", False):
+        return
+
+    def guarded(graph, reshape_node) -> None:
+        try:
+            original(graph, reshape_node)
+        except ZeroDivisionError:
+            reshape_node.module.unmapped = True
+
+    guarded.guarded = True
+    index_mapping.update_reshape_index_mapping = guarded
+
+
 def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
     """Torch-Pruning's dependency graph of `model`, with every attention module as one opaque node: its layers are
     not nodes of their own (their widths are tied to head counts), and a group that reaches it is not internal.
@@ -84,6 +105,7 @@ def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
     import torch_pruning as tp
 
     _guard_unknown_concat_widths()
+    _guard_unknown_reshape_widths()
     opaque = {type(module): _Opaque() for module in model.modules() if is_attention(module)}
     training = model.training  # Torch-Pruning traces in eval mode and leaves the model there
     with warnings.catch_warnings():  # unwrapped parameters such as pos_embed are never pruned here
@@ -153,6 +175,7 @@ def channel_groups(model: nn.Module, graph, *, streams: bool = False) -> list[Ch
                                         list(range(_width(module))))
         writers, readers, through, slices = [], [], [], set()
         joined, split, summed, attends = False, False, False, False
+        misread = False  # the graph's indices would not line up with some layer's channels
         for dependency, _ in group:
             target, kind = dependency.target.module, dependency.target.type
             joined |= kind == tp.ops.OPTYPE.CONCAT
@@ -163,6 +186,9 @@ def channel_groups(model: nn.Module, graph, *, streams: bool = False) -> list[Ch
             attends |= isinstance(target, nn.Module) and is_attention(target)
             if _depthwise(target) and target in names:
                 through.append(names[target])
+            # a reshape the graph could not map, or a functional conv whose weight is no layer's (a blur pool's
+            # per-channel filter buffer): nothing would remove their channels
+            misread |= getattr(target, "unmapped", False) or getattr(target, "_grad_fn", None) == "ConvolutionBackward0"
             if not isinstance(target, (nn.Conv2d, nn.Linear)) or target not in names or _depthwise(target):
                 continue
             if isinstance(target, nn.Conv2d) and target.groups > 1:
@@ -170,13 +196,17 @@ def channel_groups(model: nn.Module, graph, *, streams: bool = False) -> list[Ch
             if graph.is_out_channel_pruning_fn(dependency.handler):
                 writers.append(names[target])
                 visited.add(target)
+                # a writer of another width: the channels went through a reshape that regroups them (a split
+                # attention's radix × channels viewed as radix, channels), which Torch-Pruning maps as a flatten
+                misread |= _width(target) != _width(module)
             elif graph.is_in_channel_pruning_fn(dependency.handler):
                 readers.append(names[target])
+                misread |= _in_width(target) % _width(module) != 0  # (a flatten reads a multiple of them)
         parts = next(iter(slices)) if len(slices) == 1 else 1
         divisible = len(slices) <= 1 and _width(module) // parts > 1
         # concatenated features (DenseNet's growth channels) are left: Torch-Pruning's scores over a concatenation
         # do not line up with its indices (an IndexError in 1.6.1)
-        usable = divisible and not (split or joined or attends) and bool(writers) and bool(readers)
+        usable = divisible and not (split or joined or attends or misread) and bool(writers) and bool(readers)
         found.append(ChannelGroup(names[module], _unique(writers), _unique(readers), _width(module), parts,
                                   usable and not summed, group, stream=usable and summed, through=_unique(through)))
     return found
@@ -220,7 +250,25 @@ def remove(graph, model: nn.Module, group: ChannelGroup, channels: list[int]) ->
     """Remove `channels` (indices of the root's outputs) and everything coupled to them."""
     root = dict(model.named_modules())[group.root]
     prune_out = graph.get_pruner_of_module(root).prune_out_channels
-    graph.get_pruning_group(root, prune_out, idxs=sorted(channels)).prune()
+    pruning = graph.get_pruning_group(root, prune_out, idxs=sorted(channels))
+    # Torch-Pruning slices a conv's or linear's weight and bias; a subclass's own per-output-channel parameters (a
+    # scaled weight-standardised conv's gain) must lose the same rows
+    own = [(dependency.target.module, idxs) for dependency, idxs in pruning
+           if isinstance(dependency.target.module, (nn.Conv2d, nn.Linear))
+           and graph.is_out_channel_pruning_fn(dependency.handler)]
+    own = [(layer, idxs, _width(layer)) for layer, idxs in own]
+    pruning.prune()
+    for layer, idxs, width in own:
+        _prune_own_parameters(layer, idxs, width)
+
+
+def _prune_own_parameters(layer: nn.Module, idxs, width: int) -> None:
+    """Remove rows `idxs` from the parameters of `layer` other than weight and bias that have `width` rows."""
+    removed = {int(getattr(index, "idx", index)) for index in idxs}  # (Torch-Pruning's (idx, root_idx) pairs)
+    keep = [index for index in range(width) if index not in removed]
+    for key, parameter in list(layer.named_parameters(recurse=False)):
+        if key not in ("weight", "bias") and parameter.dim() > 0 and parameter.shape[0] == width:
+            setattr(layer, key, nn.Parameter(parameter.data[keep].clone(), requires_grad=parameter.requires_grad))
 
 
 def slice_positions(scores: torch.Tensor, slices: int, keep: int) -> list[int]:
@@ -239,6 +287,10 @@ def _depthwise(module: nn.Module) -> bool:
 
 def _width(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _in_width(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
 def _unique(names: list[str]) -> tuple[str, ...]:

@@ -202,18 +202,24 @@ def _loss_gradients(model: nn.Module, images: torch.Tensor | None, batch_size: i
         nn.functional.cross_entropy(logits, logits.argmax(1), reduction="sum").div(len(images)).backward()
 
 
+# timm MLPs whose fc1 output is split into two halves that meet again, channel j with channel hidden + j: GluMlp's
+# value and gate, GatedMlp's (gMLP) spatial gating unit's u and v (v through its norm and a token-mixing proj)
+GATED_MLPS = {("timm.layers.mlp", "GluMlp"), ("timm.layers.mlp", "GatedMlp")}
+
+
 def gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """timm's GluMlp (EVA-02, …): one fc1 whose output is split into a value half and a gate half, which the
+    """timm's gated MLPs (EVA-02's GluMlp, gMLP's GatedMlp): one fc1 whose output is split into halves, which the
     dependency graph cannot follow (it would remove a channel from one half only)."""
     return [(name, module) for name, module in model.named_modules()
-            if (type(module).__module__, type(module).__name__) == ("timm.layers.mlp", "GluMlp")
-            and isinstance(module.fc1, nn.Linear) and isinstance(module.fc2, nn.Linear)]
+            if (type(module).__module__, type(module).__name__) in GATED_MLPS
+            and isinstance(module.fc1, nn.Linear) and isinstance(module.fc2, nn.Linear)
+            and module.fc1.out_features == 2 * module.fc2.in_features]
 
 
 @torch.no_grad()
 def remove_gated_hidden(mlp: nn.Module, ratio: float, round_to: int = 1, score=WEIGHT_SCORES["l2"]) -> None:
-    """Remove a GluMlp's hidden channels of least summed `score` over their value row, gate row (of fc1), norm and
-    fc2 column."""
+    """Remove a gated MLP's hidden channels of least summed `score` over their two rows of fc1 and their fc2
+    column."""
     fc1, fc2 = mlp.fc1, mlp.fc2
     hidden = fc2.in_features
     keep_count = max(round_to, int(round(hidden * (1 - ratio) / round_to)) * round_to)
@@ -225,7 +231,7 @@ def remove_gated_hidden(mlp: nn.Module, ratio: float, round_to: int = 1, score=W
 
 @torch.no_grad()
 def keep_gated_hidden(mlp: nn.Module, keep: torch.Tensor) -> None:
-    """Keep only the hidden channels `keep` of a GluMlp: row j and row hidden + j of fc1 go together."""
+    """Keep only the hidden channels `keep` of a gated MLP: row j and row hidden + j of fc1 go together."""
     fc1, fc2 = mlp.fc1, mlp.fc2
     hidden, keep = fc2.in_features, torch.sort(keep).values
     rows = torch.cat([keep, keep + hidden])
@@ -233,11 +239,11 @@ def keep_gated_hidden(mlp: nn.Module, keep: torch.Tensor) -> None:
     if fc1.bias is not None:
         fc1.bias = nn.Parameter(fc1.bias[rows].clone())
     fc1.out_features = len(rows)
-    norm = mlp.norm
-    if isinstance(norm, nn.LayerNorm):
-        norm.weight = nn.Parameter(norm.weight[keep].clone())
-        norm.bias = nn.Parameter(norm.bias[keep].clone()) if norm.bias is not None else None
-        norm.normalized_shape = (len(keep),)
+    for norm in (getattr(mlp, "norm", None), getattr(getattr(mlp, "gate", None), "norm", None)):  # over one half
+        if isinstance(norm, nn.LayerNorm) and norm.normalized_shape == (hidden,):
+            norm.weight = nn.Parameter(norm.weight[keep].clone()) if norm.weight is not None else None
+            norm.bias = nn.Parameter(norm.bias[keep].clone()) if norm.bias is not None else None
+            norm.normalized_shape = (len(keep),)
     fc2.weight = nn.Parameter(fc2.weight[:, keep].clone())
     fc2.in_features = len(keep)
 
