@@ -3,15 +3,15 @@
 Which channels may go is read off Torch-Pruning's dependency graph (prune/channels.py), for any timm family:
 every *internal* channel group — written by one layer and read inside one block (a ViT / Mixer MLP's hidden
 neurons, a ResNet, RegNet or ConvNeXt block's inner convs, an inverted residual's expansion through its depthwise
-conv and squeeze-excitation, a VGG conv, a DenseNet bottleneck) — loses the share of its channels that its
-writer's layer group asks for; the graph removes the coupled inputs, norms and depthwise convs with them.
-Channels that feed a residual stream are coupled across a whole stage and stay. A model with no internal channel
-at all (RepVGG: every conv feeds a residual sum) is refused, with that reason.
+conv and squeeze-excitation, a VGG conv, a DenseNet bottleneck) — and, with option `scope`, the residual streams
+(a stage's width, for families whose every conv feeds a sum: RepVGG, MobileOne, HGNet); the graph removes the
+coupled inputs, norms and depthwise convs with them. How many go is solved per layer group (`channel_ratios`): the
+group loses the share of its *weights* asked, taken from the layers that can lose any.
 
 Attention heads (option `heads`, on by default) go whole wherever a probe confirms where a head's rows sit
-(prune/heads.py: ViT, Swin, SAM, Hiera, TinyViT, DaViT, Twins, PVT, … — their q, k and v rows, `proj` columns and
-per-head biases are sliced out inside the one module). Other attentions keep their heads; their MLPs are still
-pruned.
+(prune/heads.py: ViT, Swin, SAM, Hiera, TinyViT, Twins' local attention, VOLO, … — their q, k and v rows, `proj`
+columns and per-head biases are sliced out inside the one module). Other attentions (DaViT's and PVT's reshape their
+output to their input's width) keep their heads; the rest of their layer group loses more instead.
 
 What to remove is kept separate from how (the dependency graph). Option `importance` scores a channel group or a
 head by its weights' squared L2 norm (`l2`), L1 norm (`l1`), or first-order Taylor estimate of the loss change,
