@@ -174,11 +174,13 @@ def test_structured_checks_its_result_without_moving_batchnorm_statistics():
 
 # layouts Torch-Pruning's graph misreads: a scaled weight-standardised conv's own per-channel gain (NF-RegNet), a
 # split attention's radix × channels view (ResNeSt), a blur pool's functional conv (TResNet), a reshape after which
-# it infers no width (SHViT's single-head attention); and gMLP's gate, which splits fc1's outputs in halves
+# it infers no width (SHViT's single-head attention), a walk that runs away (ReXNet's sum over a slice of channels,
+# for hours); and gMLP's gate, which splits fc1's outputs in halves
 MISREAD = {"nfnet": ModelSource("nf_regnet_b0", 10),
            "resnest": ModelSource("resnest14d", 10),
            "tresnet": ModelSource("tresnet_m", 10, {"layers": (1, 1, 1, 1)}),
            "shvit": ModelSource("shvit_s1", 10),
+           "rexnet": ModelSource("rexnet_100", 10),
            "gmlp": ModelSource("gmlp_ti16_224", 10, {"img_size": 64})}
 
 

@@ -171,8 +171,9 @@ def channel_groups(model: nn.Module, graph, *, streams: bool = False) -> list[Ch
         reaches = _reaches(node, look_past_sums=streams)
         if reaches == "attention" or (reaches == "sum" and not streams):
             continue
-        group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels,
-                                        list(range(_width(module))))
+        group = _bounded_group(graph, module)
+        if group is None:  # a walk that runs away (see _bounded_group): the root's channels are left whole
+            continue
         writers, readers, through, slices = [], [], [], set()
         joined, split, summed, attends = False, False, False, False
         misread = False  # the graph's indices would not line up with some layer's channels
@@ -210,6 +211,49 @@ def channel_groups(model: nn.Module, graph, *, streams: bool = False) -> list[Ch
         found.append(ChannelGroup(names[module], _unique(writers), _unique(readers), _width(module), parts,
                                   usable and not summed, group, stream=usable and summed, through=_unique(through)))
     return found
+
+
+# A group's walk that grows past these has run away: a residual sum over a slice of the channels (ReXNet's
+# `x[:, :c] + shortcut`, concatenated back) revisits its nodes with ever new index lists, and reshapes between
+# channels and tokens (EfficientViM, iFormer, FocalNet's modulation) multiply them; Torch-Pruning 1.6.1 follows
+# either for minutes to hours. The groups that do end stay inside (InceptionNeXt's streams: 2,616 entries, 64,000
+# indices; ResNeSt's split attention past layer1 goes: up to 2.2M indices, seconds each, and unusable anyway).
+GROUP_ENTRIES = 4000
+GROUP_INDICES = 200_000
+
+
+class _RunawayGroup(Exception):
+    pass
+
+
+def _bounded_group(graph, module: nn.Module):
+    """Torch-Pruning's group of all of `module`'s output channels, or None where its walk runs away: more than
+    GROUP_ENTRIES entries before merging, or more than GROUP_INDICES channel indices made (an index list passed on
+    unchanged counts once)."""
+    from torch_pruning.dependency import graph as tp_graph
+
+    plain = tp_graph.Group
+
+    class Bounded(plain):
+        def add_dep(self, dep, idxs):
+            seen = self.__dict__.setdefault("_seen", set())
+            if id(idxs) not in seen:  # (the lists stay alive in the group: an id is not reused)
+                seen.add(id(idxs))
+                self._made = getattr(self, "_made", 0) + len(idxs)
+            if len(self._group) >= GROUP_ENTRIES or self._made > GROUP_INDICES:
+                raise _RunawayGroup
+            super().add_dep(dep, idxs)
+
+    tp_graph.Group = Bounded  # get_pruning_group builds its groups with this name
+    try:
+        group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels,
+                                        list(range(_width(module))))
+    except _RunawayGroup:
+        return None
+    finally:
+        tp_graph.Group = plain
+    group.__class__ = plain
+    return group
 
 
 def _reaches(root, *, look_past_sums: bool = False, limit: int = 4000) -> str | None:

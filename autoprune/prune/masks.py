@@ -81,12 +81,17 @@ def on_device(masks: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
 
 def remove_lowest(scores: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:
     """Keep-masks (one per tensor, same shapes) that remove exactly round(fraction·N) of the lowest scores, pooled
-    over all the tensors: one threshold for the group. topk makes the count exact even when scores tie."""
+    over all the tensors: one threshold for the group, the remove-th smallest score; of the scores tied with it, the
+    first ones go, so that the count is exact. (kthvalue selects in linear time: topk over a 400M-weight model's
+    scores took 40 s of a 2-minute check on one core.)"""
     flat = torch.cat([score.flatten() for score in scores])
     keep = torch.ones_like(flat, dtype=torch.bool)
     remove = int(round(fraction * flat.numel()))
     if remove:
-        keep[torch.topk(flat, remove, largest=False).indices] = False
+        threshold = torch.kthvalue(flat, remove).values
+        tied = flat == threshold
+        below = (flat < threshold).sum()
+        keep = (flat > threshold) | (tied & (tied.cumsum(0) > remove - below))  # (no host sync: meta tensors too)
     return [chunk.view_as(score) for chunk, score in zip(keep.split([s.numel() for s in scores]), scores)]
 
 
