@@ -53,49 +53,42 @@ class ChannelGroup:
     through: tuple[str, ...] = ()
 
 
-def _guard_unknown_concat_widths() -> None:
+def _guard(name: str, error: type[Exception], recover) -> None:
+    """Wrap Torch-Pruning's index-mapping step `name` (once per process) so that `error` inside it calls
+    `recover(node, error)` instead of ending the whole trace."""
+    from torch_pruning.dependency import index_mapping
+
+    original = getattr(index_mapping, name)
+    if getattr(original, "guarded", False):
+        return
+
+    def guarded(graph, node) -> None:
+        try:
+            original(graph, node)
+        except error as raised:
+            recover(node, raised)
+
+    guarded.guarded = True
+    setattr(index_mapping, name, guarded)
+
+
+def _unmap_concat(cat_node, error: TypeError) -> None:
     """Torch-Pruning 1.6.1 sums a concatenation's input widths before it checks that it could infer them all
-    (`update_concat_index_mapping`: `sum(chs)` with a None among them, a TypeError that ends the whole trace — a
-    CSPDarknet's Focus stem, CoaT, EfficientViT-MSRA). Where one is unknown it means to leave the concatenation
-    unmapped (its next line returns on a None); this does that, and forgets the partial sizes so that its concat
-    pruner skips the node too. A group that would need the mapping breaks the model, which the caller sees."""
-    from torch_pruning.dependency import index_mapping
-
-    original = index_mapping.update_concat_index_mapping
-    if getattr(original, "guarded", False):
-        return
-
-    def guarded(graph, cat_node) -> None:
-        try:
-            original(graph, cat_node)
-        except TypeError:
-            if cat_node.module.concat_sizes is None or None not in cat_node.module.concat_sizes:
-                raise
-            cat_node.module.concat_sizes = None
-
-    guarded.guarded = True
-    index_mapping.update_concat_index_mapping = guarded
+    (`update_concat_index_mapping`: `sum(chs)` with a None among them, a TypeError — a CSPDarknet's Focus stem, CoaT,
+    EfficientViT-MSRA). Where one is unknown it means to leave the concatenation unmapped (its next line returns on a
+    None); this does that, and forgets the partial sizes so that its concat pruner skips the node too. A group that
+    would need the mapping breaks the model, which the caller sees."""
+    if cat_node.module.concat_sizes is None or None not in cat_node.module.concat_sizes:
+        raise error
+    cat_node.module.concat_sizes = None
 
 
-def _guard_unknown_reshape_widths() -> None:
+def _unmap_reshape(reshape_node, error: ZeroDivisionError) -> None:
     """Torch-Pruning 1.6.1 maps a reshape's indices by the ratio of the widths it infers on either side, and divides
-    by zero where it infers none after it (SHViT's single-head attention, reshaping `v @ attn` back to an image),
-    which ends the whole trace. This leaves such a reshape unmapped and marks it `unmapped`: a group whose channels
-    pass it is not removed (`channel_groups`)."""
-    from torch_pruning.dependency import index_mapping
-
-    original = index_mapping.update_reshape_index_mapping
-    if getattr(original, "guarded", False):
-        return
-
-    def guarded(graph, reshape_node) -> None:
-        try:
-            original(graph, reshape_node)
-        except ZeroDivisionError:
-            reshape_node.module.unmapped = True
-
-    guarded.guarded = True
-    index_mapping.update_reshape_index_mapping = guarded
+    by zero where it infers none after it (SHViT's single-head attention, reshaping `v @ attn` back to an image).
+    This leaves such a reshape unmapped and marks it `unmapped`: a group whose channels pass it is not removed
+    (`channel_groups`)."""
+    reshape_node.module.unmapped = True
 
 
 def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
@@ -104,8 +97,8 @@ def dependency_graph(model: nn.Module, example_inputs: torch.Tensor):
     The graph traces with autograd (through the attention's functional operations too), with gradients on."""
     import torch_pruning as tp
 
-    _guard_unknown_concat_widths()
-    _guard_unknown_reshape_widths()
+    _guard("update_concat_index_mapping", TypeError, _unmap_concat)
+    _guard("update_reshape_index_mapping", ZeroDivisionError, _unmap_reshape)
     opaque = {type(module): _Opaque() for module in model.modules() if is_attention(module)}
     training = model.training  # Torch-Pruning traces in eval mode and leaves the model there
     with warnings.catch_warnings():  # unwrapped parameters such as pos_embed are never pruned here
