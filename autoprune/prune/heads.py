@@ -44,16 +44,17 @@ class HeadSlicing:
     def rows(self, module: nn.Module, name: str, heads: list[int]) -> torch.Tensor:
         """The rows of input projection `name` that belong to `heads`."""
         out, parts = getattr(module, name).out_features, self.inputs[name]
+        device = getattr(module, name).weight.device  # indices where the weights are (a GPU worker's)
         if self.layout == "heads_first":
             width = out // self.heads
-            return torch.cat([torch.arange(h * width, (h + 1) * width) for h in heads])
+            return torch.cat([torch.arange(h * width, (h + 1) * width, device=device) for h in heads])
         width = out // (parts * self.heads)
-        return torch.cat([torch.arange(p * out // parts + h * width, p * out // parts + (h + 1) * width)
+        return torch.cat([torch.arange(p * out // parts + h * width, p * out // parts + (h + 1) * width, device=device)
                           for p in range(parts) for h in heads])
 
     def columns(self, module: nn.Module, heads: list[int]) -> torch.Tensor:
-        width = module.proj.in_features // self.heads
-        return torch.cat([torch.arange(h * width, (h + 1) * width) for h in heads])
+        width, device = module.proj.in_features // self.heads, module.proj.weight.device
+        return torch.cat([torch.arange(h * width, (h + 1) * width, device=device) for h in heads])
 
 
 def head_count(module: nn.Module) -> int | None:
