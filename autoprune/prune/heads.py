@@ -62,6 +62,12 @@ def head_count(module: nn.Module) -> int | None:
     return heads if isinstance(heads, int) and not isinstance(heads, bool) else None
 
 
+def input_projections(module: nn.Module) -> dict[str, int]:
+    """The module's linear input projections (of INPUT_PROJECTIONS), each with its number of parts."""
+    return {name: parts for name, parts in INPUT_PROJECTIONS.items()
+            if isinstance(getattr(module, name, None), nn.Linear)}
+
+
 def candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Attention modules with linear input projections, a linear `proj` and a head count that divides them."""
     found = []
@@ -69,7 +75,7 @@ def candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
         heads = head_count(module)
         if not heads or not is_attention(module) or not isinstance(getattr(module, "proj", None), nn.Linear):
             continue
-        inputs = {n: p for n, p in INPUT_PROJECTIONS.items() if isinstance(getattr(module, n, None), nn.Linear)}
+        inputs = input_projections(module)
         if inputs and all(getattr(module, n).out_features % (p * heads) == 0 for n, p in inputs.items()) \
                 and module.proj.in_features % heads == 0 and ("qkv" in inputs or "q" in inputs):
             found.append((name, module))
@@ -172,7 +178,7 @@ def head_layouts(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, He
     for name, module in wanted:
         if id(module) not in calls:
             continue  # never called (a block the model skips at this input size)
-        inputs = {n: p for n, p in INPUT_PROJECTIONS.items() if isinstance(getattr(module, n, None), nn.Linear)}
+        inputs = input_projections(module)
         for layout in LAYOUTS:
             slicing = HeadSlicing(head_count(module), inputs, layout)
             if _agrees(module, calls[id(module)], list(range(slicing.heads // 2)), slicing):
