@@ -74,7 +74,7 @@ def measure_latency(
         for batch, profile in alone.items():
             if cache is not None:
                 cache.put(keys[batch], profile)
-        found = {batch: profile or alone[batch] for batch, profile in twin.items()}
+        found = {batch: profile or alone.get(batch) for batch, profile in twin.items()}
         reused = {batch for batch, profile in twin.items() if profile is not None}
     else:
         found = {batch: cache.get(key) if cache is not None else None for batch, key in keys.items()}
@@ -86,11 +86,18 @@ def measure_latency(
                          references) if missing else {}
         reused = set(found) - set(missing)
         for batch in missing:
+            if batch not in fresh:  # an extra batch size that did not fit in memory
+                found[batch] = None
+                continue
             if fresh[batch].format != runs_as:  # the sparse kernels failed at run time: it ran as the dense twin
                 keys[batch] = _key(model, fresh[batch].format, where, settings, batch, input_size)
             found[batch] = cache.put(keys[batch], fresh[batch]) if cache is not None else fresh[batch]
             if found[batch].note != fresh[batch].note:
                 found[batch] = replace(found[batch], note=join_notes(fresh[batch].note, found[batch].note))
+    untimed = sorted(batch for batch, profile in found.items() if profile is None)
+    found = {batch: profile for batch, profile in found.items() if profile is not None}
+    if untimed:
+        fallback = join_notes(fallback, f"batch size {', '.join(map(str, untimed))} ran out of memory: not timed")
     if fallback:
         found = {batch: replace(profile, note=join_notes(fallback, profile.note)) for batch, profile in found.items()}
     extra = {batch: profile for batch, profile in found.items() if batch != settings.batch_size}
@@ -131,16 +138,24 @@ def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device,
 
 def _profile_batches(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads, reference,
                      references) -> dict[int, LatencyProfile]:
+    """Each batch size's profile; an extra batch size (logged, not the objective) that runs out of memory is left
+    out, which `measure_latency` records, rather than failing the trial."""
     profiles = {}
     for batch in batch_sizes:
         dense = references.get(batch)
-        profiles[batch] = profile_latency(
-            model, input_size=input_size, batch_size=batch, dtype=settings.dtype, warmup=settings.warmup,
-            repeats=settings.repeats, device=device, threads=threads, execution_format=fmt,
-            memory_format=settings.memory_format, compile=settings.compile, reference=reference,
-            reference_memory_format=dense.memory_format if dense is not None else None,
-            scale_ms=dense.median_ms if dense is not None else None, tolerance=settings.tolerance,
-            max_seconds=settings.max_seconds)
+        try:
+            profiles[batch] = profile_latency(
+                model, input_size=input_size, batch_size=batch, dtype=settings.dtype, warmup=settings.warmup,
+                repeats=settings.repeats, device=device, threads=threads, execution_format=fmt,
+                memory_format=settings.memory_format, compile=settings.compile, reference=reference,
+                reference_memory_format=dense.memory_format if dense is not None else None,
+                scale_ms=dense.median_ms if dense is not None else None, tolerance=settings.tolerance,
+                max_seconds=settings.max_seconds)
+        except torch.OutOfMemoryError:
+            if batch == settings.batch_size:
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # what the failed batch held, before the next one is timed
     return profiles
 
 
