@@ -119,11 +119,13 @@ def remove_heads(module: nn.Module, drop: list[int], slicing: HeadSlicing) -> No
 
 def head_scores(module: nn.Module, slicing: HeadSlicing, score: Score) -> torch.Tensor:
     """Each head's summed `score` over its input-projection rows and `proj` columns."""
+    inputs = {name: score(getattr(module, name).weight) for name in slicing.inputs}  # each scored once
+    output = score(module.proj.weight)
     totals = torch.zeros(slicing.heads)
     for h in range(slicing.heads):
-        for name in slicing.inputs:
-            totals[h] += score(getattr(module, name).weight)[slicing.rows(module, name, [h])].sum().cpu()
-        totals[h] += score(module.proj.weight)[:, slicing.columns(module, [h])].sum().cpu()
+        for name, scores in inputs.items():
+            totals[h] += scores[slicing.rows(module, name, [h])].sum().cpu()
+        totals[h] += output[:, slicing.columns(module, [h])].sum().cpu()
     return totals
 
 
