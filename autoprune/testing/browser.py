@@ -11,6 +11,7 @@ own browser download is never used, so nothing is fetched.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import select
@@ -86,13 +87,13 @@ def read_front(address: str, *, screenshot: Path | None = None, timeout_s: float
             points = {color: page.locator(f"path.point[style*='fill: {_rgb(color)}']").count()
                       for color in (FRONT_COLOR, TRIAL_COLOR, DENSE_COLOR)}
             tried = []
-            for point in _front_points(page):  # the clear ones first: Plotly gives a click on overlapping
-                point.click(force=True)  # markers to either, and the card would then name another run
+            for point, position in _front_clicks(page):  # Plotly gives a click to the marker whose centre is
+                point.click(force=True, position=position)  # nearest, and a trial off the front may overlap it
                 link = page.locator("[data-testid=tooltip-container] a[href*='/runs/']").first
                 point_link = link.get_attribute("href", timeout=timeout_ms) or ""
                 if _on_front(address, point_link):
                     break
-                tried.append(point_link)  # a trial off the front under the clicked marker: the next one
+                tried.append(point_link)  # the card named a trial off the front: try the next place
                 page.keyboard.press("Escape")
             else:
                 raise AssertionError(f"no front point's card named a run on the front (named: {tried})")
@@ -125,32 +126,33 @@ def _on_front(address: str, run_link: str) -> bool:
     return tags.get(PARETO_TAG) == "true"
 
 
-def _front_points(page) -> list:
-    """The front's points, those no other point covers first (a busy machine times trials alike, and their
-    markers overlap)."""
-    front = page.locator(f"path.point[style*='fill: {_rgb(FRONT_COLOR)}']")
-    clear = _clear_front_point(page)
-    return [clear, *(front.nth(index) for index in range(front.count()))]
-
-
-def _clear_front_point(page):
-    """A front point that no other point covers: Plotly gives a click on overlapping markers to either of them, and
-    the card would then open another run (the first front point when each is covered)."""
-    front = page.locator(f"path.point[style*='fill: {_rgb(FRONT_COLOR)}']")
+def _front_clicks(page) -> list[tuple[object, dict[str, float]]]:
+    """Where to click each front point: its centre, or, where another marker overlaps it, the side of it away from
+    that marker's centre. Plotly gives a click to the marker whose centre is nearest (a busy machine times trials
+    alike, and their markers overlap), so the card then names the front point's run."""
     centres = []
     for point in page.locator("path.point").all():
         box = point.bounding_box()
         if box:
-            centres.append((box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"]))
+            centres.append((box["x"] + box["width"] / 2, box["y"] + box["height"] / 2))
+    front = page.locator(f"path.point[style*='fill: {_rgb(FRONT_COLOR)}']")
+    clicks = []
     for index in range(front.count()):
         box = front.nth(index).bounding_box()
         if not box:
             continue
-        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        others = [c for c in centres if abs(c[0] - x) > 0.5 or abs(c[1] - y) > 0.5]  # every point but itself
-        if all(max(abs(cx - x), abs(cy - y)) > max(width, box["width"]) for cx, cy, width in others):
-            return front.nth(index)
-    return front.first
+        half = box["width"] / 2
+        x, y = box["x"] + half, box["y"] + box["height"] / 2
+        others = [(cx, cy) for cx, cy in centres if 0.5 < math.hypot(cx - x, cy - y) < 2 * box["width"]]
+        position = {"x": half, "y": box["height"] / 2}
+        if others:  # step away from the nearest overlapping marker, staying inside this one
+            cx, cy = min(others, key=lambda c: math.hypot(c[0] - x, c[1] - y))
+            distance = math.hypot(x - cx, y - cy)
+            position = {"x": half + 0.7 * half * (x - cx) / distance,
+                        "y": box["height"] / 2 + 0.7 * half * (y - cy) / distance}
+        clicks.append((front.nth(index), position, len(others)))
+    clicks.sort(key=lambda click: click[2])  # the clear ones first
+    return [(point, position) for point, position, _ in clicks]
 
 
 @contextmanager
