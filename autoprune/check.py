@@ -36,9 +36,12 @@ from torch import nn
 
 from autoprune import heal, prune
 from autoprune.errors import AutopruneError, Unsupported
+from autoprune.measure.formats import CHANNELS_LAST, CONTIGUOUS, ExecutionRecipe
 from autoprune.measure.metrics import achieved_sparsity, count_macs, count_params, prunable_weight_count
+from autoprune.measure.prepared import PreparedModel
+from autoprune.measure.timing import is_convolutional
 from autoprune.models import ModelSource, layer_groups, pooled_group, prunable_layers
-from autoprune.saved import load_model_dir, save_model
+from autoprune.saved import load_model_dir, load_prepared, save_model
 
 WORKS, REMOVES_LITTLE, REMOVES_NOTHING, REFUSES, FAILS = "works", "removes little", "removes nothing", "refuses", "fails"
 ENOUGH = 0.6  # "works" needs at least this share of the sparsity asked for
@@ -218,13 +221,24 @@ def _heals(name: str, model: nn.Module, dense: nn.Module, masks, images: torch.T
 
 
 def _reload_difference(model: nn.Module, source: ModelSource, example: torch.Tensor) -> float:
-    """Largest output difference between the pruned model and the one saved and loaded back (a model that does not
-    reload raises, and the check fails with that reason)."""
+    """Largest output difference between the pruned model and the one saved and loaded back: as float32, and as
+    served in a bf16 recipe (channels-last for a CNN) against the pruned model prepared in that recipe here — the
+    same path, so any difference is the saved structure's (a model that does not reload raises, and the check
+    fails with that reason)."""
+    recipe = ExecutionRecipe(dtype="bfloat16", memory_format=CHANNELS_LAST if is_convolutional(model) else CONTIGUOUS)
+    try:
+        served = PreparedModel.build(model, recipe, "cpu", tuple(example.shape))
+    except Exception:  # noqa: BLE001 — an op without a bf16 kernel on this CPU: the model's, not its reload's
+        served = None
     with tempfile.TemporaryDirectory() as folder:
-        save_model(model, source, folder)
+        save_model(model, source, folder, recipe=recipe if served else None, example_shape=tuple(example.shape))
         again = load_model_dir(folder, recipe=False)
+        served_again = load_prepared(folder, device="cpu", warm_passes=0) if served else None
     with torch.no_grad():
-        return float((model(example) - again(example)).abs().max())
+        plain = float((model(example) - again(example)).abs().max())
+    if served is None:
+        return plain
+    return max(plain, float((served.logits(example) - served_again.logits(example)).abs().max()))
 
 
 def _trains(model: nn.Module, example: torch.Tensor) -> bool:

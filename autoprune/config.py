@@ -99,6 +99,9 @@ class ProfileSpec:
     max_seconds: float = 20.0
     memory_format: str = "auto"
     compile: bool = False  # time torch.compile(model) (compilation itself is not timed)
+    # On a CUDA GPU with TF32 tensor cores (Ampere and later): float32 matmuls and convolutions run in TF32 when
+    # timed, evaluated and served (the recipe records it), and healing trains with it
+    tf32: bool = True
     target: TargetHardware | None = None  # None: on the worker that runs the trial
 
     @property

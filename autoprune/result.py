@@ -35,6 +35,9 @@ class TrialResult:
     # The latency the trial measured during the search, where the search's final re-timing replaced it (None: not
     # re-timed; see driver/retime.py)
     searched_latency_ms: float | None = None
+    # `accuracy` is the model's as served (in its latency's recipe: bf16, channels-last, 2:4, compiled); this is
+    # the float32 model's, as trained (None where it was not evaluated)
+    accuracy_fp32: float | None = None
 
     @property
     def feasible(self) -> bool:
@@ -72,6 +75,7 @@ class TrialResult:
             "stopped": self.stopped,
             "rungs": [list(rung) for rung in self.rungs],
             "searched_latency_ms": self.searched_latency_ms,
+            "accuracy_fp32": self.accuracy_fp32,
         }
 
     @classmethod
@@ -91,6 +95,7 @@ class TrialResult:
             stopped=str(raw.get("stopped", "")),  # absent from results saved before it existed
             rungs=tuple((int(steps), float(top1)) for steps, top1 in raw.get("rungs", ())),
             searched_latency_ms=raw.get("searched_latency_ms"),
+            accuracy_fp32=raw.get("accuracy_fp32"),
         )
 
     def latency_entries(self) -> dict[str, LatencyProfile]:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.measure.formats import SEMI_STRUCTURED, TORCH_DTYPES, ExecutionRecipe, plan_kernels, prepare
+from autoprune.measure.formats import ExecutionRecipe
+from autoprune.measure.prepared import PreparedModel
 from autoprune.models import ModelSource, attention_settings, fix_width_metadata, restore_attention_settings
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,10 @@ STRUCTURE_FILE = "structure.json"
 
 
 def save_model(model: nn.Module, source: ModelSource, directory: str | Path, *,
-               recipe: ExecutionRecipe | None = None) -> Path:
+               recipe: ExecutionRecipe | None = None, example_shape: tuple[int, ...] | None = None) -> Path:
     """Write `weights.safetensors` (float32, as trained) + `structure.json`, with the `recipe` the model's latency
-    was measured in; `load_model_dir` rebuilds the same model from them and prepares it in that recipe.
+    was measured in and the batch shape it was timed on (`example_shape`); `load_model_dir` rebuilds the same model
+    from them and prepares it in that recipe, warmed on that shape.
 
     A tensor the model holds under several names (CoaT's position encodings, shared by its blocks) is written once,
     under the name safetensors' own `save_model` keeps; the file's metadata maps each name left out to it, and
@@ -56,6 +58,8 @@ def save_model(model: nn.Module, source: ModelSource, directory: str | Path, *,
     }
     if recipe is not None:
         structure["execution"] = recipe.as_dict()
+    if example_shape is not None:
+        structure["example_shape"] = list(example_shape)
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
     return directory
 
@@ -70,9 +74,40 @@ def load_model_dir(directory: str | Path, *, recipe: bool = True, device: str | 
     """Rebuild a saved (possibly physically pruned) model in eval mode, without unpickling anything.
 
     With `recipe` (the default) it is prepared in the recipe its latency was measured in — dtype, memory format,
-    2:4 kernels, compiled — on `device` (default: the kind it was measured on, when this machine has one); inputs
-    may stay float32, a hook casts them. `recipe=False` gives the plain float32 model on the CPU (to train on)."""
-    directory = Path(directory)
+    2:4 kernels, compiled, backend settings — on `device` (default: the kind it was measured on, when this machine
+    has one), and warmed up (`load_prepared`); inputs may stay float32, a hook casts them. `recipe=False` gives the
+    plain float32 model on the CPU (to train on)."""
+    if not recipe:
+        return _load_plain(Path(directory))[0]
+    return load_prepared(directory, device=device).module
+
+
+def load_prepared(directory: str | Path, *, device: str | torch.device | None = None,
+                  warm_passes: int = 3) -> PreparedModel:
+    """A saved model prepared in its recipe (measure/prepared.py: the same path timing and the registered accuracy
+    took) and warmed on the batch shape it was timed on: its first call, where 2:4 kernels or a compile can fail
+    (and fall back, with a warning), has happened already. A model saved without a recipe runs in float32."""
+    model, structure = _load_plain(Path(directory))
+    recipe = ExecutionRecipe.from_dict(structure.get("execution", {"device": "cpu"}))
+    if device is None:
+        device = recipe.device if recipe.device != "cuda" or torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type != recipe.device:
+        log.warning(
+            "this model was measured on %s and is loaded on %s: it will not run at its measured latency",
+            recipe.device, device.type)
+    if "example_shape" not in structure:  # saved before the shape was recorded: prepared, first called by the caller
+        log.warning("%s was saved without the batch shape it was timed on: it is not warmed up", Path(directory).name)
+        return PreparedModel.build(model, recipe, device, None, copy_model=False)
+    prepared = PreparedModel.build(model, recipe, device, tuple(structure["example_shape"]), copy_model=False)
+    if prepared.note:
+        log.warning("%s: %s", Path(directory).name, prepared.note)
+    prepared.warm(warm_passes)
+    return prepared
+
+
+def _load_plain(directory: Path) -> tuple[nn.Module, dict]:
+    """The float32 model on the CPU, in eval mode, and its structure.json."""
     try:
         structure = json.loads((directory / STRUCTURE_FILE).read_text())
     except FileNotFoundError:
@@ -85,10 +120,7 @@ def load_model_dir(directory: str | Path, *, recipe: bool = True, device: str | 
     fix_width_metadata(model)
     restore_attention_settings(model, structure.get("attention_heads", {}))
     _load_weights(model, directory)
-    model.eval()
-    if not recipe or "execution" not in structure:
-        return model
-    return _prepared(model, ExecutionRecipe.from_dict(structure["execution"]), device)
+    return model.eval(), structure
 
 
 def _load_weights(model: nn.Module, directory: Path) -> None:
@@ -106,22 +138,6 @@ def _load_weights(model: nn.Module, directory: Path) -> None:
                  for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
         raise AutopruneError(f"{str(directory)!r}: the weights do not fit the rebuilt {type(model).__name__}"
                              f" ({'; '.join(wrong)}).")
-
-
-def _prepared(model: nn.Module, recipe: ExecutionRecipe, device) -> nn.Module:
-    if device is None:
-        device = recipe.device if recipe.device != "cuda" or torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type != recipe.device:
-        log.warning(
-            "this model was measured on %s and is loaded on %s: it will not run at its measured latency",
-            recipe.device, device.type)
-    if recipe.kernels == SEMI_STRUCTURED:
-        kernels, reason = plan_kernels(model, SEMI_STRUCTURED, device, TORCH_DTYPES[recipe.dtype])
-        if kernels != SEMI_STRUCTURED:
-            log.warning("2:4 kernels unavailable here (%s)", reason)
-            recipe = ExecutionRecipe(recipe.dtype, recipe.memory_format, kernels, recipe.compiled, recipe.device)
-    return prepare(model, recipe, device)
 
 
 def _resize_to(model: nn.Module, shapes: Mapping[str, torch.Size]) -> None:

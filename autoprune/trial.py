@@ -7,8 +7,9 @@ after healing, so it is profiled then.
 
 Everything runs on the trial's device: the model goes there before pruning, so that pruning statistics (VBP, CAST,
 Taylor) are gathered where the trial's accelerator is, and calibration images are normalised there batch by batch.
-The profile times a copy prepared for timing; the model saved is the one that healed, with the recipe it was
-timed in, so that it loads and serves as it was measured.
+The profile times a copy prepared for timing; the accuracy registered is that of a copy prepared the same way
+(the float32 model's is kept beside it); the model saved is the one that healed, with the recipe it was timed in,
+so that it loads and serves as it was measured and scored.
 """
 
 from __future__ import annotations
@@ -27,8 +28,18 @@ from autoprune.config import HealingEngine, ProfileSpec, PruneConfig, TrialConfi
 from autoprune.data import DataBundle
 from autoprune.halving import RungJudge, rungs_of
 from autoprune.measure.cache import LatencyCache
+from autoprune.measure.formats import ExecutionRecipe
 from autoprune.measure.latency import Latencies, measure_latency
-from autoprune.measure.metrics import accuracy, achieved_sparsity, count_macs, count_params, prunable_weight_count
+from autoprune.measure.metrics import (
+    accuracy,
+    achieved_sparsity,
+    count_macs,
+    count_params,
+    eval_batch_size,
+    prunable_weight_count,
+    served_accuracy,
+)
+from autoprune.measure.prepared import PreparedModel
 from autoprune.measure.timing import LatencyProfile
 from autoprune.models import POOLED_GROUP, LayerGroup, ModelSource, layer_groups, pooled_group, prunable_layers
 from autoprune.prune.spectral import spectral_allocation
@@ -136,7 +147,7 @@ def run_trial(
         )
         masks.finish(target)  # a gradual method ends at its final sparsity (fixed masks: re-applied)
 
-    top1 = None
+    top1 = top1_trained = None
     rungs: list[tuple[int, float]] = []
     stopped = "" if latency is None else _stop_reason(latency.objective, context, config.prune.method)
     judge = context.judge if healing.trains and latency is not None else None  # a gradual method: no rungs
@@ -157,7 +168,8 @@ def run_trial(
             with stage("profile"):
                 latency = profile()
         with stage("evaluate"):
-            top1 = accuracy(model, data.eval, data, device=device)
+            top1_trained = accuracy(model, data.eval, data, device=device)
+            top1 = _served_accuracy(model, latency.objective, data, device, top1_trained)
 
     with stage("count"):
         macs = count_macs(model, data.input_size)
@@ -166,11 +178,24 @@ def run_trial(
 
     if save_dir is not None:
         with stage("save"):
-            save_model(model, context.source, save_dir, recipe=latency.objective.recipe)
+            save_model(model, context.source, save_dir, recipe=latency.objective.recipe,
+                       example_shape=(latency.objective.batch_size, *data.input_size))
 
-    return TrialResult(config, top1, latency.objective, macs, params, sparsity, timings,
+    return TrialResult(config, top1, latency.objective, macs, params, sparsity, timings, accuracy_fp32=top1_trained,
                        latency_cached=latency.cached, extra_latency=latency.extra, latency_keys=latency.keys,
                        stopped=stopped, rungs=tuple(rungs))
+
+
+def _served_accuracy(model: torch.nn.Module, latency: LatencyProfile, data: DataBundle, device: torch.device,
+                     trained: float) -> float:
+    """The accuracy registered: of the model as it is served, prepared in the recipe its latency was measured in
+    (bf16, channels-last, 2:4 kernels, compiled: measure/prepared.py) on the trial's device. A float32 model run
+    as trained needs no second pass (`trained`, the float32 model's accuracy)."""
+    recipe = latency.recipe
+    if device.type == "cpu" and recipe == ExecutionRecipe(device="cpu"):
+        return trained
+    prepared = PreparedModel.build(model, recipe, device, (eval_batch_size(data.eval), *data.input_size))
+    return served_accuracy(prepared, data.eval, data)
 
 
 def _heal_in_rungs(healed_copy_accuracy, judge: RungJudge, steps: int,

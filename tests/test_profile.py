@@ -104,7 +104,7 @@ def test_profiling_leaves_the_model_as_it_came_and_trainable(memory_format, dtyp
 def test_a_sparse_kernel_failing_at_its_first_call_is_timed_dense_with_the_reason(monkeypatch):
     """Conversion can succeed and the kernels still fail on the first forward (a shape or device they do not
     take): the profile falls back to dense kernels and says why, rather than failing the trial."""
-    import autoprune.measure.formats as formats
+    import autoprune.measure.prepared as prepared
     import autoprune.measure.timing as profile_module
 
     def converted_but_broken(model, dtype):
@@ -116,8 +116,9 @@ def test_a_sparse_kernel_failing_at_its_first_call_is_timed_dense_with_the_reaso
             layer.register_forward_pre_hook(fail)
         return len(linears)
 
-    monkeypatch.setattr(profile_module, "plan_kernels", lambda *args: ("2:4", ""))
-    monkeypatch.setattr(formats, "to_semi_structured", converted_but_broken)
+    for module in (profile_module, prepared):  # as if this CPU had the kernels
+        monkeypatch.setattr(module, "plan_kernels", lambda *args: ("2:4", ""))
+    monkeypatch.setattr(prepared, "to_semi_structured", converted_but_broken)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
     profile = profile_latency(model, input_size=(3, 4, 4), warmup=1, repeats=3, threads=1, execution_format="2:4")
     assert profile.format == "dense" and profile.recipe.kernels == "dense"

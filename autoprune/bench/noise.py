@@ -54,16 +54,17 @@ def structures(name: str):
 def old_way(model, batch: int, *, warmup: int = 20, repeats: int = 50) -> float:
     """The median of a model timed alone, as profiles were before pairing: settled warm-up, then fixed repeats."""
     from autoprune.measure.formats import ExecutionRecipe
-    from autoprune.measure.runners import runnable, time_runs_on, timing_inputs, warm_up
+    from autoprune.measure.prepared import PreparedModel
+    from autoprune.measure.runners import time_runs_on, timing_inputs, warm_up
 
     device = torch.device("cpu")
     shape = (batch, 3, 32, 32)
-    runner, recipe, _ = runnable(model, ExecutionRecipe(), device, shape)
-    inputs = timing_inputs(shape, recipe, device)
+    prepared = PreparedModel.build(model, ExecutionRecipe(), device, shape)
+    inputs = timing_inputs(shape, prepared.recipe, device)
     time_runs = time_runs_on(device)
     with torch.inference_mode():
-        warm_up(runner, inputs, minimum=warmup, time_runs=time_runs)
-        return statistics.median(time_runs(runner, inputs, repeats))
+        warm_up(prepared.module, inputs, minimum=warmup, time_runs=time_runs)
+        return statistics.median(time_runs(prepared.module, inputs, repeats))
 
 
 def measure(name: str, *, dense_quiet_ms: float | None) -> dict:

@@ -2,7 +2,7 @@
 
 A user asks `best` for the most accurate model under X ms and serves what it loads. That model must run at the
 latency it was registered with, so it is loaded in the recipe it was timed in (dtype, memory format, kernels,
-compile: `formats.prepare`). This benchmark checks it end to end on this machine: it runs searches (the demo's ViT
+compile: `measure/prepared.py`). This benchmark checks it end to end on this machine: it runs searches (the demo's ViT
 and a small ResNet, whose profile may keep channels-last), and for every registered version of their fronts starts
 a fresh Python process that loads the version from the registry (`autoprune.load_model`, as `best(load=True)` and
 `autoprune serve` do) and times it on float32 inputs, as a caller would pass them, with the registered batch size

@@ -37,19 +37,27 @@ class ExecutionRecipe:
     kernels: str = DENSE  # dense, or 2:4 (eligible Linear layers on semi-structured sparse kernels)
     compiled: bool = False  # torch.compile(model)
     device: str = "cpu"  # the kind of device it was timed on: cpu or cuda
+    # The backend's process-wide settings it ran under (CUDA only; prepared.py sets them whenever a model is
+    # prepared): float32 matmuls and convolutions on TF32 tensor cores, and cuDNN's autotuner picking each
+    # convolution's fastest algorithm for the shapes it meets. Both change speed, TF32 the numbers too.
+    tf32: bool = False
+    cudnn_benchmark: bool = False
 
     def as_dict(self) -> dict:
         return {"dtype": self.dtype, "memory_format": self.memory_format, "kernels": self.kernels,
-                "compiled": self.compiled, "device": self.device}
+                "compiled": self.compiled, "device": self.device, "tf32": self.tf32,
+                "cudnn_benchmark": self.cudnn_benchmark}
 
     @classmethod
     def from_dict(cls, fields: dict) -> "ExecutionRecipe":
-        known = ("dtype", "memory_format", "kernels", "compiled", "device")
+        """From `as_dict`; a recipe saved before a field existed takes its default."""
+        known = ("dtype", "memory_format", "kernels", "compiled", "device", "tf32", "cudnn_benchmark")
         return cls(**{key: fields[key] for key in known if key in fields})
 
     def describe(self) -> str:
-        return (f"{self.dtype}, {self.memory_format}, {self.kernels} kernels{', compiled' if self.compiled else ''}"
-                f" on {self.device}")
+        extras = [", compiled" if self.compiled else "", ", TF32" if self.tf32 else "",
+                  ", cuDNN autotuned" if self.cudnn_benchmark else ""]
+        return f"{self.dtype}, {self.memory_format}, {self.kernels} kernels{''.join(extras)} on {self.device}"
 
 
 def semi_structured_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -127,46 +135,6 @@ def to_semi_structured(model: nn.Module, dtype: torch.dtype) -> int:
     return len(layers)
 
 
-def prepare(model: nn.Module, recipe: ExecutionRecipe, device: torch.device | str) -> nn.Module:
-    """`model` made ready to run `recipe` on `device`: moved, cast, laid out, converted, compiled — in place, so
-    give it a copy of a model that must still train. A forward pre-hook casts floating inputs to the recipe's dtype
-    and layout, so callers may pass float32 images. Returns the module to call (a compiled wrapper when compiled).
-
-    2:4 conversion raises when the kernels cannot take the model; the first call of a compiled model compiles it.
-    Both are the caller's to guard (`profile.runnable` falls back to dense kernels or eager and says why)."""
-    model = prepare_eager(model, recipe, device)
-    return compiled(model) if recipe.compiled else model
-
-
-def prepare_eager(model: nn.Module, recipe: ExecutionRecipe, device: torch.device | str) -> nn.Module:
-    """`prepare` without the compilation."""
-    device = torch.device(device)
-    dtype = TORCH_DTYPES[recipe.dtype]
-    model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
-    layout = torch.channels_last if recipe.memory_format == CHANNELS_LAST else torch.contiguous_format
-    if recipe.memory_format == CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)  # 4-d weights only; Linear layers are unchanged
-    if recipe.kernels == SEMI_STRUCTURED:
-        to_semi_structured(model, dtype)
-    model.register_forward_pre_hook(_input_caster(device, dtype, layout))
-    return model
-
-
-def compiled(model: nn.Module) -> nn.Module:
-    import torch._dynamo
-
-    # A worker compiles model after model: past dynamo's recompile limit it would silently run eager.
-    torch._dynamo.reset()
-    return torch.compile(model)
-
-
-def _input_caster(device: torch.device, dtype: torch.dtype, layout):
-    def cast(module, args):
-        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
-            return None
-        images = args[0].to(device=device, dtype=dtype)
-        if images.dim() == 4:
-            images = images.contiguous(memory_format=layout)
-        return (images, *args[1:])
-
-    return cast
+def join_notes(*notes: str) -> str:
+    """Notes joined with "; ", each part once (a cached profile may already carry the reason being added)."""
+    return "; ".join(dict.fromkeys(part for note in notes for part in note.split("; ") if part))

@@ -111,7 +111,8 @@ def _shapes(model: nn.Module) -> list:
 def _key(model, runs_as: str, where: str, settings: ProfileSpec, batch: int, input_size) -> str:
     return structure_signature(model, format=runs_as, device=where, dtype=settings.dtype, batch_size=batch,
                                input_size=input_size, memory_format=settings.memory_format,
-                               compile=settings.compile, torch_version=torch.__version__)
+                               compile=settings.compile, tf32=settings.tf32 and "cpu" not in where,
+                               torch_version=torch.__version__)
 
 
 def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads, reference,
@@ -147,7 +148,7 @@ def _profile_batches(model, fmt, settings: ProfileSpec, input_size, batch_sizes,
             profiles[batch] = profile_latency(
                 model, input_size=input_size, batch_size=batch, dtype=settings.dtype, warmup=settings.warmup,
                 repeats=settings.repeats, device=device, threads=threads, execution_format=fmt,
-                memory_format=settings.memory_format, compile=settings.compile, reference=reference,
+                memory_format=settings.memory_format, compile=settings.compile, tf32=settings.tf32, reference=reference,
                 reference_memory_format=dense.memory_format if dense is not None else None,
                 scale_ms=dense.median_ms if dense is not None else None, tolerance=settings.tolerance,
                 max_seconds=settings.max_seconds)

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoprune.data import DataBundle, ImageSet
+from autoprune.measure.prepared import PreparedModel
 
 EVAL_PIXELS = 64 * 224 * 224  # images × pixels per evaluation batch: activations scale with both
 
@@ -19,16 +20,31 @@ def accuracy(
     """Top-1 accuracy on `images`, batch by batch on `device` (the model is moved there first). The default batch
     holds EVAL_PIXELS pixels (256 small images, 64 at 224×224): a 256-image batch at ImageNet size would hold more
     than a gigabyte of activations in a small CNN's stem alone."""
-    if batch_size is None:
-        height, width = images.source.shape[-2:]
-        batch_size = max(1, min(256, EVAL_PIXELS // (height * width)))
+    batch_size = batch_size or eval_batch_size(images)
     model.eval().to(device)  # outside inference mode: its tensors must stay usable by autograd
+    return _top1(model, images, data, batch_size, torch.device(device))
+
+
+def served_accuracy(prepared: PreparedModel, images: ImageSet, data: DataBundle) -> float:
+    """Top-1 accuracy of a model as it is served (measure/prepared.py: its dtype, layout, kernels, compilation),
+    in batches of the size it was prepared on."""
+    return _top1(prepared.logits, images, data, prepared.batch_size, prepared.device)
+
+
+def eval_batch_size(images: ImageSet) -> int:
+    """EVAL_PIXELS pixels' worth of images, at most 256."""
+    height, width = images.source.shape[-2:]
+    return max(1, min(256, EVAL_PIXELS // (height * width)))
+
+
+def _top1(forward, images: ImageSet, data: DataBundle, batch_size: int, device: torch.device) -> float:
     correct = 0
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = data.normalize(images.take(slice(start, start + batch_size)).to(device))
-            predicted = model(batch).argmax(dim=-1).cpu()
-            correct += int((predicted == images.labels[start : start + batch_size]).sum())
+    for start in range(0, len(images), batch_size):
+        # normalised outside inference mode, as a prepared model's first call was: a compiled graph is reused
+        batch = data.normalize(images.take(slice(start, start + batch_size)).to(device))
+        with torch.inference_mode():
+            predicted = forward(batch).argmax(dim=-1).cpu()
+        correct += int((predicted == images.labels[start : start + batch_size]).sum())
     return correct / len(images)
 
 

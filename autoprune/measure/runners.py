@@ -1,4 +1,4 @@
-"""How a model is run to be timed: a copy prepared in its recipe that has run once (`runnable`), warm, on inputs of
+"""How a model is run to be timed: a copy prepared in its recipe that has run once (prepared.py), warm, on inputs of
 its dtype and layout (`Runner`), and several of them timed in turns (`interleave`) — the mechanics under
 timing.py's measurements.
 
@@ -9,25 +9,17 @@ what profiling costs.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from autoprune.measure.formats import (
-    CHANNELS_LAST,
-    DENSE,
-    SEMI_STRUCTURED,
-    TORCH_DTYPES,
-    ExecutionRecipe,
-    compiled,
-    prepare_eager,
-)
+from autoprune.measure.formats import CHANNELS_LAST, TORCH_DTYPES, ExecutionRecipe
+from autoprune.measure.prepared import PreparedModel
 
 MIN_BLOCKS = 6  # fewer blocks give a t-interval too wide to decide anything
 BLOCK_MS = 20.0  # each runner's share of a block: long enough to beat timer jitter, short enough that a change
@@ -79,8 +71,8 @@ class Runner:
 
     @classmethod
     def prepare(cls, model: nn.Module, recipe: ExecutionRecipe, shape, device: torch.device) -> "Runner":
-        module, recipe, note = runnable(model, recipe, device, shape)
-        return cls(module, recipe, note, timing_inputs(shape, recipe, device))
+        prepared = PreparedModel.build(model, recipe, device, shape)
+        return cls(prepared.module, prepared.recipe, prepared.note, timing_inputs(shape, prepared.recipe, device))
 
     def warm(self, minimum: int, time_runs, *, settle: bool) -> None:
         """`minimum` untimed passes (and, for a measurement on its own, until settled: see `warm_up`); once."""
@@ -129,59 +121,6 @@ def time_model(runner, inputs: torch.Tensor, *, warmup: int, repeats: int) -> li
     with torch.inference_mode():
         warm_up(runner, inputs, minimum=warmup, time_runs=time_runs)
         return time_runs(runner, inputs, repeats)
-
-
-def runnable(model: nn.Module, recipe: ExecutionRecipe, device: torch.device,
-             shape: tuple[int, ...]) -> tuple[nn.Module, ExecutionRecipe, str]:
-    """A copy of `model` prepared in `recipe` that has run once: (module, the recipe that ran, note).
-
-    The first call is where sparse kernels meet the shapes and where compilation happens, so it is where they
-    fail: a 2:4 model that fails there runs on dense kernels, a compile that fails runs eager, and the note says
-    why. A compile that captured no graph (dynamo gave up) is recorded as not compiled."""
-    note = ""
-    example = torch.randn(shape, device=device, dtype=TORCH_DTYPES[recipe.dtype])
-    try:
-        runner = _first_call(prepare_eager(copy.deepcopy(model), recipe, device), example)
-    except Exception as error:  # noqa: BLE001 — any kernel failure: time the dense kernels and say why
-        if recipe.kernels != SEMI_STRUCTURED:
-            raise
-        note = f"2:4 sparse kernels failed ({_reason(error)}): timed with dense kernels"
-        recipe = replace(recipe, kernels=DENSE)
-        runner = _first_call(prepare_eager(copy.deepcopy(model), recipe, device), example)
-    if not recipe.compiled:
-        return runner, recipe, note
-    graphs = _captured_graphs()
-    try:
-        compiled_runner = _first_call(compiled(runner), example)
-    except Exception as error:  # noqa: BLE001 — any compiler failure: time the eager model and say why
-        return runner, replace(recipe, compiled=False), join_notes(note, f"torch.compile failed ({_reason(error)}): timed eager")
-    if _captured_graphs() == graphs:
-        return runner, replace(recipe, compiled=False), join_notes(
-            note, "torch.compile captured no graph (dynamo fell back to eager): timed eager")
-    return compiled_runner, recipe, note
-
-
-def _first_call(runner: nn.Module, example: torch.Tensor) -> nn.Module:
-    with torch.inference_mode():
-        runner(example)
-    return runner
-
-
-def _reason(error: Exception) -> str:
-    first = str(error).splitlines()[0][:160] if str(error) else ""
-    return f"{type(error).__name__}: {first}"
-
-
-def _captured_graphs() -> int:
-    """How many graphs dynamo has compiled in this process (it counts them; a silent fallback adds none)."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
-def join_notes(*notes: str) -> str:
-    """Notes joined with "; ", each part once (a cached profile may already carry the reason being added)."""
-    return "; ".join(dict.fromkeys(part for note in notes for part in note.split("; ") if part))
 
 
 SETTLE_TOLERANCE = 0.05  # warm-up ends when two consecutive windows' medians agree within 5%…

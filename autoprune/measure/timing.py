@@ -44,15 +44,14 @@ from autoprune.measure.formats import (
     MEMORY_FORMATS,
     TORCH_DTYPES,
     ExecutionRecipe,
+    join_notes,
     plan_kernels,
 )
 from autoprune.measure.runners import (
     Runner,
     calls_per_block,
     interleave,
-    join_notes,
     reference_runner,
-    runnable,
     time_model,
     time_runs_on,
     warm_up,
@@ -60,7 +59,7 @@ from autoprune.measure.runners import (
 from autoprune.measure.stats import EXACT, Speedup, percentile, relative_half_width, speedup_of
 
 __all__ = ["LatencyProfile", "profile_latency", "profile_together", "time_model", "device_name", "percentile",
-           "warm_up", "is_convolutional", "merge_profiles", "rescaled", "join_notes", "runnable", "DTYPES",
+           "warm_up", "is_convolutional", "merge_profiles", "rescaled", "join_notes", "DTYPES",
            "MEMORY_FORMATS", "CONTIGUOUS", "CHANNELS_LAST", "AUTO", "WIDE"]
 
 # Blocks go on until the speedup's 95% interval is within ±10% (a trial's: enough to decide whether it heals and
@@ -88,6 +87,7 @@ class LatencyProfile:
     note: str = ""  # e.g. why a 2:4 model was timed with dense kernels
     memory_format: str = CONTIGUOUS  # of the inputs and 4-d weights when timed
     compiled: bool = False  # torch.compile ran (False also when compiling was asked for and failed: see note)
+    tf32: bool = False  # on a CUDA GPU, float32 matmuls and convolutions ran on TF32 tensor cores
     # Against the reference (the dense model), interleaved in one process: its time ÷ this model's, with the 95%
     # interval (all 1.0: the reference itself, or timed alone), and the reference's median in that pass.
     speedup: float = 1.0
@@ -135,7 +135,17 @@ class LatencyProfile:
     def recipe(self) -> ExecutionRecipe:
         """How the model ran when timed: what loading and serving it must reproduce."""
         device = "cpu" if self.device.startswith("cpu") else "cuda"  # device_name's two kinds of name
-        return ExecutionRecipe(self.dtype, self.memory_format, self.format, self.compiled, device)
+        return recipe_for(device, dtype=self.dtype, memory_format=self.memory_format, kernels=self.format,
+                          compiled=self.compiled, tf32=self.tf32)
+
+
+def recipe_for(device: str, *, dtype: str, memory_format: str, kernels: str, compiled: bool,
+               tf32: bool) -> ExecutionRecipe:
+    """The recipe a model is timed in on a kind of device: on a GPU cuDNN's autotuner is on (timing and serving
+    run fixed shapes, which it picks the fastest algorithms for) and TF32 as the profile asks; a CPU has neither."""
+    on_gpu = device == "cuda"
+    return ExecutionRecipe(dtype, memory_format, kernels, compiled, device, tf32=tf32 and on_gpu,
+                           cudnn_benchmark=on_gpu)
 
 
 def device_name(device: torch.device, threads: int) -> str:
@@ -168,6 +178,7 @@ def profile_latency(
     execution_format: str = DENSE,
     memory_format: str = CONTIGUOUS,
     compile: bool = False,
+    tf32: bool = False,
     reference: nn.Module | None = None,
     reference_memory_format: str | None = None,
     scale_ms: float | None = None,
@@ -183,7 +194,7 @@ def profile_latency(
     `model` itself is left as it came (a prepared copy is timed). `execution_format` "2:4" runs the model on
     semi-structured sparse kernels where the device has them; `memory_format` "auto" times a convolutional model
     both contiguous and channels-last and keeps the faster; `compile` times `torch.compile(model)` (its
-    compilation happens before the warm-up, untimed)."""
+    compilation happens before the warm-up, untimed); `tf32` lets a GPU's float32 matmuls use TF32."""
     for name, value in (("memory_format", memory_format), ("reference_memory_format", reference_memory_format)):
         if value is not None and value not in MEMORY_FORMATS:
             raise ValueError(f"{name} {value!r}: choose one of {', '.join(MEMORY_FORMATS)}")
@@ -198,10 +209,14 @@ def profile_latency(
     kernels, note = plan_kernels(model, execution_format, device, TORCH_DTYPES[dtype])
     shape = (batch_size, *input_size)
     with watch(device) as window:
-        candidates = [Runner.prepare(model, ExecutionRecipe(dtype, layout, kernels, compile, device.type), shape,
-                                      device) for layout in _layouts(model, memory_format)]
+        def recipe(layout: str, kernels: str) -> ExecutionRecipe:
+            return recipe_for(device.type, dtype=dtype, memory_format=layout, kernels=kernels, compiled=compile,
+                              tf32=tf32)
+
+        candidates = [Runner.prepare(model, recipe(layout, kernels), shape, device)
+                      for layout in _layouts(model, memory_format)]
         references = [] if reference is None else [
-            reference_runner(reference, ExecutionRecipe(dtype, layout, DENSE, compile, device.type), shape, device)
+            reference_runner(reference, recipe(layout, DENSE), shape, device)
             for layout in _layouts(reference, reference_memory_format or memory_format)]
         runners = [*references, *candidates]
         time_runs = time_runs_on(device)
@@ -248,6 +263,7 @@ def profile_latency(
         note=join_notes(note, chosen.note),
         memory_format=chosen.recipe.memory_format,
         compiled=chosen.recipe.compiled,
+        tf32=chosen.recipe.tf32,
         speedup=speedup.ratio,
         speedup_low=speedup.low,
         speedup_high=speedup.high,
@@ -298,7 +314,8 @@ def profile_together(
         median_ms=reference_ms, p90_ms=percentile(reference_timings, 0.9),
         spread=(percentile(reference_timings, 0.9) - percentile(reference_timings, 0.1)) / reference_ms,
         dtype=runners[0].recipe.dtype, repeats=len(reference_timings), format=runners[0].recipe.kernels,
-        memory_format=runners[0].recipe.memory_format, compiled=runners[0].recipe.compiled, **common)
+        memory_format=runners[0].recipe.memory_format, compiled=runners[0].recipe.compiled,
+        tf32=runners[0].recipe.tf32, **common)
     profiles = []
     for runner, runner_blocks in zip(runners[1:], blocks[1:]):
         timings = _flat(runner_blocks)
@@ -309,7 +326,8 @@ def profile_together(
             median_ms=median, p90_ms=median * percentile(timings, 0.9) / own,
             spread=(percentile(timings, 0.9) - percentile(timings, 0.1)) / own, dtype=runner.recipe.dtype,
             repeats=len(timings), format=runner.recipe.kernels, note=runner.note,
-            memory_format=runner.recipe.memory_format, compiled=runner.recipe.compiled, speedup=speedup.ratio,
+            memory_format=runner.recipe.memory_format, compiled=runner.recipe.compiled, tf32=runner.recipe.tf32,
+            speedup=speedup.ratio,
             speedup_low=speedup.low, speedup_high=speedup.high, reference_ms=reference_ms,
             log_ratios=tuple(log_ratios), **common))
     return dense, profiles

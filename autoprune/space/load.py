@@ -231,6 +231,7 @@ def _profile(section: Section) -> ProfileSpec:
         max_seconds=section.take("max_seconds", float, 20.0, check=positive),
         memory_format=section.take("memory_format", str, "auto", choices=MEMORY_FORMATS),
         compile=section.take("compile", bool, False),
+        tf32=section.take("tf32", bool, True),
         target=_target_hardware(section.section("target")),
     )
     section.done()

@@ -84,7 +84,9 @@ def trial_metrics(result: TrialResult) -> dict[str, float]:
     if result.searched_latency_ms is not None:  # the final re-timing replaced what the trial measured
         metrics["latency_ms_in_search"] = result.searched_latency_ms
     if result.feasible:
-        metrics["accuracy"] = result.accuracy
+        metrics["accuracy"] = result.accuracy  # as served: in the recipe its latency was measured in
+    if result.accuracy_fp32 is not None:
+        metrics["accuracy_fp32"] = result.accuracy_fp32  # the float32 model's, as trained
     metrics["healing_steps"] = result.healing_steps
     metrics.update({f"accuracy_rung{index}": top1 for index, (_, top1) in enumerate(result.rungs, start=1)})
     metrics.update({f"latency_ms_batch{batch}": p.median_ms for batch, p in result.extra_latency.items()})
