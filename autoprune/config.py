@@ -16,6 +16,7 @@ SPARSITY_MODES = ("global", "per_group", "depth", "spectral")
 DATA_SOURCES = ("reference", "imagefolder", "torchvision")
 DTYPES = ("float32", "float16", "bfloat16")
 HEALING_ENGINES = ("local", "deepspeed")
+AUTOCAST = ("auto", "off", "bfloat16", "float16")  # heal_runtime.autocast
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")  # auto: CNNs are timed both ways, the faster is kept
 LATENCY_METRICS = ("latency_ms", "latency_p90_ms", "macs", "params")  # what the cost objective may be
 
@@ -150,6 +151,10 @@ class HealingEngine:
     bf16: bool = True
     cpu: float = 1  # Ray resources per worker
     gpu: float = 1  # 0 or a whole number: NCCL refuses two workers on one GPU
+    # The local engine's mixed precision (train/loop.py): auto is bfloat16 on a CUDA GPU that has it (float16 with
+    # loss scaling on one that has not) and float32 on a CPU; off, bfloat16 or float16 force it
+    autocast: str = "auto"
+    tf32: bool = True  # on a CUDA GPU, float32 matmuls and convolutions on TF32 tensor cores while healing
 
 
 @dataclass(frozen=True)

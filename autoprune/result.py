@@ -38,6 +38,7 @@ class TrialResult:
     # `accuracy` is the model's as served (in its latency's recipe: bf16, channels-last, 2:4, compiled); this is
     # the float32 model's, as trained (None where it was not evaluated)
     accuracy_fp32: float | None = None
+    heal_note: str = ""  # what healing had to change (an out-of-memory error retried at half the batch)
 
     @property
     def feasible(self) -> bool:
@@ -76,6 +77,7 @@ class TrialResult:
             "rungs": [list(rung) for rung in self.rungs],
             "searched_latency_ms": self.searched_latency_ms,
             "accuracy_fp32": self.accuracy_fp32,
+            "heal_note": self.heal_note,
         }
 
     @classmethod
@@ -96,6 +98,7 @@ class TrialResult:
             rungs=tuple((int(steps), float(top1)) for steps, top1 in raw.get("rungs", ())),
             searched_latency_ms=raw.get("searched_latency_ms"),
             accuracy_fp32=raw.get("accuracy_fp32"),
+            heal_note=str(raw.get("heal_note", "")),
         )
 
     def latency_entries(self) -> dict[str, LatencyProfile]:

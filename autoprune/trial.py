@@ -128,7 +128,24 @@ def run_trial(
         with stage("profile"):
             latency = profile()
 
+    heal_notes: list[str] = []
+
     def heal_for(target: torch.nn.Module, steps: int) -> None:
+        """Heal `target`; out of memory, once more from where it started at half the batch (and say so)."""
+        batch_size = config.heal.batch_size
+        before = {key: value.detach().to("cpu", copy=True) for key, value in target.state_dict().items()}
+        try:
+            heal_with(target, steps, batch_size)
+        except torch.OutOfMemoryError:
+            if batch_size < 2:
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # what the failed run held
+            target.load_state_dict(before)
+            heal_notes.append(f"healing ran out of memory at batch {batch_size}: healed at batch {batch_size // 2}")
+            heal_with(target, steps, batch_size // 2)
+
+    def heal_with(target: torch.nn.Module, steps: int, batch_size: int) -> None:
         healing.apply(
             target,
             heal.HealRequest(
@@ -136,7 +153,7 @@ def run_trial(
                 data=data,
                 steps=steps,
                 lr=config.heal.lr,
-                batch_size=config.heal.batch_size,
+                batch_size=batch_size,
                 masks=masks,
                 teacher=dense,
                 options={**healing.options, **config.heal.options},
@@ -183,7 +200,7 @@ def run_trial(
 
     return TrialResult(config, top1, latency.objective, macs, params, sparsity, timings, accuracy_fp32=top1_trained,
                        latency_cached=latency.cached, extra_latency=latency.extra, latency_keys=latency.keys,
-                       stopped=stopped, rungs=tuple(rungs))
+                       stopped=stopped, rungs=tuple(rungs), heal_note="; ".join(dict.fromkeys(heal_notes)))
 
 
 def _served_accuracy(model: torch.nn.Module, latency: LatencyProfile, data: DataBundle, device: torch.device,

@@ -16,6 +16,7 @@ import yaml
 
 from autoprune import heal, prune
 from autoprune.config import (
+    AUTOCAST,
     DATA_SOURCES,
     DTYPES,
     HEALING_ENGINES,
@@ -262,6 +263,8 @@ def _heal_runtime(section: Section) -> HealingEngine:
         bf16=section.take("bf16", bool, True),
         cpu=section.take("cpu", float, 1.0, check=positive),
         gpu=section.take("gpu", float, 1.0, check=non_negative),
+        autocast=section.take("autocast", str, "auto", choices=AUTOCAST),
+        tf32=section.take("tf32", bool, True),
     )
     section.done()
     return spec

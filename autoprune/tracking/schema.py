@@ -105,7 +105,7 @@ def trial_tags(result: TrialResult) -> dict[str, str]:
         DEVICE_TAG: latency.device, "dtype": latency.dtype, "batch_size": latency.batch_size,
         "threads": latency.threads, "feasible": result.feasible, "format": latency.format,
         "memory_format": latency.memory_format, "compiled": latency.compiled, "ray_node": result.node,
-        "stopped": result.stopped, "latency_note": latency.note,
+        "stopped": result.stopped, "latency_note": latency.note, "heal_note": result.heal_note,
         **conditions_tags(latency.conditions),
     }.items()}
 

@@ -34,11 +34,12 @@ def optimise(
     engine: HealingEngine | None = None,
 ) -> list[float]:
     """Run `steps` AdamW steps on batches sampled from `images`; returns the loss of every step. In this process
-    (`loop.optimise`) unless `engine` is DeepSpeed's: then on its workers, and the trained `model` is left on
+    (`loop.optimise`, in the engine's precision: autocast, TF32) unless `engine` is DeepSpeed's: then on its workers, and the trained `model` is left on
     `device` in eval mode, as the local run leaves it."""
     if engine is None or engine.engine != "deepspeed":
         return loop.optimise(model, images=images, data=data, objective=objective, steps=steps, lr=lr,
-                             batch_size=batch_size, seed=seed, weight_decay=weight_decay, masks=masks, device=device)
+                             batch_size=batch_size, seed=seed, weight_decay=weight_decay, masks=masks, device=device,
+                             precision=loop.Precision.of(engine, device))
     losses = optimise_deepspeed(model, engine, images=images, mean=data.mean, std=data.std, objective=objective,
                                 steps=steps, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
                                 masks=masks if masks is not None else Masks())

@@ -18,12 +18,15 @@ Images stay uint8 until a batch is on the device; it is normalised there.
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoprune.config import HealingEngine
 from autoprune.data import DataBundle, ImageSet, normalize
 from autoprune.prune.masks import Masks, Sparsifier
 
@@ -52,6 +55,49 @@ class Loss:
 
     def release(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a local training run computes: the forward pass under autocast in `autocast` (None: float32), float32
+    matmuls and convolutions on TF32 tensor cores (`tf32`, CUDA only). float16 scales the loss (GradScaler)."""
+
+    autocast: torch.dtype | None = None
+    tf32: bool = False
+
+    @classmethod
+    def of(cls, engine: HealingEngine | None, device: torch.device | str) -> "Precision":
+        """What `heal_runtime` asks for, on `device`: `auto` is bfloat16 on a CUDA GPU that has it (float16 on
+        one that has not) and float32 on a CPU, where bfloat16 autocast is slower than float32 on most CPUs."""
+        device = torch.device(device)
+        if engine is None:
+            return cls()
+        tf32 = engine.tf32 and device.type == "cuda"
+        if engine.autocast == "off":
+            return cls(None, tf32)
+        if engine.autocast == "auto":
+            if device.type != "cuda":
+                return cls(None, False)
+            return cls(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, tf32)
+        return cls(getattr(torch, engine.autocast), tf32)
+
+    def autocasting(self, device: torch.device):
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+    @contextmanager
+    def backend(self, device: torch.device) -> Iterator[None]:
+        """TF32 for the run, and the process's settings as they were afterwards (timing sets its own)."""
+        if device.type != "cuda":
+            yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def shifted(images: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
@@ -122,9 +168,11 @@ def optimise(
     weight_decay: float = 0.05,
     masks: Sparsifier | None = None,
     device: torch.device | str = "cpu",
+    precision: Precision = Precision(),
 ) -> list[float]:
-    """Run `steps` AdamW steps in this process on batches sampled from `images`; returns the loss of every step.
-    (`autoprune.train.optimise` takes a healing engine, and runs the same job on DeepSpeed workers when asked.)"""
+    """Run `steps` AdamW steps in this process on batches sampled from `images`, in `precision`; returns the loss of
+    every step. (`autoprune.train.optimise` takes a healing engine, and runs the same job on DeepSpeed workers
+    when asked.)"""
     device = torch.device(device)
     held = masks if masks is not None else Masks()  # none: nothing to hold
     model.train().to(device)
@@ -132,22 +180,33 @@ def optimise(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+    # float16's narrow range underflows small gradients: the loss is scaled up for backward, the step unscaled
+    scaler = torch.amp.GradScaler(device.type) if precision.autocast == torch.float16 else None
 
     def update(loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         schedule.step()
 
+    def loss_of(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with precision.autocasting(device):
+            return loss_fn(model, inputs, labels).float()
+
     try:
-        return run_steps(
-            steps, lr=lr, step=update,
-            next_batch=batch_sampler(images, data.mean, data.std, batch_size=min(batch_size, len(images.labels)),
-                                     seed=seed, device=device),
-            loss_of=lambda inputs, labels: loss_fn(model, inputs, labels),
-            before_step=lambda progress: held.before_step(model, progress),
-            after_step=lambda: held.after_step(model),
-        )
+        with precision.backend(device):
+            return run_steps(
+                steps, lr=lr, step=update, loss_of=loss_of,
+                next_batch=batch_sampler(images, data.mean, data.std, batch_size=min(batch_size, len(images.labels)),
+                                         seed=seed, device=device),
+                before_step=lambda progress: held.before_step(model, progress),
+                after_step=lambda: held.after_step(model),
+            )
     finally:
         optimizer.zero_grad(set_to_none=True)  # leave no gradients behind: they hold as much memory as the weights
         objective.release()
