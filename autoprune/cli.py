@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--address", help="Ray cluster to check (default: a local Ray)")
     doctor.add_argument("--storage", help="the storage a search would use (search.storage / --storage)")
     doctor.add_argument("--json", action="store_true", help="print the rows as JSON")
+    doctor.add_argument("--acceptance", action="store_true",
+                        help="run two 4-trial bf16 searches (a ViT, a BatchNorm CNN) and check that every registered"
+                             " version, loaded from the registry, scores and runs as registered (one table)")
     _add_store_flags(doctor)
 
     from autoprune.bench.commands import add_bench_parser

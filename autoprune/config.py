@@ -130,7 +130,10 @@ class SearchSettings:
     sampler: str = "tpe_grouped"
     seed: int = 0  # sampler seed and every trial's seed
     cpu: float = 1  # Ray resources per trial
-    gpu: float = 0
+    gpu: float = 0  # at most 1: a trial heals, times and evaluates on one GPU (several: heal_runtime deepspeed)
+    # The Ray accelerator type of the trials' GPUs (search.resources.accelerator_type): every trial and the dense
+    # model on one kind. None: the cluster's only type (a cluster with several must name one)
+    accelerator_type: str | None = None
     # A trial whose worker dies (or that raises: Tune cannot tell them apart) is started again this many times.
     max_retries: int = 1
     # A trial whose measured latency is not below the dense model's stops after profiling (it cannot join the front).

@@ -331,6 +331,11 @@ def text(rows: list[Check]) -> str:
 
 
 def main_doctor(args) -> int:
+    if getattr(args, "acceptance", False):
+        from autoprune.acceptance import main_acceptance
+
+        return main_acceptance(args)
+
     def live(row: Check) -> None:
         if not args.json:
             print(f"  {row.status:<8} {row.area}: {row.name}", flush=True)

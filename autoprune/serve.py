@@ -5,7 +5,8 @@
 
 The replica picks the version once, at start (the most accurate one within the latency target, as `best` does),
 loads it from the registry without unpickling anything, prepared in the recipe its latency was measured in (dtype,
-memory format, 2:4 kernels, compiled; on the kind of device it was measured on, with as many CPU threads), and
+memory format, 2:4 kernels, compiled; on the kind of device it was measured on, with as many CPU threads) and warmed
+on the batch it was measured at before it reports ready, and
 answers POST / with a JSON body `{"images": [N × C × H × W floats, normalised as in training]}` by `{"top1": [...],
 "logits": [[...]], "model": name, "version": v}`. Concurrent requests are batched (up to the batch size the latency
 was measured at), so a replica runs the batch the Pareto front was measured for. GET / describes the model served.
@@ -24,22 +25,24 @@ from ray import serve
 class PrunedModel:
     def __init__(self, model: str, max_latency_ms: float, tracking_uri: str | None = None,
                  device: str | None = None, conditions: dict | None = None) -> None:
-        from autoprune.tracking.select import best, load_model
+        from autoprune.tracking.select import best, load_served
 
         # conditions: the measurement conditions to choose among (device, batch_size, dtype), as `best` takes them
         self.choice = best(model=model, max_latency_ms=max_latency_ms, tracking_uri=tracking_uri,
                            **(conditions or {}))
         if not self.choice.on_gpu and self.choice.threads:
             torch.set_num_threads(self.choice.threads)  # as many threads as it was timed with
-        self.model = load_model(self.choice.model_uri, tracking_uri=tracking_uri, device=device)
-        self.device = next(self.model.parameters()).device
+        # prepared as it was timed (measure/prepared.py), its first call guarded and warmed on the measured batch:
+        # the replica reports ready after this, so no request pays a compile or the first kernels' set-up
+        self.model = load_served(self.choice.model_uri, tracking_uri=tracking_uri, device=device)
         self.predict.set_max_batch_size(max(1, int(self.choice.batch_size)))
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.005)
     async def predict(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         sizes = [len(images) for images in batches]
-        with torch.inference_mode():  # the model's own hook casts the images to its dtype and memory format
-            logits = self.model(torch.cat(batches).to(self.device)).float().cpu()
+        # in batches of the measured size; a compiled model's short batch is padded to it, so that the graph it
+        # compiled runs (a batch of another shape would compile again); its hook casts the images to its recipe
+        logits = self.model.logits(torch.cat(batches)).cpu()
         return list(torch.split(logits, sizes))
 
     async def __call__(self, request) -> dict[str, Any]:

@@ -45,6 +45,9 @@ def test_a_search_leaves_out_the_methods_that_cannot_be_faster_on_its_device(fir
                for line in SAID)
     assert {r.result.config.prune.method for r in outcome.records} == {"structured"}
     assert outcome.spec.prune.methods == ("structured",)
+    # the spec logged with the search is the one that ran, not the one before the methods were left out
+    logged = Tracker(outcome.tracking_uri, "e2e-warm").search_spec(outcome.parent_run_id)
+    assert logged["prune"]["methods"] == ["structured"]
 
 
 def _earlier(first):

@@ -53,12 +53,38 @@ def check_healing_resources(spec: SearchSpec, cluster: Mapping[str, float], say:
             f" DeepSpeed workers: at most {at_once} of search.concurrency {spec.search.concurrency} run at once here")
 
 
-def check_cluster(spec: SearchSpec, cluster: Mapping[str, float], say: Callable[[str], None]) -> None:
-    """Every check of the spec against the cluster's resources."""
+def one_gpu_type(spec: SearchSpec, cluster: Mapping[str, float], say: Callable[[str], None]) -> SearchSpec:
+    """The spec with its trials' GPU type pinned: the one it names (which a node must have), or the cluster's only
+    one. Trials are timed against one dense model and ranked on one front: a search over A10Gs and L4s at once
+    would rank the GPUs, not the models. A cluster with several types must be told which."""
+    if spec.search.gpu <= 0:
+        return spec
+    prefix = "accelerator_type:"
+    present = sorted(key[len(prefix):] for key in cluster if key.startswith(prefix))
+    named = spec.search.accelerator_type
+    if named is not None:
+        if named not in present:
+            raise AutopruneError(
+                f"search.resources.accelerator_type: no node of this Ray cluster has accelerator type {named!r} (it"
+                f" has: {', '.join(present) or 'none'}).")
+        return spec
+    if len(present) > 1:
+        raise AutopruneError(
+            f"search.resources: this Ray cluster has GPUs of {len(present)} types ({', '.join(present)}): trials on"
+            " different types cannot share one front. Set search.resources.accelerator_type to one of them.")
+    if present:
+        say(f"autoprune: every trial runs on the cluster's {present[0]} GPUs")
+        return replace(spec, search=replace(spec.search, accelerator_type=present[0]))
+    return spec
+
+
+def check_cluster(spec: SearchSpec, cluster: Mapping[str, float], say: Callable[[str], None]) -> SearchSpec:
+    """Every check of the spec against the cluster's resources; returns the spec with its GPU type pinned."""
     if spec.profile.target is not None:
         check_target_hardware(spec.profile.target.accelerator_type, cluster)
     if spec.heal_runtime.engine != "local":
         check_healing_resources(spec, cluster, say)
+    return one_gpu_type(spec, cluster, say)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's

@@ -24,7 +24,7 @@ from autoprune.driver.prepare import model_source, shared_context
 from autoprune.driver.progress import TrialPublisher
 from autoprune.driver.resume import resumable_parent
 from autoprune.driver.retime import retime_final
-from autoprune.driver.tune import run_tune
+from autoprune.driver.tune import gpu_type_resource, run_tune
 from autoprune.driver.warm import earlier_search, fit_point, warm_start
 from autoprune.driver.worker import dense_baseline
 from autoprune.errors import AutopruneError
@@ -92,7 +92,7 @@ def search(
     space = SearchSpace(spec, layer_groups(source.create()))  # the spec's groups exist in the model (no weights needed)
 
     ray = start_ray(address)
-    check_cluster(spec, ray.cluster_resources(), say)
+    spec = check_cluster(spec, ray.cluster_resources(), say)
     context_ref, latency_cache, judge = shared_context(spec, source, workdir, say)
     try:
         dense, parent_id = _dense_and_parent_run(spec, tracker, context_ref, resumed, say)
@@ -213,7 +213,8 @@ def _dense_and_parent_run(spec: SearchSpec, tracker: Tracker, context_ref: Any, 
 
     resources = {"cpu": spec.search.cpu, "gpu": spec.search.gpu}
     say(f"autoprune: measuring the dense model on a trial worker ({resources})")
-    worker = ray.remote(num_cpus=spec.search.cpu, num_gpus=spec.search.gpu)(dense_baseline)
+    worker = ray.remote(num_cpus=spec.search.cpu, num_gpus=spec.search.gpu,
+                        resources=gpu_type_resource(spec))(dense_baseline)
     dense = ray.get(worker.remote(context_ref))
     say(f"autoprune: dense top-1 {dense.accuracy:.4f}, {dense.latency.median_ms:.3f} ms on {dense.latency.device}")
     warn_if_busy(dense.latency, say, "the trial worker's node")

@@ -68,12 +68,20 @@ def run_tune(spec: SearchSpec, space: SearchSpace, context_ref, publisher, *, st
     return tuner.fit()
 
 
+def gpu_type_resource(spec: SearchSpec) -> dict[str, float]:
+    """The custom resource that places a task on a node of the trials' GPU type (Ray gives every GPU node
+    `accelerator_type:<type>`: 1; a trial asks for a sliver of it, so that any number share the node)."""
+    if spec.search.gpu <= 0 or spec.search.accelerator_type is None:
+        return {}
+    return {f"accelerator_type:{spec.search.accelerator_type}": 0.001}
+
+
 def trial_resources(spec: SearchSpec):
     """What Tune reserves for a trial: its own resources, and with DeepSpeed healing its workers' as well, in one
     placement group (train/deepspeed.py places the workers in it)."""
     from ray import tune
 
-    own = {"CPU": spec.search.cpu, "GPU": spec.search.gpu}
+    own = {"CPU": spec.search.cpu, "GPU": spec.search.gpu, **gpu_type_resource(spec)}
     if spec.heal_runtime.engine != "deepspeed":
-        return {key.lower(): value for key, value in own.items()}
+        return {key.lower() if key in ("CPU", "GPU") else key: value for key, value in own.items()}
     return tune.PlacementGroupFactory(trial_bundles(own, spec.heal_runtime), strategy="PACK")

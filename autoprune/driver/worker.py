@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import traceback
 from dataclasses import dataclass, replace
@@ -20,6 +21,17 @@ from autoprune.tracking import schema
 from autoprune.trial import TrialContext, run_trial
 
 RESULT_FILE = "result.json"  # in a trial's checkpoint, beside the model: what it reported
+EXIT_CUDA_POISONED = 75  # a trial's worker ended itself after a CUDA error that its process cannot recover from
+# CUDA errors after which the context is corrupt until the process ends (CUDA's "sticky" errors)
+STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                      "misaligned address", "illegal instruction", "hardware stack error", "uncorrectable ECC")
+
+
+def poisons_the_process(error: BaseException) -> bool:
+    """A CUDA error that leaves this process unable to run another kernel (an out-of-memory error does not)."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and "CUDA error" in text and any(
+        sticky.lower() in text.lower() for sticky in STICKY_CUDA_ERRORS)
 
 
 def dense_baseline(context: TrialContext) -> TrialResult:
@@ -70,7 +82,14 @@ def tune_trial(params: dict, *, shared: SharedContext, space: SearchSpace) -> No
         try:
             result = run_trial(config, shared.get(), save_dir=folder, device=assigned_device(),
                                threads=assigned_cpus())
-        except Exception:
+        except Exception as error:
+            if poisons_the_process(error):
+                # This process's CUDA context is gone: every later kernel in it fails, and a reused actor would
+                # fail every trial after this one as if each were its own fault. The process ends; Tune starts
+                # the trial again on a new actor (search.max_retries), as for a worker that died.
+                traceback.print_exc()
+                sys.stderr.flush()
+                os._exit(EXIT_CUDA_POISONED)
             # The trial's own failure (out of memory, a NaN loss, a combination the space allowed but the model
             # cannot take) would fail again if run again: it is reported as the trial's result, so that Tune's
             # restarts (search.max_retries) are kept for workers that died. Not BaseException: an interrupt or

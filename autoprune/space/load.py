@@ -281,12 +281,22 @@ def _search(section: Section) -> SearchSettings:
         stop_unless_faster=section.take("stop_unless_faster", bool, True),
         halving=_halving(section),
         cpu=resources.take("cpu", float, 1.0, check=positive),
-        gpu=resources.take("gpu", float, 0.0, check=non_negative),
+        gpu=resources.take("gpu", float, 0.0, check=one_gpu_at_most),
+        accelerator_type=resources.take("accelerator_type", str, None, check=non_empty),
         storage=no_credentials(section, "storage", section.take("storage", str, None, check=storage_path)),
     )
     resources.done()
     section.done()
     return spec
+
+
+def one_gpu_at_most(value: float) -> str | None:
+    if value < 0:
+        return "must be >= 0"
+    if value > 1:
+        return ("must be at most 1: a trial heals, times and evaluates on one GPU and would leave the others idle;"
+                " for more GPUs per trial, heal with heal_runtime.engine: deepspeed and its workers")
+    return None
 
 
 def at_least_two(value: int) -> str | None:

@@ -214,11 +214,24 @@ def _search_registering_into(model: str, tracking_uri: str | None):
 
 def load_model(model_uri: str, *, tracking_uri: str | None = None, recipe: bool = True, device=None):
     """Download a registered (or run) model and rebuild it, in eval mode, prepared in the recipe its latency was
-    measured in (dtype, memory format, 2:4 kernels, compiled) on `device` (default: the kind it was measured on);
-    `recipe=False` gives the plain float32 model. Nothing is unpickled."""
-    import mlflow
-
+    measured in (dtype, memory format, 2:4 kernels, compiled) on `device` (default: the kind it was measured on)
+    and warmed up; `recipe=False` gives the plain float32 model. Nothing is unpickled."""
     from autoprune.saved import load_model_dir
+
+    return load_model_dir(download_model(model_uri, tracking_uri), recipe=recipe, device=device)
+
+
+def load_served(model_uri: str, *, tracking_uri: str | None = None, device=None):
+    """`load_model`'s prepared model itself (measure/prepared.py): what a server calls, with the recipe that runs
+    and the batch shape it was timed and warmed on."""
+    from autoprune.saved import load_prepared
+
+    return load_prepared(download_model(model_uri, tracking_uri), device=device)
+
+
+def download_model(model_uri: str, tracking_uri: str | None) -> str:
+    """A registered (models:/NAME/VERSION, resolved against `tracking_uri`) or run model's folder, downloaded."""
+    import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if model_uri.startswith("models:/") and tracking_uri:
@@ -226,8 +239,7 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None, recipe: bool 
         # mlflow.set_registry_uri / set_tracking_uri would change it (and $MLFLOW_TRACKING_URI) for the whole process
         name, _, reference = model_uri[len("models:/"):].rpartition("/")
         model_uri = client(tracking_uri).get_model_version_download_uri(name, reference)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
-    return load_model_dir(local, recipe=recipe, device=device)
+    return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
 
 
 def front(*, experiment: str | None = None, run_id: str | None = None,

@@ -1,0 +1,54 @@
+"""What a GPU cluster needs that a CPU shows too: one GPU type per search, one GPU per trial, and a CUDA error
+that corrupts its process ending that process instead of failing every later trial on it."""
+
+from __future__ import annotations
+
+import pytest
+from test_spec import DEMO
+
+from autoprune.driver.preflight import check_cluster
+from autoprune.driver.tune import gpu_type_resource, trial_resources
+from autoprune.driver.worker import poisons_the_process
+from autoprune.errors import AutopruneError, SpecError
+from autoprune.space.load import parse_spec
+
+
+def _spec(**resources):
+    return parse_spec({**DEMO, "search": {**DEMO.get("search", {}), "resources": {"cpu": 1, **resources}}})
+
+
+def test_a_trial_asking_for_several_gpus_is_refused_with_the_way_to_use_them():
+    with pytest.raises(SpecError, match=r"search.resources.gpu.*at most 1.*heal_runtime.engine: deepspeed"):
+        _spec(gpu=2)
+
+
+def test_a_cluster_with_two_gpu_types_must_be_told_which_one_the_trials_use():
+    cluster = {"CPU": 16, "GPU": 4, "accelerator_type:A10G": 2, "accelerator_type:L4": 2}
+    said = []
+    with pytest.raises(AutopruneError, match=r"GPUs of 2 types \(A10G, L4\).*search.resources.accelerator_type"):
+        check_cluster(_spec(gpu=1), cluster, said.append)
+    with pytest.raises(AutopruneError, match=r"no node .* 'H100' \(it has: A10G, L4\)"):
+        check_cluster(_spec(gpu=1, accelerator_type="H100"), cluster, said.append)
+    chosen = check_cluster(_spec(gpu=1, accelerator_type="L4"), cluster, said.append)
+    assert trial_resources(chosen) == {"cpu": 1, "gpu": 1, "accelerator_type:L4": 0.001}
+
+
+def test_the_only_gpu_type_is_pinned_and_a_cpu_search_asks_for_none():
+    said = []
+    pinned = check_cluster(_spec(gpu=1), {"CPU": 8, "GPU": 2, "accelerator_type:A10G": 2}, said.append)
+    assert pinned.search.accelerator_type == "A10G" and "A10G" in said[0]
+    assert gpu_type_resource(pinned) == {"accelerator_type:A10G": 0.001}
+    cpu = check_cluster(_spec(), {"CPU": 2, "accelerator_type:A10G": 1}, said.append)
+    assert cpu.search.accelerator_type is None and trial_resources(cpu) == {"cpu": 1, "gpu": 0}
+
+
+@pytest.mark.parametrize("message, poisons", [
+    ("CUDA error: an illegal memory access was encountered", True),
+    ("CUDA error: device-side assert triggered", True),
+    ("CUDA error: unspecified launch failure", True),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),  # recoverable: the next trial may fit
+    ("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)", False),
+])
+def test_only_an_error_that_corrupts_the_cuda_context_ends_the_worker(message, poisons):
+    assert poisons_the_process(RuntimeError(message)) is poisons
+    assert not poisons_the_process(ValueError(message))
