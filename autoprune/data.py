@@ -73,6 +73,11 @@ class ImageSet:
         rows = None if self.rows is None else self.rows.numpy()
         return (_image_set, (self.source.numpy(), self.labels.numpy(), rows))
 
+    def compact(self) -> "ImageSet":
+        """This set with only its own images (a copy of its rows): what to send to another process, where a view
+        would carry the whole set it was drawn from (a training pool of gigabytes for a few hundred images)."""
+        return self if self.rows is None else ImageSet(self.images, self.labels)
+
     def subset(self, count: int, *, seed: int) -> "ImageSet":
         """A class-balanced random subset of `count` images (all of them if count ≥ len), as a view."""
         if count >= len(self):

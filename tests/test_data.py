@@ -81,3 +81,20 @@ def test_decoded_images_are_cached_and_read_back_the_same(tmp_path):
     assert torch.equal(first.train.images, again.train.images) and torch.equal(first.eval.images, again.eval.images)
     plain = image_folder(**{**kwargs, "cache_dir": None, "workers": 1})  # one thread, no cache: the same pixels
     assert torch.equal(plain.train.images, first.train.images)
+
+
+def test_a_subset_sent_to_another_process_carries_only_its_own_images():
+    """DeepSpeed's workers get the calibration images pickled: a subset is a view of the whole training pool, so it
+    is compacted first (for deit_small the pool made the job ≈770 MB for a few hundred images)."""
+    import pickle
+
+    import torch
+
+    from autoprune.data import ImageSet
+
+    pool = ImageSet(torch.zeros(2000, 3, 32, 32, dtype=torch.uint8), torch.arange(2000) % 10)
+    calibration = pool.subset(100, seed=0)
+    compact = calibration.compact()
+    assert torch.equal(compact.images, calibration.images) and torch.equal(compact.labels, calibration.labels)
+    assert len(pickle.dumps(compact)) < len(pickle.dumps(calibration)) / 10
+    assert pool.compact() is pool

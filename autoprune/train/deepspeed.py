@@ -62,8 +62,9 @@ def optimise_deepspeed(model: nn.Module, engine: HealingEngine, *, images, mean,
     import cloudpickle
     import ray
 
-    job = {"model": model.cpu(), "objective": objective, "masks": masks, "images": images, "mean": mean, "std": std,
-           "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay,
+    # the calibration images alone: a subset is a view, and pickled it would carry the whole training pool
+    job = {"model": model.cpu(), "objective": objective, "masks": masks, "images": images.compact(), "mean": mean,
+           "std": std, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay,
            "zero_stage": engine.zero_stage, "bf16": engine.bf16, "threads": max(1, int(engine.cpu)),
            "backend": "nccl" if engine.gpu > 0 else "gloo"}
     buffer = io.BytesIO()
