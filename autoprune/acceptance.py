@@ -58,7 +58,7 @@ class AcceptanceRow:
 
 def specs(*, on_gpu: bool, two_four: bool, trials: int = 4) -> dict[str, dict]:
     """The two searches: bf16 each; on a GPU the ViT compiled, and with 2:4 (N:M) pruning where it has the kernels."""
-    from autoprune.bench import demo_spec
+    from autoprune.space.load import demo_document as demo_spec
 
     common = {"objectives": {"accuracy": "max", "latency_ms": "min"},
               "search": {"trials": trials, "concurrency": 2, "sampler": "random", "seed": 0,

@@ -376,3 +376,11 @@ def _heal_space(section: Section) -> HealSpace:
 
 
 __all__ = ["load_spec", "parse_spec", "validate"]
+
+
+def demo_document() -> dict:
+    """The embedded demo's spec (`autoprune/search_spaces/demo.yaml`) as plain data, for a caller to change."""
+    from importlib import resources
+
+    with resources.as_file(resources.files("autoprune.search_spaces") / "demo.yaml") as path:
+        return yaml.safe_load(Path(path).read_text())
