@@ -41,6 +41,11 @@ def test_the_registered_accuracy_is_the_accuracy_of_the_model_as_loaded(source, 
     served = load_model_dir(tmp_path)  # in its recipe: bf16 (and channels-last where it has 4-d weights)
     assert next(served.parameters()).dtype == torch.bfloat16
     assert abs(_top1(served, images, labels, 64) - result.accuracy) <= 0.002
+    # what a replica runs (serve.py: the prepared model, its `logits` in batches of the measured size), in the
+    # recipe that was timed
+    replica = load_prepared(tmp_path)
+    assert replica.recipe == result.latency.recipe and replica.batch_size == BF16.batch_size
+    assert abs(float((replica.logits(images).argmax(-1) == labels).float().mean()) - result.accuracy) <= 0.002
     trained = load_model_dir(tmp_path, recipe=False)
     assert abs(accuracy(trained, bundle.eval, bundle) - result.accuracy_fp32) <= 0.002
 
