@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SAVED_FORMAT = "autoprune.model/1"
 WEIGHTS_FILE = "weights.safetensors"
 STRUCTURE_FILE = "structure.json"
+MLFLOW_DATA = Path("data") / "model"  # where a registered version (an MLflow model) keeps the saved model
 
 
 def save_model(model: nn.Module, source: ModelSource, directory: str | Path, *,
@@ -64,9 +65,19 @@ def save_model(model: nn.Module, source: ModelSource, directory: str | Path, *,
     return directory
 
 
+def model_folder(directory: str | Path) -> Path:
+    """The saved model in `directory`: the folder itself, or — for a registered version, an MLflow model
+    (tracking/pyfunc.py) — its data folder."""
+    directory = Path(directory)
+    nested = directory / MLFLOW_DATA
+    if not (directory / STRUCTURE_FILE).exists() and (directory / "MLmodel").exists() and nested.is_dir():
+        return nested
+    return directory
+
+
 def saved_recipe(directory: str | Path) -> ExecutionRecipe | None:
     """The execution recipe a saved model was measured in (None for models saved without one)."""
-    structure = json.loads((Path(directory) / STRUCTURE_FILE).read_text())
+    structure = json.loads((model_folder(directory) / STRUCTURE_FILE).read_text())
     return ExecutionRecipe.from_dict(structure["execution"]) if "execution" in structure else None
 
 
@@ -108,6 +119,7 @@ def load_prepared(directory: str | Path, *, device: str | torch.device | None = 
 
 def _load_plain(directory: Path) -> tuple[nn.Module, dict]:
     """The float32 model on the CPU, in eval mode, and its structure.json."""
+    directory = model_folder(directory)
     try:
         structure = json.loads((directory / STRUCTURE_FILE).read_text())
     except FileNotFoundError:

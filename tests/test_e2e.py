@@ -360,6 +360,23 @@ def test_the_selected_model_is_served_over_http(outcome, local_ray, bundle):
         serve.shutdown()
 
 
+def test_every_registered_version_loads_with_mlflow_pyfunc(outcome, bundle, monkeypatch):
+    """A registered version is an MLflow model: `mlflow.pyfunc.load_model("models:/NAME@alias")` predicts what
+    `autoprune.load_model` gives, and the registry keeps its tags and aliases."""
+    import mlflow.pyfunc
+
+    from autoprune.tracking.select import load_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", outcome.tracking_uri)  # where MLflow resolves models:/
+    images = bundle.normalize(bundle.eval.images[:4])
+    versions = [f"models:/e2e-model/{version}" for version in outcome.registered_versions]
+    for uri in [*versions, "models:/e2e-model@fastest"]:
+        predicted = mlflow.pyfunc.load_model(uri).predict(images.numpy())
+        with torch.no_grad():
+            expected = load_model(uri, tracking_uri=outcome.tracking_uri)(images).float().numpy()
+        assert abs(predicted - expected).max() <= 1e-6, uri
+
+
 @pytest.mark.faults
 def test_a_trial_whose_worker_is_killed_is_run_again_and_nothing_is_lost(local_ray, tmp_path):
     """SIGKILL to the process running the first trial (found by Ray's process title): Tune starts the trial again

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 from test_publish import DEMO, _started_search
-from test_view import _result
+from test_view import _result, saved_model
 
 from autoprune.cli import main
 from autoprune.driver.outcome import SearchOutcome, summary_text
@@ -34,8 +34,7 @@ def _records(tmp_path: Path, trials: dict[str, tuple[float, float]]) -> list[Tri
     records = []
     for trial_id, (accuracy, ms) in trials.items():
         folder = tmp_path / "models" / trial_id
-        folder.mkdir(parents=True)
-        (folder / "weights.txt").write_text(trial_id)
+        saved_model(folder)
         records.append(TrialRecord(trial_id, _result("structured", 0.5, accuracy, ms), model_dir=str(folder)))
     return records
 

@@ -133,17 +133,18 @@ def test_each_compiled_structure_is_compiled_and_a_silent_eager_fallback_is_reco
 
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
 
     def mlp(width):
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, width), torch.nn.ReLU(),
                                    torch.nn.Linear(width, 3))
 
-    profiles = [profile_latency(mlp(width), input_size=(3, 2, 2), warmup=1, repeats=3, threads=1, compile=True)
-                for width in (4, 5, 6)]
-    assert all(p.compiled and p.note == "" for p in profiles)
-    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)  # what a worker without the reset went through
-    stale = [profile_latency(mlp(width), input_size=(3, 2, 2), warmup=1, repeats=3, threads=1, compile=True)
-             for width in (7, 8)]
+    # dynamo's own patch: pytest's monkeypatch, undoing it, deletes the alias from dynamo's config for good
+    with torch._dynamo.config.patch(recompile_limit=1):
+        profiles = [profile_latency(mlp(width), input_size=(3, 2, 2), warmup=1, repeats=3, threads=1, compile=True)
+                    for width in (4, 5, 6)]
+        assert all(p.compiled and p.note == "" for p in profiles)
+        monkeypatch.setattr(torch._dynamo, "reset", lambda: None)  # what a worker without the reset went through
+        stale = [profile_latency(mlp(width), input_size=(3, 2, 2), warmup=1, repeats=3, threads=1, compile=True)
+                 for width in (7, 8)]
     assert not stale[-1].compiled and "captured no graph" in stale[-1].note

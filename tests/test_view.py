@@ -20,6 +20,15 @@ from autoprune.tracking.store import Tracker, resolve_tracking_uri
 from autoprune.tracking.ui import find_search, ui_hint
 
 
+def saved_model(folder: Path) -> None:
+    """A real saved model in `folder` (a tiny ResNet): a registered version is an MLflow model made from one."""
+    from conftest import TINY_RESNET
+
+    from autoprune.saved import save_model
+
+    save_model(TINY_RESNET.create().eval(), TINY_RESNET, folder, example_shape=(1, 3, 32, 32))
+
+
 def _result(method: str, sparsity: float, accuracy: float, ms: float, heal: str = "distill") -> TrialResult:
     latency = LatencyProfile(ms, ms * 1.1, 0.01, 32, "float32", "cpu: test (1 thread)", 1, 10, (3, 32, 32), "2.x")
     config = TrialConfig(PruneConfig(method, {"all": sparsity}), HealConfig(heal, calibration_images=64, steps=20))
@@ -38,8 +47,7 @@ def published(tmp_path: Path):
         "beaten": ("structured", 0.4, 0.89, 8.0),
     }.items():
         folder = tmp_path / "models" / trial_id
-        folder.mkdir(parents=True)
-        (folder / "weights.txt").write_text(trial_id)
+        saved_model(folder)
         records.append(TrialRecord(trial_id, _result(method, sparsity, accuracy, ms), model_dir=str(folder)))
     records.append(TrialRecord("broken", None, error="boom", params={"prune.method": "structured"}))
     result = publish_search(tracker, parent, name="view", cost_metric="latency_ms", registered_model="view-model",
@@ -58,7 +66,7 @@ def test_the_view_shows_the_searchs_runs_as_accuracy_against_latency(published):
     assert (chart["type"], chart["xaxis"]["key"], chart["yaxis"]["key"]) == ("SCATTER", "latency_ms", "accuracy")
     assert state["compareRunSections"][0]["uuid"] == chart["metricSectionId"]
     assert result.view_path == f"#/experiments/{tracker.experiment_id}/runs?viewStateShareKey={parent}" \
-                               "&compareRunsMode=CHART"
+                               "&compareRunsMode=CHART&workflowType=machine_learning"
     # the search's runs in that filter: the trials and the dense model, whose result the chart draws as a point
     runs = tracker.client.search_runs([tracker.experiment_id], state["searchFilter"])
     assert len(runs) == 5

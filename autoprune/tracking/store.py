@@ -349,6 +349,8 @@ class Tracker:
         """
         from mlflow.exceptions import MlflowException
 
+        from autoprune.tracking.pyfunc import save_mlflow_model
+
         try:
             self.client.create_registered_model(model_name, description="Pareto-optimal pruned models (autoprune).")
         except MlflowException as error:
@@ -361,7 +363,10 @@ class Tracker:
             if key in existing:
                 versions.append(existing[key])
                 continue
-            self.client.log_artifacts(run_id, record.model_dir, MODEL_ARTIFACT)
+            with tempfile.TemporaryDirectory() as folder:  # an MLflow model, which MLflow loads and serves itself
+                mlflow_model = save_mlflow_model(record.model_dir, Path(folder) / MODEL_ARTIFACT,
+                                                 input_size=record.result.latency.input_size)
+                self.client.log_artifacts(run_id, str(mlflow_model), MODEL_ARTIFACT)
             source = f"{self.client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
             description = view.version_description(
                 record.result, search=search, trial_id=record.trial_id,

@@ -30,8 +30,11 @@ FRONT_SECTION = "Pareto front"
 
 
 def front_path(experiment_id: str, parent_id: str) -> str:
-    """The address, below the UI's root, that opens a search's view (the view's key is its parent run's id)."""
-    return f"#/experiments/{experiment_id}/runs?{VIEW_URL_KEY}={parent_id}&compareRunsMode=CHART"
+    """The address, below the UI's root, that opens a search's view (the view's key is its parent run's id), in
+    MLflow's model-training layout: without `workflowType` MLflow 3 opens an experiment in the one it last showed,
+    often the GenAI one, whose sidebar has no runs chart."""
+    return (f"#/experiments/{experiment_id}/runs?{VIEW_URL_KEY}={parent_id}&compareRunsMode=CHART"
+            "&workflowType=machine_learning")
 
 
 def run_path(experiment_id: str, run_id: str) -> str:
