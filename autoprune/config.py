@@ -57,7 +57,7 @@ Dimension = Union[Fixed, Choice, Range]
 @dataclass(frozen=True)
 class ModelSpec:
     name: str  # timm model name
-    num_classes: int
+    num_classes: int  # the classes of your task (the classifier head is built for them)
     pretrained: bool = False  # timm's pretrained weights (needs the hub, or timm's local cache)
     checkpoint: str | None = None  # local weights file (.safetensors, or a torch state dict)
     train_steps: int | None = None  # no weights given: train the dense model this many steps once, and cache it
@@ -84,21 +84,21 @@ class TargetHardware:
 
     accelerator_type: str  # Ray's name for it, e.g. "A10G", "L4", "H100" (`ray.util.accelerators`)
     cpu: float = 1  # what the measuring task takes on that node
-    gpu: float = 1
+    gpu: float = 1  # what the measuring task takes on that node
 
 
 @dataclass(frozen=True)
 class ProfileSpec:
     batch_size: int = 1  # the batch whose latency is the objective
     extra_batch_sizes: tuple[int, ...] = ()  # also measured and logged (e.g. 1 next to a serving batch)
-    dtype: str = "float32"
+    dtype: str = "float32"  # the dtype the model is timed, scored and served in (bfloat16/float16 on GPUs)
     warmup: int = 10  # untimed forward passes first
     repeats: int = 30  # timed passes at least, unless max_seconds pass (paired: half each side)
     # A trial is timed against the dense model, interleaved, until the speedup's 95% interval is within ±tolerance
     # or max_seconds have passed (measure/timing.py)
     tolerance: float = 0.10
-    max_seconds: float = 20.0
-    memory_format: str = "auto"
+    max_seconds: float = 20.0  # …or when this many seconds have passed (per measurement)
+    memory_format: str = "auto"  # the inputs' and 4-d weights' layout; auto times a CNN both ways and keeps the faster
     compile: bool = False  # time torch.compile(model) (compilation itself is not timed)
     # On a CUDA GPU with TF32 tensor cores (Ampere and later): float32 matmuls and convolutions run in TF32 when
     # timed, evaluated and served (the recipe records it), and healing trains with it
@@ -117,14 +117,14 @@ class Halving:
     first with these fractions of its steps, and goes on only while it is among the best 1/`eta` of the results
     at that rung by non-dominated front (a faster trial beats it when more accurate by more than `margin`)."""
 
-    rungs: tuple[float, ...] = (1 / 9, 1 / 3)
+    rungs: tuple[float, ...] = (1 / 9, 1 / 3)  # fractions of a trial's healing steps at which it is judged
     margin: float = 0.01  # top-1, 0–1
     eta: int = 3  # about one in eta goes on at each rung
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    trials: int = 12
+    trials: int = 12  # trials in all (the coarse start's among them)
     concurrency: int = 2  # trials running at once
     # Optuna sampler: tpe_grouped, gp, tpe, nsga2 or random (driver/sampling.py; `autoprune bench search` chose it)
     sampler: str = "tpe_grouped"
@@ -151,7 +151,7 @@ class HealingEngine:
     engine: str = "local"  # local | deepspeed
     workers: int = 2  # DeepSpeed processes per trial (Ray Train workers)
     zero_stage: int = 2  # ZeRO stage 1, 2 or 3
-    bf16: bool = True
+    bf16: bool = True  # DeepSpeed trains in bf16 (its fp32 master weights hold the masks too)
     cpu: float = 1  # Ray resources per worker
     gpu: float = 1  # 0 or a whole number: NCCL refuses two workers on one GPU
     # The local engine's mixed precision (train/loop.py): auto is bfloat16 on a CUDA GPU that has it (float16 with
@@ -162,8 +162,8 @@ class HealingEngine:
 
 @dataclass(frozen=True)
 class MlflowSpec:
-    experiment: str
-    registered_model: str
+    experiment: str  # the MLflow experiment the search's runs go to
+    registered_model: str  # the registered model the front's versions are registered as
     tracking_uri: str | None = None  # None: a local sqlite store in the work directory
 
 
@@ -172,39 +172,41 @@ class SparsitySpace:
     # global: one value; per_group: one per layer group; depth: knots over depth;
     # spectral: one value, spread over the groups by the Marchenko–Pastur layer budget of the dense weights
     mode: str = "global"
-    low: float = 0.3
-    high: float = 0.9
-    step: float | None = None
+    low: float = 0.3  # the sparsity range sampled (fractions of the prunable weights)
+    high: float = 0.9  # (upper end)
+    step: float | None = None  # the grid step of the range (null: continuous)
     knots: int = 3  # depth mode only
 
 
 @dataclass(frozen=True)
 class PruneSpace:
-    methods: tuple[str, ...]
+    methods: tuple[str, ...]  # the pruning methods searched over (`autoprune methods` lists them)
     sparsity: SparsitySpace = field(default_factory=SparsitySpace)
     options: Mapping[str, Mapping[str, Dimension]] = field(default_factory=dict)  # method → option → dimension
 
 
 @dataclass(frozen=True)
 class HealSpace:
-    methods: tuple[str, ...]
+    methods: tuple[str, ...]  # the healing methods searched over
+    # images drawn from the training split for pruning statistics and healing
     calibration_images: Dimension = field(default_factory=lambda: Fixed(256))
-    steps: Dimension = field(default_factory=lambda: Fixed(100))
-    lr: Dimension = field(default_factory=lambda: Fixed(1e-3))
-    batch_size: int = 32
+    steps: Dimension = field(default_factory=lambda: Fixed(100))  # optimiser steps of healing
+    lr: Dimension = field(default_factory=lambda: Fixed(1e-3))  # healing's peak learning rate (AdamW, then cosine)
+    batch_size: int = 32  # healing's mini-batch (halved once if it runs out of memory)
     options: Mapping[str, Mapping[str, Dimension]] = field(default_factory=dict)  # method → option → dimension
 
 
 @dataclass(frozen=True)
 class SearchSpec:
-    name: str
+    name: str  # the search's name (its MLflow run names start with it)
     model: ModelSpec
     data: DataSpec
     mlflow: MlflowSpec
     prune: PruneSpace
     heal: HealSpace
+    # accuracy (max) and one cost (min): latency_ms, latency_p90_ms, macs or params
     objectives: Mapping[str, str] = field(default_factory=lambda: {"accuracy": "max", "latency_ms": "min"})
-    latency_target_ms: float | None = None
+    latency_target_ms: float | None = None  # trials timed slower than this stop before healing; null: no target
     profile: ProfileSpec = field(default_factory=ProfileSpec)
     heal_runtime: HealingEngine = field(default_factory=HealingEngine)  # how healing runs (space.heal: which)
     search: SearchSettings = field(default_factory=SearchSettings)
