@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--device", help="only versions measured on this device (as tagged, e.g. 'NVIDIA H100 80GB HBM3')")
     best.add_argument("--batch-size", type=positive_int, help="only versions measured at this batch size")
     best.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="only versions measured in this dtype")
+    best.add_argument("--runtime", choices=["torch", "onnxruntime"], help="only versions measured in this runtime")
     best.add_argument("--json", action="store_true", help="print one JSON object")
     _add_store_flags(best)
 
@@ -225,7 +226,8 @@ def _best(args) -> int:
     from autoprune.tracking.select import best
 
     choice = best(model=args.model, max_latency_ms=args.max_latency_ms, device=args.device,
-                  batch_size=args.batch_size, dtype=args.dtype, tracking_uri=_tracking_uri(args))
+                  batch_size=args.batch_size, dtype=args.dtype, runtime=args.runtime,
+                  tracking_uri=_tracking_uri(args))
     if args.json:
         print(json.dumps(choice.as_dict()))
     else:

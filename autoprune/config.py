@@ -17,6 +17,7 @@ DATA_SOURCES = ("reference", "imagefolder", "torchvision")
 DTYPES = ("float32", "float16", "bfloat16")
 HEALING_ENGINES = ("local", "deepspeed")
 AUTOCAST = ("auto", "off", "bfloat16", "float16")  # heal_runtime.autocast
+RUNTIMES = ("torch", "onnxruntime")  # profile.runtime: what a model is timed, scored and served in
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")  # auto: CNNs are timed both ways, the faster is kept
 LATENCY_METRICS = ("latency_ms", "latency_p90_ms", "macs", "params")  # what the cost objective may be
 
@@ -103,6 +104,8 @@ class ProfileSpec:
     # On a CUDA GPU with TF32 tensor cores (Ampere and later): float32 matmuls and convolutions run in TF32 when
     # timed, evaluated and served (the recipe records it), and healing trains with it
     tf32: bool = True
+    # torch, or onnxruntime: exported to ONNX and run in ONNX Runtime (float32), the dense model alike
+    runtime: str = "torch"
     target: TargetHardware | None = None  # None: on the worker that runs the trial
 
     @property

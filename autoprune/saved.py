@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.measure.formats import ExecutionRecipe
+from autoprune.measure.formats import ONNXRUNTIME, ExecutionRecipe
 from autoprune.measure.prepared import PreparedModel
 from autoprune.models import ModelSource, attention_settings, fix_width_metadata, restore_attention_settings
 
@@ -61,6 +61,11 @@ def save_model(model: nn.Module, source: ModelSource, directory: str | Path, *,
         structure["execution"] = recipe.as_dict()
     if example_shape is not None:
         structure["example_shape"] = list(example_shape)
+    if recipe is not None and recipe.runtime == ONNXRUNTIME and example_shape is not None:
+        # the ONNX file it was timed and scored as, for those who deploy it without autoprune
+        from autoprune.measure.onnx import ONNX_FILE, export_onnx, exportable_copy
+
+        (directory / ONNX_FILE).write_bytes(export_onnx(exportable_copy(model), torch.zeros(example_shape)))
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
     return directory
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import re
 import statistics
@@ -62,6 +63,7 @@ class LatencyBench:
     memory_format: str = "contiguous"  # or channels_last, or auto (CNNs timed both ways, the faster kept)
     compile: bool = False
     rounds: int = 3  # dense and pruned are timed alternately this many times: machine drift hits both alike
+    runtimes: tuple[str, ...] = ("torch",)  # each structure timed in each (onnxruntime: measure/onnx.py)
 
 
 # ---- the formats -------------------------------------------------------------------------------------------
@@ -167,10 +169,11 @@ def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict
         torch.manual_seed(0)
         dense = timm.create_model(name, pretrained=False, **kwargs).eval()
 
-        def measure(model, fmt=DENSE):
+        def measure(model, fmt=DENSE, runtime="torch"):
             return profile_latency(model, input_size=input_size, batch_size=bench.batch_size, dtype=bench.dtype,
                                    warmup=bench.warmup, repeats=bench.repeats, device=device, threads=bench.threads,
-                                   execution_format=fmt, memory_format=bench.memory_format, compile=bench.compile)
+                                   execution_format=fmt, memory_format=bench.memory_format, compile=bench.compile,
+                                   runtime=runtime)
 
         reference = copy.deepcopy(dense)  # float32 on the CPU: what the variants are cut from
         base = measure(dense)
@@ -178,7 +181,7 @@ def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict
         echo(f"{key} ({name}, input {input_size[1]}×{input_size[2]}): dense {base.median_ms:.3f} ms on {base.device}")
         variants = [("structured", ratio, shrink(reference, ratio, bench.round_to), DENSE) for ratio in RATIOS]
         variants.append(("2:4", 0.5, two_four(reference), SEMI_STRUCTURED))
-        for fmt, ratio, model, execution in variants:
+        for (fmt, ratio, model, execution), runtime in itertools.product(variants, bench.runtimes):
             if execution == SEMI_STRUCTURED:
                 # what the 2:4 kernels would execute: half the MACs of the layers they take (pattern and shape)
                 converted = [layer for _, layer in semi_structured_layers(model, TORCH_DTYPES[bench.dtype])]
@@ -187,8 +190,8 @@ def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict
                 macs = count_macs(model, input_size)
             dense_runs, pruned_runs = [], []
             for _ in range(bench.rounds):
-                dense_runs.append(measure(dense))
-                pruned_runs.append(measure(model, execution))
+                dense_runs.append(measure(dense, runtime=runtime))
+                pruned_runs.append(measure(model, execution, runtime))
             profile = pruned_runs[-1]
             if profile.format == DENSE and execution == SEMI_STRUCTURED:
                 macs = dense_macs  # no sparse kernels here: the dense MACs ran
@@ -204,14 +207,15 @@ def run(bench: LatencyBench, echo=print, table: dict | None = None) -> list[dict
                 "spread": max(run.spread for run in dense_runs + pruned_runs),
                 "speedup_range": [min(per_round), max(per_round)], "rounds": bench.rounds,
                 "ran_as": profile.format, "note": profile.note,
-                "memory_format": profile.memory_format, "compiled": profile.compiled,
+                "memory_format": profile.memory_format, "compiled": profile.compiled, "runtime": profile.runtime,
             }
             rows.append(row)
-            echo(f"  {fmt} {ratio:.0%}: {pruned_ms:.3f} ms, MACs ÷{row['macs_ratio']:.2f},"
+            echo(f"  {fmt} {ratio:.0%} ({profile.runtime}): {pruned_ms:.3f} ms, MACs ÷{row['macs_ratio']:.2f},"
                  f" speedup {speedup:.2f}× (efficiency {row['efficiency']:.2f})" + (f" [{profile.note}]" if profile.note else ""))
     return rows
 
 
+_RUNTIME_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
 _LAYOUT_NOTE = re.compile(r"(; )?\w+ kept: [\d.]+× faster than the other memory format")
 
 
@@ -228,15 +232,16 @@ def markdown(rows: list[dict]) -> str:
            f"{', compiled' if first.get('compiled') else ''}; dense and pruned timed alternately"
            f" {first.get('rounds', 1)}×, medians; speedup range over the rounds; spread = (p90 − p10) ÷ median of"
            f" the worst single run.\n",
-           "| model | format | removed | MACs ÷ | dense ms | pruned ms | speedup (range) | efficiency | spread |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| model | format | removed | runtime | MACs ÷ | dense ms | pruned ms | speedup (range) | efficiency |"
+           " spread |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = r["format"] if r["ran_as"] == DENSE or r["format"] != "2:4" else "2:4 (sparse kernels)"
         if r["format"] == "2:4" and r["ran_as"] == DENSE:
             fmt = "2:4 (dense kernels)"
         if r.get("memory_format", "contiguous") != "contiguous":
             fmt += ", channels-last"
-        out.append(f"| {r['model']} | {fmt} | {r['ratio']:.0%} | {r['macs_ratio']:.2f} | {r['dense_ms']:.2f} |"
+        out.append(f"| {r['model']} | {fmt} | {r['ratio']:.0%} | {_RUNTIME_NAMES[r.get('runtime', 'torch')]} |"
+                   f" {r['macs_ratio']:.2f} | {r['dense_ms']:.2f} |"
                    f" {r['pruned_ms']:.2f} | {r['speedup']:.2f}× ({_range(r)}) | {r['efficiency']:.2f} |"
                    f" {r['spread']:.1%} |")
     # which memory format won is in the format column; the notes keep what the reader must know
@@ -267,6 +272,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="time torch.compile(model)")
     parser.add_argument("--rounds", type=positive_int, default=3,
                         help="dense and pruned timed alternately this many times (median of the rounds)")
+    parser.add_argument("--runtime", nargs="+", default=["torch"], choices=["torch", "onnxruntime"],
+                        help="time each structure in these runtimes (both: ONNX Runtime's speedups beside PyTorch's)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write every row here")
 
 
@@ -276,7 +283,7 @@ def main_latency(args) -> int:
                          dtype=args.dtype or ("bfloat16" if gpu else "float32"),
                          batch_size=args.batch_size or (64 if gpu else 8), round_to=args.round_to,
                          repeats=args.repeats, threads=args.threads, memory_format=args.memory_format,
-                         compile=args.compile, rounds=args.rounds)
+                         compile=args.compile, rounds=args.rounds, runtimes=tuple(dict.fromkeys(args.runtime)))
     rows = run(bench)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=1))

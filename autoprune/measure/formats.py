@@ -22,6 +22,7 @@ from torch import nn
 from autoprune.config import DTYPES, MEMORY_FORMATS
 
 DENSE, SEMI_STRUCTURED = "dense", "2:4"
+TORCH, ONNXRUNTIME = "torch", "onnxruntime"  # the spec's runtimes (config.RUNTIMES)
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the spec's dtype names (config) → torch's
 CONTIGUOUS, CHANNELS_LAST, AUTO = "contiguous", "channels_last", "auto"
@@ -42,22 +43,24 @@ class ExecutionRecipe:
     # convolution's fastest algorithm for the shapes it meets. Both change speed, TF32 the numbers too.
     tf32: bool = False
     cudnn_benchmark: bool = False
+    runtime: str = TORCH  # or ONNX Runtime (measure/onnx.py): exported, and run in an InferenceSession
 
     def as_dict(self) -> dict:
         return {"dtype": self.dtype, "memory_format": self.memory_format, "kernels": self.kernels,
                 "compiled": self.compiled, "device": self.device, "tf32": self.tf32,
-                "cudnn_benchmark": self.cudnn_benchmark}
+                "cudnn_benchmark": self.cudnn_benchmark, "runtime": self.runtime}
 
     @classmethod
     def from_dict(cls, fields: dict) -> "ExecutionRecipe":
         """From `as_dict`; a recipe saved before a field existed takes its default."""
-        known = ("dtype", "memory_format", "kernels", "compiled", "device", "tf32", "cudnn_benchmark")
+        known = ("dtype", "memory_format", "kernels", "compiled", "device", "tf32", "cudnn_benchmark", "runtime")
         return cls(**{key: fields[key] for key in known if key in fields})
 
     def describe(self) -> str:
         extras = [", compiled" if self.compiled else "", ", TF32" if self.tf32 else "",
                   ", cuDNN autotuned" if self.cudnn_benchmark else ""]
-        return f"{self.dtype}, {self.memory_format}, {self.kernels} kernels{''.join(extras)} on {self.device}"
+        where = " in ONNX Runtime" if self.runtime == ONNXRUNTIME else ""
+        return f"{self.dtype}, {self.memory_format}, {self.kernels} kernels{''.join(extras)} on {self.device}{where}"
 
 
 def semi_structured_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -112,12 +115,15 @@ def semi_structured_layers(model: nn.Module, dtype: torch.dtype, backend=None) -
     return layers
 
 
-def plan_kernels(model: nn.Module, fmt: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+def plan_kernels(model: nn.Module, fmt: str, device: torch.device, dtype: torch.dtype,
+                 runtime: str = TORCH) -> tuple[str, str]:
     """The kernels a model of execution format `fmt` will run here, and why when they are not the format's own.
     Decided from the model before anything is converted, so that the latency cache keys the measurement by what
     really runs (a 2:4 model without eligible layers is the dense structure's twin)."""
     if fmt != SEMI_STRUCTURED:
         return DENSE, ""
+    if runtime == ONNXRUNTIME:
+        return DENSE, "ONNX Runtime has no 2:4 sparse kernels: timed with dense kernels"
     if reason := semi_structured_unsupported(device, dtype):
         return DENSE, reason
     if not semi_structured_layers(model, dtype):

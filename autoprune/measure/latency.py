@@ -59,7 +59,7 @@ def measure_latency(
     fallback = ""
     if settings.target is None:
         where = device_name(device, torch.get_num_threads())
-        runs_as, fallback = plan_kernels(model, fmt, device, TORCH_DTYPES[settings.dtype])
+        runs_as, fallback = plan_kernels(model, fmt, device, TORCH_DTYPES[settings.dtype], settings.runtime)
     else:
         where, runs_as = f"Ray accelerator type {settings.target.accelerator_type}", fmt
     keys = {batch: _key(model, runs_as, where, settings, batch, input_size) for batch in settings.batch_sizes}
@@ -112,7 +112,7 @@ def _key(model, runs_as: str, where: str, settings: ProfileSpec, batch: int, inp
     return structure_signature(model, format=runs_as, device=where, dtype=settings.dtype, batch_size=batch,
                                input_size=input_size, memory_format=settings.memory_format,
                                compile=settings.compile, tf32=settings.tf32 and "cpu" not in where,
-                               torch_version=torch.__version__)
+                               runtime=settings.runtime, torch_version=torch.__version__)
 
 
 def _measure(model, fmt, settings: ProfileSpec, input_size, batch_sizes, device, threads, reference,
@@ -148,7 +148,8 @@ def _profile_batches(model, fmt, settings: ProfileSpec, input_size, batch_sizes,
             profiles[batch] = profile_latency(
                 model, input_size=input_size, batch_size=batch, dtype=settings.dtype, warmup=settings.warmup,
                 repeats=settings.repeats, device=device, threads=threads, execution_format=fmt,
-                memory_format=settings.memory_format, compile=settings.compile, tf32=settings.tf32, reference=reference,
+                memory_format=settings.memory_format, compile=settings.compile, tf32=settings.tf32,
+                runtime=settings.runtime, reference=reference,
                 reference_memory_format=dense.memory_format if dense is not None else None,
                 scale_ms=dense.median_ms if dense is not None else None, tolerance=settings.tolerance,
                 max_seconds=settings.max_seconds)

@@ -23,7 +23,9 @@ from torch import nn
 from autoprune.measure.formats import (
     CHANNELS_LAST,
     DENSE,
+    ONNXRUNTIME,
     SEMI_STRUCTURED,
+    TORCH,
     TORCH_DTYPES,
     ExecutionRecipe,
     join_notes,
@@ -52,6 +54,13 @@ class PreparedModel:
         caller's, unguarded, as it always was."""
         device = torch.device(device)
         recipe, note = _runnable_here(model, recipe, device)
+        if recipe.runtime == ONNXRUNTIME:
+            if example_shape is None:
+                example_shape = (1, *_onnx_input_size(model))
+            prepared = cls._in_onnx_runtime(model, recipe, device, tuple(example_shape))
+            if prepared.recipe.runtime == ONNXRUNTIME:
+                return prepared
+            recipe, note = prepared.recipe, join_notes(note, prepared.note)  # it could not be: PyTorch, and why
         if example_shape is None:
             module = prepare_eager(copy.deepcopy(model) if copy_model else model, recipe, device)
             return cls(compiled(module) if recipe.compiled else module, recipe, device, None, note)
@@ -69,6 +78,30 @@ class PreparedModel:
         if recipe.compiled:
             prepared._compile(example)
         return prepared
+
+    @classmethod
+    def _in_onnx_runtime(cls, model: nn.Module, recipe: ExecutionRecipe, device: torch.device,
+                         example_shape: tuple[int, ...]) -> "PreparedModel":
+        """Exported and run in ONNX Runtime, its outputs checked against PyTorch's on a random batch; where the
+        export fails or its outputs differ, the recipe is PyTorch's and the note says why."""
+        from autoprune.measure.onnx import OPSET, OnnxModel, export_onnx, exportable_copy, largest_difference
+
+        example = torch.randn(example_shape)
+        plain = exportable_copy(model)
+        try:
+            module = OnnxModel(export_onnx(plain, example), device, torch.get_num_threads())
+            with torch.no_grad():
+                expected = plain(example)
+            difference = largest_difference(expected, module, example)
+        except Exception as error:  # noqa: BLE001 — an op the exporter or the runtime does not take
+            return cls(model, replace(recipe, runtime=TORCH), device, example_shape,
+                       f"ONNX export failed ({_reason(error)}): PyTorch")
+        if not difference <= ONNX_TOLERANCE * max(float(expected.abs().max()), 1.0):
+            return cls(model, replace(recipe, runtime=TORCH), device, example_shape,
+                       f"ONNX Runtime's outputs differ from PyTorch's by {difference:.2g}: PyTorch")
+        recipe = replace(recipe, dtype="float32", memory_format="contiguous", kernels=DENSE, compiled=False)
+        return cls(module, recipe, device, example_shape,
+                   f"ONNX opset {OPSET}, {module.provider}, outputs within {difference:.1e} of PyTorch's")
 
     def _compile(self, example: torch.Tensor) -> None:
         graphs = _captured_graphs()
@@ -117,6 +150,14 @@ class PreparedModel:
             with torch.inference_mode():
                 outputs.append(self.module(batch)[:rows].float())
         return torch.cat(outputs)
+
+
+ONNX_TOLERANCE = 1e-3  # ONNX Runtime's outputs within this share of the largest logit of PyTorch's, or not used
+
+
+def _onnx_input_size(model: nn.Module) -> tuple[int, int, int]:
+    config = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(config.get("input_size", (3, 224, 224)))
 
 
 def apply_backend(recipe: ExecutionRecipe, device: torch.device) -> None:

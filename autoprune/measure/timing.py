@@ -88,6 +88,7 @@ class LatencyProfile:
     memory_format: str = CONTIGUOUS  # of the inputs and 4-d weights when timed
     compiled: bool = False  # torch.compile ran (False also when compiling was asked for and failed: see note)
     tf32: bool = False  # on a CUDA GPU, float32 matmuls and convolutions ran on TF32 tensor cores
+    runtime: str = "torch"  # or onnxruntime: exported and run in ONNX Runtime (measure/onnx.py)
     # Against the reference (the dense model), interleaved in one process: its time ÷ this model's, with the 95%
     # interval (all 1.0: the reference itself, or timed alone), and the reference's median in that pass.
     speedup: float = 1.0
@@ -136,16 +137,16 @@ class LatencyProfile:
         """How the model ran when timed: what loading and serving it must reproduce."""
         device = "cpu" if self.device.startswith("cpu") else "cuda"  # device_name's two kinds of name
         return recipe_for(device, dtype=self.dtype, memory_format=self.memory_format, kernels=self.format,
-                          compiled=self.compiled, tf32=self.tf32)
+                          compiled=self.compiled, tf32=self.tf32, runtime=self.runtime)
 
 
 def recipe_for(device: str, *, dtype: str, memory_format: str, kernels: str, compiled: bool,
-               tf32: bool) -> ExecutionRecipe:
+               tf32: bool, runtime: str = "torch") -> ExecutionRecipe:
     """The recipe a model is timed in on a kind of device: on a GPU cuDNN's autotuner is on (timing and serving
     run fixed shapes, which it picks the fastest algorithms for) and TF32 as the profile asks; a CPU has neither."""
     on_gpu = device == "cuda"
     return ExecutionRecipe(dtype, memory_format, kernels, compiled, device, tf32=tf32 and on_gpu,
-                           cudnn_benchmark=on_gpu)
+                           cudnn_benchmark=on_gpu, runtime=runtime)
 
 
 def device_name(device: torch.device, threads: int) -> str:
@@ -179,6 +180,7 @@ def profile_latency(
     memory_format: str = CONTIGUOUS,
     compile: bool = False,
     tf32: bool = False,
+    runtime: str = "torch",
     reference: nn.Module | None = None,
     reference_memory_format: str | None = None,
     scale_ms: float | None = None,
@@ -194,7 +196,8 @@ def profile_latency(
     `model` itself is left as it came (a prepared copy is timed). `execution_format` "2:4" runs the model on
     semi-structured sparse kernels where the device has them; `memory_format` "auto" times a convolutional model
     both contiguous and channels-last and keeps the faster; `compile` times `torch.compile(model)` (its
-    compilation happens before the warm-up, untimed); `tf32` lets a GPU's float32 matmuls use TF32."""
+    compilation happens before the warm-up, untimed); `tf32` lets a GPU's float32 matmuls use TF32; `runtime`
+    "onnxruntime" exports both models to ONNX and times them in ONNX Runtime (float32, its own layout)."""
     for name, value in (("memory_format", memory_format), ("reference_memory_format", reference_memory_format)):
         if value is not None and value not in MEMORY_FORMATS:
             raise ValueError(f"{name} {value!r}: choose one of {', '.join(MEMORY_FORMATS)}")
@@ -206,12 +209,14 @@ def profile_latency(
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    kernels, note = plan_kernels(model, execution_format, device, TORCH_DTYPES[dtype])
+    kernels, note = plan_kernels(model, execution_format, device, TORCH_DTYPES[dtype], runtime)
+    if runtime == "onnxruntime":
+        dtype, memory_format, compile = "float32", CONTIGUOUS, False  # what ONNX Runtime runs here
     shape = (batch_size, *input_size)
     with watch(device) as window:
         def recipe(layout: str, kernels: str) -> ExecutionRecipe:
             return recipe_for(device.type, dtype=dtype, memory_format=layout, kernels=kernels, compiled=compile,
-                              tf32=tf32)
+                              tf32=tf32, runtime=runtime)
 
         candidates = [Runner.prepare(model, recipe(layout, kernels), shape, device)
                       for layout in _layouts(model, memory_format)]
@@ -264,6 +269,7 @@ def profile_latency(
         memory_format=chosen.recipe.memory_format,
         compiled=chosen.recipe.compiled,
         tf32=chosen.recipe.tf32,
+        runtime=chosen.recipe.runtime,
         speedup=speedup.ratio,
         speedup_low=speedup.low,
         speedup_high=speedup.high,
@@ -315,7 +321,7 @@ def profile_together(
         spread=(percentile(reference_timings, 0.9) - percentile(reference_timings, 0.1)) / reference_ms,
         dtype=runners[0].recipe.dtype, repeats=len(reference_timings), format=runners[0].recipe.kernels,
         memory_format=runners[0].recipe.memory_format, compiled=runners[0].recipe.compiled,
-        tf32=runners[0].recipe.tf32, **common)
+        tf32=runners[0].recipe.tf32, runtime=runners[0].recipe.runtime, **common)
     profiles = []
     for runner, runner_blocks in zip(runners[1:], blocks[1:]):
         timings = _flat(runner_blocks)
@@ -327,6 +333,7 @@ def profile_together(
             spread=(percentile(timings, 0.9) - percentile(timings, 0.1)) / own, dtype=runner.recipe.dtype,
             repeats=len(timings), format=runner.recipe.kernels, note=runner.note,
             memory_format=runner.recipe.memory_format, compiled=runner.recipe.compiled, tf32=runner.recipe.tf32,
+            runtime=runner.recipe.runtime,
             speedup=speedup.ratio,
             speedup_low=speedup.low, speedup_high=speedup.high, reference_ms=reference_ms,
             log_ratios=tuple(log_ratios), **common))

@@ -21,6 +21,7 @@ from autoprune.config import (
     DTYPES,
     HEALING_ENGINES,
     MEMORY_FORMATS,
+    RUNTIMES,
     SAMPLERS,
     SPARSITY_MODES,
     Choice,
@@ -233,9 +234,14 @@ def _profile(section: Section) -> ProfileSpec:
         memory_format=section.take("memory_format", str, "auto", choices=MEMORY_FORMATS),
         compile=section.take("compile", bool, False),
         tf32=section.take("tf32", bool, True),
+        runtime=section.take("runtime", str, "torch", choices=RUNTIMES),
         target=_target_hardware(section.section("target")),
     )
     section.done()
+    if spec.runtime == "onnxruntime" and (spec.dtype != "float32" or spec.compile):
+        raise section.fail("runtime", f"onnxruntime runs float32 models here, uncompiled (ONNX Runtime compiles its"
+                                      f" own graph): set profile.dtype: float32 (it is {spec.dtype}) and leave"
+                                      " profile.compile false, or time in runtime: torch.")
     return spec
 
 

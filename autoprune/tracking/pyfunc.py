@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from autoprune.measure.onnx import ONNX_FILE
 from autoprune.saved import MLFLOW_DATA, STRUCTURE_FILE
 
 LOADER_MODULE = "autoprune.tracking.pyfunc"
@@ -50,7 +51,21 @@ def save_mlflow_model(saved: str | Path, destination: str | Path, *,
                               f"timm=={timm.__version__}", "safetensors"])
     finally:
         _remove_folder(staged)
+    if (Path(saved) / ONNX_FILE).exists():
+        _add_onnx_flavor(Path(destination))
     return Path(destination)
+
+
+def _add_onnx_flavor(folder: Path) -> None:
+    """A version timed in ONNX Runtime carries its ONNX file as MLflow's onnx flavour too:
+    `mlflow.onnx.load_model(uri)` gives the ONNX model itself, for ONNX Runtime without autoprune."""
+    import onnx
+    from mlflow.models import Model
+
+    model = Model.load(str(folder / "MLmodel"))
+    model.add_flavor("onnx", onnx_version=onnx.__version__, data=f"data/{DATA_FOLDER}/{ONNX_FILE}",
+                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"], code=None)
+    model.save(str(folder / "MLmodel"))
 
 
 class AutopruneModel:

@@ -49,7 +49,7 @@ ALIAS_FASTEST = "fastest"
 VERSION_TAGS: Mapping[str, type] = {
     "accuracy": float, "latency_ms": float, "latency_p90_ms": float, "device": str, "batch_size": int,
     "dtype": str, "memory_format": str, "kernels": str, "compiled": bool, "threads": int, "sparsity": float,
-    "macs": int,
+    "macs": int, "runtime": str,
 }
 
 # ---- a trial's report to Tune -----------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def version_tags(result: TrialResult, key: str) -> dict[str, str]:
         "accuracy": result.accuracy, "latency_ms": latency.median_ms, "latency_p90_ms": latency.p90_ms,
         "device": latency.device, "batch_size": latency.batch_size, "dtype": latency.dtype,
         "memory_format": latency.memory_format, "kernels": latency.format, "compiled": latency.compiled,
-        "threads": latency.threads, "sparsity": result.sparsity, "macs": result.macs,
+        "threads": latency.threads, "sparsity": result.sparsity, "macs": result.macs, "runtime": latency.runtime,
     }
     assert values.keys() == VERSION_TAGS.keys()
     return {KEY_TAG: key, CONFIG_TAG: result.config.to_json(), **{name: str(value) for name, value in values.items()}}

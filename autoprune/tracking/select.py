@@ -45,6 +45,7 @@ class ModelChoice:
     threads: int = 0  # CPU threads it was timed with (0: not recorded)
     sparsity: float = float("nan")
     macs: int = 0
+    runtime: str = "torch"  # or onnxruntime: timed, scored and served in ONNX Runtime
 
     @property
     def on_gpu(self) -> bool:
@@ -54,13 +55,14 @@ class ModelChoice:
         return asdict(self)
 
     @property
-    def conditions(self) -> tuple[str, int, str]:
+    def conditions(self) -> tuple[str, int, str, str]:
         """What its latency was measured under: only latencies measured under the same conditions compare."""
-        return (self.device, self.batch_size, self.dtype)
+        return (self.device, self.batch_size, self.dtype, self.runtime)
 
     def summary(self) -> str:
         layout = "" if self.memory_format == "contiguous" else f", {self.memory_format}"
         extra = layout + (", 2:4 kernels" if self.kernels == "2:4" else "") + (", compiled" if self.compiled else "")
+        extra += ", in ONNX Runtime" if self.runtime == "onnxruntime" else ""
         return (f"{self.name} version {self.version}: top-1 {self.accuracy:.4f} at {self.latency_ms:.4g} ms"
                 f" (p90 {self.latency_p90_ms:.4g} ms; {self.device}, batch {self.batch_size}, {self.dtype}{extra})")
 
@@ -89,13 +91,15 @@ def best(
     device: str | None = None,
     batch_size: int | None = None,
     dtype: str | None = None,
+    runtime: str | None = None,
     tracking_uri: str | None = None,
     load: bool = False,
 ):
     """The most accurate registered version whose measured median latency is ≤ `max_latency_ms`.
 
-    Latencies compare only when measured under the same conditions (device, batch size, dtype): a batch-1 latency
-    is not ranked against a batch-64 one. `device`, `batch_size` and `dtype` select the conditions; when the
+    Latencies compare only when measured under the same conditions (device, batch size, dtype, runtime): a batch-1
+    latency is not ranked against a batch-64 one, nor PyTorch's against ONNX Runtime's. `device`, `batch_size`,
+    `dtype` and `runtime` select the conditions; when the
     versions left were measured under more than one, that is an error that lists them. Returns a `ModelChoice`,
     or with `load=True` a `(ModelChoice, model)` pair, the model prepared in the recipe it was timed in. Raises
     `NoModelMeetsTarget` (saying what the fastest is) when none fits, and (saying why: the search whose front was
@@ -107,7 +111,7 @@ def best(
     if not candidates:
         raise NoModelMeetsTarget(_why_no_versions(model, tracking_uri))
     for name, wanted, flag in (("device", device, "--device"), ("batch_size", batch_size, "--batch-size"),
-                               ("dtype", dtype, "--dtype")):
+                               ("dtype", dtype, "--dtype"), ("runtime", runtime, "--runtime")):
         if wanted is None:
             continue
         present = sorted({str(getattr(c, name)) for c in candidates})
@@ -119,11 +123,12 @@ def best(
     conditions = sorted({c.conditions for c in candidates}, key=str)
     if len(conditions) > 1:
         counts = {condition: sum(c.conditions == condition for c in candidates) for condition in conditions}
-        listed = "; ".join(f"device {d!r}, batch {b}, {t} ({counts[d, b, t]} version{'s' * (counts[d, b, t] > 1)})"
-                           for d, b, t in conditions)
+        listed = "; ".join(f"device {d!r}, batch {b}, {t}, {r} ({counts[d, b, t, r]}"
+                           f" version{'s' * (counts[d, b, t, r] > 1)})" for d, b, t, r in conditions)
         raise AutopruneError(
             f"the versions of {model!r} were measured under {len(conditions)} conditions, whose latencies do not"
-            f" compare: {listed}. Choose with --device / --batch-size / --dtype (device=, batch_size=, dtype=).")
+            f" compare: {listed}. Choose with --device / --batch-size / --dtype / --runtime (device=, batch_size=,"
+            " dtype=, runtime=).")
     fitting = [c for c in candidates if c.latency_ms <= max_latency_ms]
     if not fitting:
         fastest = min(candidates, key=lambda c: c.latency_ms)
@@ -237,8 +242,14 @@ def download_model(model_uri: str, tracking_uri: str | None) -> str:
     if model_uri.startswith("models:/") and tracking_uri:
         # resolved here, against `tracking_uri`: MLflow resolves models:/ against its global registry URI, and
         # mlflow.set_registry_uri / set_tracking_uri would change it (and $MLFLOW_TRACKING_URI) for the whole process
-        name, _, reference = model_uri[len("models:/"):].rpartition("/")
-        model_uri = client(tracking_uri).get_model_version_download_uri(name, reference)
+        registry = client(tracking_uri)
+        path = model_uri[len("models:/"):]
+        if "/" not in path and "@" in path:  # models:/NAME@ALIAS
+            name, alias = path.rsplit("@", 1)
+            reference = registry.get_model_version_by_alias(name, alias).version
+        else:  # models:/NAME/VERSION
+            name, _, reference = path.rpartition("/")
+        model_uri = registry.get_model_version_download_uri(name, reference)
     return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
 
 
