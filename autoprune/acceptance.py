@@ -87,8 +87,10 @@ def specs(*, on_gpu: bool, two_four: bool, trials: int = 4) -> dict[str, dict]:
     return {"vit": vit, "cnn": cnn}
 
 
-def run(workdir: Path, *, trials: int = 4, echo: Callable[[str], None] = print) -> tuple[list[AcceptanceRow], str]:
-    """Both searches and every front version's checks; returns the rows and what was left out here and why."""
+def run(workdir: Path, *, trials: int = 4, models: tuple[str, ...] = ("vit", "cnn"),
+        echo: Callable[[str], None] = print) -> tuple[list[AcceptanceRow], str]:
+    """The searches (`models`: both by default) and every front version's checks; returns the rows and what was
+    left out here and why."""
     import ray
     import torch
 
@@ -102,6 +104,8 @@ def run(workdir: Path, *, trials: int = 4, echo: Callable[[str], None] = print) 
         "" if on_gpu else "no GPU: the ViT is not compiled", no_two_four and f"no 2:4 search ({no_two_four})") if part)
     rows: list[AcceptanceRow] = []
     for key, raw in specs(on_gpu=on_gpu, two_four=no_two_four is None, trials=trials).items():
+        if key not in models:
+            continue
 
         echo(f"acceptance: a {trials}-trial bf16 search on the {key}")
         ours = not ray.is_initialized()
