@@ -65,6 +65,9 @@ class MethodCheck:
     trains: bool | None = None
     # each healing method checked on the pruned model → "" (one optimiser step, finite loss) or why it cannot heal it
     heals: dict[str, str] = field(default_factory=dict)
+    # of a structured method's model: "" when it exports to ONNX and ONNX Runtime gives PyTorch's outputs, else why
+    # (its own column: a model that does not export still prunes, and runs in PyTorch)
+    onnx: str | None = None
     seconds: float = 0.0
 
 
@@ -176,6 +179,8 @@ def _check_one(dense: nn.Module, dense_size: dict[str, int], source: ModelSource
         measured["reload_max_abs_diff"] = _stage("saving and reloading",
                                                  lambda: _reload_difference(model, source, example))
         measured["trains"] = _stage("training one step", lambda: _trains(model, example))
+        if method.structured:
+            measured["onnx"] = _onnx_verdict(model, example)
         measured["heals"] = {name: _heals(name, model, dense, masks, request.calibration, source.num_classes, seed)
                              for name in heal_methods}
     except _StageFailed as failed:
@@ -241,6 +246,24 @@ def _reload_difference(model: nn.Module, source: ModelSource, example: torch.Ten
     return max(plain, float((served.logits(example) - served_again.logits(example)).abs().max()))
 
 
+def _onnx_verdict(model: nn.Module, example: torch.Tensor) -> str:
+    """"" when `model` exports to ONNX and ONNX Runtime gives its outputs (measure/onnx.py), else why."""
+    try:
+        from autoprune.measure.onnx import OnnxModel, export_onnx, exportable_copy, largest_difference
+        from autoprune.measure.prepared import ONNX_TOLERANCE
+
+        plain = exportable_copy(model)
+        session = OnnxModel(export_onnx(plain, example), torch.device("cpu"), 1)
+        with torch.no_grad():
+            expected = plain(example)
+        difference = largest_difference(expected, session, example)
+    except Exception as error:  # noqa: BLE001 — the verdict says why
+        return _reason(error)
+    if not difference <= ONNX_TOLERANCE * max(float(expected.abs().max()), 1.0):
+        return f"ONNX Runtime's outputs are {difference:.2g} from PyTorch's"
+    return ""
+
+
 def _trains(model: nn.Module, example: torch.Tensor) -> bool:
     """One forward and backward pass on random labels: finite loss, and every gradient finite."""
     model = copy.deepcopy(model).train()
@@ -269,8 +292,8 @@ def _reason(error: Exception) -> str:
     return text if isinstance(error, AutopruneError) else f"{type(error).__name__}: {text}".rstrip(": ")
 
 
-COLUMNS = ("method", "sparsity", "outcome", "achieved", "MACs ×", "params ×", "reload diff", "trains", "heals", "s",
-           "reason")
+COLUMNS = ("method", "sparsity", "outcome", "achieved", "MACs ×", "params ×", "reload diff", "trains", "heals", "onnx",
+           "s", "reason")
 
 
 def row_text(check: MethodCheck) -> str:
@@ -284,7 +307,9 @@ def _cells(check: MethodCheck) -> list[str]:
     return [check.method, "own" if check.sparsity is None else f"{check.sparsity:.2f}", check.outcome,
             number(check.achieved_sparsity, "{:.2f}"), number(check.macs_ratio, "{:.2f}"),
             number(check.params_ratio, "{:.2f}"), number(check.reload_max_abs_diff, "{:.1e}"),
-            number(check.trains, "{}"), _heal_cell(check.heals), f"{check.seconds:.1f}", check.reason]
+            number(check.trains, "{}"), _heal_cell(check.heals),
+            "—" if check.onnx is None else "yes" if not check.onnx else "no", f"{check.seconds:.1f}",
+            "; ".join(part for part in (check.reason, check.onnx and f"onnx: {check.onnx}") if part)]
 
 
 def _heal_cell(heals: dict[str, str]) -> str:

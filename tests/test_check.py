@@ -28,6 +28,9 @@ def test_every_registered_method_works_on_the_tiny_models(source):
         assert check.achieved_sparsity > 0.1 and check.reload_max_abs_diff <= 1e-4 and check.trains
     structured = [c for c in result.checks if c.method == "structured"]
     assert all(c.macs_ratio > 1.0 and c.params_ratio > 1.0 for c in structured)  # it removed units
+    # what structured removal leaves exports to ONNX and runs there with PyTorch's outputs (a column of its own)
+    assert all(c.onnx == "" for c in structured), [c.onnx for c in structured]
+    assert all(c.onnx is None for c in result.checks if not prune.get(c.method).structured)
     magnitude = [c for c in result.checks if c.method == "magnitude"]
     assert [round(c.achieved_sparsity, 2) for c in magnitude] == [0.3, 0.5] and all(c.macs_ratio == 1 for c in magnitude)
     assert result.groups and result.working("structured") and "structured" in table(result)
@@ -236,3 +239,15 @@ def test_every_healing_method_trains_what_each_method_leaves_and_align_compares_
     finally:
         check.heal.get = real_get
     assert row.outcome == FAILS and row.reason == "healing with broken: its loss is not finite ([nan])"
+
+
+def test_a_model_that_does_not_export_to_onnx_still_works_and_says_why():
+    """timm's EVA attention (here DINOv3's ViT-Ti) passes a tensor where torch's ONNX exporter wants a bool:
+    structured removal still works on it, and the onnx column says why the model cannot run in ONNX Runtime."""
+    from autoprune.models import ModelSource
+
+    eva = ModelSource("vit_tiny_patch16_dinov3_qkvb", 10, {})
+    result = check_model(eva, input_size=(3, 64, 64), methods=["structured"], sparsities=(0.5,))
+    [check] = result.checks
+    assert check.outcome == WORKS, check.reason
+    assert check.onnx and "is_causal" in check.onnx and "onnx: " in table(result)

@@ -162,3 +162,21 @@ def test_ui_on_a_taken_port_says_so(published, capsys):
         port = taken.getsockname()[1]
         assert main(["ui", "--tracking-uri", tracker.tracking_uri, "--port", str(port)]) == 1
     assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_only_the_trials_the_final_pass_timed_can_be_on_the_front(tmp_path):
+    """A trial the final pass left out (beaten with certainty while the search ran) keeps its rescaled search-time
+    latency, which must not put it on the front because the pass found the others slower: the registered
+    latencies are all the pass's."""
+    tracker = Tracker(resolve_tracking_uri(None, None, tmp_path), "final-exp")
+    parent = tracker.start_search(name="final", spec={"name": "final"}, run_name="final_1")
+    dense = _result("none", 0.0, 0.95, 10.0, heal="none")
+    tracker.log_dense(parent, dense)
+    records = []
+    for trial_id, (accuracy, ms) in {"left-out": (0.90, 3.0), "timed": (0.92, 6.0)}.items():
+        saved_model(tmp_path / "models" / trial_id)
+        records.append(TrialRecord(trial_id, _result("structured", 0.5, accuracy, ms),
+                                   model_dir=str(tmp_path / "models" / trial_id)))
+    result = publish_search(tracker, parent, name="final", cost_metric="latency_ms", registered_model="final-model",
+                            dense=dense, records=records, timed_again={"timed"})
+    assert [record.trial_id for record in result.front] == ["timed"]

@@ -84,6 +84,11 @@ def population_markdown(records: dict[str, dict], runs: list[dict]) -> str:
         reached = sum(_column(row) == fixed[0] for row in structured)
         lines += ["", f"structured at {sparsity:.0%}: MACs ratio ≥ {RATIO_TARGET} on {reached} of {len(structured)}"
                       f" architectures ({reached / len(structured):.0%}; target: 85%)."]
+        exported = [row for row in structured if _column(row) == fixed[0] and row.get("onnx") is not None]
+        if exported:  # checked by a census that ran the ONNX check (`check`'s onnx column)
+            running = sum(not row["onnx"] for row in exported)
+            lines += ["", f"ONNX Runtime: {running} of the {len(exported)} where structured works export and give"
+                          f" PyTorch's outputs ({running / len(exported):.0%}; target: 80%)."]
     lines += ["", "| architecture | model | params | input | s | " + " | ".join(methods) + " |",
               "|---|---|---:|---|---:|" + "---|" * len(methods)]
     for record in checked:

@@ -123,6 +123,7 @@ def search(
     accounting = time_accounting([r for r in records if r.trial_id not in before], setup_seconds=setup_seconds,
                                  tune_seconds=tune_seconds, concurrency=min(spec.search.concurrency, spec.search.trials))
     published = _publish(tracker, spec, parent_id, dense, records, path=path,
+                         timed_again=None if final is None else set(final.trials),
                          metrics={"trials_retried": publisher.retried, **accounting})
     outcome = SearchOutcome(
         spec=spec, tracking_uri=tracker.tracking_uri, parent_run_id=parent_id, dense=dense, records=records,
@@ -251,11 +252,11 @@ def _remember_latencies(latency_cache, results: list[TrialResult | None]) -> Non
 
 
 def _publish(tracker: Tracker, spec: SearchSpec, parent_id: str, dense: TrialResult, records: list[TrialRecord],
-             metrics: dict[str, float], *, path: str) -> Published:
+             metrics: dict[str, float], *, path: str, timed_again=None) -> Published:
     try:
         return publish_search(tracker, parent_id, name=spec.name, cost_metric=spec.cost_metric,
                               registered_model=spec.mlflow.registered_model, dense=dense, records=records,
-                              metrics=metrics)
+                              metrics=metrics, timed_again=timed_again)
     except Exception as error:
         raise AutopruneError(
             f"the search finished but MLflow at {tracker.tracking_uri!r} failed while publishing it"

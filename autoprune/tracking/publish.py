@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from autoprune.errors import AutopruneError
 from autoprune.pareto import hypervolume_2d, pareto_front
@@ -125,17 +125,22 @@ class Published:
 def publish_search(
     tracker: Tracker, parent_id: str, *, name: str, cost_metric: str, registered_model: str, dense: TrialResult,
     records: Sequence[TrialRecord], metrics: Mapping[str, float] | None = None, aliases: bool = True,
+    timed_again: Collection[str] | None = None,
 ) -> Published:
     """Every trial as a child run (those already there are kept), the front tagged, the table, plots and summary
     metrics on the parent run, the front registered (with `aliases`, the most accurate and the fastest of them
-    get the registered model's aliases); `metrics` adds to the parent's summary."""
+    get the registered model's aliases); `metrics` adds to the parent's summary. `timed_again`: the trials the
+    search's final pass timed (driver/retime.py) — only they can be on the front, whose latencies are registered as
+    that pass's: a trial left out of it was beaten with certainty, and its rescaled latency from the busy search
+    must not put it on the front because the pass found the others slower (None: no final pass)."""
     records = list(records)
     logged = tracker.trial_runs(parent_id)
     run_ids = {record.trial_id: tracker.log_trial(parent_id, record, logged=logged) for record in records}
     for record in records:  # logged while the search ran, before its final re-timing put them on its scale
         if record.result is not None and record.result.searched_latency_ms is not None:
             tracker.log_final_latency(run_ids[record.trial_id], record.result)
-    front = pareto_front(records, cost_metric, dense=dense)
+    eligible = records if timed_again is None else [r for r in records if r.trial_id in timed_again]
+    front = pareto_front(eligible, cost_metric, dense=dense)
     rows = [trial_row(record, on_front=record in front) for record in records]
     rows.append({**trial_row(TrialRecord("dense", dense), on_front=False), "prune": DENSE})
     feasible = [r.result for r in records if r.result is not None and r.result.feasible]
@@ -190,11 +195,13 @@ def publish_run(run_id: str, *, tracking_uri: str, workdir: Path, storage: str |
     dense = tracker.dense_result(run_id)
     path = experiment_path(storage or spec["search"]["storage"] or str(workdir / "ray"), run_id)
     records, not_ended = records_from_storage(path, workdir / "checkpoints" / run_id)
-    records, dense = apply_final(load_final(path), records, dense)  # the search's final re-timing, if it got there
+    final = load_final(path)
+    records, dense = apply_final(final, records, dense)  # the search's final re-timing, if it got there
     echo(f"autoprune: publishing {len(records)} trials of search {name!r} (run {run_id}) from {path}"
          + (f"; {not_ended} had not ended (`autoprune search SPEC --resume {run_id}` runs them)" if not_ended else ""))
     published = publish_search(tracker, run_id, name=name, cost_metric=cost_metric,
-                               registered_model=registered_model, dense=dense, records=records)
+                               registered_model=registered_model, dense=dense, records=records,
+                               timed_again=None if final is None else set(final.trials))
     echo(f"autoprune: {len(published.run_ids)} trial runs, {len(published.front)} on the front;"
          f" registered as {registered_model!r} versions {', '.join(published.versions) or '—'}")
     echo(f"autoprune: the front in MLflow's UI: {ui_hint(tracking_uri, published.view_path)}")
