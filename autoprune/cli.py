@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               " one chosen as `ui` chooses")
     _add_search_choice(front)
     front.add_argument("--json", action="store_true", help="print one JSON object: the search and its front's rows")
+    front.add_argument("--plot", metavar="FILE", help="also write every trial's accuracy against latency, the front"
+                                                      " joined, to FILE (.png, or .html with each point's configuration)")
     _add_store_flags(front)
 
     ui = commands.add_parser("ui", help="MLflow's UI opened on a search's front: serves a local store (until Ctrl-C)"
@@ -239,18 +241,27 @@ def _best(args) -> int:
 
 
 def _front(args) -> int:
-    from autoprune.tracking.report import table
-    from autoprune.tracking.select import front
+    from autoprune.tracking.report import TABLE_COLUMNS, plot_html, plot_png, table
+    from autoprune.tracking.select import search_rows
 
-    search, rows = front(experiment=args.experiment, run_id=args.run, tracking_uri=_tracking_uri(args))
+    search, rows, dense = search_rows(experiment=args.experiment, run_id=args.run, tracking_uri=_tracking_uri(args))
+    front = [row for row in rows if row["pareto"]]
+    if args.plot:
+        plot = plot_html if args.plot.endswith(".html") else plot_png
+        plot([*rows, dense], args.plot, title=f"{search.experiment}: {len(rows)} trials, {len(front)} on the front",
+             device=dense.get("device") or "")
     if args.json:
-        print(json.dumps({"experiment": search.experiment, "run_id": search.run_id, "front": rows}))
-    elif rows:
-        print(f"The front of search run {search.run_id} (experiment {search.experiment!r}), fastest first:")
-        print(table(rows))
+        print(json.dumps({"experiment": search.experiment, "run_id": search.run_id, "front": front, "dense": dense}))
+    elif front:
+        print(f"The front of search run {search.run_id} (experiment {search.experiment!r}), fastest first, and the"
+              " dense model:")
+        registered = (("version", "version", "{}"), ("aliases", "aliases", "{}"))
+        print(table([*front, dense], columns=(*TABLE_COLUMNS, *registered)))
     else:
         print(f"Search run {search.run_id} (experiment {search.experiment!r}) has an empty front: no trial beat the"
               " dense model on latency and accuracy, and nothing was registered.")
+    if args.plot and not args.json:
+        print(f"the plot: {args.plot}")
     return 0
 
 

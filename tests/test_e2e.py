@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -136,7 +137,7 @@ def _cli(*args):
                           timeout=300)
 
 
-def test_cli_best_json_and_no_fit(outcome):
+def test_cli_best_json_and_no_fit(outcome, tmp_path):
     versions = registered_versions("e2e-model", tracking_uri=outcome.tracking_uri)
     fastest = min(v.latency_ms for v in versions)
     done = _cli("best", "--model", "e2e-model", "--max-latency-ms", str(fastest * 100), "--json",
@@ -152,8 +153,16 @@ def test_cli_best_json_and_no_fit(outcome):
     assert front.returncode == 0, front.stderr
     shown = json.loads(front.stdout)
     assert shown["run_id"] == outcome.parent_run_id and len(shown["front"]) == len(outcome.front)
-    newest = _cli("front", "--tracking-uri", outcome.tracking_uri)  # no experiment: the newest finished search
+    # each front model names its registered version and aliases; the dense model's row comes with them
+    assert sorted(row["version"] for row in shown["front"]) == sorted(
+        f"e2e-model/{version}" for version in outcome.registered_versions)
+    assert {"fastest", "most-accurate"} <= {alias for row in shown["front"] if row["aliases"]
+                                           for alias in row["aliases"].split(", ")}
+    assert shown["dense"]["prune"] == "dense" and shown["dense"]["accuracy"] == outcome.dense.accuracy
+    plot = tmp_path / "front.png"
+    newest = _cli("front", "--tracking-uri", outcome.tracking_uri, "--plot", str(plot))  # the newest search
     assert newest.returncode == 0 and outcome.parent_run_id in newest.stdout, newest.stderr
+    assert re.search(r"\|\s+dense\s+\|", newest.stdout) and plot.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_registered_model_loads_in_a_fresh_process_with_the_trials_outputs(outcome, tracker, tmp_path):

@@ -256,13 +256,39 @@ def download_model(model_uri: str, tracking_uri: str | None) -> str:
 def front(*, experiment: str | None = None, run_id: str | None = None,
           tracking_uri: str | None = None) -> tuple[SearchView, list[dict[str, Any]]]:
     """The search (`run_id`, else the newest finished one, in `experiment` if given) and its Pareto-optimal trials,
-    fastest first (none when no trial beat the dense model)."""
+    fastest first (none when no trial beat the dense model), each with its registered `version` and `aliases`."""
+    search, rows, _ = search_rows(experiment=experiment, run_id=run_id, tracking_uri=tracking_uri)
+    return search, [row for row in rows if row["pareto"]]
+
+
+def search_rows(*, experiment: str | None = None, run_id: str | None = None,
+                tracking_uri: str | None = None) -> tuple[SearchView, list[dict[str, Any]], dict[str, Any]]:
+    """The search, every finished trial's row (fastest first; `pareto` marks the front, whose rows also name their
+    registered version and its aliases) and the dense model's row."""
+    from autoprune.result import TrialRecord
+    from autoprune.tracking.report import DENSE
+    from autoprune.tracking.schema import trial_row
+
     search = find_search(tracking_uri, experiment=experiment, run_id=run_id, with_view=False)
     mlflow = client(tracking_uri)
-    children = mlflow.search_runs(
-        [mlflow.get_experiment_by_name(search.experiment).experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{search.run_id}' and tags.`{PARETO_TAG}` = 'true'",
-        max_results=10000,
-    )
-    rows = [run_row(run) for run in children]
-    return search, sorted(rows, key=lambda row: row["latency_ms"])
+    children = mlflow.search_runs([mlflow.get_experiment_by_name(search.experiment).experiment_id],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{search.run_id}'", max_results=10000)
+    rows, aliases = [], {}  # registered model → {version: its aliases} (searching versions does not give them)
+    for run in children:
+        row = {**run_row(run), "pareto": run.data.tags.get(PARETO_TAG) == "true"}
+        if row["prune"] is None or row["accuracy"] is None or row["latency_ms"] is None:
+            continue  # the dense model's run (its row is below), or a trial that failed or stopped unscored
+        if row["pareto"]:
+            versions = mlflow.search_model_versions(f"run_id='{run.info.run_id}'")
+            for name in {v.name for v in versions} - set(aliases):
+                aliases[name] = {}
+                for alias, version in mlflow.get_registered_model(name).aliases.items():
+                    aliases[name].setdefault(str(version), []).append(alias)
+            row["version"] = ", ".join(f"{v.name}/{v.version}" for v in versions) or None
+            row["aliases"] = ", ".join(alias for v in versions
+                                       for alias in aliases[v.name].get(str(v.version), ())) or None
+        rows.append(row)
+    dense = Tracker.for_search_run(tracking_uri, search.run_id).dense_result(search.run_id)
+    dense_row = {**trial_row(TrialRecord(DENSE, dense), on_front=False), "prune": DENSE, "pareto": False,
+                 "device": dense.latency.device}
+    return search, sorted(rows, key=lambda row: row["latency_ms"]), dense_row
