@@ -39,13 +39,16 @@ def exportable_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float().cpu().eval()
 
 
-def providers_for(device: torch.device) -> list[str]:
-    """ONNX Runtime's execution providers for a device: CUDA's where it is installed, then the CPU's."""
+def providers_for(device: torch.device) -> list:
+    """ONNX Runtime's execution providers for a device: CUDA's on that very GPU where it is installed (its
+    default is GPU 0, whatever device the trial was given), then the CPU's."""
     import onnxruntime
 
-    available = onnxruntime.get_available_providers()
-    wanted = ["CUDAExecutionProvider"] if device.type == "cuda" else []
-    return [provider for provider in wanted if provider in available] + ["CPUExecutionProvider"]
+    providers: list = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+    return providers
 
 
 class OnnxModel(nn.Module):

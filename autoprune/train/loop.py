@@ -78,7 +78,8 @@ class Precision:
         if engine.autocast == "auto":
             if device.type != "cuda":
                 return cls(None, False)
-            return cls(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, tf32)
+            native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on: of this very GPU
+            return cls(torch.bfloat16 if native_bf16 else torch.float16, tf32)
         return cls(getattr(torch, engine.autocast), tf32)
 
     def autocasting(self, device: torch.device):
