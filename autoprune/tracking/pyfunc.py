@@ -14,6 +14,7 @@ the same outputs.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from autoprune.measure.onnx import ONNX_FILE
@@ -43,6 +44,8 @@ def save_mlflow_model(saved: str | Path, destination: str | Path, *,
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, structure["num_classes"]))]))
     staged = Path(destination).parent / f".{Path(destination).name}-{DATA_FOLDER}"
     _copy_folder(Path(saved), staged / DATA_FOLDER)
+    quiet = logging.getLogger("mlflow.pyfunc")  # it says "Validating input example" once per version, at INFO
+    level, quiet.level = quiet.level, max(quiet.getEffectiveLevel(), logging.WARNING)
     try:
         mlflow.pyfunc.save_model(
             path=str(destination), loader_module=LOADER_MODULE, data_path=str(staged / DATA_FOLDER),
@@ -50,6 +53,7 @@ def save_mlflow_model(saved: str | Path, destination: str | Path, *,
             pip_requirements=[f"autoprune=={autoprune.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                               f"timm=={timm.__version__}", "safetensors"])
     finally:
+        quiet.setLevel(level)
         _remove_folder(staged)
     if (Path(saved) / ONNX_FILE).exists():
         _add_onnx_flavor(Path(destination))
