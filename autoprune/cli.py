@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--measured-on", help="only versions measured on this device (as `best --device`)")
     serving.add_argument("--batch-size", type=positive_int, help="only versions measured at this batch size")
     serving.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="only versions measured in this dtype")
+    serving.add_argument("--runtime", choices=["torch", "onnxruntime"], help="only versions measured in this runtime")
     serving.add_argument("--address", help="Ray cluster to run on (default: a local Ray)")
     _add_store_flags(serving)
 
@@ -206,7 +207,7 @@ def _serve(args) -> int:
     from autoprune.tracking.select import best
 
     conditions = {key: value for key, value in (("device", args.measured_on), ("batch_size", args.batch_size),
-                                                 ("dtype", args.dtype)) if value is not None}
+                                                 ("dtype", args.dtype), ("runtime", args.runtime)) if value is not None}
     choice = best(model=args.model, max_latency_ms=args.max_latency_ms, tracking_uri=_tracking_uri(args), **conditions)
     start_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})

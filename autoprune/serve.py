@@ -27,7 +27,8 @@ class PrunedModel:
                  device: str | None = None, conditions: dict | None = None) -> None:
         from autoprune.tracking.select import best, load_served
 
-        # conditions: the measurement conditions to choose among (device, batch_size, dtype), as `best` takes them
+        # conditions: the measurement conditions to choose among (device, batch_size, dtype, runtime), as `best`
+        # takes them
         self.choice = best(model=model, max_latency_ms=max_latency_ms, tracking_uri=tracking_uri,
                            **(conditions or {}))
         if not self.choice.on_gpu and self.choice.threads:
@@ -75,12 +76,13 @@ def replica_options(choice) -> dict:
 
 def app(args: dict[str, str]) -> serve.Application:
     """`serve run autoprune.serve:app model=NAME max_latency_ms=MS [tracking_uri=URI] [device=cuda]
-    [batch_size=N] [dtype=D] [measured_on=DEVICE]`."""
+    [batch_size=N] [dtype=D] [runtime=R] [measured_on=DEVICE]`."""
     from autoprune.tracking.select import best
 
-    conditions = {key: value for key, value in (("device", args.get("measured_on")),
-                                                 ("batch_size", int(args["batch_size"]) if "batch_size" in args else None),
-                                                 ("dtype", args.get("dtype"))) if value is not None}
+    batch_size = int(args["batch_size"]) if "batch_size" in args else None
+    given = (("device", args.get("measured_on")), ("batch_size", batch_size), ("dtype", args.get("dtype")),
+             ("runtime", args.get("runtime")))
+    conditions = {key: value for key, value in given if value is not None}
     choice = best(model=args["model"], max_latency_ms=float(args["max_latency_ms"]),
                   tracking_uri=args.get("tracking_uri"), **conditions)
     return PrunedModel.options(ray_actor_options=replica_options(choice)).bind(
