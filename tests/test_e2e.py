@@ -391,31 +391,16 @@ def test_every_registered_version_loads_with_mlflow_pyfunc(outcome, bundle, monk
 def test_mlflow_models_serve_answers_from_the_registry_as_autoprune_serve_does(outcome, bundle):
     """`mlflow models serve -m models:/NAME/VERSION --env-manager local`, MLflow's own scoring server resolving the
     version in the search's registry, answers with the logits autoprune's replica computes."""
-    from test_mlflow_model import _wait_until_ready
+    from test_mlflow_model import scoring_server
 
-    from autoprune.testing.loopback import LOOPBACK, free_port
     from autoprune.tracking.select import load_served
 
     uri = f"models:/e2e-model/{outcome.registered_versions[0]}"
-    port = free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": outcome.tracking_uri,
-           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-                               "-h", LOOPBACK, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, env=env, start_new_session=True)
-    try:
-        _wait_until_ready(f"http://{LOOPBACK}:{port}/ping", server)
-        images = bundle.normalize(bundle.eval.images[:3])
-        request = urllib.request.Request(f"http://{LOOPBACK}:{port}/invocations", method="POST",
-                                         data=json.dumps({"inputs": images.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = torch.tensor(json.loads(response.read())["predictions"])
-        expected = load_served(uri, tracking_uri=outcome.tracking_uri).logits(images)  # what a replica computes
-        assert answer.shape == expected.shape and (answer - expected).abs().max() <= 1e-5
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    images = bundle.normalize(bundle.eval.images[:3])
+    with scoring_server(uri, MLFLOW_TRACKING_URI=outcome.tracking_uri) as predict:
+        answer = torch.from_numpy(predict(images))
+    expected = load_served(uri, tracking_uri=outcome.tracking_uri).logits(images)  # what a replica computes
+    assert answer.shape == expected.shape and (answer - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.faults

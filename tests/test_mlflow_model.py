@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -57,25 +59,37 @@ def test_mlflow_models_serve_answers_with_the_same_logits(bundle, tmp_path):
     """`mlflow models serve --env-manager local` (MLflow's scoring server, in its own process) on the bf16
     channels-last CNN's version."""
     folder, saved = _mlflow_model("resnet-bn", bundle, tmp_path)
+    images = bundle.normalize(bundle.eval.images[:3])
+    with scoring_server(str(folder)) as predict:
+        answer = predict(images)
+    with torch.no_grad():
+        expected = load_model_dir(saved)(images).float().numpy()
+    assert answer.shape == expected.shape and np.abs(answer - expected).max() <= 1e-5
+
+
+@contextmanager
+def scoring_server(model_uri: str, **env: str) -> Iterator:
+    """`mlflow models serve -m MODEL_URI --env-manager local` on a loopback port, in its own process (`env` added to
+    its environment); yields a function that POSTs images to its /invocations and returns its predictions."""
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder), "--env-manager", "local", "-h",
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h",
          LOOPBACK, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         # MLflow's scoring server is `uvicorn`, run from PATH: the one beside this Python
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **env,
              "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"},
         start_new_session=True)
-    try:
-        _wait_until_ready(f"http://{LOOPBACK}:{port}/ping", server)
-        images = bundle.normalize(bundle.eval.images[:3])
+
+    def predict(images: torch.Tensor) -> np.ndarray:
         request = urllib.request.Request(f"http://{LOOPBACK}:{port}/invocations", method="POST",
                                          data=json.dumps({"inputs": images.tolist()}).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
-            answer = np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
-        with torch.no_grad():
-            expected = load_model_dir(saved)(images).float().numpy()
-        assert answer.shape == expected.shape and np.abs(answer - expected).max() <= 1e-5
+            return np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
+
+    try:
+        _wait_until_ready(f"http://{LOOPBACK}:{port}/ping", server)
+        yield predict
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
