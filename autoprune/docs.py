@@ -1,9 +1,18 @@
-"""The reference pages of the documentation site, generated: the spec (every key, its default and valid values, read
-from the typed settings in config.py and the comments beside their fields) and the CLI (every command's help, from
-the parser). `tests/test_docs.py` fails when a committed page differs from what this generates, and builds the
-site with `mkdocs build --strict`.
+"""The generated parts of the documentation site: the reference pages — the spec (every key, its default and valid
+values, read from the typed settings in config.py and the comments beside their fields) and the CLI (every command's
+help, from the parser) — and, in the benchmark pages, every block of measured tables, rendered from the bench's JSON
+file committed beside the page (with the command, machine and date it records). `tests/test_docs.py` fails when a
+committed page differs from what this generates, and builds the site with `mkdocs build --strict`.
 
-    python -m autoprune.docs            # rewrites docs/reference/spec.md and docs/reference/cli.md
+    python -m autoprune.docs            # rewrites docs/reference/*.md and the generated blocks of docs/**/*.md
+
+A generated block in a page is written as
+
+    <!-- generated from healing.json -->
+    (anything: replaced by the file's provenance and tables)
+    <!-- end of generated block -->
+
+The prose around it is the page's own; the numbers are the file's.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import io
+import re
 import sys
 import tokenize
 from pathlib import Path
@@ -160,6 +170,37 @@ def pages() -> dict[str, str]:
     return {"spec.md": spec_page(), "cli.md": cli_page()}
 
 
+BLOCK = re.compile(r"(<!-- generated from (?P<file>[^ ]+) -->\n)(?P<body>.*?)(<!-- end of generated block -->)", re.S)
+
+
+def measured_block(json_path: Path) -> str:
+    """A bench file as a page shows it: where it comes from, then its tables."""
+    from autoprune.bench import commands, record
+
+    if json_path.suffix == ".jsonl":  # the census: JSON Lines, a record per architecture and one per run
+        from autoprune.bench.census import read_records
+        from autoprune.bench.census_tables import population_markdown, runs_text
+
+        records, runs = read_records(json_path)
+        return f"{runs_text(runs, rows_file=json_path.name)}\n\n{population_markdown(records, runs)}\n"
+    provenance, results = record.read(json_path)
+    if provenance is None:
+        raise ValueError(f"{json_path} records no command or machine: measure it again with the bench's --json")
+    return f"{record.describe(provenance, rows_file=json_path.name)}\n\n{commands.render(provenance['bench'], results)}\n"
+
+
+def with_measurements(page: Path) -> str:
+    """A page's text with each generated block rendered again from the JSON file it names (beside the page)."""
+    return BLOCK.sub(lambda m: m.group(1) + measured_block(page.parent / m.group("file")) + m.group(4),
+                     page.read_text())
+
+
+def measured_pages(root: Path) -> dict[Path, str]:
+    """Every page of the site that has a generated block, as it should read."""
+    return {page: with_measurements(page) for page in sorted((root / "docs").rglob("*.md"))
+            if BLOCK.search(page.read_text())}
+
+
 def main(argv: list[str] | None = None) -> int:
     root = Path(argv[0]) if argv else Path.cwd()
     folder = root / REFERENCE
@@ -167,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in pages().items():
         (folder / name).write_text(text)
         print(folder / name)
+    for page, text in measured_pages(root).items():
+        if page.read_text() != text:
+            page.write_text(text)
+            print(page)
     return 0
 
 

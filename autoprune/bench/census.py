@@ -35,6 +35,7 @@ from autoprune.bench.census_tables import (
     duration,
     progress_line,
 )
+from autoprune.bench.record import Provenance
 from autoprune.check import FAILS, check_model
 from autoprune.models import ModelSource
 
@@ -118,7 +119,7 @@ def run_all(json_path: str | Path, *, only: list[str] | None = None, methods: li
             file.flush()
             os.fsync(file.fileno())
 
-    started, wall = datetime.now(timezone.utc), time.perf_counter()
+    started, wall, provenance = datetime.now(timezone.utc), time.perf_counter(), Provenance("families")
     for name, reason in population.skipped(chosen).items():
         if name not in records:
             records[name] = _record(name, SKIPPED, methods, reason=reason)
@@ -156,7 +157,7 @@ def run_all(json_path: str | Path, *, only: list[str] | None = None, methods: li
         executor.shutdown(wait=True, cancel_futures=True)
         _STOP.clear()
         append(_run_record(started, time.perf_counter() - wall, len(everything), len(chosen), finished, jobs,
-                           cap_seconds, methods, interrupted))
+                           cap_seconds, methods, interrupted) | {"provenance": provenance.finish()})
     return records
 
 

@@ -116,6 +116,27 @@ def population_markdown(records: dict[str, dict], runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def runs_text(runs: list[dict], *, rows_file: str) -> str:
+    """Where a census file's rows come from: each run that added to it — its command (runs written before runs
+    recorded their command: what they checked), date, code, machine and wall time."""
+    parts = []
+    for run in runs:
+        if not run.get("checked"):
+            continue  # a re-run that found everything done
+        where = run.get("provenance")
+        what = (f"`{where['command']}`" if where else
+                f"`--all` over {run['chosen']} architecture{'s' if run['chosen'] != 1 else ''}"
+                f" at {run['jobs']} job{'s' if run['jobs'] != 1 else ''}, capped at {run['cap_seconds']:g} s,")
+        code = f", code {where['code']}" if where else ""
+        parts.append(f"{what} on {run['started'][:10]}{code} ({run['checked']} checked, {duration(run['wall_s'])})")
+    last = runs[-1] if runs else {}
+    box = (last.get("provenance") or {}).get("machine") or {"cpus": last.get("cpus"), "cpu": "", "gpu": None}
+    machine = f"{box['cpus']} CPUs" + (f" ({box['cpu']})" if box.get("cpu") else "") + ", no GPU" * (not box.get("gpu"))
+    versions = f"timm {last.get('timm')}, torch {last.get('torch')}" if last else ""
+    return (f"Measured by {'; then '.join(parts) or 'no run'}, on {machine}; {versions}. A later run replaces the"
+            f" rows of the architectures it checks. Every row is in [{rows_file}]({rows_file}).")
+
+
 def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)

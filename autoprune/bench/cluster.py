@@ -16,7 +16,6 @@ trained once beforehand and its cache shared, so that no run pays for it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from autoprune.bench import record
 from autoprune.testing.loopback import mlflow_server, ray_cluster
 
 SPEC = {
@@ -113,10 +113,11 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main_cluster(args) -> int:
+    provenance = record.Provenance("cluster")
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-cluster-") as folder:
         rows = run(Path(folder))
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(rows, indent=1))
+        record.write(args.json_path, provenance, rows)
     print()
     print(markdown(rows))
     return 0

@@ -15,24 +15,25 @@ class Table:
     text: str  # what it measures (the CLI's help)
     add: str = "add_arguments"  # its function that adds the table's flags to a parser
     main: str = ""  # its function that runs the table from parsed arguments (default: main_<table>)
+    page: str = "page"  # its function that renders what `--json` wrote as the documentation page's tables
 
 
 TABLES: dict[str, Table] = {
     "healing": Table("methods", "recovery per healing method, sparsity and budget", "add_healing_arguments",
-                     "healing_table"),
+                     "healing_table", "healing_markdown"),
     "pruning": Table("methods", "every pruning method at matched sparsity with the same healing",
-                     "add_pruning_arguments", "pruning_table"),
-    "latency": Table("latency", "dense vs structured vs 2:4 latency on this device"),
+                     "add_pruning_arguments", "pruning_table", "pruning_markdown"),
+    "latency": Table("latency", "dense vs structured vs 2:4 latency on this device", page="markdown"),
     "noise": Table("noise", "latencies quiet and beside busy processes: timed alone (the old way) against paired"
                             " with the dense model"),
     "serve": Table("serve", "registered vs served latency of the demo's and a ResNet's fronts, loaded in fresh"
                             " processes"),
     "data": Table("data", "driver and worker memory, and start-up, of a search on ImageNet-sized data (4 trials at"
-                          " once)"),
+                          " once)", page="markdown"),
     "cluster": Table("cluster", "one small search: embedded vs an mlflow server vs a two-node Ray cluster on"
-                                " loopback"),
+                                " loopback", page="markdown"),
     "faults": Table("faults", "a search where trials fail at random and a worker is killed: nothing lost, records"
-                              " agree"),
+                              " agree", page="text"),
     "families": Table("families", "`autoprune check` over the smallest model of each timm family (--all: of every"
                                   " timm architecture), every method at 50%%"),
     "search": Table("search", "hypervolume against trials per sampler, and a grid, over seeds, on the reference task"
@@ -44,6 +45,11 @@ def _function(table: str, kind: str):
     entry = TABLES[table]
     name = getattr(entry, kind) or f"main_{table}"
     return getattr(importlib.import_module(f"autoprune.bench.{entry.module}"), name)
+
+
+def render(table: str, results) -> str:
+    """What a table's `--json` file holds, as the markdown its documentation page shows."""
+    return _function(table, "page")(results)
 
 
 def add_bench_parser(commands) -> None:

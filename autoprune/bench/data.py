@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from autoprune.argtypes import positive_int
+from autoprune.bench import record
 
 CLASSES = 10
 
@@ -197,11 +198,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_data(args) -> int:
+    provenance = record.Provenance("data")
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-data-") as scratch:
         result = run(Path(args.workdir or scratch).resolve(), images=args.images, trials=args.trials,
                      image_size=args.image_size)
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=1))
+        record.write(args.json_path, provenance, result)
     print()
     print(markdown(result))
     return 0

@@ -13,10 +13,10 @@ checked in its own subprocess (`autoprune.bench.census`).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
+from autoprune.bench import record
 from autoprune.bench.census import CAP_SECONDS
 from autoprune.check import FAILS, WORKS, check_model
 from autoprune.models import ModelSource
@@ -110,6 +110,11 @@ def verdict(rows: list[dict]) -> str:
             f" outputs more than 1e-5 apart: {len(unequal)} (target: 0).")
 
 
+def page(rows: list[dict]) -> str:
+    """The documentation page's table and verdict, from the file `--json` wrote (without --all)."""
+    return markdown(rows) + "\n\n" + verdict(rows)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from autoprune.argtypes import positive_float, positive_int
 
@@ -141,10 +146,11 @@ def main_families(args) -> int:
     for flag in ("only", "retry_failed", "table_only", "list"):
         if getattr(args, flag, None):
             raise AutopruneError(f"bench families: --{flag.replace('_', '-')} goes with --all")
+    provenance = record.Provenance("families")
     chosen = {family: FAMILIES[family] for family in (args.families or FAMILIES)}
     rows = run(chosen, methods=args.methods)
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(rows, indent=1))
+        record.write(args.json_path, provenance, rows)
     print()
     print(markdown(rows))
     print()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from autoprune.argtypes import positive_int
 from autoprune.bench import cluster as bench_cluster
+from autoprune.bench import record
 
 SPEC = {
     "name": "bench-faults",
@@ -180,10 +181,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_faults(args) -> int:
+    provenance = record.Provenance("faults")
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-faults-") as folder:
         report = run(Path(folder), args.trials)
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(report, indent=1))
+        record.write(args.json_path, provenance, report)
     print()
     print(text(report))
     ok = report["lost"] == 0 and report["mlflow_agrees"] and report["registry_agrees"]

@@ -20,17 +20,16 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import re
 import statistics
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from autoprune.argtypes import positive_int
+from autoprune.bench import record
 from autoprune.measure.formats import DENSE, SEMI_STRUCTURED, TORCH_DTYPES, semi_structured_layers
 from autoprune.measure.metrics import count_macs
 from autoprune.measure.timing import profile_latency
@@ -278,6 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_latency(args) -> int:
+    provenance = record.Provenance("latency")
     gpu = args.device.startswith("cuda")
     bench = LatencyBench(models=tuple(args.models), device=args.device,
                          dtype=args.dtype or ("bfloat16" if gpu else "float32"),
@@ -286,7 +286,7 @@ def main_latency(args) -> int:
                          compile=args.compile, rounds=args.rounds, runtimes=tuple(dict.fromkeys(args.runtime)))
     rows = run(bench)
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(rows, indent=1))
+        record.write(args.json_path, provenance, rows)
     print()
     print(markdown(rows))
     efficiencies = [r["efficiency"] for r in rows if r["format"] == "structured"]

@@ -12,7 +12,6 @@ remove less, but physically) compare at matched cost.
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from autoprune import heal, prune
+from autoprune.bench import record
 from autoprune.config import DataSpec, ModelSpec
 from autoprune.data import DataBundle, reference_task
 from autoprune.driver.prepare import dense_weights, model_source
@@ -153,11 +153,12 @@ def healing_markdown(rows: list[dict]) -> str:
 
 def main_healing(*, json_path: str | None, cache_dir: str, seeds: int, quick: bool,
                  models: Sequence[str] = ("vit", "cnn"), data: str = "reference") -> int:
+    provenance = record.Provenance("healing")
     bench = HealingBench(models=tuple(models), seeds=tuple(range(seeds)), data=data)
     if quick:  # a smoke run: one model, one setting
         bench = HealingBench(models=("vit",), sparsities=(0.75,), calibration_fractions=(0.01,), seeds=(0,), steps=20,
                              data=data)
-    return _emit(run_healing(bench, cache_dir=Path(cache_dir)), healing_markdown, json_path)
+    return _emit(run_healing(bench, cache_dir=Path(cache_dir)), healing_markdown, json_path, provenance)
 
 
 # ---- pruning methods at matched sparsity ---------------------------------------------------------------------
@@ -246,16 +247,18 @@ def pruning_markdown(rows: list[dict]) -> str:
 
 def main_pruning(*, json_path: str | None, cache_dir: str, seeds: int, quick: bool,
                  models: Sequence[str] = ("vit", "cnn"), heal_method: str = "distill") -> int:
+    provenance = record.Provenance("pruning")
     bench = PruningBench(models=tuple(models), seeds=tuple(range(seeds)), heal=heal_method)
     if quick:
         bench = PruningBench(models=("vit",), sparsities=(0.5,), seeds=(0,), steps=10, heal=heal_method)
-    return _emit(run_pruning(bench, cache_dir=Path(cache_dir)), pruning_markdown, json_path)
+    return _emit(run_pruning(bench, cache_dir=Path(cache_dir)), pruning_markdown, json_path, provenance)
 
 
-def _emit(rows: list[dict], markdown: Callable[[list[dict]], str], json_path: str | None) -> int:
-    """Every measurement as JSON rows (if asked), then the table."""
+def _emit(rows: list[dict], markdown: Callable[[list[dict]], str], json_path: str | None,
+          provenance: record.Provenance) -> int:
+    """Every measurement as JSON rows (if asked, with the command and machine), then the table."""
     if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=1))
+        record.write(json_path, provenance, rows)
     print()
     print(markdown(rows))
     return 0

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from autoprune.argtypes import non_negative_int, positive_int
+from autoprune.bench import record
 
 SPARSITIES = (0.25, 0.5, 0.75)
 DEMO_VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2,
@@ -223,6 +224,11 @@ def markdown(found: dict, searches: dict | None) -> str:
     return "\n".join(lines)
 
 
+def page(results: dict) -> str:
+    """The documentation page's tables, from the file `--json` wrote."""
+    return markdown(results["structures"], results["searches"])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--busy", type=non_negative_int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="CPU-bound processes beside the loaded measurements (default: one per two cores)")
@@ -234,6 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_noise(args) -> int:
+    provenance = record.Provenance("noise")
     found = run_structures(args.busy)
     searches = None
     if args.searches:
@@ -247,8 +254,8 @@ def main_noise(args) -> int:
             loaded = [run_search(workdir, busy=args.busy, trials=args.trials)]
         searches = {"quiet": quiet, "loaded": loaded, "summary": summarise_searches(quiet, loaded)}
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"structures": found, "searches": searches}, indent=1,
-                                                   default=str))
+        record.write(args.json_path, provenance, json.loads(json.dumps({"structures": found, "searches": searches},
+                                                                     default=str)))
     print()
     print(markdown(found, searches))
     return 0

@@ -19,7 +19,6 @@ Tasks: the demo's (digits) and real Fashion-MNIST through `data.source: torchvis
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 from autoprune.argtypes import non_negative_int, positive_int
-from autoprune.bench import FASHION_HOWTO, demo_spec, fashion_mnist_data, fashion_mnist_present
+from autoprune.bench import FASHION_HOWTO, demo_spec, fashion_mnist_data, fashion_mnist_present, record
 from autoprune.pareto import hypervolume_2d
 
 # task → (what it changes in the demo's spec, the accuracy floor of its hypervolume's reference point)
@@ -106,8 +105,8 @@ def run_arm(task: str, arm: str, seed: int, trials: int, workdir: Path) -> dict:
     started = time.perf_counter()
     outcome = search(spec, workdir=workdir, echo=None, first_points=points)
     rows = []
-    for record in outcome.records:
-        result = record.result
+    for trial in outcome.records:
+        result = trial.result
         if result is None:
             rows.append({"failed": True})
             continue
@@ -199,6 +198,11 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def page(runs: list[dict]) -> str:
+    """The documentation page's tables, from the file `--json` keeps."""
+    return markdown(summarise(runs))
+
+
 def run(path: Path, *, tasks: list[str], arms: list[str], seeds: int, workdir: Path, trials: int = TRIALS,
         random_trials: int = RANDOM_TRIALS, busy: int = 0, echo=print) -> list[dict]:
     """Every (task, arm, seed) missing from the JSON file at `path`, added to it as each finishes; with `busy`,
@@ -209,7 +213,8 @@ def run(path: Path, *, tasks: list[str], arms: list[str], seeds: int, workdir: P
 
     from autoprune.testing.load import busy_processes
 
-    runs = json.loads(path.read_text()) if path.exists() else []
+    provenance = record.Provenance("search")
+    earlier, runs = record.read(path) if path.exists() else (None, [])
     done = {(run["task"], run["arm"], run["seed"]) for run in runs}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)  # a line per search about Tune's files is noise here
@@ -223,7 +228,7 @@ def run(path: Path, *, tasks: list[str], arms: list[str], seeds: int, workdir: P
                         run_ = run_arm(task, arm, seed, random_trials if arm == "random" else trials, workdir / task)
                     run_["busy"] = busy
                     runs.append(run_)
-                    path.write_text(json.dumps(runs, indent=1))
+                    record.write(path, provenance, runs, earlier=earlier)
                     hv = hypervolume(run_["trials"], (TASKS[task][1], run_["dense_latency_ms"]))
                     echo(f"bench search: {task} {arm} seed {seed}: {len(run_['trials'])} trials in"
                          f" {run_['wall_s']:.0f} s, hypervolume {hv:.4f}")

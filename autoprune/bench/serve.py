@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from autoprune.argtypes import positive_int
-from autoprune.bench import demo_spec
+from autoprune.bench import demo_spec, record
 
 CNN_SPEC = {
     "name": "bench-serve-cnn",
@@ -141,6 +141,11 @@ def verdict(rows: list[dict]) -> str:
             f" ({rows[0]['device']}, batch {rows[0]['batch_size']}, {rows[0]['threads']} thread(s))")
 
 
+def page(rows: list[dict]) -> str:
+    """The documentation page's table and verdict, from the file `--json` wrote."""
+    return markdown(rows) + "\n\n" + verdict(rows)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", help="also write every row as JSON here")
     parser.add_argument("--trials", type=positive_int, help="override each search's trials (demo: 12, resnet: 8)")
@@ -148,10 +153,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_serve(args) -> int:
+    provenance = record.Provenance("serve")
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-serve-") as scratch:
         rows = run(Path(args.workdir or scratch).resolve(), trials=args.trials)
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(rows, indent=1))
+        record.write(args.json_path, provenance, rows)
     print()
     print(markdown(rows))
     print()
