@@ -68,8 +68,9 @@ def population_markdown(records: dict[str, dict], runs: list[dict]) -> str:
     columns = fixed[:5] + extra + fixed[5:]
     last = runs[-1] if runs else {}
     sparsity = last.get("sparsity", SPARSITY)
-    lines = [f"{len(checked)} timm architectures checked (the smallest model of each; random weights, CPU, every"
-             f" method at {sparsity:.0%}, N:M at its own), {len(skipped)} skipped"
+    asked = "every method" if len(methods) > 1 else methods[0] if methods else "no method"
+    lines = [f"{len(checked)} timm architectures checked (the smallest model of each; random weights, CPU, {asked}"
+             f" at {sparsity:.0%}{', N:M at its own' if 'nm' in methods else ''}), {len(skipped)} skipped"
              + (f", of {last['population']} in timm {last['timm']}" if last else "") + ".", "",
              "| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for method in methods:
