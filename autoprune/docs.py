@@ -177,6 +177,9 @@ def measured_block(json_path: Path) -> str:
     """A bench file as a page shows it: where it comes from, then its tables."""
     from autoprune.bench import commands, record
 
+    if not json_path.exists():
+        raise FileNotFoundError(f"{json_path} is not there, and a page's generated block names it: measure it with"
+                                f" the bench's --json, beside the page")
     if json_path.suffix == ".jsonl":  # the census: JSON Lines, a record per architecture and one per run
         from autoprune.bench.census import read_records
         from autoprune.bench.census_tables import population_markdown, runs_text

@@ -223,6 +223,9 @@ def _range(row: dict) -> str:
     return f"{low:.2f}–{high:.2f}"
 
 
+_ONNX_DIFFERENCE = re.compile(r",? ?outputs within ([0-9.e+-]+) of PyTorch's")
+
+
 def markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -244,7 +247,12 @@ def markdown(rows: list[dict]) -> str:
                    f" {r['pruned_ms']:.2f} | {r['speedup']:.2f}× ({_range(r)}) | {r['efficiency']:.2f} |"
                    f" {r['spread']:.1%} |")
     # which memory format won is in the format column; the notes keep what the reader must know
-    notes = sorted({note for r in rows if (note := _LAYOUT_NOTE.sub("", r["note"]).strip("; "))})
+    notes = {note for r in rows if (note := _LAYOUT_NOTE.sub("", r["note"]).strip("; "))}
+    # each exported model's note names its own largest difference from PyTorch: one line gives the largest of all
+    differences = [float(m.group(1)) for note in notes if (m := _ONNX_DIFFERENCE.search(note))]
+    notes = sorted({_ONNX_DIFFERENCE.sub("", note).strip("; ,") for note in notes})
+    if differences:
+        notes.append(f"ONNX Runtime's outputs are within {max(differences):.1e} of PyTorch's on every model")
     if notes:
         out.append("")
         out.extend(f"Note: {note}." for note in notes)

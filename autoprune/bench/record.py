@@ -131,7 +131,7 @@ def describe(provenance: dict | None, *, rows_file: str) -> str:
     memory = f", {box['memory_gib']:g} GiB" if box.get("memory_gib") else ""
     versions = ", ".join(f"{name} {box[name]}" for name in ("torch", "timm", "onnxruntime") if box.get(name))
     load = provenance.get("load_average") or [None, None]
-    load_text = (f"; load average {load[0]:g} at the start, {load[1]:g} at the end ({box['cpus']} CPUs)"
+    load_text = (f"; load average {load[0]:g} at the start, {load[1]:g} at the end"
                  if None not in load else "")
     return (f"Measured with `{provenance['command']}` on {provenance['date'][:10]}, code {provenance['code']}: "
             f"{box['cpus']} CPUs ({box['cpu']}){memory}, {device}; {versions}; wall time "
