@@ -173,8 +173,9 @@ def pages() -> dict[str, str]:
 BLOCK = re.compile(r"(<!-- generated from (?P<file>[^ ]+) -->\n)(?P<body>.*?)(<!-- end of generated block -->)", re.S)
 
 
-def measured_block(json_path: Path) -> str:
-    """A bench file as a page shows it: where it comes from, then its tables."""
+def measured_block(json_path: Path, link: str) -> str:
+    """A bench file as a page shows it: where it comes from (`link`: the file, relative to the page), then its
+    tables."""
     from autoprune.bench import commands, record
 
     if not json_path.exists():
@@ -185,16 +186,16 @@ def measured_block(json_path: Path) -> str:
         from autoprune.bench.census_tables import population_markdown, runs_text
 
         records, runs = read_records(json_path)
-        return f"{runs_text(runs, rows_file=json_path.name)}\n\n{population_markdown(records, runs)}\n"
+        return f"{runs_text(runs, rows_file=link)}\n\n{population_markdown(records, runs)}\n"
     provenance, results = record.read(json_path)
     if provenance is None:
         raise ValueError(f"{json_path} records no command or machine: measure it again with the bench's --json")
-    return f"{record.describe(provenance, rows_file=json_path.name)}\n\n{commands.render(provenance['bench'], results)}\n"
+    return f"{record.describe(provenance, rows_file=link)}\n\n{commands.render(provenance['bench'], results)}\n"
 
 
 def with_measurements(page: Path) -> str:
     """A page's text with each generated block rendered again from the JSON file it names (beside the page)."""
-    return BLOCK.sub(lambda m: m.group(1) + measured_block(page.parent / m.group("file")) + m.group(4),
+    return BLOCK.sub(lambda m: m.group(1) + measured_block(page.parent / m.group("file"), m.group("file")) + m.group(4),
                      page.read_text())
 
 

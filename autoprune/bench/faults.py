@@ -142,11 +142,16 @@ def _worker_memory(tune_trials) -> list[dict]:
         points.sort()
         rss = [mb for _, mb, _ in points]
         later = rss[len(rss) // 2:]
-        trend = statistics.linear_regression(range(len(later)), later).slope if len(later) >= 3 else float("nan")
+        trend = statistics.linear_regression(range(len(later)), later).slope if len(later) >= 3 else None
         rows.append({"pid": pid, "trials": len(rss), "first_mb": rss[0], "second_mb": rss[min(1, len(rss) - 1)],
                      "last_mb": rss[-1], "later_trend_mb_per_trial": trend,
                      "cuda_allocated_last_mb": points[-1][2]})  # None without a GPU: what earlier trials left
     return sorted(rows, key=lambda row: -row["trials"])
+
+
+def _trend(mb_per_trial) -> str:
+    """A worker with too few trials for a trend has none (None, or NaN in a file written before)."""
+    return "—" if mb_per_trial is None or mb_per_trial != mb_per_trial else f"{mb_per_trial:+.1f}"
 
 
 def text(report: dict) -> str:
@@ -167,7 +172,7 @@ def text(report: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {i + 1} | {w['trials']} | {w['first_mb']:.0f} | {w['second_mb']:.0f} | {w['last_mb']:.0f}"
-              f" | {w['later_trend_mb_per_trial']:+.1f} |" for i, w in enumerate(report["workers"])]
+              f" | {_trend(w['later_trend_mb_per_trial'])} |" for i, w in enumerate(report["workers"])]
     cuda = [w["cuda_allocated_last_mb"] for w in report["workers"] if w["cuda_allocated_last_mb"] is not None]
     if cuda:
         lines += ["", "GPU memory still allocated when each worker's last trial started: "

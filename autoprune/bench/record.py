@@ -122,10 +122,8 @@ def read(path: str | Path) -> tuple[dict | None, object]:
     return None, document
 
 
-def describe(provenance: dict | None, *, rows_file: str) -> str:
+def describe(provenance: dict, *, rows_file: str) -> str:
     """One paragraph for a page: the command, the machine, the date, the code, the wall time and the load."""
-    if not provenance:
-        return f"The rows are in [{rows_file}]({rows_file}) (written before files recorded their command and machine)."
     box = provenance["machine"]
     device = box["gpu"] or "no GPU"
     memory = f", {box['memory_gib']:g} GiB" if box.get("memory_gib") else ""
