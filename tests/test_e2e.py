@@ -93,6 +93,20 @@ def test_masked_trials_reuse_the_dense_measurement(outcome):
     assert outcome.accounting["latency_reused"] >= len(masked)
 
 
+def test_the_demo_bench_reads_a_finished_search(outcome):
+    """`bench demo`'s row and table, from a real search: the accounting, the stops, the front fastest first."""
+    from autoprune.bench import demo
+
+    row = demo.summarise(outcome, 0)
+    assert row["trials"] == len(outcome.records) and row["failed"] == len(outcome.failed)
+    assert row["wall_s"] == outcome.wall_seconds > row["setup_s"] > 0 and 0 < row["work_share"] <= 1
+    assert [model["latency_ms"] for model in row["front"]] == sorted(model["latency_ms"] for model in row["front"])
+    assert len(row["front"]) == len(outcome.front) >= 1
+    text = demo.markdown([row, {**row, "run": 2, "dense_cached": True}])
+    assert f"| 1 | trained | {row['wall_s']:.0f} |" in text and "| 2 | cached |" in text
+    assert "0% apart" in text  # the same dense latency twice
+
+
 def test_the_parent_run_holds_spec_table_and_plots(outcome, tracker):
     names = {item.path for item in tracker.client.list_artifacts(outcome.parent_run_id)}
     assert {"spec.json", "trials.json", "pareto.png", "pareto.html"} <= names

@@ -19,6 +19,8 @@ class Table:
 
 
 TABLES: dict[str, Table] = {
+    "demo": Table("demo", "the embedded demo's search in a fresh work directory, then again: where its time goes,"
+                          " what it timed and stopped, the front"),
     "healing": Table("methods", "recovery per healing method, sparsity and budget", "add_healing_arguments",
                      "healing_table", "healing_markdown"),
     "pruning": Table("methods", "every pruning method at matched sparsity with the same healing",
