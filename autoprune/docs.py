@@ -199,10 +199,19 @@ def with_measurements(page: Path) -> str:
                      page.read_text())
 
 
-def measured_pages(root: Path) -> dict[Path, str]:
-    """Every page of the site that has a generated block, as it should read."""
-    return {page: with_measurements(page) for page in sorted((root / "docs").rglob("*.md"))
-            if BLOCK.search(page.read_text())}
+def measured_pages(root: Path, missing: list[str] | None = None) -> dict[Path, str]:
+    """Every page of the site that has a generated block, as it should read. With `missing`, a page whose block
+    names a file that is not there is left out and its reason appended (else it raises)."""
+    pages = {}
+    for page in sorted((root / "docs").rglob("*.md")):
+        if BLOCK.search(page.read_text()):
+            try:
+                pages[page] = with_measurements(page)
+            except FileNotFoundError as error:
+                if missing is None:
+                    raise
+                missing.append(f"{page}: {error}")
+    return pages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,11 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in pages().items():
         (folder / name).write_text(text)
         print(folder / name)
-    for page, text in measured_pages(root).items():
+    missing: list[str] = []
+    for page, text in measured_pages(root, missing).items():
         if page.read_text() != text:
             page.write_text(text)
             print(page)
-    return 0
+    for line in missing:
+        print(f"not generated: {line}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":
