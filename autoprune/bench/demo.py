@@ -65,7 +65,8 @@ def _model_text(model: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     first = rows[0]
     dense = first["dense"]
-    lines = [f"Dense model: top-1 on {dense['eval_images']} held-out images; latency per batch of"
+    held_out = f"{dense['eval_images']} held-out images" if dense["eval_images"] else "the held-out images"
+    lines = [f"Dense model: top-1 on {held_out}; latency per batch of"
              f" {dense['batch_size']}, {dense['dtype']}, {dense['device']}, in each search's final pass (the"
              f" registered numbers). Sampler: `{first['sampler']}`. A front model reads: method + healing (share of"
              " the prunable weights removed) top-1 @ latency (speedup against the dense model, 95% interval).", "",
