@@ -3,6 +3,7 @@ and the one line per architecture printed as a run goes."""
 
 from __future__ import annotations
 
+from autoprune.bench.record import duration
 from autoprune.check import FAILS, REFUSES, WORKS
 
 SPARSITY = 0.5  # what every method that takes a sparsity is asked for
@@ -136,13 +137,6 @@ def runs_text(runs: list[dict], *, rows_file: str) -> str:
     versions = f"timm {last.get('timm')}, torch {last.get('torch')}" if last else ""
     return (f"Measured by {'; then '.join(parts) or 'no run'}, on {machine}; {versions}. A later run replaces the"
             f" rows of the architectures it checks. Every row is in [{rows_file}]({rows_file}).")
-
-
-def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def list_population(only: list[str] | None = None, echo=print) -> None:

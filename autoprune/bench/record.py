@@ -133,9 +133,12 @@ def describe(provenance: dict, *, rows_file: str) -> str:
                  if None not in load else "")
     return (f"Measured with `{provenance['command']}` on {provenance['date'][:10]}, code {provenance['code']}: "
             f"{box['cpus']} CPUs ({box['cpu']}){memory}, {device}; {versions}; wall time "
-            f"{_duration(provenance['wall_s'])}{load_text}. Every row is in [{rows_file}]({rows_file}).")
+            f"{duration(provenance['wall_s'])}{load_text}. Every row is in [{rows_file}]({rows_file}).")
 
 
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+def duration(seconds: float) -> str:
+    """A wall time as a page writes it: `50 s`, `5 min 32 s`, `1 h 05 min`."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
