@@ -20,6 +20,9 @@ AUTOCAST = ("auto", "off", "bfloat16", "float16")  # heal_runtime.autocast
 RUNTIMES = ("torch", "onnxruntime")  # profile.runtime: what a model is timed, scored and served in
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")  # auto: CNNs are timed both ways, the faster is kept
 LATENCY_METRICS = ("latency_ms", "latency_p90_ms", "macs", "params")  # what the cost objective may be
+# space.heal.budget: fixed, the healing budget is the search's fidelity (every trial heals the full budget, or stops
+# at a rung of search.halving); searched, the sampler draws it like any other dimension (autoprune < 0.2)
+HEAL_BUDGETS = ("fixed", "searched")
 
 
 # ---- search dimensions -------------------------------------------------------------------------------------
@@ -50,6 +53,13 @@ class Range:
 
 
 Dimension = Union[Fixed, Choice, Range]
+
+
+def largest(dimension: Dimension) -> Any:
+    """The most a dimension may be: its value, its largest choice, or its range's upper end."""
+    if isinstance(dimension, Fixed):
+        return dimension.value
+    return max(dimension.values) if isinstance(dimension, Choice) else dimension.high
 
 
 # ---- the spec ----------------------------------------------------------------------------------------------
@@ -116,11 +126,13 @@ class ProfileSpec:
 
 @dataclass(frozen=True)
 class Halving:
-    """`search.halving`: successive halving on two objectives (autoprune/halving.py). A trial that trains heals
-    first with these fractions of its steps, and goes on only while it is among the best 1/`eta` of the results
-    at that rung by non-dominated front (a faster trial beats it when more accurate by more than `margin`)."""
+    """`search.halving`: successive halving on two objectives (autoprune/halving.py). A trial that trains is
+    judged at each rung — these fractions of the full healing budget (`space.heal.steps`), the same steps for
+    every trial; 0 is the pruned model before any training (BatchNorm statistics re-estimated) — and its heal goes
+    on from there only while it is among the best 1/`eta` of the results at that rung by non-dominated front (a
+    faster trial beats it when more accurate by more than `margin`)."""
 
-    rungs: tuple[float, ...] = (1 / 9, 1 / 3)  # fractions of a trial's healing steps at which it is judged
+    rungs: tuple[float, ...] = (1 / 9, 1 / 3)  # fractions of the full healing budget at which a trial is judged
     margin: float = 0.01  # top-1, 0–1
     eta: int = 3  # about one in eta goes on at each rung
 
@@ -193,10 +205,14 @@ class HealSpace:
     methods: tuple[str, ...]  # the healing methods searched over
     # images drawn from the training split for pruning statistics and healing
     calibration_images: Dimension = field(default_factory=lambda: Fixed(256))
-    steps: Dimension = field(default_factory=lambda: Fixed(100))  # optimiser steps of healing
-    lr: Dimension = field(default_factory=lambda: Fixed(1e-3))  # healing's peak learning rate (AdamW, then cosine)
+    steps: Dimension = field(default_factory=lambda: Fixed(100))  # optimiser steps of healing: the full budget
+    # healing's peak learning rate (AdamW; warm-up, stable, then decay over the last fifth of the steps)
+    lr: Dimension = field(default_factory=lambda: Fixed(1e-3))
     batch_size: int = 32  # healing's mini-batch (halved once if it runs out of memory)
     options: Mapping[str, Mapping[str, Dimension]] = field(default_factory=dict)  # method → option → dimension
+    # fixed: steps and calibration_images are one value each, the budget every trial heals with (more healing
+    # never costs accuracy, so it is a fidelity, not a design choice); searched: ranges the sampler draws from
+    budget: str = "fixed"
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,20 @@
 """Successive halving on two objectives: a trial heals in rungs and goes on only while it is near the front.
 
 Ray Tune's schedulers and Optuna's pruners rank trials by one number; a pruning search has two (accuracy and
-latency), and its latency is known before healing starts. So a trial whose healing trains is first healed with a
-fraction of its steps (the rungs: 1/9, then 1/3 of them, by default), evaluated, and judged against every result
-seen at that rung so far, in the way of multi-objective successive halving (MO-ASHA, Schmucker et al. 2021): the
-results are ranked as NSGA-II ranks a population — fronts of (accuracy at the rung, latency), a point beaten when
-one at least as fast is more accurate by more than `margin`, then crowding distance within a front — and the
-trial goes on if it is among the best 1/`eta` of them. Each rung heals a copy of the pruned model afresh, with its own
-schedule over its steps, so that a rung's accuracy is that of the same trial with a smaller budget, and a trial
-promoted to the end is exactly the trial that would have run without rungs. Judging is asynchronous (as ASHA's):
-the first trials at a rung have little to be judged against and go on.
+latency), and its latency is known before healing starts. So a trial whose healing trains is judged at rungs —
+fractions of the search's full healing budget, the same steps for every trial (1/9 and 1/3 of it by default; 0 is
+the pruned model before any training) — against every result seen at that rung so far, in the way of
+multi-objective successive halving (MO-ASHA, Schmucker et al. 2021): the results are ranked as NSGA-II ranks a
+population — fronts of (accuracy at the rung, latency), a point beaten when one at least as fast is more accurate
+by more than `margin`, then crowding distance within a front — and the trial goes on if it is among the best
+1/`eta` of them.
+
+A rung does not restart the heal: the trial's heal runs on a warm-up–stable–decay schedule, a rung's accuracy is
+measured on a branch decayed briefly from the rung's weights (`rung_decay` steps, then put back), and a promoted
+trial continues from the rung with its optimiser state. A trial healed through every rung costs its full budget
+plus the rungs' short decays (about 1.04 times it at the default rungs), not a heal per rung; and it ends exactly
+as it would have without rungs. Judging is asynchronous (as ASHA's): the first trials at a rung have little to be
+judged against and go on.
 
 The judge is one small Ray actor in a search (`SharedRungJudge`), a plain object without Ray (`LocalRungJudge`).
 A judge that is gone never stops a trial.
@@ -26,19 +31,27 @@ from autoprune.config import Halving
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 60
-MIN_RUNG_STEPS = 2  # a rung of fewer steps than this says nothing about the trial
+MIN_RUNG_STEPS = 2  # a rung of fewer steps than this (other than the zero-shot rung) says nothing about the trial
+RUNG_DECAY = 0.1  # a rung's evaluation branch decays the learning rate over this fraction of the rung's steps
 
 
-def rungs_of(steps: int, fractions: Sequence[float]) -> list[tuple[float, int]]:
-    """(fraction, healing steps) of each rung a trial of `steps` steps passes through before its full healing.
-    A rung shorter than MIN_RUNG_STEPS, or not shorter than the full healing, or no longer than the rung before
-    it, is left out."""
+def rungs_of(budget: int, fractions: Sequence[float], *, trial_steps: int | None = None) -> list[tuple[float, int]]:
+    """(fraction, healing steps) of each rung a trial passes through before its full healing: each fraction of the
+    full `budget`, rounded. A rung of 1 to MIN_RUNG_STEPS − 1 steps, or not shorter than the trial's own healing
+    (`trial_steps`, by default the budget), or no longer than the rung before it, is left out; a rung at 0 is the
+    pruned model before training."""
+    trial_steps = budget if trial_steps is None else trial_steps
     rungs: list[tuple[float, int]] = []
     for fraction in sorted(fractions):
-        count = round(steps * fraction)
-        if MIN_RUNG_STEPS <= count < steps and (not rungs or count > rungs[-1][1]):
+        count = round(budget * fraction)
+        if (fraction == 0 or MIN_RUNG_STEPS <= count) and count < trial_steps and (not rungs or count > rungs[-1][1]):
             rungs.append((fraction, count))
     return rungs
+
+
+def rung_decay(steps: int) -> int:
+    """The optimiser steps of a rung's evaluation branch, at `steps` healing steps: RUNG_DECAY of them, at least 1."""
+    return max(1, round(RUNG_DECAY * steps))
 
 
 def outdone(accuracy: float, latency_ms: float, others: Sequence[tuple[float, float]], margin: float) -> bool:
@@ -87,11 +100,11 @@ class RungJudge(Protocol):
     halving: Halving
 
     def promote(self, fraction: float, accuracy: float, latency_ms: float) -> bool:
-        """Record a trial's result at the rung of this fraction of its steps; whether it goes on healing."""
+        """Record a trial's result at the rung of this fraction of the full budget; whether it goes on healing."""
 
 
 class LocalRungJudge:
-    """The results seen at each rung (keyed by the rung's fraction of the steps), within one process."""
+    """The results seen at each rung (keyed by the rung's fraction of the budget), within one process."""
 
     def __init__(self, halving: Halving) -> None:
         self.halving = halving

@@ -39,6 +39,9 @@ class TrialResult:
     # the float32 model's, as trained (None where it was not evaluated)
     accuracy_fp32: float | None = None
     heal_note: str = ""  # what healing had to change (an out-of-memory error retried at half the batch)
+    # The optimiser steps healing took, its rungs' evaluation branches included (None: a result saved before it
+    # was counted, when every rung healed afresh)
+    steps_spent: int | None = None
 
     @property
     def feasible(self) -> bool:
@@ -46,7 +49,10 @@ class TrialResult:
 
     @property
     def healing_steps(self) -> int:
-        """The optimiser steps this trial spent healing: its rungs', and its full budget's if it got there."""
+        """The optimiser steps this trial spent healing: up to the rung it stopped at or to its full budget, and the
+        short decays its rungs were evaluated on (a result from before rungs continued: every rung's heal)."""
+        if self.steps_spent is not None:
+            return self.steps_spent
         return sum(steps for steps, _ in self.rungs) + (self.config.heal.steps if self.feasible else 0)
 
     @property
@@ -78,6 +84,7 @@ class TrialResult:
             "searched_latency_ms": self.searched_latency_ms,
             "accuracy_fp32": self.accuracy_fp32,
             "heal_note": self.heal_note,
+            "steps_spent": self.steps_spent,
         }
 
     @classmethod
@@ -99,6 +106,7 @@ class TrialResult:
             searched_latency_ms=raw.get("searched_latency_ms"),
             accuracy_fp32=raw.get("accuracy_fp32"),
             heal_note=str(raw.get("heal_note", "")),
+            steps_spent=raw.get("steps_spent"),
         )
 
     def latency_entries(self) -> dict[str, LatencyProfile]:

@@ -19,14 +19,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
 from autoprune import heal, prune
 from autoprune.config import HealingEngine, ProfileSpec, PruneConfig, TrialConfig
 from autoprune.data import DataBundle
-from autoprune.halving import RungJudge, rungs_of
+from autoprune.halving import RungJudge, rung_decay, rungs_of
+from autoprune.heal.recalibrate import reestimate_batchnorm
 from autoprune.measure.cache import LatencyCache
 from autoprune.measure.formats import ExecutionRecipe
 from autoprune.measure.latency import Latencies, measure_latency
@@ -45,6 +46,7 @@ from autoprune.models import POOLED_GROUP, LayerGroup, ModelSource, layer_groups
 from autoprune.prune.spectral import spectral_allocation
 from autoprune.result import TrialResult
 from autoprune.saved import save_model
+from autoprune.train import TrainingRun
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class TrialContext:
     # A trial confidently not faster than the dense model stops after profiling: it cannot join the front.
     stop_unless_faster: bool = False
     judge: RungJudge | None = None  # successive halving (halving.py); None: every trial heals its whole budget
+    heal_budget: int | None = None  # the full healing budget the rungs are fractions of (None: the trial's steps)
 
     def dense_model(self) -> torch.nn.Module:
         model = self.source.create(pretrained=False)
@@ -129,63 +132,68 @@ def run_trial(
             latency = profile()
 
     heal_notes: list[str] = []
+    stopped = "" if latency is None else _stop_reason(latency.objective, context, config.prune.method)
+    # Successive halving judges a trial whose heal can stop part-way and go on; a gradual method's structure is
+    # final only once it has healed, so it is never judged on the way
+    local = context.healing_engine is None or context.healing_engine.engine == "local"
+    judge = context.judge if healing.continues and local and latency is not None else None
 
-    def heal_for(target: torch.nn.Module, steps: int) -> None:
-        """Heal `target`; out of memory, once more from where it started at half the batch (and say so)."""
-        batch_size = config.heal.batch_size
-        before = {key: value.detach().to("cpu", copy=True) for key, value in target.state_dict().items()}
+    def request(batch_size: int) -> heal.HealRequest:
+        return heal.HealRequest(calibration=calibration, data=data, steps=config.heal.steps, lr=config.heal.lr,
+                                batch_size=batch_size, masks=masks, teacher=dense,
+                                options={**healing.options, **config.heal.options}, seed=config.seed, device=device,
+                                engine=context.healing_engine)
+
+    def evaluate(target: torch.nn.Module) -> float:
+        with stage("evaluate"):
+            return accuracy(target, data.eval, data, device=device)
+
+    def heal_at(batch_size: int) -> tuple[list[tuple[int, float]], str, int]:
+        """(rungs, why it stopped, optimiser steps spent): heal `model` to its full budget in one go, or through
+        the rungs of successive halving, continuing from each rung."""
+        if judge is None:
+            with stage("heal"):
+                healing.apply(model, request(batch_size))
+            return [], "", config.heal.steps if healing.trains else 0
+        run = heal.start(healing, model, request(batch_size))
         try:
-            heal_with(target, steps, batch_size)
-        except torch.OutOfMemoryError:
-            if batch_size < 2:
-                raise
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # what the failed run held
-            target.load_state_dict(before)
-            heal_notes.append(f"healing ran out of memory at batch {batch_size}: healed at batch {batch_size // 2}")
-            heal_with(target, steps, batch_size // 2)
-
-    def heal_with(target: torch.nn.Module, steps: int, batch_size: int) -> None:
-        healing.apply(
-            target,
-            heal.HealRequest(
-                calibration=calibration,
-                data=data,
-                steps=steps,
-                lr=config.heal.lr,
-                batch_size=batch_size,
-                masks=masks,
-                teacher=dense,
-                options={**healing.options, **config.heal.options},
-                seed=config.seed,
-                device=device,
-                engine=context.healing_engine,
-            ),
-        )
-        masks.finish(target)  # a gradual method ends at its final sparsity (fixed masks: re-applied)
+            with stage("heal"):
+                rungs, why = _heal_in_rungs(run, judge, context.heal_budget or config.heal.steps,
+                                            latency.objective.median_ms, evaluate=evaluate,
+                                            zero_shot=lambda: _zero_shot(model, data, calibration, batch_size, device,
+                                                                         evaluate))
+                if not why:
+                    run.advance(config.heal.steps)
+        finally:
+            run.close()
+        return rungs, why, run.spent
 
     top1 = top1_trained = None
     rungs: list[tuple[int, float]] = []
-    stopped = "" if latency is None else _stop_reason(latency.objective, context, config.prune.method)
-    judge = context.judge if healing.trains and latency is not None else None  # a gradual method: no rungs
-    if judge is not None and not stopped:
-
-        def healed_copy_accuracy(steps: int) -> float:
-            rung_model = copy.deepcopy(model)  # afresh, with its own schedule: this trial at a smaller budget
-            with stage("heal"):
-                heal_for(rung_model, steps)
-            with stage("evaluate"):
-                return accuracy(rung_model, data.eval, data, device=device)
-
-        rungs, stopped = _heal_in_rungs(healed_copy_accuracy, judge, config.heal.steps, latency.objective.median_ms)
+    steps_spent = 0
     if not stopped:
-        with stage("heal"):
-            heal_for(model, config.heal.steps)
+        batch_size = config.heal.batch_size
+        before = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+        try:
+            rungs, stopped, steps_spent = heal_at(batch_size)
+            out_of_memory = False
+        except torch.OutOfMemoryError:
+            if batch_size < 2:
+                raise
+            out_of_memory = True
+        if out_of_memory:  # outside `except`: its traceback held the failed step's activations and optimiser state
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            model.load_state_dict(before)
+            heal_notes.append(f"healing ran out of memory at batch {batch_size}: healed at batch {batch_size // 2}")
+            rungs, stopped, steps_spent = heal_at(batch_size // 2)
+        masks.finish(model)  # a gradual method ends at its final sparsity (fixed masks: re-applied)
+    if not stopped:
         if latency is None:
             with stage("profile"):
                 latency = profile()
+        top1_trained = evaluate(model)
         with stage("evaluate"):
-            top1_trained = accuracy(model, data.eval, data, device=device)
             top1 = _served_accuracy(model, latency.objective, data, device, top1_trained)
 
     with stage("count"):
@@ -200,7 +208,8 @@ def run_trial(
 
     return TrialResult(config, top1, latency.objective, macs, params, sparsity, timings, accuracy_fp32=top1_trained,
                        latency_cached=latency.cached, extra_latency=latency.extra, latency_keys=latency.keys,
-                       stopped=stopped, rungs=tuple(rungs), heal_note="; ".join(dict.fromkeys(heal_notes)))
+                       stopped=stopped, rungs=tuple(rungs), heal_note="; ".join(dict.fromkeys(heal_notes)),
+                       steps_spent=steps_spent)
 
 
 def _served_accuracy(model: torch.nn.Module, latency: LatencyProfile, data: DataBundle, device: torch.device,
@@ -215,17 +224,37 @@ def _served_accuracy(model: torch.nn.Module, latency: LatencyProfile, data: Data
     return served_accuracy(prepared, data.eval, data)
 
 
-def _heal_in_rungs(healed_copy_accuracy, judge: RungJudge, steps: int,
-                   latency_ms: float) -> tuple[list[tuple[int, float]], str]:
-    """Successive halving (halving.py): the trial's accuracy at each rung, and why it stopped ('' if promoted to its
-    whole budget)."""
+def _heal_in_rungs(run: TrainingRun, judge: RungJudge, budget: int, latency_ms: float, *,
+                   evaluate: Callable[[torch.nn.Module], float],
+                   zero_shot: Callable[[], float]) -> tuple[list[tuple[int, float]], str]:
+    """Successive halving (halving.py): the heal advances to each rung (a fraction of the full `budget`, the same
+    steps for every trial), is evaluated on a branch decayed briefly from there (`TrainingRun.branch`), and goes
+    on from the rung's weights and optimiser state while the judge promotes it. The rung at 0 steps is the pruned
+    model before training (`zero_shot`). Returns the trial's accuracy at each rung and why it stopped ('' if
+    promoted through every rung)."""
     rungs: list[tuple[int, float]] = []
-    for fraction, rung_steps in rungs_of(steps, judge.halving.rungs):
-        rungs.append((rung_steps, healed_copy_accuracy(rung_steps)))
-        if not judge.promote(fraction, rungs[-1][1], latency_ms):
-            return rungs, (f"outdone after {rung_steps} of {steps} healing steps (top-1 {rungs[-1][1]:.4f}): not among"
-                           f" the best 1/{judge.halving.eta} of the trials at that rung")
+    for fraction, rung_steps in rungs_of(budget, judge.halving.rungs, trial_steps=run.steps):
+        if rung_steps == 0:
+            top1 = zero_shot()
+        else:
+            run.advance(rung_steps)
+            top1 = run.branch(rung_decay(rung_steps), evaluate)
+        rungs.append((rung_steps, top1))
+        if not judge.promote(fraction, top1, latency_ms):
+            at = "before healing" if rung_steps == 0 else f"after {rung_steps} of {run.steps} healing steps"
+            return rungs, (f"outdone {at} (top-1 {top1:.4f}): not among the best 1/{judge.halving.eta} of the trials"
+                           " at that rung")
     return rungs, ""
+
+
+def _zero_shot(model: torch.nn.Module, data: DataBundle, calibration, batch_size: int, device: torch.device,
+               evaluate: Callable[[torch.nn.Module], float]) -> float:
+    """The pruned model's accuracy before any training, with what costs none: BatchNorm statistics re-estimated on
+    the calibration images (a pruned CNN's are stale, which alone can put it at chance). On a copy."""
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        reestimate_batchnorm(probe, data.batches(calibration, device), batch_size)
+    return evaluate(probe)
 
 
 def _stop_reason(latency: LatencyProfile, context: TrialContext, method: str) -> str:

@@ -11,20 +11,28 @@ from conftest import TINY_RESNET, TINY_VIT
 
 from autoprune.config import Halving, HealConfig, ProfileSpec, PruneConfig, TrialConfig
 from autoprune.errors import SpecError
-from autoprune.halving import LocalRungJudge, among_the_best, outdone, rungs_of
+from autoprune.halving import LocalRungJudge, among_the_best, outdone, rung_decay, rungs_of
 from autoprune.models import POOLED_GROUP
 from autoprune.space.load import parse_spec
-from autoprune.tracking.schema import report, result_from_report, trial_metrics
+from autoprune.tracking.schema import STOPPED_AT_RUNG, report, result_from_report, trial_metrics
 from autoprune.trial import TrialContext, run_trial
 
 
-def test_rungs_are_fractions_of_each_trials_own_steps():
+def test_rungs_are_fractions_of_the_full_budget_shared_by_every_trial():
     ninth, third = Halving().rungs
     assert rungs_of(120, (ninth, third)) == [(ninth, 13), (third, 40)]
-    assert rungs_of(20, (ninth, third)) == [(ninth, 2), (third, 7)]
+    assert rungs_of(120, (0.0, ninth, third)) == [(0.0, 0), (ninth, 13), (third, 40)]  # 0: before any training
+    assert rungs_of(120, (ninth, third), trial_steps=30) == [(ninth, 13)]  # a searched budget's shorter trial
     assert rungs_of(9, (ninth, third)) == [(third, 3)]  # one step says nothing: that rung is left out
     assert rungs_of(3, (ninth, third)) == []
     assert rungs_of(10, (0.5, 0.52, 0.99)) == [(0.5, 5)]  # no rung as long as the one before, or as the whole
+    assert [rung_decay(steps) for steps in (1, 13, 40, 400)] == [1, 1, 4, 40]
+
+
+def test_a_trial_healed_through_the_default_rungs_costs_at_most_1_05_times_its_budget():
+    for budget in (60, 120, 2000):
+        spent = budget + sum(rung_decay(steps) for _, steps in rungs_of(budget, Halving().rungs))
+        assert spent <= 1.05 * budget, (budget, spent)
 
 
 def test_a_trial_goes_on_unless_one_at_least_as_fast_was_more_accurate_by_the_margin():
@@ -74,7 +82,8 @@ def test_the_spec_takes_halving_as_true_or_as_rungs_and_margin():
     assert parse_spec(_demo_raw(halving=True)).search.halving == Halving()
     given = {"rungs": [0.5, 0.25], "margin": 0.02, "eta": 4}
     assert parse_spec(_demo_raw(halving=given)).search.halving == Halving((0.25, 0.5), 0.02, 4)
-    with pytest.raises(SpecError, match=r"search.halving.rungs: must be fractions .* got \[1.5\]"):
+    assert parse_spec(_demo_raw(halving={"rungs": [0.33, 0, 0.11]})).search.halving.rungs == (0.0, 0.11, 0.33)
+    with pytest.raises(SpecError, match=r"search.halving.rungs: must be fractions of the full healing budget.* got \[1.5\]"):
         parse_spec(_demo_raw(halving={"rungs": [1.5]}))
     with pytest.raises(SpecError, match="search.halving.eta: must be at least 2, but got 1"):
         parse_spec(_demo_raw(halving={"eta": 1}))
@@ -83,6 +92,11 @@ def test_the_spec_takes_halving_as_true_or_as_rungs_and_margin():
     raw = _demo_raw(halving=True)
     raw["objectives"] = {"accuracy": "max", "macs": "min"}
     with pytest.raises(SpecError, match="search.halving: judges trials by accuracy and latency, but the objective"):
+        parse_spec(raw)
+    raw = _demo_raw(halving=True)
+    raw["heal_runtime"] = {"engine": "deepspeed", "gpu": 0}
+    with pytest.raises(SpecError, match="search.halving: rungs continue a heal in the trial's own process, but"
+                                        " heal_runtime.engine is 'deepspeed'"):
         parse_spec(raw)
 
 
@@ -105,18 +119,18 @@ def case(request, bundle):
 
 
 def test_a_promoted_trial_is_the_trial_without_rungs(case):
-    """Each rung heals a copy afresh: a trial that goes on to its whole budget ends exactly where it would have
-    without rungs, and its rungs are recorded and count as healing spent."""
+    """A rung branches off the heal and is put back: a trial that goes on to its whole budget ends exactly where it
+    would have without rungs, and costs its budget plus the rung's short decay, not a second heal."""
     context, config = case
     plain = run_trial(config, context, threads=1)
     judged = run_trial(config, replace(context, judge=LocalRungJudge(Halving())), threads=1)
     assert judged.rungs and [steps for steps, _ in judged.rungs] == [3]  # 9 steps: 1/9 is one step, left out
     assert judged.accuracy == plain.accuracy and judged.latency.median_ms > 0
-    assert judged.healing_steps == 3 + 9 and plain.healing_steps == 9
+    assert judged.healing_steps == 9 + rung_decay(3) and plain.healing_steps == 9
     assert trial_metrics(judged)["accuracy_rung1"] == judged.rungs[0][1]
 
 
-def test_an_outdone_trial_stops_at_its_rung_with_the_accuracy_it_had_there(case):
+def test_an_outdone_trial_stops_at_its_rung_and_optuna_is_told_it_was_pruned(case):
     context, config = case
     judge = LocalRungJudge(Halving(rungs=(1 / 3,), margin=0.0))
     judge.promote(1 / 3, 1.0, 1e-6)  # a trial faster and perfectly accurate at that rung came first
@@ -124,9 +138,22 @@ def test_an_outdone_trial_stops_at_its_rung_with_the_accuracy_it_had_there(case)
     assert result.accuracy is None and not result.feasible
     assert result.stopped.startswith("outdone after 3 of 9 healing steps")
     (steps, top1), = result.rungs
-    assert steps == 3 and 0 <= top1 <= 1 and result.healing_steps == 3
-    assert report(result)["accuracy"] == top1  # what the sampler is told: its accuracy at the rung
-    assert result_from_report(report(result)) == result
+    assert steps == 3 and 0 <= top1 <= 1 and result.healing_steps == 3 + rung_decay(3)
+    reported = report(result)
+    assert reported[STOPPED_AT_RUNG] == 1 and reported["accuracy"] == top1
+    assert result_from_report(reported) == result
+
+
+def test_the_zero_shot_rung_judges_a_trial_before_it_trains(case):
+    context, config = case
+    judge = LocalRungJudge(Halving(rungs=(0.0, 1 / 3), margin=0.0))
+    judge.promote(0.0, 1.0, 1e-6)
+    result = run_trial(config, replace(context, judge=judge), threads=1)
+    assert result.stopped.startswith("outdone before healing") and result.healing_steps == 0
+    assert [steps for steps, _ in result.rungs] == [0]
+    promoted = run_trial(config, replace(context, judge=LocalRungJudge(Halving(rungs=(0.0, 1 / 3)))), threads=1)
+    assert [steps for steps, _ in promoted.rungs] == [0, 3] and promoted.feasible
+    assert promoted.accuracy == run_trial(config, context, threads=1).accuracy
 
 
 def test_a_trial_that_does_not_train_is_not_judged(case):

@@ -76,3 +76,44 @@ def test_the_schedule_warms_up_then_decays_to_zero():
     factor = warmup_cosine(100)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(55) == pytest.approx(0.5, abs=0.02) and factor(99) < 0.01
+
+
+def test_healing_warms_up_holds_the_peak_then_decays_to_zero():
+    from autoprune.train.loop import WarmupStableDecay
+
+    factor = WarmupStableDecay(100)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == factor(50) == factor(79) == 1.0  # flat: independent of where the heal will end
+    assert factor(90) == pytest.approx(0.5, abs=0.05) and factor(99) < 0.01
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "vit"])
+def test_a_heal_continued_past_a_branch_is_the_heal_without_it(model_name, bundle, trained):
+    """A rung's evaluation branch (steps decayed from the main line, then put back, BatchNorm statistics and the
+    optimiser's moments included) leaves no trace: advancing 4 steps, branching, then going on to 12 gives the
+    same weights, bit for bit, as 12 steps in one go; and the branch itself trained (its model differed)."""
+    from conftest import TINY_VIT
+
+    from autoprune.train.loop import TrainingRun, WarmupStableDecay
+
+    dense = trained if model_name == "cnn" else TINY_VIT.create()
+    images = bundle.train.subset(64, seed=0)
+
+    def run(model):
+        return TrainingRun(model, images=images, data=bundle, objective=cross_entropy(), steps=12, lr=1e-3,
+                           batch_size=8, seed=0, schedule=WarmupStableDecay(12))
+
+    straight, branched = copy.deepcopy(dense), copy.deepcopy(dense)
+    one = run(straight)
+    one.advance(12)
+    one.close()
+    two = run(branched)
+    two.advance(4)
+    at_branch = {k: v.clone() for k, v in branched.state_dict().items()}
+    seen = two.branch(3, lambda model: {k: v.clone() for k, v in model.state_dict().items()})
+    assert any(not torch.equal(seen[k], at_branch[k]) for k in at_branch)  # the branch trained
+    assert all(torch.equal(branched.state_dict()[k], at_branch[k]) for k in at_branch)  # …and was put back
+    two.advance(12)
+    two.close()
+    assert all(torch.equal(straight.state_dict()[k], branched.state_dict()[k]) for k in at_branch)
+    assert (one.spent, two.spent) == (12, 15) and len(two.losses) == 12

@@ -35,16 +35,16 @@ def _sample(space: SearchSpace, fixed: dict):
     return trial.params, space.to_config(trial.params)
 
 
-def test_parameters_exist_only_where_they_mean_something():
+def test_a_configuration_reads_only_what_its_methods_use():
     space = _space(mode="global")
     params, config = _sample(space, {"prune.method": "nm", "heal.method": "none"})
-    assert set(params) == {"prune.method", "heal.method"}
+    assert set(params) == {"prune.method", "prune.sparsity", "heal.method", "heal.lr"}  # flat: every parameter
     assert config.prune.sparsity == {} and config.prune.options == {"n": 2, "m": 4}
-    assert config.heal.steps == 0 and config.heal.calibration_images == 0
+    assert config.heal.steps == 0 and config.heal.calibration_images == 0 and config.heal.lr == 0
 
     params, config = _sample(space, {"prune.method": "magnitude", "heal.method": "distill"})
-    assert {"prune.sparsity", "heal.steps", "heal.lr", "heal.calibration_images"} <= set(params)
     assert config.prune.sparsity == {"all": params["prune.sparsity"]}
+    assert (config.heal.steps, config.heal.calibration_images, config.heal.lr) == (120, 256, params["heal.lr"])
     assert config.heal.options["alpha"] == 0.5
 
 
@@ -58,8 +58,9 @@ def test_method_options_can_be_searched_and_belong_to_their_method():
     assert config.prune.options == {"round_to": 8, "heads": False, "importance": "l2", "scope": "auto"}
     assert config.heal.options["states"] == "last"
     assert config.flat()["prune.structured.round_to"] == 8
-    params, _ = _sample(space, {"prune.method": "magnitude", "heal.method": "finetune"})
-    assert not any(key.startswith(("prune.structured.", "heal.align.")) for key in params)
+    params, config = _sample(space, {"prune.method": "magnitude", "heal.method": "finetune"})
+    assert "prune.structured.round_to" in params  # flat: drawn, and left unread
+    assert "round_to" not in config.prune.options and "states" not in config.heal.options
 
 
 def test_an_option_that_reads_images_brings_the_image_budget():
@@ -67,10 +68,10 @@ def test_an_option_that_reads_images_brings_the_image_budget():
     raw["space"]["prune"]["options"]["structured"] = {"importance": ["l2", "taylor"]}
     space = SearchSpace(parse_spec(raw), GROUPS)
     fixed = {"prune.method": "structured", "heal.method": "none"}
-    params, config = _sample(space, {**fixed, "prune.structured.importance": "taylor"})
-    assert "heal.calibration_images" in params and config.heal.calibration_images > 0
-    params, config = _sample(space, {**fixed, "prune.structured.importance": "l2"})
-    assert "heal.calibration_images" not in params and config.heal.calibration_images == 0
+    _, config = _sample(space, {**fixed, "prune.structured.importance": "taylor"})
+    assert config.heal.calibration_images == 256
+    _, config = _sample(space, {**fixed, "prune.structured.importance": "l2"})
+    assert config.heal.calibration_images == 0
 
 
 def test_per_group_mode_has_one_dimension_per_group():
@@ -186,7 +187,7 @@ def test_every_sampler_searches_the_conditional_space_under_a_latency_target(sam
 
 def test_the_small_budget_samplers_begin_with_a_coarse_start_over_method_and_sparsity():
     """tpe_grouped and gp spend their first trials on each method at a few uniform sparsities spread over the range,
-    healed with the largest budget (more healing costs no accuracy); the healing method is left to the sampler."""
+    healed with the full budget (a fidelity, not a parameter); the healing method is left to the sampler."""
     from autoprune.driver.sampling import latency_constrained_searcher
 
     raw = copy.deepcopy(DEMO)
@@ -197,7 +198,7 @@ def test_the_small_budget_samplers_begin_with_a_coarse_start_over_method_and_spa
     sparse = [m for m in spec.prune.methods if m != "nm"]
     assert [p["prune.method"] for p in points] == sparse * 2 + ["nm"]  # 24 / 4 / 3 → 2 sparsities each, nm once
     assert sorted({p["prune.sparsity.knot0"] for p in points if "prune.sparsity.knot0" in p}) == [0.45, 0.75]
-    assert all(p["heal.steps"] == 120 and p["heal.calibration_images"] == 256 for p in points)
+    assert not any("heal.steps" in p or "heal.calibration_images" in p for p in points)
     searcher = latency_constrained_searcher(space, spec)
     for index, point in enumerate(points):
         config = space.to_config(searcher.suggest(f"t{index}"))
@@ -240,3 +241,55 @@ def test_first_points_outside_the_space_are_left_out_with_a_count():
     assert _fitting(points, space, said.append) == [fits]
     assert said == ["autoprune: 3 of the 4 first points are not configurations of this search's space (a method it"
                     " leaves out, a value outside a range): they are left out"]
+
+
+def test_a_trial_stopped_at_a_rung_reaches_optuna_as_pruned():
+    """Successive halving stopped it part-way: its accuracy at a small budget must not read as a final one."""
+    import optuna
+
+    from autoprune.driver.sampling import latency_constrained_searcher
+    from autoprune.tracking.schema import STOPPED_AT_RUNG
+
+    spec = parse_spec(DEMO)
+    searcher = latency_constrained_searcher(SearchSpace(spec, GROUPS), spec)
+    searcher.suggest("healed")
+    searcher.on_trial_complete("healed", {"accuracy": 0.9, "latency_ms": 1.0, STOPPED_AT_RUNG: 0})
+    searcher.suggest("stopped")
+    searcher.on_trial_complete("stopped", {"accuracy": 0.4, "latency_ms": 1.0, STOPPED_AT_RUNG: 1})
+    trials = [trial for trial in searcher._ot_study.trials if trial.state.name != "WAITING"]
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert trials[1].values is None
+
+
+def test_the_space_is_flat_so_that_model_based_samplers_see_every_parameter():
+    """Every trial has every parameter (N:M's trials draw sparsity knots they ignore, `none`'s a learning rate):
+    GPSampler and multivariate TPE model only what every trial has, and would draw the rest at random."""
+    import optuna
+
+    spec = parse_spec(DEMO)
+    space = SearchSpace(spec, GROUPS)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    names = set()
+    for _ in range(12):
+        trial = study.ask()
+        space.define(trial)
+        names.add(frozenset(trial.params))
+        study.tell(trial, [0.5, 1.0])
+    assert len(names) == 1, names  # one set of parameters, whatever the methods drawn
+    (params,) = names
+    assert {"prune.sparsity.knot0", "heal.lr"} <= params and "heal.steps" not in params  # the budget: a fidelity
+
+
+def test_the_healing_budget_is_one_value_unless_the_spec_searches_it():
+    raw = copy.deepcopy(DEMO)
+    raw["space"]["heal"]["steps"] = {"low": 20, "high": 120, "log": True}
+    with pytest.raises(SpecError, match=r"space.heal.steps: is a range, but the healing budget is the search's"
+                                        r" fidelity.*say 120.*space.heal.budget: searched"):
+        parse_spec(raw)
+    raw["space"]["heal"]["budget"] = "searched"
+    spec = parse_spec(raw)
+    assert spec.heal.budget == "searched"
+    params = SearchSpace(spec, GROUPS).coarse_start(12)[0]
+    assert params["heal.steps"] == 120  # the coarse start heals with the most the space allows
+    with pytest.raises(SpecError, match=r"space.heal.budget: .sampled. is not one of the valid choices: fixed, searched"):
+        parse_spec({**raw, "space": {**raw["space"], "heal": {**raw["space"]["heal"], "budget": "sampled"}}})

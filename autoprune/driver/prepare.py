@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from autoprune import data as datasets
-from autoprune.config import Choice, DataSpec, Fixed, ModelSpec, SearchSpec
+from autoprune.config import DataSpec, ModelSpec, SearchSpec, largest
 from autoprune.data import DataBundle
 from autoprune.halving import SharedRungJudge
 from autoprune.measure.cache import SharedLatencyCache
 from autoprune.models import ModelSource, load_dense
 from autoprune.train import cross_entropy, optimise
+from autoprune.space.define import full_budget
 from autoprune.trial import TrialContext
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,7 @@ def load_data(spec: SearchSpec, *, cache_dir: str | Path | None = None, echo=Non
 
 def largest_calibration_budget(spec: SearchSpec) -> int:
     """How many training images the search may ask for at most: only those are read from an ImageFolder."""
-    dimension = spec.heal.calibration_images
-    if isinstance(dimension, Fixed):
-        return int(dimension.value)
-    return int(max(dimension.values) if isinstance(dimension, Choice) else dimension.high)
+    return int(largest(spec.heal.calibration_images))
 
 
 def shared_context(spec: SearchSpec, source: ModelSource, workdir: Path,
@@ -136,5 +134,5 @@ def shared_context(spec: SearchSpec, source: ModelSource, workdir: Path,
     latency_cache = SharedLatencyCache.start()
     judge = SharedRungJudge.start(spec.search.halving) if spec.search.halving else None
     context = TrialContext(source, state, bundle, spec.profile, spec.latency_target_ms, latency_cache=latency_cache,
-                           healing_engine=spec.heal_runtime, judge=judge)
+                           healing_engine=spec.heal_runtime, judge=judge, heal_budget=full_budget(spec))
     return ray.put(context), latency_cache, judge  # the driver's own copies go when this returns

@@ -11,7 +11,7 @@ from ray.tune.search.optuna import OptunaSearch
 from autoprune.config import SearchSpec
 from autoprune.driver.warm import Completed
 from autoprune.space.define import SearchSpace
-from autoprune.tracking.schema import TRIAL_ERROR
+from autoprune.tracking.schema import STOPPED_AT_RUNG, TRIAL_ERROR
 
 # The samplers made for tens of trials begin with SearchSpace.coarse_start (method × a few uniform sparsities at the
 # largest healing budget) rather than with random trials.
@@ -34,14 +34,21 @@ def make_sampler(name: str, seed: int, *, trials: int | None = None):
         "tpe_grouped": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                                           n_startup_trials=startup, constant_liar=True),
         # Gaussian-process Bayesian optimisation (constrained, several objectives), made for 10–100-trial budgets.
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
-                                                warn_independent_sampling=False),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        # The space is flat (space/define.py), so it models every parameter; were one drawn at random, it would say so.
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup),
+        # A population of a quarter of the budget (4 to 50, Optuna's default): with fewer trials than one population
+        # NSGA-II never breeds, and is a random search by another name
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=nsga2_population(trials)),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),  # samples blindly: constraints do not apply
     }
     with warnings.catch_warnings():  # TPE's `group` is marked experimental; it is what the conditional space needs
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return samplers[name]()
+
+
+def nsga2_population(trials: int | None) -> int:
+    """NSGA-II's population for a search of `trials`: four generations at least, within Optuna's bounds of use."""
+    return min(50, max(4, (trials or 200) // 4))
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
@@ -60,6 +67,10 @@ class ConstrainedOptunaSearch(OptunaSearch):
             # A trial with no measured latency (it stopped before reporting one) has not shown it meets the target.
             excess = float(result["latency_ms"]) - target if result and "latency_ms" in result else NO_LATENCY
             self._ot_trials[trial_id].set_constraint(LATENCY_CONSTRAINT, excess)
+        if result and result.get(STOPPED_AT_RUNG):
+            # Successive halving stopped it part-way: Optuna records it as pruned, never as a completed trial whose
+            # accuracy at a small budget would read as final (OptunaSearch tells PRUNED for a trial without values)
+            result = None
         super().on_trial_complete(trial_id, result, error)
 
     def tell_earlier(self, completed: Sequence[Completed]) -> None:

@@ -32,7 +32,7 @@ from autoprune.halving import SharedRungJudge, rungs_of
 from autoprune.measure.timing import LatencyProfile
 from autoprune.models import layer_groups
 from autoprune.result import TrialRecord, TrialResult
-from autoprune.space.define import SearchSpace
+from autoprune.space.define import SearchSpace, full_budget
 from autoprune.space.load import load_spec, validate
 from autoprune.tracking.final import apply_final, save_final
 from autoprune.tracking.publish import Published, experiment_path, publish_search, records_from_storage
@@ -101,7 +101,7 @@ def search(
         path, downloads = experiment_path(storage, parent_id), workdir / "checkpoints" / parent_id
         earlier = records_from_storage(path, downloads)[0] if resumed else []
         _remember_latencies(latency_cache, [dense, *(record.result for record in earlier)])
-        _remember_rungs(judge, [record.result for record in earlier], say)
+        _remember_rungs(judge, [record.result for record in earlier], spec, say)
         space = SearchSpace(spec, space.groups)
         warm = warm_start(earlier_run, spec=spec, space=space, dense=dense, say=say) if earlier_run else None
         first_points = _fitting(first_points, space, say)
@@ -187,18 +187,23 @@ def _methods_that_can_be_faster(spec: SearchSpec, say) -> SearchSpec:
     return replace(spec, prune=replace(spec.prune, methods=kept))
 
 
-def _remember_rungs(judge: SharedRungJudge | None, results: list[TrialResult | None], say) -> None:
+def _remember_rungs(judge: SharedRungJudge | None, results: list[TrialResult | None], spec: SearchSpec,
+                    say) -> None:
     """Successive halving: what a resumed search's trials showed at their rungs is what later ones are judged
     against. Says how trials are judged."""
     if judge is None:
         return
-    rungs = ", ".join(f"{fraction:.0%}" for fraction in judge.halving.rungs)
-    say(f"autoprune: successive halving: a trial that trains heals first {rungs} of its steps, and goes on while it is"
-        f" among the best 1/{judge.halving.eta} at that rung by front (margin {judge.halving.margin:g} top-1)")
+    budget = full_budget(spec)
+    rungs = ", ".join(f"{steps} steps" if steps else "before training"
+                      for _, steps in rungs_of(budget, judge.halving.rungs))
+    say(f"autoprune: successive halving: a trial that trains is judged at {rungs} of its {budget}, and heals on while"
+        f" it is among the best 1/{judge.halving.eta} at that rung by front (margin {judge.halving.margin:g} top-1)")
     for result in results:
         if result is not None and result.rungs:
-            for (fraction, _), (_, top1) in zip(rungs_of(result.config.heal.steps, judge.halving.rungs), result.rungs):
-                judge.promote(fraction, top1, result.latency.median_ms)
+            fractions = dict((steps, fraction) for fraction, steps in rungs_of(budget, judge.halving.rungs))
+            for steps, top1 in result.rungs:
+                if steps in fractions:  # a result of an earlier rung schedule is no competitor at this one's
+                    judge.promote(fractions[steps], top1, result.latency.median_ms)
 
 
 def _dense_and_parent_run(spec: SearchSpec, tracker: Tracker, context_ref: Any, resumed: str | None,

@@ -6,6 +6,6 @@ budget, the dense teacher) and optimises the model in place, keeping the pruning
 """
 
 from autoprune.heal import align, basic, recalibrate  # noqa: F401 (registers)
-from autoprune.heal.base import HEAL_METHODS, HealMethod, HealRequest, get, list_methods, register
+from autoprune.heal.base import HEAL_METHODS, HealMethod, HealRequest, get, list_methods, register, start, trained
 
-__all__ = ["HealMethod", "HealRequest", "HEAL_METHODS", "get", "list_methods", "register"]
+__all__ = ["HealMethod", "HealRequest", "HEAL_METHODS", "get", "list_methods", "register", "start", "trained"]

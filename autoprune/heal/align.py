@@ -19,15 +19,17 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.heal.base import HealMethod, HealRequest, register
+from autoprune.heal.base import HealMethod, HealRequest, register, trained
 from autoprune.models import internal_states
-from autoprune.train import logit_kl, optimise
+from autoprune.train import logit_kl
 
 STATE_CHOICES = ("all", "last")
 NORMALIZE_CHOICES = ("relative", "none")
 
 
-def align(model: nn.Module, request: HealRequest) -> list[float]:
+def alignment(model: nn.Module, request: HealRequest) -> "Alignment":
+    """The alignment objective for `model`, with the request's options (checked here: a third-party caller may
+    give any)."""
     options = request.options
     if options["states"] not in STATE_CHOICES or options["normalize"] not in NORMALIZE_CHOICES:
         raise AutopruneError(
@@ -38,13 +40,11 @@ def align(model: nn.Module, request: HealRequest) -> list[float]:
     if options["states"] == "last":
         names = names[-1:]
     # no recognised states (MViTv2, Twins): the loss compares the logits alone, as when every state changed width
-    objective = Alignment(request.teacher, names, normalize=options["normalize"], temperature=options["temperature"],
-                          logit_weight=options["logit_weight"])
-    return optimise(
-        model, images=request.calibration, data=request.data, objective=objective, steps=request.steps,
-        lr=request.lr, batch_size=request.batch_size, seed=request.seed, masks=request.masks, device=request.device,
-        engine=request.engine,
-    )
+    return Alignment(request.teacher, names, normalize=options["normalize"], temperature=options["temperature"],
+                     logit_weight=options["logit_weight"])
+
+
+align = trained(alignment)
 
 
 class Alignment:
@@ -132,4 +132,5 @@ for _name, _logit_weight, _description in _VARIANTS:
         # Under ZeRO-3 the backward pass through the captured internal states fails inside DeepSpeed's parameter
         # coordinator ("active_backward_submodules is empty"); stages 1–2 work (tests/test_distributed.py).
         max_zero_stage=2,
+        objective=alignment,
     ))

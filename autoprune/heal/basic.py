@@ -6,16 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.heal.base import HealMethod, HealRequest, register
-from autoprune.train import LossFn, cross_entropy, logit_kl, optimise
+from autoprune.heal.base import HealMethod, HealRequest, register, trained
+from autoprune.train import LossFn, cross_entropy, logit_kl
 
 
 def _no_healing(model, request: HealRequest) -> list[float]:
     return []
 
 
-def _finetune(model, request: HealRequest) -> list[float]:
-    return _optimise(model, request, cross_entropy(request.options["label_smoothing"]))
+def _finetune(model, request: HealRequest):
+    return cross_entropy(request.options["label_smoothing"])
 
 
 class Distillation:
@@ -41,27 +41,10 @@ class Distillation:
         self.teacher.cpu()  # the device's memory is for what comes next (evaluation, timing)
 
 
-def _distill(model, request: HealRequest) -> list[float]:
+def _distill(model, request: HealRequest) -> Distillation:
     options = request.options
-    return _optimise(model, request, Distillation(request.teacher, alpha=options["alpha"],
-                                                  temperature=options["temperature"],
-                                                  label_smoothing=options["label_smoothing"]))
-
-
-def _optimise(model, request: HealRequest, objective) -> list[float]:
-    return optimise(
-        model,
-        images=request.calibration,
-        data=request.data,
-        objective=objective,
-        steps=request.steps,
-        lr=request.lr,
-        batch_size=request.batch_size,
-        seed=request.seed,
-        masks=request.masks,
-        device=request.device,
-        engine=request.engine,
-    )
+    return Distillation(request.teacher, alpha=options["alpha"], temperature=options["temperature"],
+                        label_smoothing=options["label_smoothing"])
 
 
 register(HealMethod("none", _no_healing, "No recovery: measure the pruned model as it is.", uses_calibration=False,
@@ -69,19 +52,21 @@ register(HealMethod("none", _no_healing, "No recovery: measure the pruned model 
 register(
     HealMethod(
         "finetune",
-        _finetune,
+        trained(_finetune),
         "Fine-tune on the labelled calibration images (cross-entropy with label smoothing).",
         needs_labels=True,
         options={"label_smoothing": 0.1},
+        objective=_finetune,
     )
 )
 register(
     HealMethod(
         "distill",
-        _distill,
+        trained(_distill),
         "Distil the dense model's logits: α·τ²·KL + (1−α)·CE with label smoothing.",
         needs_labels=True,
         needs_teacher=True,
         options={"alpha": 0.5, "temperature": 2.0, "label_smoothing": 0.1},
+        objective=_distill,
     )
 )

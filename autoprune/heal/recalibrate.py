@@ -23,14 +23,16 @@ def recalibrate(model: nn.Module, request: HealRequest) -> list[float]:
     model.to(device)
     images = request.data.batches(request.calibration, device)  # normalised one batch at a time, on the device
     if request.options["batchnorm"]:
-        _reestimate_batchnorm(model, images, request.batch_size)
+        reestimate_batchnorm(model, images, request.batch_size)
     if request.options["bias_shift"]:
         _shift_biases(model, request.teacher, request.masks, images, request.batch_size)
     model.eval()
     return []
 
 
-def _reestimate_batchnorm(model: nn.Module, images, batch_size: int) -> None:
+def reestimate_batchnorm(model: nn.Module, images, batch_size: int) -> None:
+    """BatchNorm's running statistics, re-estimated (a cumulative average) on `images` (normalised, on the model's
+    device), in batches of `batch_size`; the model is left in eval mode."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return

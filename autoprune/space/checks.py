@@ -70,6 +70,15 @@ def halving_objective(settings, objectives: Mapping[str, Any], origin: str) -> N
                         f" {cost!r}; use latency_ms / latency_p90_ms, or leave search.halving out.")
 
 
+def halving_engine(settings, healing: HealingEngine, origin: str) -> None:
+    """A rung stops a heal part-way and continues it from its weights and optimiser state, in the trial's process;
+    a DeepSpeed job heals in one go."""
+    if settings.halving is not None and healing.engine != "local":
+        raise SpecError(f"{origin}: search.halving: rungs continue a heal in the trial's own process, but"
+                        f" heal_runtime.engine is {healing.engine!r}, whose workers heal in one go; leave"
+                        " search.halving out (or heal with engine: local).")
+
+
 def sparsity_mode(sparsity: SparsitySpace, methods: Sequence[str], origin: str) -> None:
     """Each method that takes a sparsity must take the space's way of spreading it."""
     for method in methods:

@@ -1,8 +1,15 @@
 """The search space: a validated spec and the model's layer groups → Optuna parameters → `TrialConfig`.
 
-The space is define-by-run, so a parameter exists only where it means something: N:M samples no sparsity,
-`heal: none` samples no budget. Parameter names are dotted and stable (`prune.sparsity.blocks.3.mlp`), so that
-they read well in MLflow and a resumed search finds the same distributions.
+The space is flat: every trial has every parameter, whether its methods use it or not (N:M's trials draw a
+sparsity they ignore, `heal: none`'s a learning rate). Optuna's model-based samplers model only the parameters
+every trial has — GPSampler and multivariate TPE draw any other at random — so a space whose parameters exist only
+where they mean something is, to them, mostly a random search. `to_config` reads only what the trial's methods use.
+Parameter names are dotted and stable (`prune.sparsity.blocks.3.mlp`), so that they read well in MLflow and a
+resumed search finds the same distributions.
+
+The healing budget (`space.heal.steps`, `calibration_images`) is not a parameter unless the spec asks for it
+(`space.heal.budget: searched`): more healing never costs accuracy, so sampling it buys dominated points; it is the
+search's fidelity instead (every trial heals the full budget, or stops at a rung of `search.halving`).
 
 Per-layer sparsity comes in three parametrisations:
 - global: one value, pooled over every prunable layer (one magnitude threshold for all);
@@ -21,7 +28,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from autoprune import heal, prune
-from autoprune.config import Choice, Dimension, Fixed, HealConfig, PruneConfig, Range, SearchSpec, TrialConfig
+from autoprune.config import (Choice, Dimension, Fixed, HealConfig, PruneConfig, Range, SearchSpec, TrialConfig,
+                              largest)
 from autoprune.errors import SpecError
 from autoprune.models import POOLED_GROUP, LayerGroup
 
@@ -46,19 +54,25 @@ class SearchSpace:
         return tuple(group.name for group in self.groups)
 
     def define(self, trial) -> None:
-        """Optuna define-by-run: suggest this trial's parameters (the fixed ones are filled in by `to_config`)."""
-        prune_method = _suggest(trial, "prune.method", Choice(self.spec.prune.methods))
-        if prune.get(prune_method).uses_sparsity:
+        """Optuna define-by-run: suggest every parameter of the space (the fixed ones are filled in by `to_config`)."""
+        spec = self.spec
+        _suggest(trial, "prune.method", Choice(spec.prune.methods))
+        if any(prune.get(method).uses_sparsity for method in spec.prune.methods):
+            sparsity = spec.prune.sparsity
             for name in self.sparsity_parameters():
-                sparsity = self.spec.prune.sparsity
                 trial.suggest_float(name, sparsity.low, sparsity.high, step=sparsity.step)
-        prune_options = {option: _suggest(trial, f"prune.{prune_method}.{option}", dimension)
-                         for option, dimension in self.spec.prune.options.get(prune_method, {}).items()}
-        heal_method = _suggest(trial, "heal.method", Choice(self.spec.heal.methods))
-        for key in _budget_keys(prune.get(prune_method), prune_options, heal.get(heal_method)):
-            _suggest(trial, f"heal.{key}", getattr(self.spec.heal, key))
-        for option, dimension in self.spec.heal.options.get(heal_method, {}).items():
-            _suggest(trial, f"heal.{heal_method}.{option}", dimension)
+        for method in spec.prune.methods:
+            for option, dimension in spec.prune.options.get(method, {}).items():
+                _suggest(trial, f"prune.{method}.{option}", dimension)
+        _suggest(trial, "heal.method", Choice(spec.heal.methods))
+        used = {key for p in spec.prune.methods for h in spec.heal.methods
+                for key in _budget_keys(prune.get(p), spec.prune.options.get(p, {}), heal.get(h))}
+        for key in ("calibration_images", "steps", "lr"):
+            if key in used and (key == "lr" or spec.heal.budget == "searched"):
+                _suggest(trial, f"heal.{key}", getattr(spec.heal, key))
+        for method in spec.heal.methods:
+            for option, dimension in spec.heal.options.get(method, {}).items():
+                _suggest(trial, f"heal.{method}.{option}", dimension)
 
     def to_config(self, params: Mapping[str, Any]) -> TrialConfig:
         """The sampled parameters (plus the fixed ones) as a resolved trial configuration."""
@@ -85,17 +99,18 @@ class SearchSpace:
 
     def coarse_start(self, trials: int) -> list[dict[str, Any]]:
         """The first points of a small-budget search: each method that takes a sparsity at a few uniform
-        sparsities spread over the range (about a quarter of `trials` in all), every other method once, each
-        with the largest healing budget the space allows — more healing does not cost accuracy, and healing is
-        not an objective — and the healing method, learning rate and options left to the sampler. A random start
-        spends these trials on points that tell the sampler less: half of them heal little."""
+        sparsities spread over the range (about a quarter of `trials` in all), every other method once, the
+        healing method, learning rate and options left to the sampler — and, where the budget is searched, the
+        largest healing budget the space allows (more healing does not cost accuracy, and healing is not an
+        objective). A random start spends these trials on points that tell the sampler less."""
         sparse = [m for m in self.spec.prune.methods if prune.get(m).uses_sparsity]
         others = [m for m in self.spec.prune.methods if not prune.get(m).uses_sparsity]
         per_method = max(2, min(5, round(trials / 4 / max(1, len(sparse)))))
         sparsity = self.spec.prune.sparsity
         values = [_on_step(sparsity.low + (sparsity.high - sparsity.low) * (k + 0.5) / per_method, sparsity.low,
                            sparsity.step) for k in range(per_method)]
-        budget = {f"heal.{key}": _largest(getattr(self.spec.heal, key)) for key in ("calibration_images", "steps")}
+        budget = {f"heal.{key}": largest(getattr(self.spec.heal, key)) for key in ("calibration_images", "steps")
+                  if not isinstance(getattr(self.spec.heal, key), Fixed)}
         return ([{"prune.method": m, **dict.fromkeys(self.sparsity_parameters(), v), **budget}
                  for v in values for m in sparse] + [{"prune.method": m, **budget} for m in others])
 
@@ -129,10 +144,10 @@ def _on_step(value: float, low: float, step: float | None) -> float:
     return round(low + round((value - low) / step) * step, 6) if step else value
 
 
-def _largest(dimension: Dimension) -> Any:
-    if isinstance(dimension, Fixed):
-        return dimension.value
-    return max(dimension.values) if isinstance(dimension, Choice) else dimension.high
+def full_budget(spec: SearchSpec) -> int:
+    """The healing steps of a trial healed to the end: the budget (`space.heal.steps`), or where it is searched, the
+    most it may be. The rungs of successive halving are fractions of it."""
+    return int(largest(spec.heal.steps))
 
 
 def interpolate_knots(knots: list[float], groups: int) -> list[float]:

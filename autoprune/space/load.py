@@ -19,6 +19,7 @@ from autoprune.config import (
     AUTOCAST,
     DATA_SOURCES,
     DTYPES,
+    HEAL_BUDGETS,
     HEALING_ENGINES,
     MEMORY_FORMATS,
     RUNTIMES,
@@ -39,6 +40,7 @@ from autoprune.config import (
     SearchSpec,
     SparsitySpace,
     TargetHardware,
+    largest,
 )
 from autoprune.errors import SpecError
 from autoprune.space import checks
@@ -131,6 +133,7 @@ def parse_spec(raw: Any, *, origin: str = "spec") -> SearchSpec:
     settings = _search(root.section("search"))
     checks.whole_gpus(settings, profile, healing, objectives, origin)
     checks.halving_objective(settings, objectives, origin)
+    checks.halving_engine(settings, healing, origin)
     mlflow = _mlflow(root.section("mlflow"), name)
     space = root.section("space", required=True)
     prune_space = _prune_space(space.section("prune", required=True))
@@ -317,10 +320,10 @@ def _halving(search: Section) -> Halving | None:
         return Halving() if raw else None
     section = search.section("halving")
     rungs = section.take("rungs", list, list(Halving.rungs))
-    if not rungs or any(not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r < 1 for r in rungs):
-        raise section.fail("rungs", f"must be fractions of the healing steps, each between 0 and 1 (say [0.11, 0.33]),"
-                                    f" but got {rungs!r}.")
-    halving = Halving(rungs=tuple(sorted(float(r) for r in rungs)),
+    if not rungs or any(not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r < 1 for r in rungs):
+        raise section.fail("rungs", f"must be fractions of the full healing budget, each at least 0 (the pruned model"
+                                    f" before training) and below 1 (say [0, 0.11, 0.33]), but got {rungs!r}.")
+    halving = Halving(rungs=tuple(sorted({float(r) for r in rungs})),
                       margin=section.take("margin", float, Halving.margin, check=non_negative),
                       eta=section.take("eta", int, Halving.eta, check=at_least_two))
     section.done()
@@ -376,9 +379,18 @@ def _heal_space(section: Section) -> HealSpace:
         lr=section.take_dimension("lr", float, Fixed(1e-3), check=positive),
         batch_size=section.take("batch_size", int, 32, check=positive),
         options=section.take_options("options", heal.HEAL_METHODS, methods),
+        budget=section.take("budget", str, "fixed", choices=HEAL_BUDGETS),
     )
+    if spec.budget == "fixed":
+        for key in ("steps", "calibration_images"):
+            if not isinstance(getattr(spec, key), Fixed):
+                raise section.fail(key, f"is a range, but the healing budget is the search's fidelity, not a dimension"
+                                        f" (more healing never costs accuracy): give the full budget as one value (say"
+                                        f" {largest(getattr(spec, key))}; search.halving stops the trials not worth"
+                                        f" it early), or set space.heal.budget: searched to sample it.")
     section.done()
     return spec
+
 
 
 __all__ = ["load_spec", "parse_spec", "validate"]

@@ -56,6 +56,7 @@ VERSION_TAGS: Mapping[str, type] = {
 RESULT_KEY = "result_json"  # the whole TrialResult
 TRIAL_ERROR = "trial_error"  # a trial that failed by itself reports its traceback under this key …
 CONFIG_KEY = "config_json"  # … and its configuration (`TrialConfig.to_json`) under this one
+STOPPED_AT_RUNG = "stopped_at_rung"  # 1: successive halving stopped the trial part-way (Optuna: pruned)
 
 # ---- the trial table (trials.json, the plots, `autoprune front`) -----------------------------------------
 ROW_METRICS = ("sparsity", "accuracy", "latency_ms", "latency_p90_ms", "macs", "params")
@@ -124,10 +125,11 @@ def dense_metrics(result: TrialResult) -> dict[str, float]:
 
 
 def report(result: TrialResult) -> dict[str, Any]:
-    """What a trial reports to Tune: the whole result, and flat values for Optuna. A trial stopped at a rung reports
-    the accuracy it had there (what the sampler knows of it); one stopped unhealed reports 0, a bad point."""
+    """What a trial reports to Tune: the whole result, and flat values for Optuna. A trial stopped at a rung says so
+    (the searcher tells Optuna it was pruned) beside the accuracy it had there; one stopped unhealed reports 0, a
+    bad point."""
     return {**trial_metrics(result), "accuracy": result.best_known_accuracy or 0.0,
-            RESULT_KEY: json.dumps(result.to_dict())}
+            STOPPED_AT_RUNG: int(bool(result.rungs) and not result.feasible), RESULT_KEY: json.dumps(result.to_dict())}
 
 
 def failure_report(config: TrialConfig, error: str) -> dict[str, Any]:

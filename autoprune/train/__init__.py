@@ -7,6 +7,8 @@ DeepSpeed; deepspeed.py uses loop.py's step loop, batches and schedule.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ from autoprune.data import DataBundle, ImageSet
 from autoprune.prune.masks import Masks, Sparsifier
 from autoprune.train import loop
 from autoprune.train.deepspeed import optimise_deepspeed
-from autoprune.train.loop import LossFn, Objective, cross_entropy, logit_kl
+from autoprune.train.loop import LossFn, Objective, TrainingRun, WarmupStableDecay, cross_entropy, logit_kl
 
 
 def optimise(
@@ -32,19 +34,21 @@ def optimise(
     masks: Sparsifier | None = None,
     device: torch.device | str = "cpu",
     engine: HealingEngine | None = None,
+    schedule: Callable[[int], float] | None = None,
 ) -> list[float]:
-    """Run `steps` AdamW steps on batches sampled from `images`; returns the loss of every step. In this process
+    """Run `steps` AdamW steps on batches sampled from `images`, the learning rate following `schedule` (a multiplier
+    per step; default: warm-up and cosine); returns the loss of every step. In this process
     (`loop.optimise`, in the engine's precision: autocast, TF32) unless `engine` is DeepSpeed's: then on its workers, and the trained `model` is left on
     `device` in eval mode, as the local run leaves it."""
     if engine is None or engine.engine != "deepspeed":
         return loop.optimise(model, images=images, data=data, objective=objective, steps=steps, lr=lr,
                              batch_size=batch_size, seed=seed, weight_decay=weight_decay, masks=masks, device=device,
-                             precision=loop.Precision.of(engine, device))
+                             precision=loop.Precision.of(engine, device), schedule=schedule)
     losses = optimise_deepspeed(model, engine, images=images, mean=data.mean, std=data.std, objective=objective,
                                 steps=steps, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
-                                masks=masks if masks is not None else Masks())
+                                masks=masks if masks is not None else Masks(), schedule=schedule)
     model.to(device).eval()
     return losses
 
 
-__all__ = ["LossFn", "Objective", "cross_entropy", "logit_kl", "optimise"]
+__all__ = ["LossFn", "Objective", "TrainingRun", "WarmupStableDecay", "cross_entropy", "logit_kl", "optimise"]

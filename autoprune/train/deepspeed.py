@@ -56,7 +56,7 @@ def trial_bundles(trial: dict[str, float], engine: HealingEngine) -> list[dict[s
 
 
 def optimise_deepspeed(model: nn.Module, engine: HealingEngine, *, images, mean, std, objective, steps: int,
-                       lr: float, batch_size: int, seed: int, weight_decay: float, masks) -> list[float]:
+                       lr: float, batch_size: int, seed: int, weight_decay: float, masks, schedule=None) -> list[float]:
     """Run `loop.optimise`'s job on `engine.workers` DeepSpeed workers; load the healed weights into `model`
     (on the CPU) and return the loss of every step. (`autoprune.train.optimise` calls this for a DeepSpeed engine.)"""
     import cloudpickle
@@ -65,6 +65,7 @@ def optimise_deepspeed(model: nn.Module, engine: HealingEngine, *, images, mean,
     # the calibration images alone: a subset is a view, and pickled it would carry the whole training pool
     job = {"model": model.cpu(), "objective": objective, "masks": masks, "images": images.compact(), "mean": mean,
            "std": std, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay,
+           "schedule": schedule if schedule is not None else warmup_cosine(steps),
            "zero_stage": engine.zero_stage, "bf16": engine.bf16, "threads": max(1, int(engine.cpu)),
            "backend": "nccl" if engine.gpu > 0 else "gloo"}
     buffer = io.BytesIO()
@@ -179,7 +180,7 @@ def _heal(job: dict, rank: int, world: int, device: torch.device) -> dict[str, A
     per_worker = global_batch // world
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=job["lr"], weight_decay=job["weight_decay"])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, job["schedule"])
     dtype = torch.bfloat16 if job["bf16"] else torch.float32
     zero_stage = job["zero_stage"]
     ds_config = {
