@@ -285,12 +285,20 @@ def _allocate(model: torch.nn.Module, config: PruneConfig) -> tuple[tuple[LayerG
 
 
 def _stopwatch(timings: dict[str, float]):
+    """Stages timed into `timings`, adding up when a stage runs more than once; a stage inside another (a rung's
+    evaluation inside healing) counts for itself only, not for the one around it too."""
+    inside: list[float] = []  # per open stage, the seconds its nested stages took
+
     @contextmanager
     def stage(name: str) -> Iterator[None]:
         start = time.perf_counter()
+        inside.append(0.0)
         try:
             yield
         finally:
-            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start  # rungs heal more than once
+            elapsed = time.perf_counter() - start
+            timings[name] = timings.get(name, 0.0) + elapsed - inside.pop()
+            if inside:
+                inside[-1] += elapsed
 
     return stage

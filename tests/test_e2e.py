@@ -47,8 +47,9 @@ SPEC = {
     "mlflow": {"experiment": "e2e-exp", "registered_model": "e2e-model"},
     "space": {
         "prune": {"methods": ["magnitude", "structured"], "sparsity": {"mode": "global", "low": 0.4, "high": 0.8}},
+        # the budget searched, as before it was a fidelity (space.heal.budget: searched keeps that reachable)
         "heal": {"methods": ["none", "distill"], "calibration_images": [32, 64], "steps": {"low": 3, "high": 8},
-                 "lr": 1e-3, "batch_size": 16},
+                 "lr": 1e-3, "batch_size": 16, "budget": "searched"},
     },
 }
 

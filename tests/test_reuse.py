@@ -16,7 +16,7 @@ from autoprune.driver.sampling import LATENCY_CONSTRAINT, latency_constrained_se
 from autoprune.driver.search import search
 from autoprune.driver.warm import earlier_search, warm_start
 from autoprune.errors import AutopruneError
-from autoprune.halving import rungs_of
+from autoprune.halving import rung_decay
 from autoprune.models import layer_groups
 from autoprune.pareto import pareto_front
 from autoprune.space.define import SearchSpace
@@ -27,7 +27,10 @@ pytestmark = pytest.mark.e2e
 
 WARM = {**SPEC, "name": "e2e-warm", "mlflow": {"experiment": "e2e-warm", "registered_model": "e2e-warm"},
         "search": {**SPEC["search"], "trials": 4, "seed": 5, "stop_unless_faster": True,  # the default
-                   "halving": {"rungs": [0.5], "margin": 0.0}}}
+                   "halving": {"rungs": [0.5], "margin": 0.0}},
+        # the default budget: one value, the fidelity the rungs are fractions of
+        "space": {**SPEC["space"], "heal": {**SPEC["space"]["heal"], "calibration_images": 64, "steps": 8,
+                                            "budget": "fixed"}}}
 SAID: list[str] = []
 
 
@@ -68,14 +71,14 @@ def test_a_search_with_halving_judges_every_trial_by_one_judge(first):
             assert result.rungs == () and result.healing_steps == 0  # after profiling, before any rung
             continue
         trains = result.config.heal.method == "distill"
-        expected = [steps for _, steps in rungs_of(result.config.heal.steps, (0.5,))] if trains else []
+        expected = [4] if trains else []  # half the budget of 8 steps, the same for every trial
         assert [steps for steps, _ in result.rungs] == expected
-        if not result.feasible:
-            assert result.stopped.startswith("outdone after") and result.healing_steps == result.rungs[0][0]
+        if not result.feasible:  # the heal stopped at its rung: 4 steps and the rung's short decay
+            assert result.stopped.startswith("outdone after") and result.healing_steps == 4 + rung_decay(4)
             assert any(other.rungs and other.rungs[0][1] > result.rungs[0][1]
                        and other.latency.median_ms <= result.latency.median_ms for other in results)
-        else:
-            assert result.healing_steps == sum(steps for steps, _ in result.rungs) + result.config.heal.steps * trains
+        else:  # continued from its rung: the budget once, and the rung's decay
+            assert result.healing_steps == (8 + rung_decay(4)) * trains
     runs = Tracker(outcome.tracking_uri, "e2e-warm").child_runs(outcome.parent_run_id)
     logged = sorted(run.data.metrics["accuracy_rung1"] for run in runs if "accuracy_rung1" in run.data.metrics)
     assert logged == sorted(r.rungs[0][1] for r in results if r.rungs)
@@ -95,13 +98,16 @@ def test_a_search_measured_the_same_way_starts_optuna_from_its_trials(first):
         # its sampled parameters, and those its space held fixed (prune.method: the only one left there)
         result, = [r.result for r in finished if r.params.items() <= trial.params.items()]
         assert trial.params["prune.method"] == result.config.prune.method
-        assert trial.values == (result.best_known_accuracy or 0.0, result.latency.median_ms)
+        stopped_at_rung = bool(result.rungs) and not result.feasible  # told as pruned: no values
+        assert trial.values == (None if stopped_at_rung else (result.best_known_accuracy or 0.0,
+                                                              result.latency.median_ms))
         assert set(trial.distributions) == set(trial.params)
     targeted = replace(spec, latency_target_ms=1.0)
     searcher = latency_constrained_searcher(space, targeted)
     searcher.tell_earlier(warm.completed)
     told = searcher._ot_study.get_trials()
-    assert len(told) == 4 and all(t.state.name == "COMPLETE" for t in told)
+    assert len(told) == 4 and [t.state.name for t in told] == [
+        "PRUNED" if t.values is None else "COMPLETE" for t in warm.completed]
     assert [t.system_attrs[f"constraints:{LATENCY_CONSTRAINT}"] for t in told] == [
         pytest.approx(t.latency_ms - 1.0) for t in warm.completed]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from autoprune.config import Choice, Fixed, Range, TrialConfig
+from autoprune.config import Fixed, Range, TrialConfig
 from autoprune.errors import SpecError
 from autoprune.space.load import load_spec, parse_spec
 
@@ -24,8 +24,8 @@ def test_shipped_specs_load(path):
 
 def test_demo_dimensions_parse_into_their_kinds():
     spec = parse_spec(DEMO)
-    assert spec.heal.calibration_images == Choice((64, 256))
-    assert spec.heal.steps == Range(20, 120, log=True)
+    assert spec.heal.calibration_images == Fixed(256) and spec.heal.steps == Fixed(120)  # the budget: a fidelity
+    assert spec.heal.budget == "fixed"
     assert isinstance(spec.heal.lr, Range) and spec.heal.lr.log
     assert spec.prune.options == {"magnitude": {}, "nm": {"n": Fixed(2), "m": Fixed(4)},
                                   "structured": {"round_to": Fixed(1), "heads": Fixed(True), "importance": Fixed("l2"),

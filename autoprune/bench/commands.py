@@ -40,6 +40,10 @@ TABLES: dict[str, Table] = {
                                   " timm architecture), every method at 50%%"),
     "search": Table("search", "hypervolume against trials per sampler, and a grid, over seeds, on the reference task"
                               " and Fashion-MNIST"),
+    "pool": Table("pool", "a table of configurations spread over the demo's space, each evaluated at every rung and"
+                          " two healing seeds, for `bench replay`"),
+    "replay": Table("replay", "search strategies replayed against pools for many paired seeds: healing steps and"
+                              " seconds to reach 90%% and 95%% of the pooled front's hypervolume"),
 }
 
 

@@ -80,7 +80,7 @@ def machine() -> dict:
     return {"cpu": _cpu_model(), "cpus": os.cpu_count(), "memory_gib": _memory_gib(), "gpu": gpu,
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "torch": torch.__version__, "timm": _version("timm"), "onnxruntime": _version("onnxruntime"),
-            "mlflow": _version("mlflow"), "ray": _version("ray")}
+            "mlflow": _version("mlflow"), "ray": _version("ray"), "optuna": _version("optuna")}
 
 
 class Provenance:

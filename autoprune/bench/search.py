@@ -32,12 +32,13 @@ from autoprune.pareto import hypervolume_2d
 # task → (what it changes in the demo's spec, the accuracy floor of its hypervolume's reference point)
 TASKS: dict[str, tuple[dict, float]] = {
     "reference": ({}, 0.85),
-    # 4,096 training images (the largest calibration budget is what a search reads), 2,000 test images
-    "fashion-mnist": ({"data": fashion_mnist_data(), "heal": {"calibration_images": [256, 4096]}}, 0.65),
+    # 4,096 training images (the calibration budget is what a search reads), 2,000 test images
+    "fashion-mnist": ({"data": fashion_mnist_data(), "heal": {"calibration_images": 4096}}, 0.65),
 }
 SAMPLERS = ("random", "tpe", "tpe_grouped", "gp")
 HALVING = "+halving"  # an arm `SAMPLER+halving` heals its trials in rungs (search.halving: true)
-ARMS = (*SAMPLERS, "grid", *(f"{sampler}{HALVING}" for sampler in SAMPLERS[1:]))
+OLD = "-old"  # an arm `SAMPLER-old` samples the healing budget as a dimension (space.heal.budget: searched)
+ARMS = (*SAMPLERS, "grid", *(f"{sampler}{HALVING}" for sampler in SAMPLERS[1:]), "tpe_grouped-old", "gp-old")
 DEFAULT_ARMS = (*SAMPLERS, "grid")
 TRIALS = 24  # the budget every arm is held to…
 RANDOM_TRIALS = 72  # …and random search's long run (its first 24 trials are its 24-trial run: it samples blindly)
@@ -53,7 +54,11 @@ def arm_spec(task: str, arm: str, seed: int, trials: int) -> dict:
     raw["name"] = f"bench-search-{task}-{arm}-{seed}"
     raw["data"] = {**raw["data"], **changes.get("data", {})}
     raw["space"]["heal"] = {**raw["space"]["heal"], **changes.get("heal", {})}
-    sampler = arm.removesuffix(HALVING)
+    if arm.endswith(OLD):  # the space before the budget was a fidelity: steps and images sampled
+        full = raw["space"]["heal"]
+        raw["space"]["heal"] = {**full, "budget": "searched", "steps": {"low": 20, "high": full["steps"], "log": True},
+                                "calibration_images": [full["calibration_images"] // 4, full["calibration_images"]]}
+    sampler = arm.removesuffix(HALVING).removesuffix(OLD)
     raw["search"] = {**raw["search"], "trials": trials, "seed": seed, "halving": arm.endswith(HALVING),
                      "sampler": "random" if arm == "grid" else sampler}
     raw["mlflow"] = {"experiment": f"bench-search-{task}", "registered_model": f"bench-search-{task}"}
@@ -63,9 +68,9 @@ def arm_spec(task: str, arm: str, seed: int, trials: int) -> dict:
 def grid_points(space, trials: int) -> list[dict]:
     """Uniform sparsity × method, about `trials` points: every method that removes structure (on a CPU the search
     leaves the others out: they cannot be faster than the dense model) at evenly spaced values of the spec's
-    range, on its step; each healed by GRID_HEAL at the middle of the budget."""
+    range, on its step; each healed by GRID_HEAL with the full budget, at the middle of the learning rates."""
     from autoprune import prune
-    from autoprune.config import Choice, Range
+    from autoprune.config import Choice, Fixed, Range
 
     spec = space.spec
     methods = [m for m in spec.prune.methods if prune.get(m).structured and prune.get(m).uses_sparsity]
@@ -83,7 +88,8 @@ def grid_points(space, trials: int) -> list[dict]:
         return dimension.value
 
     heal = {"heal.method": GRID_HEAL, **{f"heal.{key}": middle(getattr(spec.heal, key))
-                                         for key in ("calibration_images", "steps", "lr")}}
+                                         for key in ("calibration_images", "steps", "lr")
+                                         if not isinstance(getattr(spec.heal, key), Fixed)}}
     return [{"prune.method": m, **dict.fromkeys(space.sparsity_parameters(), s), **heal}
             for m in methods for s in values]
 

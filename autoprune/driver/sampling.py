@@ -79,9 +79,11 @@ class ConstrainedOptunaSearch(OptunaSearch):
 
         for trial in completed:
             constraints = None if self.target_ms is None else {LATENCY_CONSTRAINT: trial.latency_ms - self.target_ms}
+            pruned = trial.values is None  # stopped at a rung: pruned, as it was told the first time
             self._ot_study.add_trial(optuna.trial.create_trial(
-                params=dict(trial.params), distributions=dict(trial.distributions), values=list(trial.values),
-                constraints=constraints))
+                params=dict(trial.params), distributions=dict(trial.distributions),
+                values=None if pruned else list(trial.values), constraints=constraints,
+                state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE))
 
 
 def latency_constrained_searcher(space: SearchSpace, spec: SearchSpec, *,

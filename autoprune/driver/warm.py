@@ -36,7 +36,7 @@ class Completed:
 
     params: Mapping[str, Any]
     distributions: Mapping[str, Any]
-    values: tuple[float, float]  # accuracy, cost
+    values: tuple[float, float] | None  # accuracy, cost; None: stopped at a rung of successive halving (pruned)
     latency_ms: float  # for the latency target's constraint
 
 
@@ -131,8 +131,11 @@ def _parameters(record: TrialRecord) -> dict[str, Any]:
     return {**fixed, **record.params}
 
 
-def _values(result: TrialResult, cost_metric: str) -> tuple[float, float]:
-    return (result.best_known_accuracy or 0.0, result.cost(cost_metric))  # as the trial reported them to Optuna
+def _values(result: TrialResult, cost_metric: str) -> tuple[float, float] | None:
+    """What the trial told Optuna: its objectives, or nothing when successive halving stopped it (pruned)."""
+    if result.rungs and not result.feasible:
+        return None
+    return (result.best_known_accuracy or 0.0, result.cost(cost_metric))
 
 
 def fit_point(space: SearchSpace, params: Mapping[str, Any], *, complete: bool = True) -> dict | None:
