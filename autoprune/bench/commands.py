@@ -42,6 +42,8 @@ TABLES: dict[str, Table] = {
                               " and Fashion-MNIST"),
     "pool": Table("pool", "a table of configurations spread over the demo's space, each evaluated at every rung and"
                           " two healing seeds, for `bench replay`"),
+    "schedule": Table("schedule", "healing on the warm-up–stable–decay schedule (rungs continue) against warm-up–cosine,"
+                                  " paired at the full budget"),
     "replay": Table("replay", "search strategies replayed against pools for many paired seeds: healing steps and"
                               " seconds to reach 90%% and 95%% of the pooled front's hypervolume"),
 }
