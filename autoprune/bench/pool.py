@@ -243,7 +243,19 @@ def main_pool(args) -> int:
 
 
 def page(pool) -> str:
-    """The pool's summary: how many rows, methods, and the rank agreement of each rung with the full budget."""
-    from autoprune.bench.replay import rank_agreement_markdown
-
-    return rank_agreement_markdown(pool)
+    """What a pool holds: its configurations by method pair, how many the stop rule stopped unhealed, and each
+    pair's best top-1 at the full budget (the replay's page says what strategies make of it)."""
+    budget = str(pool["fidelities"][-1])
+    pairs: dict[tuple[str, str], list[dict]] = {}
+    for config in pool["configs"]:
+        pairs.setdefault((config["method"], config["heal"]), []).append(config)
+    lines = [f"**{pool['task']}**: {len(pool['configs'])} configurations, dense top-1"
+             f" {pool['dense']['accuracy']:.3f}, full budget {budget} steps", "",
+             "| pruning | healing | configurations | not faster | best top-1 (either seed) | latency ratio of the best |",
+             "|---|---|---|---|---|---|"]
+    for (method, healing), configs in sorted(pairs.items()):
+        scored = [(max(s["accuracy"][budget] for s in c["seeds"]), c["latency_ratio"]) for c in configs if c["seeds"]]
+        best = max(scored, default=None)
+        lines.append(f"| {method} | {healing} | {len(configs)} | {sum(c['not_faster'] for c in configs)} |"
+                     f" {'–' if best is None else f'{best[0]:.4f}'} | {'–' if best is None else f'{best[1]:.2f}'} |")
+    return "\n".join(lines) + "\n"
