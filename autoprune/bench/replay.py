@@ -841,6 +841,7 @@ def summarise_arm(runs: Sequence[Mapping]) -> dict:
         "mean_distance": sum(s["distance_sum"] for s in summaries) / nearest if nearest else 0.0,
         "truncated": sum(1 for s in summaries if s["truncated"]),
         "wall_s": statistics.mean(run.get("wall_s", 0.0) for run in runs),
+        "cpu_s": statistics.mean(run.get("cpu_s", 0.0) for run in runs),
     })
     return out
 
@@ -957,7 +958,8 @@ def summarise_task(pool: Mapping, runs: Sequence[Mapping]) -> dict:
         "arms": {name: summarise_arm(of_arm) for name, of_arm in by_arm.items()},
         "comparisons": compare(by_arm),
         "rank_agreement": rank_agreement(pool),
-        "runs": [{key: run[key] for key in ("arm", "seed", "summary", "wall_s") if key in run} for run in runs],
+        "runs": [{key: run[key] for key in ("arm", "seed", "summary", "wall_s", "cpu_s") if key in run}
+                 for run in runs],
     }
 
 
@@ -972,18 +974,22 @@ def _start_worker(paths: Sequence[str]) -> None:
 
 def _one(job: tuple[int, str, int, int | None, int]) -> dict:
     pool_index, name, seed, cap_steps, concurrency = job
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     run = replay(_POOLS[pool_index], name, seed, cap_steps=cap_steps, concurrency=concurrency)
     return {"pool": pool_index, "arm": name, "seed": seed, "summary": run["summary"], "cap_steps": run["cap_steps"],
             "cap_seconds": run["cap_seconds"], "concurrency": concurrency,
-            "wall_s": round(time.perf_counter() - started, 3)}
+            "wall_s": round(time.perf_counter() - started, 3), "cpu_s": round(time.process_time() - cpu, 3)}
 
 
 def run(pool_paths: list[Path], *, arms: Sequence[str], seeds: int, concurrency: int, out: Path,
-        cap_steps: int | None = None, workers: int | None = None) -> dict:
+        cap_steps: int | None = None, workers: int | None = None,
+        echo: Callable[[str], None] | None = None) -> dict:
     """Every arm × seed (0 … seeds − 1) on every pool, in `workers` processes (default: one per core), summarised
-    per task and written to `out` with the provenance. GPSampler is the slow part: about 0.3–1 s per trial it
-    proposes (Optuna's log-EHVI acquisition), where TPE takes milliseconds."""
+    per task and written to `out` with the provenance; `echo` hears of each run as it ends.
+
+    GPSampler is the slow part: Optuna's log-EHVI acquisition, searched exhaustively over the sparsity's grid
+    steps, takes about half a second per trial it proposes and more as trials accrue, where TPE takes
+    milliseconds; its halving arms run two to three times the trials of a full-budget arm."""
     # named as the table is registered (bench/commands.py): the docs render a file by its provenance's bench
     provenance = record.Provenance("replay")
     for name in arms:
@@ -993,18 +999,31 @@ def run(pool_paths: list[Path], *, arms: Sequence[str], seeds: int, concurrency:
             for seed in range(seeds)]
     jobs.sort(key=lambda job: not job[1].startswith("gp"))  # the slow ones first, so the processes end together
     workers = workers or os.cpu_count() or 1
+    runs = []
+
+    def done(one: dict) -> None:
+        runs.append(one)
+        if echo:
+            echo(f"bench replay: {len(runs)}/{len(jobs)} {Path(paths[one['pool']]).name} {one['arm']} seed"
+                 f" {one['seed']}: {one['summary']['trials']} trials, HV {one['summary']['hv_at_steps_cap']:.3f}"
+                 f" at the cap ({one['wall_s']:.1f} s)")
+
     if workers == 1:
         _start_worker(paths)
-        runs = [_one(job) for job in jobs]
+        for job in jobs:
+            done(_one(job))
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # spawn: the parent has imported torch (and maybe started its threads), which fork does not carry safely
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_start_worker, initargs=(paths,)) as pool:
-            runs = list(pool.map(_one, jobs))
+            for future in as_completed([pool.submit(_one, job) for job in jobs]):
+                done(future.result())
         _POOLS[:] = [record.read(path)[1] for path in paths]
+    position = {name: index for index, name in enumerate(arms)}
+    runs.sort(key=lambda one: (one["pool"], position[one["arm"]], one["seed"]))  # as asked, whatever ended first
     results: dict = {"arms": list(arms), "seeds": seeds, "concurrency": concurrency, "tasks": {}}
     for index, pool in enumerate(_POOLS):
         name = str(pool.get("task", f"pool {index}"))
@@ -1178,6 +1197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main_replay(args) -> int:
     results = run([Path(p) for p in args.pool], arms=args.arms, seeds=args.seeds, concurrency=args.concurrency,
-                  out=Path(args.json_path), cap_steps=args.cap_steps, workers=args.workers)
+                  out=Path(args.json_path), cap_steps=args.cap_steps, workers=args.workers, echo=print)
+    print()
     print(page(results))
     return 0
