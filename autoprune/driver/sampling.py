@@ -13,8 +13,8 @@ from autoprune.driver.warm import Completed
 from autoprune.space.define import SearchSpace
 from autoprune.tracking.schema import STOPPED_AT_RUNG, TRIAL_ERROR
 
-# The samplers made for tens of trials begin with SearchSpace.coarse_start (method × a few uniform sparsities at the
-# largest healing budget) rather than with random trials.
+# The samplers made for tens of trials begin with SearchSpace.coarse_start (method × a few uniform sparsities up to
+# the top of the range) rather than with random trials.
 COARSE_START = ("tpe_grouped", "gp")
 LATENCY_CONSTRAINT = "latency_over_target_ms"  # Optuna constraint (trial.set_constraint): feasible when ≤ 0
 NO_LATENCY = 1.0  # the excess given to a completed trial that measured no latency: it has not shown it meets the target
