@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from autoprune import heal, prune
-from autoprune.config import LATENCY_METRICS, HealingEngine, ProfileSpec, SearchSettings, SparsitySpace
+from autoprune.config import (LATENCY_METRICS, Fixed, HealingEngine, HealSpace, ProfileSpec, SearchSettings,
+                              SparsitySpace, largest)
 from autoprune.errors import SpecError
 
 
@@ -77,6 +78,16 @@ def halving_engine(settings, healing: HealingEngine, origin: str) -> None:
         raise SpecError(f"{origin}: search.halving: rungs continue a heal in the trial's own process, but"
                         f" heal_runtime.engine is {healing.engine!r}, whose workers heal in one go; leave"
                         " search.halving out (or heal with engine: local).")
+
+
+def fixed_budget(heal_space: HealSpace, section) -> None:
+    """With `space.heal.budget: fixed` (the default), the budget is one value: the fidelity every trial heals to."""
+    for key in [k for k in ("steps", "calibration_images") if heal_space.budget == "fixed"]:
+        if not isinstance(getattr(heal_space, key), Fixed):  # more healing never costs accuracy: not a design choice
+            raise section.fail(key, f"is a range, but the healing budget is the search's fidelity, not a dimension (more"
+                                    f" healing never costs accuracy): give the full budget as one value (say"
+                                    f" {largest(getattr(heal_space, key))}; search.halving stops the trials not worth"
+                                    " it early), or set space.heal.budget: searched to sample it.")
 
 
 def sparsity_mode(sparsity: SparsitySpace, methods: Sequence[str], origin: str) -> None:

@@ -40,7 +40,6 @@ from autoprune.config import (
     SearchSpec,
     SparsitySpace,
     TargetHardware,
-    largest,
 )
 from autoprune.errors import SpecError
 from autoprune.space import checks
@@ -381,13 +380,7 @@ def _heal_space(section: Section) -> HealSpace:
         options=section.take_options("options", heal.HEAL_METHODS, methods),
         budget=section.take("budget", str, "fixed", choices=HEAL_BUDGETS),
     )
-    if spec.budget == "fixed":
-        for key in ("steps", "calibration_images"):
-            if not isinstance(getattr(spec, key), Fixed):
-                raise section.fail(key, f"is a range, but the healing budget is the search's fidelity, not a dimension"
-                                        f" (more healing never costs accuracy): give the full budget as one value (say"
-                                        f" {largest(getattr(spec, key))}; search.halving stops the trials not worth"
-                                        f" it early), or set space.heal.budget: searched to sample it.")
+    checks.fixed_budget(spec, section)
     section.done()
     return spec
 
