@@ -170,3 +170,35 @@ def test_the_noise_bench_times_both_ways_and_compares_loaded_with_quiet(monkeypa
     assert rows["paired"]["flipped"] == 0 and rows["paired"]["speedup_error_median"] == 0
     table = noise.markdown({"demo-vit": {"quiet": quiet, "loaded": slower, "compare": rows}}, None)
     assert "| demo-vit | old |" in table and "| demo-vit | paired |" in table
+
+
+def test_the_pool_spreads_a_quasi_random_design_and_the_grid_over_the_flat_space():
+    """Every point is a configuration of the space (every parameter of the flat space, within its range); the
+    design is deterministic and covers each method; the grid is uniform sparsity up to the range's top."""
+    from autoprune.bench import pool
+    from autoprune.models import layer_groups
+    from autoprune.space.define import SearchSpace
+    from autoprune.space.load import parse_spec
+
+    raw = pool.task_spec("reference")
+    raw["space"]["prune"]["methods"] = ["structured", "vbp"]
+    spec = parse_spec(raw)
+    space = SearchSpace(spec, layer_groups(TINY_VIT.create()))
+    points = pool.design(space, 40)
+    assert points == pool.design(space, 40) and points[:10] == pool.design(space, 10)  # a sequence: it resumes
+    assert {p["prune.method"] for p in points} == {"structured", "vbp"} and len({p["heal.method"] for p in points}) == 4
+    for point in points:
+        config = space.to_config(point)
+        assert all(0.3 <= s <= 0.9 for s in config.prune.sparsity.values()) and config.heal.steps in (0, 120)
+        assert point["heal.lr"] == 0 or 3e-4 <= point["heal.lr"] <= 3e-3
+    grid = pool.grid(space)
+    assert len(grid) == 24 and max(p["prune.sparsity.knot0"] for p in grid) == 0.9
+    assert all(p["prune.sparsity.knot0"] == p["prune.sparsity.knot1"] and p["heal.method"] == "distill" for p in grid)
+
+
+def test_the_schedule_bench_reads_paired_differences():
+    from autoprune.bench.schedule import markdown
+
+    rows = [{"wsd": 0.90, "cosine": 0.91}, {"wsd": 0.95, "cosine": 0.94}, {"wsd": 0.80, "cosine": 0.82}]
+    table = markdown({"decay": 0.2, "rows": rows})
+    assert "| last 20% of the steps | 3 | -0.0067 | -0.0100 | 1 | 2 | 0.750 |" in table
