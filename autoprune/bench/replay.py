@@ -101,7 +101,7 @@ def run(pool_paths: list[Path], *, arms: Sequence[str], seeds: int, concurrency:
         if echo:
             echo(f"bench replay: {len(runs)}/{len(jobs)} {Path(paths[one['pool']]).name} {one['arm']} seed"
                  f" {one['seed']}: {one['summary']['trials']} trials, HV {one['summary']['hv_at_steps_cap']:.3f}"
-                 f" at the cap ({one['wall_s']:.1f} s)")
+                 f" at the cap ({one['wall_s']:.1f} s, {one['cpu_s']:.1f} s of CPU)")
 
     if workers == 1:
         _start_worker(paths)
