@@ -35,15 +35,21 @@ class FinalTiming:
 def apply_final(final: FinalTiming | None, records: Sequence[TrialRecord],
                 dense: TrialResult) -> tuple[list[TrialRecord], TrialResult]:
     """The records and the dense result on the final pass's scale: re-timed trials get their new profile (the old
-    median kept as `searched_latency_ms`), the others their speedup put on the final dense latency."""
+    median kept as `searched_latency_ms`), those of the dense structure the final dense profile, the others their
+    speedup put on the final dense latency."""
     if final is None:
         return list(records), dense
     scale = final.dense.median_ms
+    dense_key = dense.latency_keys.get(dense.latency.batch_size)
     out = []
     for record in records:
         result = record.result
         if result is not None:
-            latency = final.trials.get(record.trial_id) or rescaled(result.latency, scale)
+            # a trial of the dense structure on the dense kernels (masks) shares the dense model's one measurement,
+            # on the final scale as during the search: not its own rescaled copy, whose p90 would differ
+            same_as_dense = dense_key is not None and result.latency_keys.get(result.latency.batch_size) == dense_key
+            latency = final.trials.get(record.trial_id) or (final.dense if same_as_dense
+                                                            else rescaled(result.latency, scale))
             result = replace(result, latency=latency, searched_latency_ms=result.latency.median_ms)
         out.append(replace(record, result=result))
     return out, replace(dense, latency=final.dense)
