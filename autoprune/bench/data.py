@@ -68,7 +68,7 @@ def spec(folder: Path, *, images: int, trials: int, image_size: int) -> dict:
         "mlflow": {"experiment": "bench-data", "registered_model": "bench-data-model"},
         "space": {"prune": {"methods": ["structured"], "sparsity": {"low": 0.5, "high": 0.7}},
                   "heal": {"methods": ["finetune"], "calibration_images": [min(4096, images), images], "steps": 3,
-                           "lr": 1e-3, "batch_size": 16}},
+                           "lr": 1e-3, "batch_size": 16, "budget": "searched"}},  # both image counts: the data
     }
 
 

@@ -36,7 +36,7 @@ CNN_SPEC = {
     "mlflow": {"experiment": "bench-serve-cnn", "registered_model": "bench-serve-cnn-pruned"},
     "space": {"prune": {"methods": ["structured", "vbp"], "sparsity": {"low": 0.3, "high": 0.9}},
               "heal": {"methods": ["distill", "finetune"], "calibration_images": 256, "steps": [40, 80],
-                       "lr": 1e-3, "batch_size": 32}},
+                       "lr": 1e-3, "batch_size": 32, "budget": "searched"}},  # as serve.json was measured
 }
 TARGET = 0.10  # served latency within 10% of the registered one
 ROUNDS = 3  # fresh processes per version and way of loading it
