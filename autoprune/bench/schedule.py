@@ -60,7 +60,7 @@ def markdown(results: dict) -> str:
     differences = [row["wsd"] - row["cosine"] for row in rows]
     test = wilcoxon(differences) if any(differences) else None
     return "\n".join([
-        f"| decay | pairs | WSD − cosine, mean | median | WSD better | cosine better | Wilcoxon p |",
+        "| decay | pairs | WSD − cosine, mean | median | WSD better | cosine better | Wilcoxon p |",
         "|---|---|---|---|---|---|---|",
         f"| last {decay:.0%} of the steps | {len(rows)} | {statistics.mean(differences):+.4f} |"
         f" {statistics.median(differences):+.4f} | {sum(d > 0 for d in differences)} |"
