@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
 SAMPLERS = ("tpe", "nsga2", "random", "tpe_grouped", "gp")
-SPARSITY_MODES = ("global", "per_group", "depth", "spectral")
+SPARSITY_MODES = ("global", "per_group", "depth", "spectral", "macs")
 DATA_SOURCES = ("reference", "imagefolder", "torchvision")
 DTYPES = ("float32", "float16", "bfloat16")
 HEALING_ENGINES = ("local", "deepspeed")
@@ -185,12 +185,14 @@ class MlflowSpec:
 @dataclass(frozen=True)
 class SparsitySpace:
     # global: one value; per_group: one per layer group; depth: knots over depth;
-    # spectral: one value, spread over the groups by the Marchenko–Pastur layer budget of the dense weights
+    # spectral: one value, spread over the groups by the Marchenko–Pastur layer budget of the dense weights;
+    # macs: a reduction (how far between every group at `low` and every group at `high`, in MACs) and a shape over
+    # depth (knots), whose scale the trial solves to meet that cost before it heals (prune/target.py)
     mode: str = "global"
     low: float = 0.3  # the sparsity range sampled (fractions of the prunable weights)
     high: float = 0.9  # (upper end)
     step: float | None = None  # the grid step of the range (null: continuous)
-    knots: int = 3  # depth mode only
+    knots: int = 3  # depth and macs modes only
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,11 @@ class PruneConfig:
     method: str  # a registered pruning method
     sparsity: Mapping[str, float] = field(default_factory=dict)  # group → fraction; {"all": s} for global
     options: Mapping[str, Any] = field(default_factory=dict)
-    allocation: str = "given"  # given: as above; spectral: {"all": s} spread over the groups by the MP layer budget
+    # given: as above; spectral: {"all": s} spread over the groups by the MP layer budget; macs: `sparsity` is a
+    # shape (relative weights per group), scaled to the cost `target` names within `bounds` (prune/target.py)
+    allocation: str = "given"
+    target: float | None = None  # macs: the reduction, 0 (every group at bounds[0]) to 1 (every group at bounds[1])
+    bounds: tuple[float, float] | None = None  # macs: the sparsity range each group stays in
 
 
 @dataclass(frozen=True)
@@ -271,9 +277,13 @@ class TrialConfig:
     def flat(self) -> dict[str, Any]:
         """Dotted keys → scalars, as MLflow params and table columns."""
         flat: dict[str, Any] = {"prune.method": self.prune.method, "heal.method": self.heal.method, "seed": self.seed}
-        flat.update({f"prune.sparsity.{group}": value for group, value in self.prune.sparsity.items()})
+        shaped = self.prune.allocation == "macs"
+        flat.update({f"prune.{'shape' if shaped else 'sparsity'}.{group}": value
+                     for group, value in self.prune.sparsity.items()})
         if self.prune.allocation != "given":
             flat["prune.allocation"] = self.prune.allocation
+        if shaped:
+            flat["prune.reduction"] = self.prune.target
         flat.update({f"prune.{self.prune.method}.{key}": value for key, value in self.prune.options.items()})
         for key in ("calibration_images", "steps", "lr", "batch_size"):
             flat[f"heal.{key}"] = getattr(self.heal, key)
@@ -289,7 +299,10 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "TrialConfig":
-        return cls(PruneConfig(**raw["prune"]), HealConfig(**raw["heal"]), raw["seed"])
+        prune_raw = dict(raw["prune"])
+        if prune_raw.get("bounds") is not None:  # JSON gives a list
+            prune_raw["bounds"] = tuple(prune_raw["bounds"])
+        return cls(PruneConfig(**prune_raw), HealConfig(**raw["heal"]), raw["seed"])
 
 
 def plain(value: Any) -> Any:

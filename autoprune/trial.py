@@ -44,6 +44,7 @@ from autoprune.measure.prepared import PreparedModel
 from autoprune.measure.timing import LatencyProfile
 from autoprune.models import POOLED_GROUP, LayerGroup, ModelSource, layer_groups, pooled_group, prunable_layers
 from autoprune.prune.spectral import spectral_allocation
+from autoprune.prune.target import solve
 from autoprune.result import TrialResult
 from autoprune.saved import save_model
 from autoprune.train import TrainingRun
@@ -103,18 +104,22 @@ def run_trial(
     with stage("prune"):
         method = prune.get(config.prune.method)
         options = {**method.options, **config.prune.options}  # defaults for what the config leaves out
-        groups, sparsity = _allocate(model, config.prune)
-        masks = method.apply(
-            model,
-            prune.PruneRequest(
+
+        def pruning(groups: tuple[LayerGroup, ...], sparsity: Mapping[str, float]) -> prune.PruneRequest:
+            return prune.PruneRequest(
                 groups=groups,
                 sparsity=sparsity,
                 options=options,
                 example_inputs=data.normalize(data.train.take(slice(0, 2)).to(device)),
                 calibration=data.batches(calibration, device) if method.needs_images(options) else None,
                 seed=config.seed,
-            ),
-        )
+            )
+
+        def cost(groups: tuple[LayerGroup, ...], sparsity: Mapping[str, float]) -> float:
+            return _pruned_cost(model, method, pruning(groups, sparsity), data.input_size, layers)
+
+        groups, sparsity = _allocate(model, config.prune, cost)
+        masks = method.apply(model, pruning(groups, sparsity))
 
     healing = heal.get(config.heal.method)
     if method.gradual and not healing.trains:
@@ -274,14 +279,38 @@ def _stop_reason(latency: LatencyProfile, context: TrialContext, method: str) ->
     return ""
 
 
-def _allocate(model: torch.nn.Module, config: PruneConfig) -> tuple[tuple[LayerGroup, ...], dict[str, float]]:
+def _allocate(model: torch.nn.Module, config: PruneConfig,
+              cost: Callable[[tuple[LayerGroup, ...], Mapping[str, float]], float],
+              ) -> tuple[tuple[LayerGroup, ...], dict[str, float]]:
     """The layer groups and each one's sparsity: the pooled group for global sparsity, the model's own groups
-    otherwise, with the spectra's allocation when the config asks for it."""
+    otherwise, with the spectra's allocation, or the shape's scale that meets the cost target, when the config
+    asks for it."""
     if config.allocation == "spectral":
         groups = layer_groups(model)
         return groups, spectral_allocation(model, groups, config.sparsity[POOLED_GROUP])
+    if config.allocation == "macs":
+        groups = layer_groups(model)
+        shape = {group.name: config.sparsity.get(group.name, 1.0) for group in groups}
+        low, high = config.bounds or (0.0, 1.0)
+        sparsity, _ = solve(lambda candidate: cost(groups, candidate), shape, float(config.target or 0.0),
+                            low=low, high=high)
+        return groups, sparsity
     groups = (pooled_group(model),) if set(config.sparsity) == {POOLED_GROUP} else layer_groups(model)
     return groups, {group.name: config.sparsity.get(group.name, 0.0) for group in groups}
+
+
+def _pruned_cost(model: torch.nn.Module, method: prune.PruneMethod, request: prune.PruneRequest,
+                 input_size: tuple[int, int, int], layers: list[str]) -> float:
+    """What the structure `request` makes of `model` costs: a copy pruned (to its final sparsity, for a gradual
+    method) and counted — multiply-accumulates where the method removes structure, non-zero weights where it
+    masks (dense kernels execute the zeros; a sparse kernel would not)."""
+    probe = copy.deepcopy(model)
+    masks = method.apply(probe, request)
+    if method.gradual:
+        masks.finish(probe)
+    if method.structured:
+        return float(count_macs(probe, input_size))
+    return float(prunable_weight_count(probe, layers)[0])
 
 
 def _stopwatch(timings: dict[str, float]):

@@ -39,7 +39,8 @@ def _config(method: str, knots: tuple[float, float], heal: str, lr: float, origi
               "heal.method": heal, "heal.lr": lr}
     trains = heal != "none"
     not_faster = ratio >= 1.0
-    config = {"params": params, "origin": origin, "trains": trains, "latency_ratio": round(ratio, 4),
+    macs = round(1e6 * (1 - 0.9 * knots[0]) * 0.4 + 1e6 * (1 - 0.9 * knots[1]) * 0.6)  # the last knot weighs more
+    config = {"params": params, "origin": origin, "trains": trains, "latency_ratio": round(ratio, 4), "macs": macs,
               "not_faster": not_faster, "seconds": dict(SECONDS), "seeds": []}
     if not_faster:
         return config
@@ -131,6 +132,25 @@ def test_a_trial_asked_by_a_sampler_is_answered_and_counted(pool):
             assert trial["steps"] == (FULL if config["trains"] else 0)
     # the cap: healing steps spent before the last trial started are below it
     assert run["trials"][-2]["spent"][0] < run["cap_steps"] or run["trials"][-2]["spent"][1] < run["cap_seconds"]
+
+
+def test_a_macs_arm_asks_for_a_cost_and_is_answered_at_the_knots_that_cost_it(pool):
+    """The sampler proposes a reduction and a shape; the replay solves them onto the pool's knots on its recorded
+    MACs (as the live trial does on counted ones), so the solved knots cost the target and keep the shape."""
+    from autoprune.bench.replay_pool import _Task
+
+    run = replay.replay(pool, "tpe_grouped+macs", 0)
+    solver = _Task.of(pool).solver
+    lightest = solver.macs("vbp", [0.3, 0.3])
+    heaviest = solver.macs("vbp", [0.9, 0.9])
+    solved = solver.to_knots({"prune.method": "vbp", "heal.method": "distill", "prune.reduction": 0.5,
+                              "prune.shape.knot0": 0.5, "prune.shape.knot1": 1.0})
+    knots = [solved["prune.sparsity.knot0"], solved["prune.sparsity.knot1"]]
+    assert set(solved) == {"prune.method", "heal.method", "prune.sparsity.knot0", "prune.sparsity.knot1"}
+    assert solver.macs("vbp", knots) == pytest.approx(math.sqrt(lightest * heaviest), rel=0.011)
+    assert 0.3 < knots[0] < knots[1] <= 0.9
+    assert run["trials"] and all("prune.reduction" not in t["params"] for t in run["trials"])
+    assert {t["params"]["prune.method"] for t in run["trials"]} == {"structured", "vbp"}
 
 
 def test_halving_promotes_at_full_cost_plus_decays_and_stops_as_pruned(pool):

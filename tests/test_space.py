@@ -98,6 +98,21 @@ def test_spectral_mode_samples_one_value_for_the_trial_to_spread():
     assert config.prune.allocation == "given"  # N:M takes no sparsity to spread
 
 
+def test_macs_mode_samples_a_reduction_and_a_shape_for_the_trial_to_solve():
+    space = _space(mode="macs", knots=2)
+    params, config = _sample(space, {"prune.method": "structured", "heal.method": "none"})
+    assert sorted(k for k in params if k.startswith(("prune.reduction", "prune.shape"))) == [
+        "prune.reduction", "prune.shape.knot0", "prune.shape.knot1"]
+    assert config.prune.allocation == "macs" and config.prune.target == params["prune.reduction"]
+    assert config.prune.bounds == (0.3, 0.9) and set(config.prune.sparsity) == {g.name for g in GROUPS}
+    assert list(config.prune.sparsity.values())[-1] == pytest.approx(params["prune.shape.knot1"])
+    _, config = _sample(space, {"prune.method": "nm", "heal.method": "none"})
+    assert config.prune.allocation == "given" and config.prune.target is None
+    start = space.coarse_start(12)  # uniform shapes, from a light reduction to every group at `high`
+    reductions = sorted({point["prune.reduction"] for point in start if "prune.reduction" in point})
+    assert reductions[-1] == 1.0 and all(point.get("prune.shape.knot0", 1.0) == 1.0 for point in start)
+
+
 def test_a_mode_a_method_cannot_take_is_a_spec_error():
     raw = copy.deepcopy(DEMO)
     raw["space"]["prune"]["methods"] = ["magnitude", "mp_budget"]

@@ -167,27 +167,35 @@ def _equal_cost_table(task: Mapping) -> list[str]:
     seeds: the median of the paired differences and Wilcoxon's p. Where no arm reaches a target share of the
     pool's front within the cap, the cost to reach it is censored for all of them, and this is the comparison left
     that can decide."""
-    from scipy.stats import wilcoxon
-
     by_arm: dict[str, dict[int, float]] = {}
     for run in task["runs"]:
         by_arm.setdefault(run["arm"], {})[run["seed"]] = run["summary"]["hv_at_steps_cap"]
     baselines = [b for b in (*BASELINES, "grid") if b in by_arm]
+    variants = any("+" in arm and arm.split("+")[0] in by_arm for arm in by_arm)
     lines = ["Hypervolume at equal cost (the steps cap), paired by seed: the median difference from each baseline"
-             " (above 0: this arm's front is better) and Wilcoxon's p.", "",
-             "| arm | " + " | ".join(f"vs {b}" for b in baselines) + " |", "|---" * (len(baselines) + 1) + "|"]
+             " (above 0: this arm's front is better) and Wilcoxon's p"
+             + ("; an arm `X+…` also against `X`, the same sampler without what it adds" if variants else "") + ".", "",
+             "| arm | " + " | ".join(f"vs {b}" for b in baselines) + (" | vs X |" if variants else " |"),
+             "|---" * (len(baselines) + 1 + variants) + "|"]
     for arm, values in by_arm.items():
-        cells = []
-        for baseline in baselines:
-            seeds = sorted(set(values) & set(by_arm[baseline]))
-            differences = [values[seed] - by_arm[baseline][seed] for seed in seeds]
-            if arm == baseline or len(seeds) < 2:
-                cells.append("—")
-                continue
-            p = float(wilcoxon(differences).pvalue) if any(differences) else 1.0
-            cells.append(f"{statistics.median(differences):+.3f}, p {p:.2g}")
+        cells = ["—" if arm == baseline else _paired(values, by_arm[baseline]) for baseline in baselines]
+        if variants:
+            base = arm.split("+")[0] if "+" in arm else ""
+            cells.append(f"{_paired(values, by_arm[base])} ({base})" if base in by_arm else "—")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _paired(values: Mapping[int, float], baseline: Mapping[int, float]) -> str:
+    """The median paired difference and Wilcoxon's p over the seeds both have ("—" with fewer than two)."""
+    from scipy.stats import wilcoxon
+
+    seeds = sorted(set(values) & set(baseline))
+    differences = [values[seed] - baseline[seed] for seed in seeds]
+    if len(seeds) < 2:
+        return "—"
+    p = float(wilcoxon(differences).pvalue) if any(differences) else 1.0
+    return f"{statistics.median(differences):+.3f}, p {p:.2g}"
 
 
 def _arm_text(name: str) -> str:

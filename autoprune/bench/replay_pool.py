@@ -39,18 +39,27 @@ class _Task:
     pool: dict
     full: int  # healing steps of the full budget
     fidelities: tuple[int, ...]
-    spaces: dict  # the budget "fixed" (today's space) or "searched" → SearchSpace
+    # the budget "fixed" (today's space) or "searched", or "macs" (fixed, sparsity chosen by cost) → SearchSpace
+    spaces: dict
     lookup: "_Lookup"
     reference: tuple[float, float]
     pooled_hv: float
+    solver: Any = None  # the "macs" space's reduction and shape → the pool's knots (replay_macs.py); None: no such space
 
     @classmethod
     def of(cls, pool: dict) -> "_Task":
+        from autoprune.bench.replay_macs import KnotSolver
+
         full = int(pool["budget"]["steps"])
         spaces = {budget: _space(pool["spec"], pool["budget"], budget_mode=budget) for budget in ("fixed", "searched")}
+        sparsity = spaces["fixed"].spec.prune.sparsity
+        solver = None
+        if sparsity.mode == "depth":  # a pool over knots can answer a shape over the same knots
+            spaces["macs"] = _space(pool["spec"], pool["budget"], budget_mode="fixed", sparsity_mode="macs")
+            solver = KnotSolver(pool["configs"], sparsity.knots, sparsity.low, sparsity.high)
         return cls(pool, full, tuple(sorted(int(f) for f in pool["fidelities"])), spaces,
                    _Lookup(pool["configs"], _dimensions(spaces["fixed"])), reference_point(pool),
-                   pooled_hypervolume(pool))
+                   pooled_hypervolume(pool), solver)
 
     @property
     def configs(self) -> list[dict]:
@@ -93,10 +102,10 @@ def _groups(model) -> tuple:
     return _GROUPS[key]
 
 
-def _space(doc: Mapping, budget: Mapping, *, budget_mode: str):
+def _space(doc: Mapping, budget: Mapping, *, budget_mode: str, sparsity_mode: str | None = None):
     """The SearchSpace over the pool's spec: the budget fixed at the pool's full budget (today's space), or its
     steps sampled from OLD_STEPS_LOW to the full budget, log-uniformly (the space before the budget became the
-    fidelity: `space.heal.budget: searched`)."""
+    fidelity: `space.heal.budget: searched`); `sparsity_mode` replaces the spec's (macs: chosen by cost)."""
     from autoprune.space.define import SearchSpace
     from autoprune.space.load import parse_spec
 
@@ -104,6 +113,8 @@ def _space(doc: Mapping, budget: Mapping, *, budget_mode: str):
     heal_space = doc["space"]["heal"]
     full = int(budget["steps"])
     heal_space["budget"] = budget_mode
+    if sparsity_mode is not None:
+        doc["space"]["prune"]["sparsity"]["mode"] = sparsity_mode
     if budget_mode == "searched":
         heal_space["steps"] = {"low": min(OLD_STEPS_LOW, full), "high": full, "log": True}
     else:

@@ -27,7 +27,9 @@ class Arm:
     text: str
     source: Callable[["_Task", int, int], "_Source"]  # (task, seed, trials the cap pays for) → where trials come from
     rungs: tuple[float, ...] | None = None  # successive halving's rungs (fractions of the full budget); None: none
-    budget: str = "fixed"  # fixed: every trial heals the full budget; searched: the sampler draws its steps
+    # fixed: every trial heals the full budget; searched: the sampler draws its steps; macs: fixed, and the sparsity
+    # chosen by cost (replay_macs.py)
+    budget: str = "fixed"
 
 
 def _sampler_arm(text: str, sampler: str, *, rungs: tuple[float, ...] | None = None, budget: str = "fixed") -> Arm:
@@ -53,6 +55,9 @@ def _registry() -> dict[str, Arm]:
     for sampler in ("tpe", "gp", "tpe_grouped"):
         coarse = ", coarse start" if sampler != "tpe" else ""  # as the live search: only the small-budget samplers
         arms[sampler] = _sampler_arm(f"{sampler} over the space, full budget{coarse}", sampler)
+    for sampler in ("random", "tpe", "tpe_grouped", "gp"):
+        arms[f"{sampler}+macs"] = _sampler_arm(f"{sampler}, sparsity chosen by cost (a MACs reduction and a shape"
+                                               " over depth; the scale solved)", sampler, budget="macs")
     for sampler in ("tpe", "gp", "random", "tpe_grouped"):
         arms[f"{sampler}+halving"] = _sampler_arm(f"{sampler}, successive halving at 1/9 and 1/3 of the budget",
                                                   sampler, rungs=DEFAULT_RUNGS)
@@ -96,8 +101,8 @@ class _Source:
 
 
 class _OptunaSource(_Source):
-    def __init__(self, study, space) -> None:
-        self.study, self.space = study, space
+    def __init__(self, study, space, translate: Callable[[dict], dict] | None = None) -> None:
+        self.study, self.space, self.translate = study, space, translate
 
     @classmethod
     def make(cls, task: _Task, seed: int, trials: int, *, sampler: str, space: str) -> "_OptunaSource":
@@ -105,6 +110,8 @@ class _OptunaSource(_Source):
 
         from autoprune.driver.sampling import COARSE_START, make_sampler
 
+        if space not in task.spaces:
+            raise ValueError(f"the pool's space has no {space!r} form (a `macs` arm needs a pool over depth knots)")
         chosen = task.spaces[space]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -113,12 +120,13 @@ class _OptunaSource(_Source):
         if sampler in COARSE_START:  # as the live search starts them (driver/sampling.py)
             for point in chosen.coarse_start(trials):
                 study.enqueue_trial(point, skip_if_exists=False)
-        return cls(study, chosen)
+        return cls(study, chosen, task.solver.to_knots if space == "macs" else None)
 
     def ask(self):
         trial = self.study.ask()
         self.space.define(trial)
-        return trial, dict(trial.params), None
+        params = dict(trial.params)
+        return trial, self.translate(params) if self.translate else params, None
 
     def tell(self, handle, values) -> None:
         import optuna

@@ -43,7 +43,7 @@ class PruneMethod:
     calibration_when: Mapping[str, tuple] = field(default_factory=dict)  # … or only with these option values
     gradual: bool = False  # keeps pruning while the model heals (returns a sparsifier, final only at `finish`)
     semi_structured: bool = False  # leaves N:M patterns: with n=2, m=4 it is timed on 2:4 kernels where they exist
-    sparsity_modes: tuple[str, ...] = ("global", "per_group", "depth", "spectral")  # parametrisations it takes
+    sparsity_modes: tuple[str, ...] = ("global", "per_group", "depth", "spectral", "macs")  # parametrisations it takes
     options: Mapping[str, Any] = field(default_factory=dict)  # option name → default
     choices: Mapping[str, tuple] = field(default_factory=dict)  # option name → its valid values, where they are few
     check: Callable[[Mapping[str, Any]], str | None] | None = None  # a problem with a set of options, or None

@@ -11,13 +11,16 @@ The healing budget (`space.heal.steps`, `calibration_images`) is not a parameter
 (`space.heal.budget: searched`): more healing never costs accuracy, so sampling it buys dominated points; it is the
 search's fidelity instead (every trial heals the full budget, or stops at a rung of `search.halving`).
 
-Per-layer sparsity comes in three parametrisations:
+Per-layer sparsity comes in these parametrisations:
 - global: one value, pooled over every prunable layer (one magnitude threshold for all);
 - per_group: one value per layer group (a ViT block's attention or MLP, a CNN stage);
 - depth: a few knots spread over depth, linearly interpolated to every group, so that deep models need not
   search a hundred dimensions;
 - spectral: one value, which the trial spreads over the groups by the Marchenko–Pastur layer budget of the dense
   weights (it needs the weights, so it is resolved there, not here).
+- macs: how far to prune (`prune.reduction`: 0 is the cost of every group at `low`, 1 of every group at `high`) and a
+  shape over depth (`prune.shape.knotK`, relative weights); the trial solves the scale of the shape that costs
+  that much (prune/target.py), so that the sampler proposes where a trial lands on the latency axis.
 Which of them a method takes is declared in its registration and checked when the spec is read.
 """
 
@@ -32,6 +35,7 @@ from autoprune.config import (Choice, Dimension, Fixed, HealConfig, PruneConfig,
                               largest)
 from autoprune.errors import SpecError
 from autoprune.models import POOLED_GROUP, LayerGroup
+from autoprune.prune.target import SHAPE_FLOOR
 
 
 class SearchSpace:
@@ -41,7 +45,7 @@ class SearchSpace:
         sparsity = spec.prune.sparsity
         if not groups:
             raise SpecError(f"model {spec.model.name!r} has no prunable Linear/Conv2d layers.")
-        if sparsity.mode == "depth" and sparsity.knots > len(groups):
+        if sparsity.mode in ("depth", "macs") and sparsity.knots > len(groups):
             raise SpecError(
                 f"space.prune.sparsity.knots: {sparsity.knots} knots for {len(groups)} layer groups;"
                 f" use at most {len(groups)} (or mode: per_group)."
@@ -60,7 +64,12 @@ class SearchSpace:
         if any(prune.get(method).uses_sparsity for method in spec.prune.methods):
             sparsity = spec.prune.sparsity
             for name in self.sparsity_parameters():
-                trial.suggest_float(name, sparsity.low, sparsity.high, step=sparsity.step)
+                if name == "prune.reduction":
+                    trial.suggest_float(name, 0.0, 1.0)
+                elif name.startswith("prune.shape."):
+                    trial.suggest_float(name, SHAPE_FLOOR, 1.0)
+                else:
+                    trial.suggest_float(name, sparsity.low, sparsity.high, step=sparsity.step)
         for method in spec.prune.methods:
             for option, dimension in spec.prune.options.get(method, {}).items():
                 _suggest(trial, f"prune.{method}.{option}", dimension)
@@ -79,13 +88,16 @@ class SearchSpace:
         prune_method = _value(params, "prune.method", Choice(self.spec.prune.methods))
         heal_method = _value(params, "heal.method", Choice(self.spec.heal.methods))
         sparsity = self._resolve_sparsity(params) if prune.get(prune_method).uses_sparsity else {}
+        mode = self.spec.prune.sparsity.mode if sparsity else "given"
         prune_options = _options(params, "prune", prune_method, self.spec.prune.options)
         used = _budget_keys(prune.get(prune_method), prune_options, heal.get(heal_method))
         budget = {key: _value(params, f"heal.{key}", getattr(self.spec.heal, key)) if key in used else 0
                   for key in ("calibration_images", "steps", "lr")}
         return TrialConfig(
-            prune=PruneConfig(prune_method, sparsity, prune_options,
-                              "spectral" if sparsity and self.spec.prune.sparsity.mode == "spectral" else "given"),
+            prune=PruneConfig(prune_method, sparsity, prune_options, mode if mode in ("spectral", "macs") else "given",
+                              **({"target": float(params["prune.reduction"]),
+                                  "bounds": (self.spec.prune.sparsity.low, self.spec.prune.sparsity.high)}
+                                 if mode == "macs" else {})),
             heal=HealConfig(
                 heal_method,
                 calibration_images=int(budget["calibration_images"]),
@@ -109,12 +121,18 @@ class SearchSpace:
         sparsity = self.spec.prune.sparsity
         # spread up to the range's top, which a sampler rarely draws on every knot at once: the most pruned
         # structure is the front's fastest point, and most of its hypervolume (`autoprune bench replay`)
-        values = [_on_step(sparsity.low + (sparsity.high - sparsity.low) * (k + 1) / per_method, sparsity.low,
-                           sparsity.step) for k in range(per_method)]
+        fractions = [(k + 1) / per_method for k in range(per_method)]
+        if sparsity.mode == "macs":  # the same points: uniform (every shape knot 1), from light to every group at `high`
+            shape = dict.fromkeys(self.sparsity_parameters()[1:], 1.0)
+            points = [{"prune.reduction": fraction, **shape} for fraction in fractions]
+        else:
+            points = [dict.fromkeys(self.sparsity_parameters(), _on_step(
+                sparsity.low + (sparsity.high - sparsity.low) * fraction, sparsity.low, sparsity.step))
+                for fraction in fractions]
         budget = {f"heal.{key}": largest(getattr(self.spec.heal, key)) for key in ("calibration_images", "steps")
                   if not isinstance(getattr(self.spec.heal, key), Fixed)}
-        return ([{"prune.method": m, **dict.fromkeys(self.sparsity_parameters(), v), **budget}
-                 for v in values for m in sparse] + [{"prune.method": m, **budget} for m in others])
+        return ([{"prune.method": m, **point, **budget} for point in points for m in sparse]
+                + [{"prune.method": m, **budget} for m in others])
 
     def sparsity_parameters(self) -> list[str]:
         """The Optuna parameters of a method that takes a sparsity (global, per group, or depth knots)."""
@@ -123,10 +141,13 @@ class SearchSpace:
             return ["prune.sparsity"]
         if mode.mode == "per_group":
             return [f"prune.sparsity.{name}" for name in self.group_names]
+        if mode.mode == "macs":
+            return ["prune.reduction"] + [f"prune.shape.knot{index}" for index in range(mode.knots)]
         return [f"prune.sparsity.knot{index}" for index in range(mode.knots)]
 
     def _resolve_sparsity(self, params: Mapping[str, Any]) -> dict[str, float]:
-        values = [float(params[name]) for name in self.sparsity_parameters()]
+        """Each group's sparsity — or, in mode macs, its weight in the shape (the trial scales it)."""
+        values = [float(params[name]) for name in self.sparsity_parameters() if name != "prune.reduction"]
         mode = self.spec.prune.sparsity.mode
         if mode in ("global", "spectral"):
             return {POOLED_GROUP: values[0]}
