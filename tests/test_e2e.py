@@ -229,11 +229,13 @@ CNN_SPEC = {
     "profile": {"batch_size": 16, "warmup": 3, "repeats": 10},  # memory_format: auto, the default
     # every trial heals (search.stop_unless_faster off): this test holds the heal path of a CNN whose pruned
     # copies are barely faster than dense (channels 8–64); test_busy_search.py holds the stop rule under load
-    "search": {"trials": 4, "concurrency": 2, "sampler": "random", "seed": 3, "resources": {"cpu": 1},
+    # the default sampler, whose coarse start these 4 trials are; sparsity chosen by cost (each trial solves its
+    # shape's scale on pruned copies of the CNN before it is timed)
+    "search": {"trials": 4, "concurrency": 2, "sampler": "tpe_grouped", "seed": 3, "resources": {"cpu": 1},
                "stop_unless_faster": False},
     "mlflow": {"experiment": "e2e-cnn", "registered_model": "e2e-cnn-model"},
     "space": {
-        "prune": {"methods": ["structured", "vbp"], "sparsity": {"mode": "global", "low": 0.6, "high": 0.9}},
+        "prune": {"methods": ["structured", "vbp"], "sparsity": {"mode": "macs", "knots": 2, "low": 0.6, "high": 0.9}},
         "heal": {"methods": ["finetune", "distill", "align"], "calibration_images": 32, "steps": 3, "lr": 1e-3,
                  "batch_size": 8},
     },
@@ -282,6 +284,13 @@ def test_a_cnn_search_with_training_heals_loses_no_trial(local_ray, tmp_path):
     assert not outcome.failed, outcome.failed[0].error
     assert {record.result.config.heal.method for record in outcome.records} <= {"finetune", "distill", "align"}
     assert all(record.result.healing_steps > 0 for record in outcome.records)  # each one healed
+    # aimed by cost: the coarse start's reductions, a harder one landing on fewer MACs for the same method
+    for method in ("structured", "vbp"):
+        aimed = sorted((r.result.config.prune.target, r.result.macs) for r in outcome.records
+                       if r.result.config.prune.method == method)
+        assert [target for target, _ in aimed] == [0.5, 1.0] and aimed[1][1] < aimed[0][1]
+    runs = Tracker(outcome.tracking_uri, "e2e-cnn").child_runs(outcome.parent_run_id)
+    assert all("prune.reduction" in run.data.params for run in runs)
     for record in outcome.records:  # each checkpoint loads in the layout its latency was measured in
         model = load_model_dir(record.model_dir)
         channels_last = model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
