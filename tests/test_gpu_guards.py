@@ -42,6 +42,22 @@ def test_the_only_gpu_type_is_pinned_and_a_cpu_search_asks_for_none():
     assert cpu.search.accelerator_type is None and trial_resources(cpu) == {"cpu": 1, "gpu": 0}
 
 
+def test_the_final_timing_runs_on_the_trials_gpu_type_or_the_target_type():
+    """The pass that sets the registered latencies must run on the GPU type the trials and the dense baseline were
+    timed on: on a cluster of several types, a GPU of any type would put the front on another device's scale."""
+    from autoprune.driver.retime import final_timing_options
+
+    said = []
+    cluster = {"CPU": 16, "GPU": 4, "accelerator_type:A10G": 2, "accelerator_type:L4": 2}
+    chosen = check_cluster(_spec(gpu=1, accelerator_type="A10G"), cluster, said.append)
+    assert final_timing_options(chosen) == {"num_cpus": 1, "num_gpus": 1,
+                                            "resources": {"accelerator_type:A10G": 0.001}}
+    assert final_timing_options(_spec()) == {"num_cpus": 1, "num_gpus": 0}  # a CPU search asks for no GPU type
+    targeted = parse_spec({**DEMO, "search": {**DEMO["search"], "resources": {"cpu": 1, "gpu": 1}},
+                           "profile": {**DEMO["profile"], "target": {"accelerator_type": "L4", "gpu": 1}}})
+    assert final_timing_options(targeted)["accelerator_type"] == "L4"
+
+
 @pytest.mark.parametrize("message, poisons", [
     ("CUDA error: an illegal memory access was encountered", True),
     ("CUDA error: device-side assert triggered", True),

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from autoprune.config import SearchSpec
+from autoprune.driver.tune import gpu_type_resource
 from autoprune.measure.timing import LatencyProfile
 from autoprune.pareto import pareto_front
 from autoprune.result import TrialRecord, TrialResult
@@ -55,6 +56,20 @@ def _bounds(profile: LatencyProfile) -> tuple[float, float]:
     return scale / profile.speedup_high, scale / profile.speedup_low if profile.speedup_low > 0 else float("inf")
 
 
+def final_timing_options(spec: SearchSpec) -> dict[str, Any]:
+    """Where the final pass runs: on a node of the spec's target type, or where a trial runs — its CPUs, its GPUs
+    and its GPU type — so that on a cluster of several GPU types the registered latencies come from the type the
+    trials and the dense baseline were timed on, not from whichever GPU is free."""
+    target = spec.profile.target
+    if target is not None:
+        return {"num_cpus": target.cpu, "num_gpus": target.gpu, "accelerator_type": target.accelerator_type}
+    options: dict[str, Any] = {"num_cpus": spec.search.cpu, "num_gpus": spec.search.gpu}
+    pinned = gpu_type_resource(spec)
+    if pinned:
+        options["resources"] = pinned
+    return options
+
+
 def retime_final(spec: SearchSpec, context_ref: Any, records: Sequence[TrialRecord], dense: TrialResult, *,
                  say: Callable[[str], None]) -> FinalTiming | None:
     """Time the candidates again with the dense model in one pass on a trial worker (or on a node of the spec's
@@ -69,10 +84,7 @@ def retime_final(spec: SearchSpec, context_ref: Any, records: Sequence[TrialReco
     from autoprune.saved import load_model_dir
 
     profile = spec.profile
-    options: dict[str, Any] = {"num_cpus": spec.search.cpu, "num_gpus": spec.search.gpu}
-    if profile.target is not None:
-        options = {"num_cpus": profile.target.cpu, "num_gpus": profile.target.gpu,
-                   "accelerator_type": profile.target.accelerator_type}
+    options = final_timing_options(spec)
     # The dense structure on dense kernels (masks) is the dense model's twin: it gets the dense model's new
     # measurement, not a noisy one of its own that could put it ahead of the dense model.
     twins = [record for record in chosen if not record.result.latency.paired]
