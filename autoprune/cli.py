@@ -210,10 +210,16 @@ def _serve(args) -> int:
                                                  ("dtype", args.dtype), ("runtime", args.runtime)) if value is not None}
     choice = best(model=args.model, max_latency_ms=args.max_latency_ms, tracking_uri=_tracking_uri(args), **conditions)
     start_ray(args.address)
+    import ray
+
+    options = replica_options(choice, device=args.device, cluster=ray.cluster_resources())
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(PrunedModel.options(ray_actor_options=replica_options(choice)).bind(
+    serve.run(PrunedModel.options(ray_actor_options=options).bind(
         args.model, args.max_latency_ms, _tracking_uri(args), args.device, conditions), blocking=False)
     print(f"autoprune: {choice.summary()}")
+    if args.device and args.device.split(":")[0] != ("cuda" if choice.on_gpu else "cpu"):
+        print(f"autoprune: served on {args.device}, though measured on {choice.device}: its registered latency does"
+              " not apply here")
     print(f"autoprune: serving the best version of {args.model!r} within {args.max_latency_ms:g} ms at"
           f" http://{args.host}:{args.port}/ (POST {{\"images\": [...]}}; GET describes it). Ctrl-C stops.")
     try:

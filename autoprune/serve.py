@@ -15,10 +15,12 @@ was measured at), so a replica runs the batch the Pareto front was measured for.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from ray import serve
+
+from autoprune.errors import AutopruneError
 
 
 @serve.deployment(name="autoprune")
@@ -64,10 +66,19 @@ MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "M
                       "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
 
 
-def replica_options(choice) -> dict:
+def replica_options(choice, *, device: str | None = None, cluster: Mapping[str, float] | None = None) -> dict:
     """Ray actor options of a replica that runs the chosen version as it was measured (a GPU, or as many CPUs as
-    threads), with this process's MLflow credentials in its environment."""
-    options: dict = {"num_gpus": 1, "num_cpus": 1} if choice.on_gpu else {"num_cpus": max(1, choice.threads)}
+    threads) — or on the `device` asked for — with this process's MLflow credentials in its environment. A replica
+    that needs a GPU the cluster (`ray.cluster_resources()`) does not have is refused here: Ray would wait for one
+    for ever while the command said it was serving."""
+    on_gpu = device.startswith("cuda") if device else choice.on_gpu
+    if on_gpu and cluster is not None and cluster.get("GPU", 0) < 1:
+        measured = f"was measured on {choice.device}" if choice.on_gpu else "is asked to run on cuda"
+        raise AutopruneError(
+            f"{choice.name!r} version {choice.version} {measured}, and this Ray cluster has no GPU: its replica"
+            " could never start. Serve it on the CPU with --device cpu (it will not run at its registered latency),"
+            " or on a cluster with a GPU (--address).")
+    options: dict = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": max(1, choice.threads)}
     credentials = {name: os.environ[name] for name in MLFLOW_CREDENTIALS if os.environ.get(name)}
     if credentials:
         options["runtime_env"] = {"env_vars": credentials}
@@ -85,5 +96,8 @@ def app(args: dict[str, str]) -> serve.Application:
     conditions = {key: value for key, value in given if value is not None}
     choice = best(model=args["model"], max_latency_ms=float(args["max_latency_ms"]),
                   tracking_uri=args.get("tracking_uri"), **conditions)
-    return PrunedModel.options(ray_actor_options=replica_options(choice)).bind(
+    import ray
+
+    options = replica_options(choice, device=args.get("device"), cluster=ray.cluster_resources())
+    return PrunedModel.options(ray_actor_options=options).bind(
         args["model"], float(args["max_latency_ms"]), args.get("tracking_uri"), args.get("device"), conditions)

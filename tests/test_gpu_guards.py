@@ -68,3 +68,28 @@ def test_the_final_timing_runs_on_the_trials_gpu_type_or_the_target_type():
 def test_only_an_error_that_corrupts_the_cuda_context_ends_the_worker(message, poisons):
     assert poisons_the_process(RuntimeError(message)) is poisons
     assert not poisons_the_process(ValueError(message))
+
+
+def test_a_version_measured_on_a_gpu_is_refused_on_a_cluster_without_one_unless_served_on_the_cpu(
+        local_ray, monkeypatch):
+    """`autoprune serve` on a machine without a GPU: a replica asking for one would wait for ever while the command
+    says it is serving. It is refused with the way out; with `--device cpu` it asks for CPUs only."""
+    import ray
+
+    from autoprune.serve import replica_options
+    from autoprune.tracking.select import ModelChoice
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    cluster = ray.cluster_resources()  # the suite's local Ray: 2 CPUs, no GPU
+    assert cluster.get("GPU", 0) == 0
+    measured_on_gpu = ModelChoice("vit", "3", "models:/vit/3", "run", 0.9, 2.0, device="NVIDIA A10G")
+    with pytest.raises(AutopruneError, match=r"'vit' version 3 was measured on NVIDIA A10G.*no GPU.*--device cpu"):
+        replica_options(measured_on_gpu, cluster=cluster)
+    assert replica_options(measured_on_gpu, device="cpu", cluster=cluster) == {"num_cpus": 1}
+    assert replica_options(measured_on_gpu, cluster={"CPU": 8, "GPU": 1}) == {"num_gpus": 1, "num_cpus": 1}
+    measured_on_cpu = ModelChoice("vit", "4", "models:/vit/4", "run", 0.9, 2.0, device="cpu: Xeon (2 threads)",
+                                  threads=2)
+    assert replica_options(measured_on_cpu, cluster=cluster) == {"num_cpus": 2}
+    with pytest.raises(AutopruneError, match=r"asked to run on cuda"):
+        replica_options(measured_on_cpu, device="cuda", cluster=cluster)
