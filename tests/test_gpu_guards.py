@@ -93,3 +93,16 @@ def test_a_version_measured_on_a_gpu_is_refused_on_a_cluster_without_one_unless_
     assert replica_options(measured_on_cpu, cluster=cluster) == {"num_cpus": 2}
     with pytest.raises(AutopruneError, match=r"asked to run on cuda"):
         replica_options(measured_on_cpu, device="cuda", cluster=cluster)
+
+
+def test_the_trials_gpu_type_is_kept_by_a_spec_built_in_python_and_needs_a_gpu():
+    """A spec naming the trials' GPU type survives `validate` (which every search runs: it once read it back as an
+    unknown key, naming no file); naming a GPU type for trials that take no GPU is refused, naming the key."""
+    from autoprune.space.load import validate
+
+    spec = _spec(gpu=1, accelerator_type="L4")
+    assert validate(spec).search.accelerator_type == "L4"
+    with pytest.raises(SpecError, match=r"spec.yaml: search.resources.accelerator_type: 'L4' is the trials' GPU"
+                                        r" type, but `search.resources.gpu` is 0"):
+        parse_spec({**DEMO, "search": {**DEMO["search"], "resources": {"cpu": 1, "accelerator_type": "L4"}}},
+                   origin="spec.yaml")

@@ -93,7 +93,8 @@ def validate(spec: SearchSpec) -> SearchSpec:
         raise SpecError(f"expected a SearchSpec, but got {type(spec).__name__}.")
     raw = _as_yaml(spec)
     raw["space"] = {"prune": raw.pop("prune"), "heal": raw.pop("heal")}
-    raw["search"]["resources"] = {"cpu": raw["search"].pop("cpu"), "gpu": raw["search"].pop("gpu")}
+    raw["search"]["resources"] = {key: raw["search"].pop(key) for key in ("cpu", "gpu", "accelerator_type")
+                                  if key in raw["search"]}
     return parse_spec(raw, origin="SearchSpec")
 
 
@@ -293,6 +294,10 @@ def _search(section: Section) -> SearchSettings:
         accelerator_type=resources.take("accelerator_type", str, None, check=non_empty),
         storage=no_credentials(section, "storage", section.take("storage", str, None, check=storage_path)),
     )
+    if spec.accelerator_type is not None and spec.gpu <= 0:
+        raise resources.fail("accelerator_type", f"{spec.accelerator_type!r} is the trials' GPU type, but"
+                             f" `{resources.key('gpu')}` is 0 (the trials take no GPU): set it to 1, or leave"
+                             " accelerator_type out.")
     resources.done()
     section.done()
     return spec
