@@ -254,6 +254,15 @@ def test_format_selection():
     assert prune.get("nm").execution_format({"n": 2, "m": 8}) == "dense"
     assert prune.get("magnitude").execution_format({}) == "dense"
     assert "CUDA" in semi_structured_unsupported(torch.device("cpu"), torch.float16)
+    # CUTLASS's 2:4 kernels are sm_8x only: an H100 without cuSPARSELt times dense kernels and says so
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as CUSPARSELT
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS as CUTLASS
+
+    cuda = torch.device("cuda")
+    assert "8.x only" in semi_structured_unsupported(cuda, torch.bfloat16, capability=(9, 0), backend=CUTLASS)
+    assert semi_structured_unsupported(cuda, torch.bfloat16, capability=(8, 6), backend=CUTLASS) is None
+    assert semi_structured_unsupported(cuda, torch.bfloat16, capability=(9, 0), backend=CUSPARSELT) is None
+    assert ">= 8.0" in semi_structured_unsupported(cuda, torch.bfloat16, capability=(7, 5), backend=CUSPARSELT)
     assert is_two_four(torch.tensor([[1.0, 0, 0, 2, 0, 3, 4, 0]]))
     assert not is_two_four(torch.tensor([[1.0, 1, 0, 2, 0, 3, 4, 0]]))
 

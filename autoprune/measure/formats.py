@@ -63,13 +63,20 @@ class ExecutionRecipe:
         return f"{self.dtype}, {self.memory_format}, {self.kernels} kernels{''.join(extras)} on {self.device}{where}"
 
 
-def semi_structured_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why 2:4 kernels cannot run here (None when they can)."""
+def semi_structured_unsupported(device: torch.device, dtype: torch.dtype, *, capability: tuple[int, int] | None = None,
+                                backend=None) -> str | None:
+    """Why 2:4 kernels cannot run here (None when they can). `capability` and `backend` default to the device's
+    and to the class torch converts to."""
     if device.type != "cuda":
         return f"2:4 sparse kernels need a CUDA GPU; this is {device.type}: timed with dense kernels"
-    capability = torch.cuda.get_device_capability(device)
+    capability = tuple(capability or torch.cuda.get_device_capability(device))
     if capability < (8, 0):
         return f"2:4 sparse kernels need compute capability >= 8.0, this GPU has {capability}: timed with dense kernels"
+    backend = backend or semi_structured_backend()
+    if backend.__name__.endswith("CUTLASS") and capability[0] != 8:
+        # CUTLASS's 2:4 kernels are built for sm_8x only; on a Hopper without cuSPARSELt they fail at run time
+        return (f"torch's CUTLASS 2:4 kernels run on compute capability 8.x only, this GPU has {capability} and"
+                " torch has no cuSPARSELt here: timed with dense kernels")
     if dtype not in SPARSE_DTYPES:
         return f"2:4 sparse kernels take float16/bfloat16, the profile uses {dtype}: timed with dense kernels"
     return None
