@@ -106,3 +106,21 @@ def test_the_trials_gpu_type_is_kept_by_a_spec_built_in_python_and_needs_a_gpu()
                                         r" type, but `search.resources.gpu` is 0"):
         parse_spec({**DEMO, "search": {**DEMO["search"], "resources": {"cpu": 1, "accelerator_type": "L4"}}},
                    origin="spec.yaml")
+
+
+def test_timing_on_the_trials_own_gpu_type_is_refused_before_it_can_deadlock():
+    """A trial holds its GPU while its latency task waits for a GPU of the target type: when that is the trials'
+    own type, every GPU can end up held by a waiting trial (on a one-GPU node at the dense baseline)."""
+    def spec(target: str, accelerator_type: str | None = None):
+        return parse_spec({**DEMO, "search": {**DEMO["search"], "resources": {
+            "cpu": 1, "gpu": 1, **({"accelerator_type": accelerator_type} if accelerator_type else {})}},
+            "profile": {**DEMO["profile"], "target": {"accelerator_type": target, "gpu": 1}}})
+
+    said = []
+    one_type = {"CPU": 8, "GPU": 1, "accelerator_type:L4": 1}
+    with pytest.raises(AutopruneError, match=r"profile.target.accelerator_type: 'L4' is the trials' own GPU type"):
+        check_cluster(spec("L4"), one_type, said.append)  # pinned to the only type, which is the target's
+    two_types = {"CPU": 16, "GPU": 3, "accelerator_type:L4": 1, "accelerator_type:A10G": 2}
+    with pytest.raises(AutopruneError, match="the trials' own GPU type"):
+        check_cluster(spec("L4", "L4"), two_types, said.append)
+    assert check_cluster(spec("L4", "A10G"), two_types, said.append).search.accelerator_type == "A10G"

@@ -84,7 +84,18 @@ def check_cluster(spec: SearchSpec, cluster: Mapping[str, float], say: Callable[
         check_target_hardware(spec.profile.target.accelerator_type, cluster)
     if spec.heal_runtime.engine != "local":
         check_healing_resources(spec, cluster, say)
-    return one_gpu_type(spec, cluster, say)
+    pinned = one_gpu_type(spec, cluster, say)
+    target = spec.profile.target
+    if target is not None and target.gpu > 0 and pinned.search.gpu > 0 \
+            and target.accelerator_type == pinned.search.accelerator_type:
+        # a trial holds its GPU while its latency task waits for another GPU of the same type: once every such GPU
+        # is held by a waiting trial (on a one-GPU node, at the dense baseline already), none ever goes on
+        raise AutopruneError(
+            f"profile.target.accelerator_type: {target.accelerator_type!r} is the trials' own GPU type, so a trial"
+            " holding its GPU would wait for a second one to be timed on, and with every GPU of that type held by"
+            " a waiting trial none would go on. Leave profile.target out: each trial is then timed on the GPU it"
+            " runs on.")
+    return pinned
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
