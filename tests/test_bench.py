@@ -150,6 +150,13 @@ def test_the_search_bench_summary_reads_hypervolume_curves_and_trials_to_reach_t
     assert tpe["curve"][8][0] == pytest.approx(best) and tpe["trials_to_95"] == 2 and tpe["steps_to_95"] == 20
     assert random["reached"] == 0 and random["cannot_join_share"] == 7 / 8
     assert "| tpe | 1 |" in bench_search.markdown(bench_search.summarise(runs))
+    # paired by seed: tpe's front is above random's by the area of its faster point
+    difference, wins, pairs = tpe["paired"]["random"]
+    assert difference == pytest.approx(best - (4.0 - 3.0) * (0.95 - 0.85)) and (wins, pairs) == (1, 1)
+    assert "(above on 1/1 seeds)" in bench_search.markdown(bench_search.summarise(runs))
+    # runs at another concurrency are a table of their own
+    runs.append({**run("tpe", 0, [slow]), "concurrency": 1})
+    assert set(bench_search.summarise(runs)) == {"reference", "reference, 1 at once"}
 
 
 def test_the_noise_bench_times_both_ways_and_compares_loaded_with_quiet(monkeypatch):

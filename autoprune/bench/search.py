@@ -47,8 +47,8 @@ GRID_HEAL = "distill"  # the grid heals every point alike: this method, at the m
 NEAR_BEST = 0.95
 
 
-def arm_spec(task: str, arm: str, seed: int, trials: int) -> dict:
-    """The demo's spec as this arm runs it on `task`."""
+def arm_spec(task: str, arm: str, seed: int, trials: int, concurrency: int | None = None) -> dict:
+    """The demo's spec as this arm runs it on `task` (`concurrency` trials at once; default: the demo's)."""
     raw = demo_spec()
     changes, _ = TASKS[task]
     raw["name"] = f"bench-search-{task}-{arm}-{seed}"
@@ -60,7 +60,8 @@ def arm_spec(task: str, arm: str, seed: int, trials: int) -> dict:
                                 "calibration_images": [full["calibration_images"] // 4, full["calibration_images"]]}
     sampler = arm.removesuffix(HALVING).removesuffix(OLD)
     raw["search"] = {**raw["search"], "trials": trials, "seed": seed, "halving": arm.endswith(HALVING),
-                     "sampler": "random" if arm == "grid" else sampler}
+                     "sampler": "random" if arm == "grid" else sampler,
+                     **({"concurrency": concurrency} if concurrency else {})}
     raw["mlflow"] = {"experiment": f"bench-search-{task}", "registered_model": f"bench-search-{task}"}
     return raw
 
@@ -94,20 +95,20 @@ def grid_points(space, trials: int) -> list[dict]:
             for m in methods for s in values]
 
 
-def run_arm(task: str, arm: str, seed: int, trials: int, workdir: Path) -> dict:
+def run_arm(task: str, arm: str, seed: int, trials: int, workdir: Path, concurrency: int | None = None) -> dict:
     """One search; the trials as the benchmark reads them, in the order Tune created them."""
     from autoprune.driver.search import search
     from autoprune.models import layer_groups
     from autoprune.space.define import SearchSpace
     from autoprune.space.load import parse_spec
 
-    spec = parse_spec(arm_spec(task, arm, seed, trials))
+    spec = parse_spec(arm_spec(task, arm, seed, trials, concurrency))
     points = []
     if arm == "grid":
         from autoprune.driver.prepare import model_source
 
         points = grid_points(SearchSpace(spec, layer_groups(model_source(spec.model).create())), trials)
-        spec = parse_spec(arm_spec(task, arm, seed, len(points)))
+        spec = parse_spec(arm_spec(task, arm, seed, len(points), concurrency))
     started = time.perf_counter()
     outcome = search(spec, workdir=workdir, echo=None, first_points=points)
     rows = []
@@ -120,7 +121,8 @@ def run_arm(task: str, arm: str, seed: int, trials: int, workdir: Path) -> dict:
         rows.append({"method": config.prune.method, "heal": config.heal.method, "sparsity": result.sparsity,
                      "accuracy": result.accuracy, "latency_ms": result.latency.median_ms, "stopped": result.stopped,
                      "steps": result.healing_steps, "rungs": [list(rung) for rung in result.rungs]})
-    return {"task": task, "arm": arm, "seed": seed, "wall_s": time.perf_counter() - started,
+    return {"task": task, "arm": arm, "seed": seed, "concurrency": spec.search.concurrency,
+            "wall_s": time.perf_counter() - started,
             "dense_accuracy": outcome.dense.accuracy, "dense_latency_ms": outcome.dense.latency.median_ms,
             "device": outcome.dense.latency.device, "trials": rows}
 
@@ -134,8 +136,9 @@ def summarise(runs: list[dict]) -> dict:
     """Per task: the reference point, and per arm the hypervolume curve (mean, std over seeds), the trials and
     healing steps to reach 95% of the seed's best hypervolume, and the trials that could not join the front."""
     tasks: dict = {}
-    for task in dict.fromkeys(run["task"] for run in runs):
-        of_task = [run for run in runs if run["task"] == task]
+    for key in dict.fromkeys((run["task"], run.get("concurrency")) for run in runs):
+        task, concurrency = key
+        of_task = [run for run in runs if (run["task"], run.get("concurrency")) == key]
         reference = (TASKS[task][1], statistics.median(run["dense_latency_ms"] for run in of_task))
         best = {seed: max(hypervolume(run["trials"], reference) for run in of_task if run["seed"] == seed)
                 for seed in {run["seed"] for run in of_task}}
@@ -160,10 +163,27 @@ def summarise(runs: list[dict]) -> dict:
                 "steps": statistics.mean(sum(r.get("steps", 0) for r in run["trials"]) for run in of_arm),
                 "failed": sum(sum(1 for r in run["trials"] if r.get("failed")) for run in of_arm),
                 "wall_s": statistics.mean(run["wall_s"] for run in of_arm),
+                # the end's hypervolume against each baseline of the same seed: (median difference, wins, pairs)
+                "paired": {baseline: _paired(of_arm, [run for run in of_task if run["arm"] == baseline], reference)
+                           for baseline in PAIRED_WITH if baseline != arm},
             }
-        tasks[task] = {"reference": reference, "dense_accuracy": statistics.mean(r["dense_accuracy"] for r in of_task),
-                       "device": of_task[0]["device"], "arms": arms}
+        label = task if concurrency is None else f"{task}, {concurrency} at once"
+        tasks[label] = {"reference": reference, "dense_accuracy": statistics.mean(r["dense_accuracy"] for r in of_task),
+                        "device": of_task[0]["device"], "arms": arms}
     return tasks
+
+
+PAIRED_WITH = ("random", "grid")
+
+
+def _paired(runs: list[dict], baselines: list[dict], reference) -> tuple[float, int, int] | None:
+    """The median of this arm's end hypervolume minus the baseline's at the same seed, how many seeds it is above,
+    and how many seeds both ran (None: none)."""
+    theirs = {run["seed"]: hypervolume(run["trials"], reference) for run in baselines}
+    differences = [hypervolume(run["trials"], reference) - theirs[run["seed"]] for run in runs if run["seed"] in theirs]
+    if not differences:
+        return None
+    return statistics.median(differences), sum(1 for d in differences if d > 0), len(differences)
 
 
 def _to_reach(rows: list[dict], target: float, reference) -> tuple[int, int] | None:
@@ -189,8 +209,8 @@ def markdown(summary: dict) -> str:
         shown = [n for n in CHECKPOINTS if any(n in arm["curve"] for arm in found["arms"].values())]
         lines.append("| arm | seeds | " + " | ".join(f"HV @ {n}" for n in shown)
                      + " | HV at the end | trials to 95% of best | healing steps to 95% | healing steps, all"
-                     + " | cannot join the front | failed | wall s |")
-        lines.append("|---" * (len(shown) + 9) + "|")
+                     + " | cannot join the front | failed | wall s | vs random, paired | vs grid, paired |")
+        lines.append("|---" * (len(shown) + 11) + "|")
         for name, arm in found["arms"].items():
             cells = [f"{arm['curve'][n][0]:.4f} ± {arm['curve'][n][1]:.4f}" if n in arm["curve"] else "–"
                      for n in shown]
@@ -199,9 +219,17 @@ def markdown(summary: dict) -> str:
                          + f" | {arm['final']:.4f} | {arm['trials_to_95']:.1f} ({arm['reached']}/{arm['seeds']} reach it)"
                          + f" | {arm['steps_to_95']:.0f} | {arm['steps']:.0f} | {arm['cannot_join_share']:.0%}"
                          + f" | {arm['failed']}"
-                         + f" | {arm['wall_s']:.0f} |")
+                         + f" | {arm['wall_s']:.0f} | " + " | ".join(_paired_cell(arm.get("paired", {}).get(b))
+                                                                   for b in PAIRED_WITH) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _paired_cell(paired) -> str:
+    if not paired:
+        return "—"
+    median, wins, pairs = paired
+    return f"{median:+.4f} (above on {wins}/{pairs} seeds)"
 
 
 def page(runs: list[dict]) -> str:
@@ -210,7 +238,8 @@ def page(runs: list[dict]) -> str:
 
 
 def run(path: Path, *, tasks: list[str], arms: list[str], seeds: int, workdir: Path, trials: int = TRIALS,
-        random_trials: int = RANDOM_TRIALS, busy: int = 0, echo=print) -> list[dict]:
+        random_trials: int = RANDOM_TRIALS, busy: int = 0, concurrency: int | None = None,
+        echo=print) -> list[dict]:
     """Every (task, arm, seed) missing from the JSON file at `path`, added to it as each finishes; with `busy`,
     beside that many CPU-bound processes (a shared node)."""
     import logging
@@ -219,19 +248,21 @@ def run(path: Path, *, tasks: list[str], arms: list[str], seeds: int, workdir: P
 
     from autoprune.testing.load import busy_processes
 
+    concurrency = concurrency or demo_spec()["search"]["concurrency"]
     provenance = record.Provenance("search")
     earlier, runs = record.read(path) if path.exists() else (None, [])
-    done = {(run["task"], run["arm"], run["seed"]) for run in runs}
+    done = {(run["task"], run["arm"], run["seed"], run.get("concurrency")) for run in runs}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)  # a line per search about Tune's files is noise here
     try:
         for task in tasks:
             for seed in range(seeds):
                 for arm in arms:
-                    if (task, arm, seed) in done:
+                    if (task, arm, seed, concurrency) in done:
                         continue
                     with busy_processes(busy):
-                        run_ = run_arm(task, arm, seed, random_trials if arm == "random" else trials, workdir / task)
+                        run_ = run_arm(task, arm, seed, random_trials if arm == "random" else trials, workdir / task,
+                                       concurrency)
                     run_["busy"] = busy
                     runs.append(run_)
                     record.write(path, provenance, runs, earlier=earlier)
@@ -261,6 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-trials", type=non_negative_int, default=RANDOM_TRIALS,
                         help=f"random search's longer run (default {RANDOM_TRIALS})")
     parser.add_argument("--workdir", help="where the searches keep their stores (default: a temporary folder)")
+    parser.add_argument("--concurrency", type=positive_int,
+                        help="trials at once (default: the demo's; Ray runs as many as the machine's CPUs allow)")
     parser.add_argument("--busy", type=non_negative_int, default=0,
                         help="run every search beside this many CPU-bound processes (a shared node; default 0)")
 
@@ -270,7 +303,8 @@ def main_search(args) -> int:
     tasks = available_tasks(args.tasks)
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-search-") as scratch:
         runs = run(path, tasks=tasks, arms=args.arms, seeds=args.seeds, workdir=Path(args.workdir or scratch),
-                   trials=args.trials, random_trials=args.random_trials, busy=args.busy)
+                   trials=args.trials, random_trials=args.random_trials, busy=args.busy,
+                   concurrency=args.concurrency)
     print()
     print(markdown(summarise([r for r in runs if r["task"] in tasks])))
     return 0
