@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import urllib.request
+from pathlib import Path
 from importlib import metadata
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 
 from autoprune.driver.search import search
 from autoprune.errors import AutopruneError, NoModelMeetsTarget
-from autoprune.saved import load_model_dir
+from autoprune.saved import STRUCTURE_FILE, load_model_dir
 from autoprune.space.load import parse_spec
 from autoprune.testing.browser import read_front, ui_server, why_no_browser
 from autoprune.tracking import view
@@ -307,6 +308,9 @@ def test_a_cnn_search_with_training_heals_loses_no_trial(local_ray, tmp_path):
         channels_last = model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
         assert channels_last == (record.result.latency.memory_format == "channels_last")
         assert record.result.latency.threads == 2
+        # saved with the batch shape it was timed on there: loading warms (and compiles) it on that shape
+        structure = json.loads((Path(record.model_dir) / STRUCTURE_FILE).read_text())
+        assert structure["example_shape"] == [record.result.latency.batch_size, *record.result.latency.input_size]
 
 
 def test_latency_is_measured_on_the_target_type_from_inside_tune_trials(local_ray, tmp_path):

@@ -134,7 +134,11 @@ def _retime(record: TrialRecord, timer, source: ModelSource, folder: Path) -> Tr
         return TrialRecord(record.trial_id, None, error=f"timing on the new device failed: {error}",
                            params=record.params)
     retimed = _retimed(result, latencies)
-    saved = save_model(model, source, folder / record.trial_id, recipe=retimed.latency.recipe)
+    # the batch shape it was timed on: loading warms it there (and compiles that graph), and an ONNX Runtime
+    # recipe writes the ONNX file it was timed as — as a search saves its trials' models (trial.py)
+    latency = retimed.latency
+    saved = save_model(model, source, folder / record.trial_id, recipe=latency.recipe,
+                       example_shape=(latency.batch_size, *latency.input_size))
     return TrialRecord(record.trial_id, retimed, model_dir=str(saved), params=record.params)
 
 
