@@ -24,6 +24,9 @@ from typing import Callable
 
 ACCURACY_POINTS = 0.3  # served top-1 within 0.3 points of the registered one
 LATENCY_SHARE = 0.10  # served latency within 10% of the registered one
+# the served re-timing goes on until its speedup is known to a quarter of that margin: a measurement as loose as
+# the margin itself would pass or fail a row on its noise
+TIMING_TOLERANCE = LATENCY_SHARE / 4
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,11 @@ def specs(*, on_gpu: bool, two_four: bool, trials: int = 4) -> dict[str, dict]:
     """The two searches: bf16 each; on a GPU the ViT compiled, and with 2:4 (N:M) pruning where it has the kernels."""
     from autoprune.space.load import demo_document as demo_spec
 
+    # every trial heals (stop_unless_faster off): at the demo ViT's shapes a 2:4 model is barely faster than dense,
+    # and the stop rule would leave the 2:4 path with no registered version to check
     common = {"objectives": {"accuracy": "max", "latency_ms": "min"},
               "search": {"trials": trials, "concurrency": 2, "sampler": "random", "seed": 0,
-                         "resources": {"cpu": 1, "gpu": 1 if on_gpu else 0}}}
+                         "stop_unless_faster": False, "resources": {"cpu": 1, "gpu": 1 if on_gpu else 0}}}
     vit = {**demo_spec(), **common, "name": "acceptance-vit",
            "model": {**demo_spec()["model"], "train_steps": 300},
            "data": {"source": "reference", "eval_images": 1000},
@@ -142,7 +147,8 @@ def _check_front(key: str, outcome, echo) -> list[AcceptanceRow]:
         _, [timed] = profile_together(
             reference, [(copy.deepcopy(plain), recipe)], reference_recipe=dense.recipe,
             input_size=dense.input_size, batch_size=dense.batch_size, warmup=5, repeats=dense.repeats,
-            device=served.device, threads=dense.threads if served.device.type == "cpu" else None)
+            device=served.device, threads=dense.threads if served.device.type == "cpu" else None,
+            tolerance=TIMING_TOLERANCE)
         row = AcceptanceRow(key, version, f"{result.config.prune.method}/{result.config.heal.method}",
                             recipe.describe(), served.recipe.describe(), result.accuracy, top1,
                             result.latency.median_ms, dense.median_ms / timed.speedup,

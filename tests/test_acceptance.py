@@ -21,3 +21,14 @@ def test_every_registered_version_scores_and_runs_as_registered(local_ray, tmp_p
         assert 0.5 < row.latency_ratio < 2, row
     assert any("channels_last" in row.recipe for row in rows)
     assert "registered versions" in table(rows, left_out, "cpu")
+
+
+def test_the_acceptance_searches_register_what_they_must_check():
+    """Every trial heals (the stop rule would leave 2:4, barely faster at the demo's shapes, with no version to
+    check), and the served re-timing is held to a tolerance well inside the row's pass margin."""
+    from autoprune.acceptance import LATENCY_SHARE, TIMING_TOLERANCE, specs
+
+    for key, raw in specs(on_gpu=True, two_four=True).items():
+        assert raw["search"]["stop_unless_faster"] is False, key
+    assert "nm" in specs(on_gpu=True, two_four=True)["vit"]["space"]["prune"]["methods"]
+    assert TIMING_TOLERANCE <= LATENCY_SHARE / 2
