@@ -110,3 +110,19 @@ def test_onnx_runtime_runs_float32_and_the_spec_says_so():
 def test_the_recipe_names_its_runtime_and_old_recipes_are_pytorchs():
     assert ExecutionRecipe.from_dict({"dtype": "float32"}).runtime == "torch"
     assert replace(ORT).describe().endswith("in ONNX Runtime")
+
+
+def test_onnx_runtime_without_its_cuda_provider_refuses_a_gpu_instead_of_timing_the_cpu():
+    """The `onnxruntime` wheel runs on the CPU only: on a GPU worker it once fell back to the CPU while the profile
+    carried the GPU's name. Without the CUDA provider (this machine's install) a GPU is refused, saying what to
+    install; the CPU is served as before."""
+    import onnxruntime
+
+    from autoprune.errors import AutopruneError
+    from autoprune.measure.onnx import providers_for
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this install has ONNX Runtime's CUDA provider")
+    with pytest.raises(AutopruneError, match=r"onnxruntime-gpu.*profile.runtime: torch"):
+        providers_for(torch.device("cuda"))
+    assert providers_for(torch.device("cpu")) == ["CPUExecutionProvider"]

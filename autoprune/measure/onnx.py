@@ -18,6 +18,8 @@ import warnings
 import torch
 from torch import nn
 
+from autoprune.errors import AutopruneError
+
 OPSET = 18
 ONNX_FILE = "model.onnx"
 
@@ -45,10 +47,25 @@ def providers_for(device: torch.device) -> list:
     import onnxruntime
 
     providers: list = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+    if device.type == "cuda":
+        problem = gpu_provider_missing()
+        if problem:  # it would run on the CPU, timed and registered under the GPU's name
+            raise AutopruneError(problem)
         index = device.index if device.index is not None else torch.cuda.current_device()
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
     return providers
+
+
+def gpu_provider_missing() -> str | None:
+    """Why ONNX Runtime cannot run on a GPU here (None when it can): the `onnxruntime` wheel runs on the CPU only."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return None
+    return ("profile.runtime: onnxruntime on a GPU needs ONNX Runtime's CUDA provider, and this install has only"
+            f" {', '.join(available)}: install `onnxruntime-gpu` in place of `onnxruntime` on the GPU workers, or"
+            " time in torch (profile.runtime: torch).")
 
 
 class OnnxModel(nn.Module):
