@@ -175,7 +175,7 @@ def _equal_cost_table(task: Mapping) -> list[str]:
     lines = ["Hypervolume at equal cost (the steps cap), paired by seed: the median difference from each baseline"
              " (above 0: this arm's front is better) and Wilcoxon's p"
              + ("; an arm `X+…` also against `X`, the same sampler without what it adds" if variants else "") + ".", "",
-             "| arm | " + " | ".join(f"vs {b}" for b in baselines) + (" | vs X |" if variants else " |"),
+             "| " + " | ".join(["arm", *(f"vs {b}" for b in baselines), *(["vs X"] if variants else [])]) + " |",
              "|---" * (len(baselines) + 1 + variants) + "|"]
     for arm, values in by_arm.items():
         cells = ["—" if arm == baseline else _paired(values, by_arm[baseline]) for baseline in baselines]
