@@ -170,7 +170,7 @@ def _equal_cost_table(task: Mapping) -> list[str]:
     by_arm: dict[str, dict[int, float]] = {}
     for run in task["runs"]:
         by_arm.setdefault(run["arm"], {})[run["seed"]] = run["summary"]["hv_at_steps_cap"]
-    baselines = [b for b in (*BASELINES, "grid") if b in by_arm]
+    baselines = [b for b in (*BASELINES, "tpe_grouped", "grid") if b in by_arm]  # and today's default
     variants = any("+" in arm and arm.split("+")[0] in by_arm for arm in by_arm)
     lines = ["Hypervolume at equal cost (the steps cap), paired by seed: the median difference from each baseline"
              " (above 0: this arm's front is better) and Wilcoxon's p"
