@@ -141,8 +141,8 @@ class Halving:
 class SearchSettings:
     trials: int = 12  # trials in all (the coarse start's among them)
     concurrency: int = 2  # trials running at once
-    # Optuna sampler: tpe_grouped, gp, tpe, nsga2 or random (driver/sampling.py; `autoprune bench search` chose it)
-    sampler: str = "tpe_grouped"
+    # Optuna sampler: gp, tpe_grouped, tpe, nsga2 or random (driver/sampling.py; `autoprune bench replay` chose gp)
+    sampler: str = "gp"
     seed: int = 0  # sampler seed and every trial's seed
     cpu: float = 1  # Ray resources per trial
     gpu: float = 0  # at most 1: a trial heals, times and evaluates on one GPU (several: heal_runtime deepspeed)

@@ -24,7 +24,7 @@ def test_usage_errors_exit_2(capsys):
 def test_a_broken_spec_fails_fast_naming_the_key(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text((open(os.path.join(os.path.dirname(__file__), "..", "search_spaces", "demo.yaml")).read())
-                    .replace("sampler: tpe_grouped", "sampler: grid"))
+                    .replace("sampler: gp", "sampler: grid"))
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", str(spec), "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)

@@ -284,7 +284,7 @@ def _search(section: Section) -> SearchSettings:
     spec = SearchSettings(
         trials=section.take("trials", int, 12, check=positive),
         concurrency=section.take("concurrency", int, 2, check=positive),
-        sampler=section.take("sampler", str, "tpe_grouped", choices=SAMPLERS),
+        sampler=section.take("sampler", str, "gp", choices=SAMPLERS),
         seed=section.take("seed", int, 0, check=non_negative),
         max_retries=section.take("max_retries", int, 1, check=non_negative),
         stop_unless_faster=section.take("stop_unless_faster", bool, True),
