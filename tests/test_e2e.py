@@ -232,7 +232,7 @@ CNN_SPEC = {
     # copies are barely faster than dense (channels 8–64); test_busy_search.py holds the stop rule under load
     # the default sampler, whose coarse start these 4 trials are; sparsity chosen by cost (each trial solves its
     # shape's scale on pruned copies of the CNN before it is timed)
-    "search": {"trials": 4, "concurrency": 2, "sampler": "tpe_grouped", "seed": 3, "resources": {"cpu": 1},
+    "search": {"trials": 4, "concurrency": 2, "sampler": "gp", "seed": 3, "resources": {"cpu": 1},
                "stop_unless_faster": False},
     "mlflow": {"experiment": "e2e-cnn", "registered_model": "e2e-cnn-model"},
     "space": {
