@@ -29,6 +29,9 @@ TRIALS = 4
 SPEC = copy.deepcopy(bench_faults.SPEC)
 SPEC["name"] = "faults"
 SPEC["search"]["trials"] = TRIALS
+# healed in rungs (10 of its 25 steps, then the rest), so that the kill finds trials between rungs and the resumed
+# search's judge must start from what the finished trials showed at their rung
+SPEC["search"]["halving"] = {"rungs": [0.4]}
 SPEC["mlflow"] = {"experiment": "faults", "registered_model": "faults-model"}
 # structured at high sparsity: faster than dense, so the front (and the registry) is never empty by chance
 SPEC["space"] = {"prune": {"methods": ["structured", "magnitude"], "sparsity": {"low": 0.6, "high": 0.8}},
@@ -89,6 +92,7 @@ def test_a_killed_driver_is_resumed_with_its_finished_trials_and_sampler_history
     code, output = _finish(resumed)
     assert code == 0, output[-3000:]
     assert f"resuming search run {parent.info.run_id}" in output
+    assert "successive halving: a trial that trains is judged at 10 steps of its 25" in output
 
     parent, after = _search_state(tracker)
     assert parent.info.status == "FINISHED" and len(after) == TRIALS
@@ -108,4 +112,9 @@ def test_a_killed_driver_is_resumed_with_its_finished_trials_and_sampler_history
     assert len(sparsities) == TRIALS
     searcher = OptunaSearch()
     searcher.restore_from_dir(str(experiment))
-    assert len([t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]) == TRIALS
+    # each trial told once: completed, or pruned where the judge stopped it at its rung (never as completed)
+    states = [t.state.name for t in searcher._ot_study.trials]
+    stopped = [run for run in tracker.child_runs(parent.info.run_id)
+               if run.data.tags.get("stopped", "").startswith("outdone")]
+    assert len(states) == TRIALS and states.count("PRUNED") == len(stopped)
+    assert states.count("COMPLETE") + states.count("PRUNED") == TRIALS
