@@ -32,6 +32,7 @@ SPEC["search"]["trials"] = TRIALS
 # healed in rungs (10 of its 25 steps, then the rest), so that the kill finds trials between rungs and the resumed
 # search's judge must start from what the finished trials showed at their rung
 SPEC["search"]["halving"] = {"rungs": [0.4]}
+SPEC["search"]["sampler"] = "gp"  # the default, with its coarse start: a resumed search must not enqueue it again
 SPEC["mlflow"] = {"experiment": "faults", "registered_model": "faults-model"}
 # structured at high sparsity: faster than dense, so the front (and the registry) is never empty by chance
 SPEC["space"] = {"prune": {"methods": ["structured", "magnitude"], "sparsity": {"low": 0.6, "high": 0.8}},

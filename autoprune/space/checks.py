@@ -90,6 +90,14 @@ def fixed_budget(heal_space: HealSpace, section) -> None:
                                     " it early), or set space.heal.budget: searched to sample it.")
 
 
+def gpu_type_needs_gpu(search, resources) -> None:
+    """`search.resources.accelerator_type` names the trials' GPU type: trials that take no GPU have none."""
+    if search.accelerator_type is not None and search.gpu <= 0:
+        raise resources.fail("accelerator_type", f"{search.accelerator_type!r} is the trials' GPU type, but"
+                             f" `{resources.key('gpu')}` is 0 (the trials take no GPU): set it to 1, or leave"
+                             " accelerator_type out.")
+
+
 def sparsity_mode(sparsity: SparsitySpace, methods: Sequence[str], origin: str) -> None:
     """Each method that takes a sparsity must take the space's way of spreading it."""
     for method in methods:

@@ -294,10 +294,7 @@ def _search(section: Section) -> SearchSettings:
         accelerator_type=resources.take("accelerator_type", str, None, check=non_empty),
         storage=no_credentials(section, "storage", section.take("storage", str, None, check=storage_path)),
     )
-    if spec.accelerator_type is not None and spec.gpu <= 0:
-        raise resources.fail("accelerator_type", f"{spec.accelerator_type!r} is the trials' GPU type, but"
-                             f" `{resources.key('gpu')}` is 0 (the trials take no GPU): set it to 1, or leave"
-                             " accelerator_type out.")
+    checks.gpu_type_needs_gpu(spec, resources)
     resources.done()
     section.done()
     return spec
