@@ -98,6 +98,7 @@ def app(args: dict[str, str]) -> serve.Application:
                   tracking_uri=args.get("tracking_uri"), **conditions)
     import ray
 
-    options = replica_options(choice, device=args.get("device"), cluster=ray.cluster_resources())
+    cluster = ray.cluster_resources() if ray.is_initialized() else None  # `serve run` connects before it builds
+    options = replica_options(choice, device=args.get("device"), cluster=cluster)
     return PrunedModel.options(ray_actor_options=options).bind(
         args["model"], float(args["max_latency_ms"]), args.get("tracking_uri"), args.get("device"), conditions)

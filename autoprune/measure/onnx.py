@@ -42,10 +42,8 @@ def exportable_copy(model: nn.Module) -> nn.Module:
 
 
 def providers_for(device: torch.device) -> list:
-    """ONNX Runtime's execution providers for a device: CUDA's on that very GPU where it is installed (its
-    default is GPU 0, whatever device the trial was given), then the CPU's."""
-    import onnxruntime
-
+    """ONNX Runtime's execution providers for a device: CUDA's on that very GPU (its default is GPU 0, whatever
+    device the trial was given), then the CPU's; a GPU without ONNX Runtime's CUDA provider is an error."""
     providers: list = ["CPUExecutionProvider"]
     if device.type == "cuda":
         problem = gpu_provider_missing()
