@@ -291,9 +291,10 @@ def _allocate(model: torch.nn.Module, config: PruneConfig,
     if config.allocation == "macs":
         groups = layer_groups(model)
         shape = {group.name: config.sparsity.get(group.name, 1.0) for group in groups}
-        low, high = config.bounds or (0.0, 1.0)
-        sparsity, _ = solve(lambda candidate: cost(groups, candidate), shape, float(config.target or 0.0),
-                            low=low, high=high)
+        if config.target is None or config.bounds is None:
+            raise ValueError("allocation 'macs' needs a target (the reduction) and bounds (the sparsity range)")
+        low, high = config.bounds
+        sparsity, _ = solve(lambda candidate: cost(groups, candidate), shape, float(config.target), low=low, high=high)
         return groups, sparsity
     groups = (pooled_group(model),) if set(config.sparsity) == {POOLED_GROUP} else layer_groups(model)
     return groups, {group.name: config.sparsity.get(group.name, 0.0) for group in groups}

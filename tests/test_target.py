@@ -76,3 +76,59 @@ def test_a_trial_aimed_at_a_cost_lands_there_and_heals(source, bundle):
         assert result.macs == pytest.approx(target, rel=0.05)
         assert result.accuracy is not None and result.steps_spent == 2
     assert hard.macs < light.macs < dense_macs
+
+
+def test_the_top_of_the_range_costs_two_counts_and_a_group_may_keep_its_floor():
+    """Reduction 1 (the coarse start's last point) is every group at `high`: known after the two counts that bound
+    the range, not after a dozen more prunes. A group whose shape weight is 0 stays at `low`; a shape with no
+    positive weight is refused."""
+    calls = []
+
+    def cost(sparsity):
+        calls.append(1)
+        return sum(1 - s for s in sparsity.values())
+
+    sparsity, ratio = solve(cost, {"a": 0.5, "b": 1.0}, 1.0, low=0.3, high=0.9)
+    assert sparsity == {"a": 0.9, "b": 0.9} and ratio == pytest.approx(1.0) and len(calls) == 2
+    sparsity, _ = solve(cost, {"a": 0.0, "b": 1.0}, 0.5, low=0.3, high=0.9)
+    assert sparsity["a"] == 0.3 and 0.3 < sparsity["b"] <= 0.9
+    with pytest.raises(ValueError, match="positive weight"):
+        solve(cost, {"a": 0.0, "b": 0.0}, 0.5, low=0.3, high=0.9)
+
+
+def test_the_replay_solves_a_masking_method_on_its_non_zero_weights():
+    """Masked zeros still count as MACs, so a method that masks costs the same at every sparsity in MACs; the live
+    solve counts its non-zero weights, and so must the replay's, or every `+macs` trial of it lands at `low`."""
+    from autoprune.bench.replay_macs import KnotSolver
+
+    configs = [{"params": {"prune.method": "magnitude", "prune.sparsity.knot0": a, "prune.sparsity.knot1": b},
+                "macs": 1_000_000, "sparsity": (a + b) / 2}
+               for a in (0.3, 0.5, 0.7, 0.9) for b in (0.3, 0.5, 0.7, 0.9)]
+    solver = KnotSolver(configs, 2, 0.3, 0.9)
+    assert solver.macs("magnitude", [0.5, 0.5]) == pytest.approx(0.5)
+    solved = solver.to_knots({"prune.method": "magnitude", "heal.method": "none", "prune.reduction": 0.5,
+                              "prune.shape.knot0": 1.0, "prune.shape.knot1": 1.0})
+    knots = (solved["prune.sparsity.knot0"], solved["prune.sparsity.knot1"])
+    assert knots[0] == pytest.approx(knots[1]) and 0.5 < knots[0] < 0.9
+    assert solver.macs("magnitude", list(knots)) == pytest.approx(math.sqrt(0.7 * 0.1), rel=0.011)
+
+
+def test_a_warm_start_leaves_out_trials_aimed_within_another_sparsity_range():
+    """A reduction and a shape are positions within the sparsity range: under another range they name other
+    structures, so an earlier search's trials with other bounds are not told to Optuna as this search's."""
+    from types import SimpleNamespace
+
+    from autoprune.driver.warm import _same_scale
+    from autoprune.space.load import demo_document, parse_spec
+
+    raw = demo_document()
+    raw["space"]["prune"]["sparsity"].update(mode="macs")
+    spec = parse_spec(raw)  # low 0.3, high 0.9
+
+    def record(allocation, bounds):
+        prune_config = PruneConfig("structured", {"blocks.0.mlp": 1.0}, {}, allocation, target=0.5, bounds=bounds)
+        return SimpleNamespace(result=SimpleNamespace(config=SimpleNamespace(prune=prune_config)))
+
+    assert _same_scale(record("macs", (0.3, 0.9)), spec)
+    assert not _same_scale(record("macs", (0.2, 0.8)), spec)
+    assert _same_scale(record("given", None), spec)

@@ -3,7 +3,7 @@ shape → the pool's depth knots, so that a `+macs` arm's trials are answered fr
 
 The live trial solves the shape's scale by pruning copies of the model and counting their MACs (prune/target.py).
 The replay solves it with the same `solve`, on MACs interpolated from the pool's own counts — every configuration
-recorded its MACs — linearly between the pool's knot vectors (in log MACs; nearest outside their hull), per
+recorded its MACs (its non-zero weights, for a method that masks) — linearly between the pool's knot vectors (in log MACs; nearest outside their hull), per
 pruning method. It solves on the knots, not on every layer group: the groups are the knots interpolated, so the
 two agree wherever no knot is clipped at the range's top. The solved knots are then looked up like any other
 arm's parameters.
@@ -18,6 +18,17 @@ import numpy as np
 from autoprune.prune.target import solve
 
 
+def _cost(config: Mapping) -> float | None:
+    """What the live solve counts for a pool configuration: its MACs where its method removes structure, its share
+    of non-zero prunable weights where it masks (masked zeros still count as MACs; prune/target.py)."""
+    from autoprune import prune
+
+    method = config["params"].get("prune.method")
+    if method in prune.PRUNE_METHODS and not prune.get(method).structured:
+        return 1.0 - float(config["sparsity"]) if config.get("sparsity") is not None else None
+    return float(config["macs"]) if config.get("macs") else None
+
+
 class KnotSolver:
     """Per pruning method, MACs as a function of the knots, and the solve of a reduction and shape onto knots."""
 
@@ -30,9 +41,10 @@ class KnotSolver:
         by_method: dict[str, dict[tuple, float]] = {}
         for config in configs:
             params = config["params"]
-            if all(name in params for name in self.names) and config.get("macs"):
+            cost = _cost(config)
+            if all(name in params for name in self.names) and cost:
                 point = tuple(round(float(params[name]), 9) for name in self.names)
-                by_method.setdefault(params["prune.method"], {})[point] = float(np.log(config["macs"]))
+                by_method.setdefault(params["prune.method"], {})[point] = float(np.log(cost))
         for method, points in by_method.items():
             x, y = np.array(list(points)), np.array(list(points.values()))
             inside = LinearNDInterpolator(x, y) if len(points) > knots + 1 else None

@@ -78,7 +78,7 @@ def warm_start(earlier: EarlierSearch, *, spec: SearchSpec, space: SearchSpace, 
     completed, points, left_out = [], [], 0
     for record in _front_first(earlier.records, spec.cost_metric, earlier.dense):
         params = _parameters(record)
-        fitted = fit_point(space, params) if record.result is not None else None
+        fitted = fit_point(space, params) if record.result is not None and _same_scale(record, spec) else None
         if fitted is None:
             left_out += 1
         elif not differences:
@@ -93,6 +93,14 @@ def warm_start(earlier: EarlierSearch, *, spec: SearchSpec, space: SearchSpace, 
         say(f"autoprune: warm start from {earlier.run_id}: Optuna starts from its {len(completed)} trials (same"
             f" model, data and device); {left_out} left out (failed, or outside this search's space)")
     return WarmStart(earlier.run_id, completed, points, left_out)
+
+
+def _same_scale(record, spec: SearchSpec) -> bool:
+    """Whether a trial's parameters mean here what they meant there: a reduction and a shape (sparsity chosen by
+    cost) are positions within the sparsity range, so under another range they name other structures."""
+    prune_config = record.result.config.prune
+    bounds = (spec.prune.sparsity.low, spec.prune.sparsity.high)
+    return prune_config.allocation != "macs" or tuple(prune_config.bounds or ()) == bounds
 
 
 def _differences(earlier_spec: Mapping[str, Any], earlier_dense: TrialResult, spec: SearchSpec,

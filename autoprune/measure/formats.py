@@ -76,7 +76,7 @@ def semi_structured_unsupported(device: torch.device, dtype: torch.dtype, *, cap
     if backend.__name__.endswith("CUTLASS") and capability[0] != 8:
         # CUTLASS's 2:4 kernels are built for sm_8x only; on a Hopper without cuSPARSELt they fail at run time
         return (f"torch's CUTLASS 2:4 kernels run on compute capability 8.x only, this GPU has {capability} and"
-                " torch has no cuSPARSELt here: timed with dense kernels")
+                " torch uses CUTLASS here (cuSPARSELt missing, or CUTLASS forced): timed with dense kernels")
     if dtype not in SPARSE_DTYPES:
         return f"2:4 sparse kernels take float16/bfloat16, the profile uses {dtype}: timed with dense kernels"
     return None

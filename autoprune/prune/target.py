@@ -37,6 +37,8 @@ def solve(cost: Callable[[Mapping[str, float]], float], shape: Mapping[str, floa
     nearest the target among those tried. `cost` prunes a copy at the given sparsities and counts."""
     if not shape:
         raise ValueError("no layer groups to spread the sparsity over")
+    if not any(weight > 0 for weight in shape.values()):
+        raise ValueError(f"a shape needs a positive weight, got {dict(shape)}")
     if not 0.0 <= reduction <= 1.0:
         raise ValueError(f"reduction must lie in [0, 1], got {reduction}")
     lightest = cost(dict.fromkeys(shape, low))
@@ -45,8 +47,10 @@ def solve(cost: Callable[[Mapping[str, float]], float], shape: Mapping[str, floa
         return dict.fromkeys(shape, low), 1.0
     target = math.exp((1 - reduction) * math.log(lightest) + reduction * math.log(heaviest))
     top = max(shape.values())
-    lo, hi = 0.0, top / max(min(shape.values()), 1e-12)  # at `hi`, every group is at `high`
+    lo, hi = 0.0, top / min(w for w in shape.values() if w > 0)  # at `hi`, every pruned group is at `high`
     best, best_gap = dict.fromkeys(shape, high), heaviest / target
+    if abs(best_gap - 1) <= tolerance:  # every group at `high` meets it already (reduction 1: the coarse start's top)
+        return best, best_gap
     for _ in range(iterations):
         middle = (lo + hi) / 2
         sparsity = shaped(shape, middle, low, high)
