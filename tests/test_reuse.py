@@ -27,6 +27,7 @@ pytestmark = pytest.mark.e2e
 
 WARM = {**SPEC, "name": "e2e-warm", "mlflow": {"experiment": "e2e-warm", "registered_model": "e2e-warm"},
         "search": {**SPEC["search"], "trials": 4, "seed": 5, "stop_unless_faster": True,  # the default
+                   "sampler": "gp",  # the default, with its coarse start
                    "halving": {"rungs": [0.5], "margin": 0.0}},
         # the default budget: one value, the fidelity the rungs are fractions of
         "space": {**SPEC["space"], "heal": {**SPEC["space"]["heal"], "calibration_images": 64, "steps": 8,
@@ -103,7 +104,8 @@ def test_a_search_measured_the_same_way_starts_optuna_from_its_trials(first):
                                                               result.latency.median_ms))
         assert set(trial.distributions) == set(trial.params)
     targeted = replace(spec, latency_target_ms=1.0)
-    searcher = latency_constrained_searcher(space, targeted)
+    assert latency_constrained_searcher(space, targeted)._points_to_evaluate  # gp's coarse start, on its own …
+    searcher = latency_constrained_searcher(space, targeted, coarse_start=False)  # … left out as the driver does
     searcher.tell_earlier(warm.completed)
     told = searcher._ot_study.get_trials()
     assert len(told) == 4 and [t.state.name for t in told] == [

@@ -87,12 +87,14 @@ class ConstrainedOptunaSearch(OptunaSearch):
 
 
 def latency_constrained_searcher(space: SearchSpace, spec: SearchSpec, *,
-                                 first_points: Sequence[Mapping[str, Any]] = ()) -> ConstrainedOptunaSearch:
+                                 first_points: Sequence[Mapping[str, Any]] = (),
+                                 coarse_start: bool = True) -> ConstrainedOptunaSearch:
     """The search's Optuna searcher over `space`: accuracy up, the spec's cost down, the latency target (if any)
     as a constraint. `first_points` (Optuna parameters, say a grid's) are evaluated first, in order; a parameter
-    a point leaves out is sampled."""
+    a point leaves out is sampled. `coarse_start: False` leaves the small-budget samplers' coarse start out (a
+    warm start's completed trials already show the sampler the range)."""
     target = spec.latency_target_ms
-    if spec.search.sampler in COARSE_START:
+    if spec.search.sampler in COARSE_START and coarse_start:
         first_points = [*first_points, *space.coarse_start(spec.search.trials)]
     return ConstrainedOptunaSearch(
         space=space.define,

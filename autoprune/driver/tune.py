@@ -41,8 +41,10 @@ def run_tune(spec: SearchSpec, space: SearchSpace, context_ref, publisher, *, st
         # client; this driver's publisher takes their place. (`_local_tuner` is Tune's own: a test resumes.)
         tuner._local_tuner.get_run_config().callbacks = [publisher]
         return tuner.fit()
-    searcher = latency_constrained_searcher(space, spec, first_points=first_points)
-    searcher.tell_earlier(earlier)  # a warm start's trials, measured as this search measures
+    # a warm start's trials, measured as this search measures, take the coarse start's place: they already show
+    # the sampler where in the range the front lies
+    searcher = latency_constrained_searcher(space, spec, first_points=first_points, coarse_start=not earlier)
+    searcher.tell_earlier(earlier)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
